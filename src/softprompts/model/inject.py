@@ -1,0 +1,208 @@
+"""THE injection point: the only place where artifacts meet the model's forward.
+
+Inputs per forward (``B`` rows, ``T`` real tokens):
+  ``input_ids [B, T]``, ``attention_mask [B, T]`` (1 = token, 0 = padding; left or right padding both work),
+  and a ``VirtualContext`` holding, per row, an optional KV prefix and/or soft prompt.
+
+What the model sees::
+
+    cache (KV prefix)   : per layer [B, H_l, Pk, D_l], slots masked by kv_mask [B, Pk]
+    inputs_embeds       : cat(soft [B, Ps, hidden], embed(input_ids) [B, T, hidden])  -> [B, Ps + T, hidden]
+    attention_mask      : cat(kv_mask, soft_mask, attention_mask)                      -> [B, Pk + Ps + T]
+
+Position convention (one rule for both artifacts): a row with ``p = kv_mask.sum() + soft_mask.sum()`` valid virtual
+positions puts them at ``0..p-1`` and its real tokens at ``p, p+1, ...`` (padding skipped, via the cumulative sum of
+the mask). A soft prompt therefore produces exactly the KV that a prefix of the same length holds, and either can
+stand in for the other. Virtual positions never carry labels (the returned logits cover real tokens only, which is
+the same as label -100 there).
+
+The cache keyword is read from the forward signature (``cache`` on transformers >= 5.24, ``past_key_values`` before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
+from softprompts.model.probe import new_cache
+
+
+@dataclass
+class VirtualContext:
+    """Batched virtual context: any of the two parts may be absent."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer ([B, H_l, Pk, D_l], same for values)
+    kv_mask: torch.Tensor | None = None  # [B, Pk]
+    soft: torch.Tensor | None = None  # [B, Ps, hidden]
+    soft_mask: torch.Tensor | None = None  # [B, Ps]
+
+    @classmethod
+    def broadcast(cls, artifact: Artifact | None, batch_size: int) -> VirtualContext:
+        """The same artifact for every row (training, single-adapter evaluation). Keeps the autograd graph."""
+        return cls.from_rows([artifact] * batch_size)
+
+    @classmethod
+    def from_rows(cls, artifacts: list[Artifact | None]) -> VirtualContext:
+        """One artifact (or None) per row; shorter ones are padded and masked (left-aligned slots)."""
+        batch = len(artifacts)
+        prefixes = [a if isinstance(a, KVPrefix) else None for a in artifacts]
+        softs = [a if isinstance(a, SoftPrompt) else None for a in artifacts]
+        ctx = cls()
+        if any(p is not None and p.length for p in prefixes):
+            ref = next(p for p in prefixes if p is not None and p.length)
+            pk = max(p.length for p in prefixes if p is not None)
+            ctx.kv_mask = _slot_mask([p.length if p is not None else 0 for p in prefixes], pk, ref.keys[0].device)
+            ctx.kv = []
+            for layer in range(ref.num_layers):
+                keys = _pad_stack([p.keys[layer] if p is not None else None for p in prefixes], ref.keys[layer], pk, batch)
+                values = _pad_stack(
+                    [p.values[layer] if p is not None else None for p in prefixes], ref.values[layer], pk, batch
+                )
+                ctx.kv.append((keys, values))
+        if any(s is not None and s.length for s in softs):
+            ref = next(s for s in softs if s is not None and s.length)
+            ps = max(s.length for s in softs if s is not None)
+            ctx.soft_mask = _slot_mask([s.length if s is not None else 0 for s in softs], ps, ref.embeds.device)
+            rows = [s.embeds if s is not None else None for s in softs]
+            ctx.soft = _pad_stack(rows, ref.embeds, ps, batch, seq_dim=0)
+        return ctx
+
+    @property
+    def kv_length(self) -> int:
+        return 0 if self.kv_mask is None else int(self.kv_mask.shape[1])
+
+    @property
+    def soft_length(self) -> int:
+        return 0 if self.soft_mask is None else int(self.soft_mask.shape[1])
+
+
+def _slot_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+    slots = torch.arange(width, device=device)
+    return (slots[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # [B, width]
+
+
+def _pad_stack(
+    rows: list[torch.Tensor | None], ref: torch.Tensor, width: int, batch: int, seq_dim: int = 1
+) -> torch.Tensor:
+    """Stack per-row tensors (``[H, p, D]`` or ``[p, hidden]``) into ``[B, ..., width, ...]``, zero-padded."""
+    if all(r is ref for r in rows) and ref.shape[seq_dim] == width:
+        return ref.unsqueeze(0).expand(batch, *ref.shape)  # same artifact everywhere: no copy, graph kept
+    shape = list(ref.shape)
+    shape[seq_dim] = width
+    out = []
+    for r in rows:
+        if r is None:
+            out.append(ref.new_zeros(shape))
+            continue
+        pad = width - r.shape[seq_dim]
+        if pad:
+            pad_shape = list(r.shape)
+            pad_shape[seq_dim] = pad
+            r = torch.cat([r, r.new_zeros(pad_shape)], dim=seq_dim)
+        out.append(r)
+    return torch.stack(out)
+
+
+def build_cache(model, ctx: VirtualContext, dtype: torch.dtype):
+    """A fresh cache for ``model`` holding the context's KV prefix (if any)."""
+    cache = new_cache(model)
+    if ctx.kv is not None:
+        for layer, (keys, values) in enumerate(ctx.kv):
+            cache.update(keys.to(dtype), values.to(dtype), layer)
+    return cache
+
+
+def virtual_counts(ctx: VirtualContext, batch: int, device: torch.device) -> torch.Tensor:
+    """Number of valid virtual positions per row ``[B]`` (where each row's real tokens start)."""
+    count = torch.zeros(batch, dtype=torch.long, device=device)
+    if ctx.kv_mask is not None:
+        count = count + ctx.kv_mask.sum(1)
+    if ctx.soft_mask is not None:
+        count = count + ctx.soft_mask.sum(1)
+    return count
+
+
+@dataclass
+class Prefill:
+    """Result of an injected forward: logits for real tokens only and what decoding needs to continue."""
+
+    logits: torch.Tensor  # [B, T, V] (or [B, K, V] when logits_positions selects K positions)
+    cache: object | None  # the model's cache after the forward (None unless use_cache)
+    attention_mask: torch.Tensor  # [B, Pk + Ps + T], to extend during decoding
+    next_positions: torch.Tensor  # [B], position id of each row's next token
+
+
+def forward(
+    base,
+    ctx: VirtualContext | Artifact | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    use_cache: bool = False,
+    logits_positions: torch.Tensor | None = None,
+) -> Prefill:
+    """Run ``base.model`` on ``input_ids [B, T]`` with the virtual context injected.
+
+    ``logits_positions``: optional 1-D indices into the T real positions; only those are projected to the vocab
+    (the LM head is the most expensive part of a step when only a few positions carry labels).
+    """
+    model = base.model
+    batch, length = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.long()
+    if not isinstance(ctx, VirtualContext):
+        ctx = VirtualContext.broadcast(ctx, batch)
+    dtype = base.dtype
+
+    embeds = model.get_input_embeddings()(input_ids)  # [B, T, hidden]
+    masks = [attention_mask]
+    starts = virtual_counts(ctx, batch, device)  # [B]
+    real_pos = starts[:, None] + (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
+    positions = [real_pos]
+    if ctx.soft is not None:
+        kv_count = ctx.kv_mask.sum(1) if ctx.kv_mask is not None else torch.zeros_like(starts)
+        soft_pos = kv_count[:, None] + (ctx.soft_mask.cumsum(1) - 1).clamp(min=0)  # [B, Ps]
+        embeds = torch.cat([ctx.soft.to(dtype), embeds], dim=1)  # [B, Ps + T, hidden]
+        masks.insert(0, ctx.soft_mask)
+        positions.insert(0, soft_pos)
+    if ctx.kv_mask is not None:
+        masks.insert(0, ctx.kv_mask)
+    full_mask = torch.cat(masks, dim=1)
+    position_ids = torch.cat(positions, dim=1)
+
+    kwargs = {}
+    if ctx.kv is not None or use_cache:
+        kwargs[base.cache_keyword] = build_cache(model, ctx, dtype)
+    if logits_positions is not None:
+        kwargs["logits_to_keep"] = logits_positions + ctx.soft_length
+    out = model(
+        inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
+    )
+    logits = out.logits
+    if logits_positions is None and ctx.soft_length:
+        logits = logits[:, ctx.soft_length :]
+    next_positions = starts + attention_mask.sum(1)
+    cache = getattr(out, base.cache_keyword, None) if use_cache else None
+    return Prefill(logits=logits, cache=cache, attention_mask=full_mask, next_positions=next_positions)
+
+
+def decode_step(base, state: Prefill, next_ids: torch.Tensor) -> Prefill:
+    """Feed one token per row ``next_ids [B]`` into the cache of ``state``; returns logits ``[B, 1, V]``."""
+    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(next_ids.shape[0], 1)], dim=1)
+    out = base.model(
+        input_ids=next_ids[:, None],
+        attention_mask=mask,
+        position_ids=state.next_positions[:, None],
+        use_cache=True,
+        **{base.cache_keyword: state.cache},
+    )
+    return Prefill(
+        logits=out.logits,
+        cache=getattr(out, base.cache_keyword),
+        attention_mask=mask,
+        next_positions=state.next_positions + 1,
+    )

@@ -1,0 +1,51 @@
+"""Load a frozen base model from an embedded name, a Hugging Face model id or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from softprompts.errors import SoftpromptsError
+from softprompts.model.base import BaseModel
+from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
+
+DEFAULT_MODEL = EMBEDDED_NAME
+
+
+class ModelLoadError(SoftpromptsError):
+    """A model name that cannot be resolved or loaded."""
+
+
+def resolve(name: str) -> str:
+    """Embedded names map to their cached directory; anything else is passed to ``from_pretrained`` as is."""
+    if name == EMBEDDED_NAME:
+        return str(embedded_dir())
+    return name
+
+
+def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | None = None) -> BaseModel:
+    """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        path = resolve(name)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    local_only = not Path(path).exists()  # hub ids: use what is cached, never hang on a network here
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        hint = " (no network: only models already in the Hugging Face cache or local directories load)" if local_only else ""
+        raise ModelLoadError(
+            f"cannot load model {name!r}{hint}: {str(exc).splitlines()[0]}. "
+            f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
+        ) from None
+    if device:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model=model, tokenizer=tokenizer, name=name)

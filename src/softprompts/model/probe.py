@@ -1,0 +1,86 @@
+"""Measure a model's cache layout instead of guessing it from config keys.
+
+One tiny cached forward (``[1, 2]`` token ids) tells, per layer ``l``, the number of key/value heads ``H_l`` and the
+head dim ``D_l`` (cache tensors are ``[batch, H_l, T, D_l]``), plus the dtype. That covers GQA/MQA, per-layer head
+sizes and models whose config names these fields differently. It also reads which forward keyword takes the cache:
+transformers 5.24 renamed ``past_key_values`` to ``cache`` (5.23 rejects ``cache``), so we look at the signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What an adapter must agree with to run on a model."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    kv_heads: tuple[int, ...]  # H_l per layer
+    head_dims: tuple[int, ...]  # D_l per layer
+    dtype: str
+
+    def fingerprint(self) -> str:
+        """Stable hash of the shapes an adapter depends on (dtype excluded: an adapter may run in bf16 or fp32)."""
+        data = asdict(self)
+        data.pop("dtype")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "kv_heads": list(self.kv_heads), "head_dims": list(self.head_dims)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelShapes:
+        return cls(**{**data, "kv_heads": tuple(data["kv_heads"]), "head_dims": tuple(data["head_dims"])})
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward keyword (and output attribute) that carries the KV cache for this transformers version."""
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; cannot inject a KV prefix")
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    """An empty cache laid out for ``model`` (sliding-window layers where the config has them)."""
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signatures
+        return DynamicCache()
+
+
+@torch.no_grad()
+def probe_shapes(model: PreTrainedModel) -> ModelShapes:
+    """Run one cached forward of two tokens and read the per-layer key/value shapes from the cache."""
+    device = next(model.parameters()).device
+    keyword = cache_keyword(model)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True, **{keyword: new_cache(model)})
+    cache = getattr(out, keyword)
+    heads, dims = [], []
+    for layer in cache.layers:
+        keys = layer.keys  # [1, H_l, 2, D_l]
+        heads.append(int(keys.shape[1]))
+        dims.append(int(keys.shape[-1]))
+    embeddings = model.get_input_embeddings().weight
+    return ModelShapes(
+        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
+        num_layers=len(heads),
+        hidden_size=int(embeddings.shape[1]),
+        vocab_size=int(embeddings.shape[0]),
+        kv_heads=tuple(heads),
+        head_dims=tuple(dims),
+        dtype=str(embeddings.dtype).removeprefix("torch."),
+    )
