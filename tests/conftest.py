@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import ARCHS, tiny_base  # noqa: E402
+
+_BASES = {}
+
+
+@pytest.fixture(params=ARCHS)
+def base(request):
+    """A tiny random BaseModel per architecture (cached for the session: it is frozen, tests never change it)."""
+    if request.param not in _BASES:
+        _BASES[request.param] = tiny_base(request.param)
+    return _BASES[request.param]

@@ -1,0 +1,196 @@
+"""Conformance matrix: every method x every tiny architecture, by equivalence rather than golden numbers.
+
+Numbering follows the foundation issue: (1) soft prompt == real-token embeddings, (2) KV prefix == real prefill,
+(3) soft prompt's KV == soft prompt, (4) cached decoding == uncached forward, (5) materialized == training module,
+(6) save/load round-trip and base mismatch, (7) adapters change the output, (8) only the adapter trains,
+(9) left/right padding == single rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_base
+
+import softprompts as sp
+from softprompts.model.inject import VirtualContext, decode_step, forward
+
+pytestmark = pytest.mark.injection
+
+METHODS = ["prompt", "ptuning", "prefix", "deep"]
+ATOL = 2e-4
+TEXT = "prefix!"  # 7 byte tokens
+INPUT = "the input"
+
+
+def ids_of(base, text):
+    return torch.tensor([base.tokenize(text)])
+
+
+def logits_plain(base, ids):
+    return base.model(input_ids=ids).logits
+
+
+def make(base, method, **options):
+    options.setdefault("num_virtual_tokens", len(base.tokenize(TEXT)))
+    options.setdefault("init_text", TEXT)
+    return sp.create_method(base, method, **options)
+
+
+def perturb(method, scale=0.5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.float().std().item() or 1.0))
+    return method
+
+
+# (1) (2) per method: text init at step 0 == the model run with that text in front.
+@pytest.mark.parametrize("method", METHODS)
+def test_text_init_equals_text_in_front(base, method):
+    adapter = make(base, method)
+    x = ids_of(base, INPUT)
+    ours = forward(base, adapter(), x).logits
+    reference = logits_plain(base, torch.cat([ids_of(base, TEXT), x], 1))[:, -x.shape[1] :]
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
+
+
+def test_soft_prompt_of_token_embeddings_equals_tokens(base):
+    text, x = ids_of(base, TEXT), ids_of(base, INPUT)
+    prompt = sp.SoftPrompt(base.embed(text[0]))
+    ours = forward(base, prompt, x).logits
+    reference = logits_plain(base, torch.cat([text, x], 1))[:, -x.shape[1] :]
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
+
+
+def test_kv_prefix_from_prefill_equals_text_in_front(base):
+    text, x = ids_of(base, TEXT), ids_of(base, INPUT)
+    prefix = base.text_to_kv(text[0])
+    assert prefix.length == text.shape[1]
+    assert [k.shape[0] for k in prefix.keys] == list(base.shapes.kv_heads)
+    ours = forward(base, prefix, x).logits
+    reference = logits_plain(base, torch.cat([text, x], 1))[:, -x.shape[1] :]
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
+
+
+# (3) a soft prompt's precomputed KV is interchangeable with the soft prompt.
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_soft_prompt_kv_equals_soft_prompt(base, method):
+    prompt = perturb(make(base, method)).materialize()
+    x = ids_of(base, INPUT)
+    torch.testing.assert_close(
+        forward(base, base.soft_prompt_to_kv(prompt), x).logits, forward(base, prompt, x).logits, atol=ATOL, rtol=1e-4
+    )
+
+
+# (4) cached step-by-step greedy decoding == full uncached forward at every step.
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_decoding_equals_uncached(base, method):
+    artifact = perturb(make(base, method)).materialize()
+    ids = ids_of(base, INPUT)
+    state = forward(base, artifact, ids, use_cache=True)
+    for _ in range(6):
+        full = forward(base, artifact, ids).logits[:, -1]
+        torch.testing.assert_close(state.logits[:, -1], full, atol=ATOL, rtol=1e-4)
+        nxt = full.argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        state = decode_step(base, state, nxt)
+
+
+# (5) the materialized adapter == the training-time module's output.
+@pytest.mark.parametrize("method", METHODS)
+def test_materialized_equals_training_module(base, method):
+    module = perturb(make(base, method))
+    x = ids_of(base, INPUT)
+    with torch.no_grad():
+        live = forward(base, module(), x).logits
+    saved = forward(base, module.materialize(), x).logits
+    torch.testing.assert_close(saved, live, atol=1e-5, rtol=1e-5)
+
+
+# (6) save -> load round-trips exactly; another base model is refused with both names.
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(base, method, tmp_path):
+    adapter = sp.Adapter.from_method(perturb(make(base, method)), base, task={"labels": ["a", "b"]})
+    sp.save_adapter(adapter, tmp_path / "a")
+    loaded = sp.load_adapter(tmp_path / "a", base)
+    assert loaded.method == method and loaded.task == {"labels": ["a", "b"]}
+    for name, tensor in adapter.artifact.tensors().items():
+        assert torch.equal(loaded.artifact.tensors()[name], tensor)
+    other = tiny_base("qwen2" if base.shapes.model_type != "qwen2" else "llama")
+    with pytest.raises(sp.AdapterMismatchError, match=base.name) as err:
+        sp.load_adapter(tmp_path / "a", other)
+    assert other.name in str(err.value)
+
+
+# (7) non-trivial values change the output (a silently ignored prefix would fail this).
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_changes_output(base, method):
+    artifact = perturb(make(base, method), scale=2.0).materialize()
+    x = ids_of(base, INPUT)
+    with_adapter = forward(base, artifact, x).logits
+    without = logits_plain(base, x)
+    assert (with_adapter - without).abs().max() > 1e-2
+
+
+# (8) only the adapter trains; base weights bit-for-bit unchanged; loss goes down.
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_trains_and_loss_drops(base, method):
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    module = make(base, method, num_virtual_tokens=4)
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-2)
+    x = ids_of(base, INPUT)
+    target = torch.full((1,), 42)
+    losses = []
+    for _ in range(15):
+        logits = forward(base, module(), x).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in base.model.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0]
+    for k, v in base.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# (9) left- and right-padded batches == unpadded single rows.
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_single_rows(base, method, side):
+    artifact = perturb(make(base, method)).materialize()
+    texts = ["a longer input text", "short", "mid size"]
+    rows = [base.tokenize(t) for t in texts]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    batched = forward(base, artifact, ids, mask).logits
+    for i, r in enumerate(rows):
+        single = forward(base, artifact, torch.tensor([r])).logits[0]
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        torch.testing.assert_close(batched[i, sl], single, atol=ATOL, rtol=1e-4)
+
+
+def test_mixed_rows_equal_each_alone(base):
+    """Rows with different artifacts and lengths in one batch == each run alone (what serving relies on)."""
+    arts = [perturb(make(base, m, num_virtual_tokens=n)).materialize() for m, n in
+            [("prompt", 3), ("prefix", 5), ("deep", 2), ("ptuning", 4)]] + [None]
+    rows = [base.tokenize(t) for t in ["one", "second row", "3", "the fourth one", "plain"]]
+    ids, mask = sp.model.decode.left_pad(rows, 256, base.device)
+    batched = forward(base, VirtualContext.from_rows(arts), ids, mask).logits
+    for i, (art, r) in enumerate(zip(arts, rows, strict=True)):
+        alone = forward(base, art, torch.tensor([r])).logits[0]
+        torch.testing.assert_close(batched[i, -len(r):], alone, atol=ATOL, rtol=1e-4)
+
+
+def test_generate_with_mixed_rows_equals_alone(base):
+    arts = [perturb(make(base, "prefix")).materialize(), None, perturb(make(base, "prompt")).materialize()]
+    prompts = [base.tokenize(t) for t in ["abc", "hello there", "x"]]
+    together = sp.generate_ids(base, prompts, arts, max_new_tokens=5, stop_ids=set())
+    for art, p, out in zip(arts, prompts, together, strict=True):
+        assert sp.generate_ids(base, [p], art, max_new_tokens=5, stop_ids=set())[0] == out
