@@ -194,3 +194,14 @@ def test_generate_with_mixed_rows_equals_alone(base):
     together = sp.generate_ids(base, prompts, arts, max_new_tokens=5, stop_ids=set())
     for art, p, out in zip(arts, prompts, together, strict=True):
         assert sp.generate_ids(base, [p], art, max_new_tokens=5, stop_ids=set())[0] == out
+
+
+# continuing a saved adapter: step 0 of the new module reproduces it exactly, for every method
+@pytest.mark.parametrize("method", METHODS)
+def test_init_from_saved_artifact_reproduces_it(base, method):
+    saved = perturb(make(base, method)).materialize()
+    source = "prompt" if saved.kind == "soft_prompt" else "deep"
+    continued = sp.create_method(base, method if method != source else source, init_artifact=saved)
+    x = ids_of(base, INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(base, continued(), x).logits, forward(base, saved, x).logits, atol=ATOL, rtol=1e-4)

@@ -7,7 +7,7 @@ import torch
 from softprompts.adapter import Adapter
 from softprompts.model.artifacts import Artifact
 from softprompts.model.base import BaseModel
-from softprompts.model.decode import Sampling, generate_ids
+from softprompts.model.decode import GREEDY, Sampling, generate_ids
 from softprompts.model.inject import forward
 
 
@@ -27,7 +27,7 @@ def generate(
     texts: str | list[str],
     adapter: Adapter | Artifact | None = None,
     max_new_tokens: int = 32,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
 ) -> str | list[str]:
     """Decode continuations of ``texts`` (greedy unless ``sampling`` says otherwise)."""
     single = isinstance(texts, str)

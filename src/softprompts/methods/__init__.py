@@ -20,11 +20,19 @@ def method_class(name: str) -> type[PromptMethod]:
     return METHODS[key]
 
 
-def create_method(base, name: str, labels: list[str] | None = None, init_text: str | None = None, **options) -> PromptMethod:
-    """Build method ``name`` on ``base`` with config ``options`` (validated all at once)."""
+def create_method(
+    base, name: str, labels: list[str] | None = None, init_text: str | None = None, init_artifact=None, **options
+) -> PromptMethod:
+    """Build method ``name`` on ``base`` with config ``options`` (validated all at once).
+
+    ``init_artifact``: start from a saved artifact (continue training): its length sets ``num_virtual_tokens``; with
+    a reparameterized method the encoder starts at zero on top of it, so step 0 reproduces the saved adapter.
+    """
     cls = method_class(name)
+    if init_artifact is not None:
+        options["num_virtual_tokens"] = init_artifact.length
     config = cls.config_class.from_options(**options)
-    return cls(base, config, labels=labels, init_text=init_text).to(base.device)
+    return cls(base, config, labels=labels, init_text=init_text, init_artifact=init_artifact).to(base.device)
 
 
 __all__ = ["METHODS", "MethodConfig", "PromptMethod", "create_method", "method_class",

@@ -28,9 +28,9 @@ class DeepPrompt(PromptMethod):
     config_class = DeepPromptConfig
     artifact_kind = KVPrefix.kind
 
-    def __init__(self, base: BaseModel, config: DeepPromptConfig, labels=None, init_text=None) -> None:
+    def __init__(self, base: BaseModel, config: DeepPromptConfig, labels=None, init_text=None, init_artifact=None) -> None:
         super().__init__(base, config)
-        start = initial_prefix(base, config, labels, init_text)
+        start = initial_prefix(base, config, labels, init_text, init_artifact)
         self.keys = nn.ParameterList(nn.Parameter(k) for k in start.keys)  # each [H_l, P, D_l]
         self.values = nn.ParameterList(nn.Parameter(v) for v in start.values)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from softprompts.methods.base import MethodConfig, make_generator
-from softprompts.model.artifacts import KVPrefix
+from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
 
 DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single best word."
@@ -62,16 +62,30 @@ def random_prefix(base: BaseModel, length: int, seed: int) -> KVPrefix:
     return KVPrefix(keys, values)
 
 
-def initial_embeddings(base: BaseModel, config: MethodConfig, labels=None, init_text=None) -> torch.Tensor:
-    """``[P, hidden]`` float32 starting embeddings for soft-prompt methods."""
+def initial_embeddings(
+    base: BaseModel, config: MethodConfig, labels=None, init_text=None, init_artifact: SoftPrompt | None = None
+) -> torch.Tensor:
+    """``[P, hidden]`` float32 starting embeddings for soft-prompt methods (``init_artifact``: continue a saved one)."""
+    if init_artifact is not None:
+        if not isinstance(init_artifact, SoftPrompt):
+            raise ValueError("this method continues from a soft prompt; the saved adapter holds a KV prefix")
+        return init_artifact.embeds.detach().float().cpu().clone()
     ids = init_token_ids(base, config, labels, init_text)
     if ids is None:
         return random_like_embeddings(base, config.num_virtual_tokens, config.seed)
     return base.embed(torch.tensor(ids)).detach().float().cpu()
 
 
-def initial_prefix(base: BaseModel, config: MethodConfig, labels=None, init_text=None) -> KVPrefix:
-    """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, or scaled random."""
+def initial_prefix(
+    base: BaseModel, config: MethodConfig, labels=None, init_text=None, init_artifact: KVPrefix | SoftPrompt | None = None
+) -> KVPrefix:
+    """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, scaled random, or a saved artifact
+    (a saved soft prompt is converted to the exact KV it produces)."""
+    if init_artifact is not None:
+        if isinstance(init_artifact, SoftPrompt):
+            init_artifact = base.soft_prompt_to_kv(init_artifact.to(base.device, base.dtype))
+        return KVPrefix([k.detach().float().cpu().clone() for k in init_artifact.keys],
+                        [v.detach().float().cpu().clone() for v in init_artifact.values])
     ids = init_token_ids(base, config, labels, init_text)
     if ids is None:
         return random_prefix(base, config.num_virtual_tokens, config.seed)

@@ -43,12 +43,12 @@ class PTuning(PromptMethod):
     config_class = PTuningConfig
     artifact_kind = SoftPrompt.kind
 
-    def __init__(self, base: BaseModel, config: PTuningConfig, labels=None, init_text=None) -> None:
+    def __init__(self, base: BaseModel, config: PTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
         super().__init__(base, config)
         d = base.shapes.hidden_size
         h = config.encoder_hidden or d
         torch.manual_seed(config.seed)
-        self.inputs = nn.Parameter(initial_embeddings(base, config, labels, init_text))  # H: [P, d]
+        self.inputs = nn.Parameter(initial_embeddings(base, config, labels, init_text, init_artifact))  # H: [P, d]
         if config.encoder == "lstm":
             self.lstm = nn.LSTM(d, max(1, h // 2), num_layers=2, bidirectional=True, batch_first=True)
             self.head = nn.Sequential(nn.Linear(2 * max(1, h // 2), h), nn.ReLU(), nn.Linear(h, d))

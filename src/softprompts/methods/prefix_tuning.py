@@ -69,16 +69,16 @@ class PrefixTuning(PromptMethod):
     config_class = PrefixTuningConfig
     artifact_kind = KVPrefix.kind
 
-    def __init__(self, base: BaseModel, config: PrefixTuningConfig, labels=None, init_text=None) -> None:
+    def __init__(self, base: BaseModel, config: PrefixTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
         super().__init__(base, config)
         self.kv_heads, self.head_dims = base.shapes.kv_heads, base.shapes.head_dims
-        start = flatten_prefix(initial_prefix(base, config, labels, init_text))  # [P, S]
+        start = flatten_prefix(initial_prefix(base, config, labels, init_text, init_artifact))  # [P, S]
         if not config.projection:
             self.prefix = nn.Parameter(start)
             self.mlp = None
             return
         torch.manual_seed(config.seed)
-        from_text = config.init != "random"
+        from_text = config.init != "random" or init_artifact is not None
         self.register_buffer("start", start if from_text else torch.zeros_like(start))
         self.inputs = nn.Parameter(torch.randn(config.num_virtual_tokens, config.projection_dim))  # P': [P, e]
         self.mlp = nn.Sequential(

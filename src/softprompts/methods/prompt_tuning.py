@@ -30,9 +30,9 @@ class PromptTuning(PromptMethod):
     config_class = PromptTuningConfig
     artifact_kind = SoftPrompt.kind
 
-    def __init__(self, base: BaseModel, config: PromptTuningConfig, labels=None, init_text=None) -> None:
+    def __init__(self, base: BaseModel, config: PromptTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
         super().__init__(base, config)
-        self.embeds = nn.Parameter(initial_embeddings(base, config, labels, init_text))  # [P, d]
+        self.embeds = nn.Parameter(initial_embeddings(base, config, labels, init_text, init_artifact))  # [P, d]
 
     def forward(self) -> SoftPrompt:
         return SoftPrompt(self.embeds)

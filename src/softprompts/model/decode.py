@@ -35,6 +35,9 @@ class Sampling:
         return problems
 
 
+GREEDY = Sampling()
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` -> ``ids [B, T]`` and ``mask [B, T]``, left-padded so every row ends at the last column."""
     width = max(len(r) for r in rows)
@@ -71,7 +74,7 @@ def generate_ids(
     prompts: list[list[int]],
     artifacts: list[Artifact | None] | Artifact | None = None,
     max_new_tokens: int = 32,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     stop_ids: set[int] | None = None,
 ) -> list[list[int]]:
     """New token ids per row (stop tokens excluded). ``artifacts``: one for all rows, or one per row."""
