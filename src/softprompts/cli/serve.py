@@ -1,0 +1,53 @@
+"""``softprompts serve``: an OpenAI-compatible HTTP server over a directory of adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve every adapter in a directory over HTTP (mixed-adapter batches)",
+        description="Serve the adapters in DIR (one subdirectory each) from one frozen model: POST /v1/completions "
+        "(model = adapter name or 'base'), POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics. "
+        "New or changed adapter directories are picked up while serving.",
+    )
+    p.add_argument("--adapters", required=True, metavar="DIR", help="directory of adapter subdirectories")
+    p.add_argument("--model", default=None, help="base model (default: the embedded smollm2-135m)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="torch device for the model (default cpu)")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default float32)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to gather requests into one batch")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests per forward")
+    p.add_argument("--max-adapter-memory-mb", type=float, default=1024.0, help="LRU limit on loaded adapters")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="adapter directory polling interval (0 = off)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softprompts.errors import SoftpromptsError
+    from softprompts.model.load import DEFAULT_MODEL, load_base
+
+    try:
+        from softprompts.serve.http import build_state, serve
+    except ImportError as exc:
+        raise SoftpromptsError(f"serving needs fastapi and uvicorn ({exc}); pip install 'softprompts[serve]'") from None
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        raise SoftpromptsError("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    state = build_state(
+        base,
+        args.adapters,
+        window_ms=args.batch_window_ms,
+        max_batch=args.max_batch,
+        max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
+        poll_s=args.poll_seconds,
+    )
+    names = [e.name for e in state.registry.entries()]
+    print(f"serving {base.name} with {len(names)} adapters ({', '.join(names[:8])}{'...' if len(names) > 8 else ''}) "
+          f"on http://{args.host}:{args.port}", flush=True)
+    serve(state, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,245 @@
+"""Adapters served from a directory: validation against the base model, an LRU memory limit, hot loading.
+
+Every subdirectory of ``directory`` holding an ``adapter.json`` is an adapter named after the subdirectory. Each
+is validated on discovery (``load_adapter(dir, base)``: format, tensor shapes, base-model fingerprint) and its
+artifact converted once to what is served (``prepare``: soft prompt -> exact KV prefix). Loaded artifacts are
+kept under ``max_bytes`` (least recently used dropped first; a dropped one reloads from disk on its next request).
+
+Hot loading: ``scan()`` (run by ``start_polling`` every ``poll_s`` seconds, and by ``load(name)``) compares each
+directory's signature (mtime and size of its two files) and reloads new or changed adapters. Requests already in
+flight hold a reference to the artifact they started with, so swapping or dropping an entry never affects them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softprompts.adapter import AdapterError
+from softprompts.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+from softprompts.errors import SoftpromptsError
+from softprompts.model.artifacts import Artifact
+
+BASE_NAME = "base"  # the model without an adapter
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+class InvalidAdapterName(SoftpromptsError):
+    """A name with a path separator, ``..`` or other characters that cannot name a subdirectory."""
+
+
+class UnknownAdapter(SoftpromptsError):
+    """No adapter of that name in the directory (or it was unloaded)."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it can only name a direct subdirectory; raise ``InvalidAdapterName`` otherwise."""
+    if not isinstance(name, str) or ".." in name or "/" in name or "\\" in name or not _NAME.match(name):
+        raise InvalidAdapterName(
+            f"invalid adapter name {name!r}: use letters, digits, '_', '-' and '.', no path separators or '..'"
+        )
+    return name
+
+
+@dataclass
+class Entry:
+    """One adapter directory as the server knows it. ``artifact`` is the served form (None while not in memory)."""
+
+    name: str
+    path: Path
+    signature: tuple = ()
+    artifact: Artifact | None = None
+    method: str = ""
+    task: dict = field(default_factory=dict)
+    num_virtual_tokens: int = 0
+    nbytes: int = 0
+    version: int = 0
+    error: str | None = None
+    loaded_at: float = 0.0
+
+    def describe(self) -> dict:
+        return {
+            "id": self.name,
+            "object": "model",
+            "method": self.method,
+            "task": self.task.get("task"),
+            "labels": self.task.get("labels"),
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "loaded": self.artifact is not None,
+            "bytes": self.nbytes,
+            "version": self.version,
+            "error": self.error,
+        }
+
+
+class Registry:
+    """Thread-safe map name -> ``Entry`` over ``directory``; ``prepare`` turns a loaded artifact into its served form."""
+
+    def __init__(
+        self,
+        base,
+        directory: str | Path,
+        prepare: Callable[[Artifact], Artifact] | None = None,
+        max_bytes: int = 1 << 30,
+        poll_s: float = 2.0,
+    ):
+        self.base = base
+        self.directory = Path(directory)
+        self.prepare = prepare or (lambda a: a)
+        self.max_bytes = max_bytes
+        self.poll_s = poll_s
+        self._entries: dict[str, Entry] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded entries, oldest first
+        self._disabled: set[str] = set()  # unloaded by DELETE: not hot-loaded back until load(name)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.directory.is_dir():
+            raise SoftpromptsError(f"adapter directory {self.directory} does not exist")
+        self.scan()
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    def scan(self) -> list[str]:
+        """Load new or changed adapter directories, forget removed ones; returns the names (re)loaded."""
+        changed = []
+        present = set()
+        for path in sorted(self.directory.iterdir()):
+            if not (path / CONFIG_FILE).is_file():
+                continue
+            try:
+                name = check_name(path.name)
+            except InvalidAdapterName:
+                continue
+            present.add(name)
+            if name in self._disabled:
+                continue
+            entry = self._entries.get(name)
+            if entry is None or entry.signature != _signature(path):
+                self._load(name, path)
+                changed.append(name)
+        with self._lock:
+            for name in list(self._entries):
+                if name not in present:
+                    self._drop(name)
+        return changed
+
+    def _load(self, name: str, path: Path) -> Entry:
+        signature = _signature(path)
+        try:
+            adapter = load_adapter(path, self.base)
+            served = self.prepare(adapter.artifact)
+        except (AdapterError, OSError, ValueError) as exc:
+            with self._lock:
+                entry = self._entries.setdefault(name, Entry(name=name, path=path))
+                entry.signature, entry.error = signature, str(exc)  # an older good version keeps serving
+            return entry
+        with self._lock:
+            old = self._entries.get(name)
+            entry = Entry(
+                name=name,
+                path=path,
+                signature=signature,
+                artifact=served,
+                method=adapter.method,
+                task=dict(adapter.task),
+                num_virtual_tokens=served.length,
+                nbytes=sum(t.numel() * t.element_size() for t in served.tensors().values()),
+                version=(old.version + 1) if old else 1,
+                loaded_at=time.time(),
+            )
+            self._entries[name] = entry
+            self._lru[name] = None
+            self._lru.move_to_end(name)
+            self._evict(keep=name)
+        return entry
+
+    def _evict(self, keep: str) -> None:
+        while self.loaded_bytes() > self.max_bytes and len(self._lru) > 1:
+            oldest = next(n for n in self._lru if n != keep)
+            self._entries[oldest].artifact = None
+            del self._lru[oldest]
+
+    def _drop(self, name: str) -> None:
+        self._entries.pop(name, None)
+        self._lru.pop(name, None)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def get(self, name: str) -> Entry:
+        """The entry with its artifact in memory (reloaded from disk if the LRU dropped it)."""
+        check_name(name)
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or name in self._disabled:
+                raise UnknownAdapter(f"adapter {name!r} not found; GET /v1/adapters lists the loaded ones")
+            if entry.artifact is not None:
+                self._lru.move_to_end(name)
+                return entry
+        entry = self._load(name, entry.path)  # dropped by the LRU: back from disk
+        if entry.artifact is None:
+            raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
+        return entry
+
+    def load(self, name: str) -> Entry:
+        """(Re)load ``name`` from its subdirectory now (also re-enables an unloaded adapter)."""
+        check_name(name)
+        path = self.directory / name
+        if not (path / CONFIG_FILE).is_file():
+            raise UnknownAdapter(f"no adapter directory {name!r} (with {CONFIG_FILE}) under {self.directory}")
+        with self._lock:
+            self._disabled.discard(name)
+        entry = self._load(name, path)
+        if entry.artifact is None:
+            raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
+        return entry
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` (requests in flight finish); it stays off until ``load(name)``."""
+        check_name(name)
+        with self._lock:
+            if name not in self._entries or name in self._disabled:
+                raise UnknownAdapter(f"adapter {name!r} not found")
+            self._disabled.add(name)
+            self._drop(name)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return [e for n, e in sorted(self._entries.items()) if n not in self._disabled]
+
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(self._entries[n].nbytes for n in self._lru)
+
+    # -- hot loading ----------------------------------------------------------------------------------------
+    def start_polling(self) -> None:
+        if self._thread is None and self.poll_s > 0:
+            self._thread = threading.Thread(target=self._poll, name="adapter-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.scan()
+            except OSError:  # directory briefly unavailable: try again next round
+                continue
+
+
+def _signature(path: Path) -> tuple:
+    parts = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            st = (path / name).stat()
+            parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)

@@ -1,0 +1,79 @@
+"""Text-side helpers of the server: stop strings, streaming hold-back, classification prompts and label targets."""
+
+from __future__ import annotations
+
+import string
+
+from softprompts.errors import SoftpromptsError
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (excluded) and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stream_safe_length(text: str, stops: list[str]) -> int:
+    """How much of ``text`` can be streamed now: hold back a tail that may start a stop string, or an
+    incomplete UTF-8 character (decoded as U+FFFD)."""
+    safe = len(text)
+    while safe and text[safe - 1] == "\ufffd":
+        safe -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, safe), 0, -1):
+            if text[:safe].endswith(stop[:k]):
+                safe = min(safe, len(text[:safe]) - k)
+                break
+    return safe
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _fill(template: str, value: str) -> str:
+    fields = _fields(template)
+    if len(fields) != 1:
+        raise SoftpromptsError(f"template {template!r} needs exactly one field to fill with a text, has {fields}")
+    return template.format(**{fields[0]: value})
+
+
+def label_texts(task: dict, labels: list[str]) -> list[str]:
+    """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none)."""
+    target = task.get("target") or " {label}"
+    prompt = task.get("prompt") or "{text}"
+    try:
+        from softprompts.data.datasets import label_targets
+        from softprompts.data.templates import Template
+
+        return label_targets(Template(prompt, target), labels)
+    except ImportError:  # the task layer is optional for serving
+        return [_fill(target, label) for label in labels]
+
+
+def classify_prompts(
+    task: dict, texts: list, labels: list[str] | None, name: str
+) -> tuple[list[str], list[str], list[str]]:
+    """``(labels, prompts, label targets)`` for rank classification with an adapter's task metadata.
+
+    A text string fills the prompt template's single field; a dict fills its fields by name; without a prompt
+    template the text is the prompt. Labels come from the request or else from ``adapter.json``.
+    """
+    labels = list(labels or task.get("labels") or [])
+    if len(labels) < 2:
+        raise SoftpromptsError(
+            f"adapter {name!r} has no labels (task {task.get('task')!r}); pass 'labels' or use a classification adapter"
+        )
+    template = task.get("prompt")
+    prompts = []
+    for text in texts:
+        if isinstance(text, dict):
+            if not template:
+                raise SoftpromptsError(f"adapter {name!r} has no prompt template: send texts as strings")
+            try:
+                prompts.append(template.format(**text))
+            except KeyError as exc:
+                raise SoftpromptsError(f"text is missing template field {exc.args[0]!r}") from None
+        else:
+            prompts.append(_fill(template, text) if template else text)
+    return labels, prompts, label_texts(task, labels)
