@@ -1,0 +1,284 @@
+"""A prompt table: many named tasks (soft prompts and KV prefixes, any lengths) for ONE base model, in one file set.
+
+Layout of a table directory::
+
+    table.json          {"format": "softprompts-table", "format_version": 1,
+                         "base_model": {name, fingerprint, weights_fingerprint, shapes},
+                         "tasks": {NAME: {method, method_config, artifact, num_virtual_tokens, num_parameters,
+                                          dtype, tensors, task}}}
+    table.safetensors   tensors namespaced ``tasks.<NAME>.<tensor>`` where ``<tensor>`` is the artifact's own
+                        tensor name (``soft_prompt`` [P, hidden]; ``layers.<l>.key`` / ``layers.<l>.value`` [H_l, P, D_l])
+
+Tensors are kept exactly as read (dtype, values, CPU) and written back untouched, so adding, replacing or removing a
+task never changes another one bit for bit. Saving is atomic (a temporary sibling directory renamed into place);
+concurrent writers are not merged: the last save wins.
+
+Use: ``PromptTable.load(path, base)``, ``.names()``, ``.adapter(name)``, ``.add(name, adapter)``, ``.remove(name)``,
+``.save()`` and ``.context(names_per_row)``: a ``VirtualContext`` mixing tasks row by row, so a batch whose rows
+belong to different tasks runs in one forward. ``resolve_adapter("table:NAME" | "DIR#NAME" | "DIR", base, table)``
+is the one-line hook for ``eval`` and the serving engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, describe
+from softprompts.adapter_io import atomic_directory, load_adapter
+from softprompts.model.artifacts import Artifact, artifact_from_tensors
+from softprompts.model.base import BaseModel
+from softprompts.model.inject import VirtualContext
+from softprompts.model.probe import ModelShapes
+
+TABLE_FORMAT = "softprompts-table"
+TABLE_VERSION = 1
+TABLE_CONFIG = "table.json"
+TABLE_WEIGHTS = "table.safetensors"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TABLE_REF = "table:"
+
+
+class TableError(AdapterError):
+    """A prompt table that cannot be read or an operation on it that is refused."""
+
+
+def check_name(name: str) -> str:
+    """Task names: 1-64 characters, letters, digits, ``_`` and ``-``, starting with a letter or digit."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise TableError(
+            f"invalid task name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+class PromptTable:
+    """Named adapters sharing one base model. ``base`` (optional) sets the device/dtype ``adapter``/``context`` use."""
+
+    def __init__(self, path: str | Path, base_meta: dict | None = None, base: BaseModel | None = None) -> None:
+        self.path = Path(path)
+        self.base_meta = base_meta  # None until the first task is added
+        self.base = base
+        self._entries: dict[str, dict] = {}  # name -> metadata
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}  # name -> artifact tensors, exactly as stored
+        self._cache: dict[str, Artifact] = {}  # name -> artifact on the base's device/dtype
+        if base is not None and base_meta is not None:
+            self._check_base(base)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, base: BaseModel | None = None, create: bool = False) -> PromptTable:
+        """Read a table directory; with ``base``, refuse a table made for another model. ``create``: a missing
+        directory gives an empty table (written on ``save``)."""
+        path = Path(path)
+        config = path / TABLE_CONFIG
+        if not config.is_file():
+            if create and not path.exists():
+                return cls(path, base=base)
+            raise TableError(f"{path} is not a prompt table: {TABLE_CONFIG} is missing")
+        try:
+            meta = json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            raise TableError(f"{config} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(meta, dict) or meta.get("format") != TABLE_FORMAT:
+            raise TableError(f"{config} is not a softprompts prompt table")
+        if meta.get("format_version", 0) > TABLE_VERSION:
+            raise TableError(f"{config} has format version {meta['format_version']}; upgrade softprompts")
+        tasks = meta.get("tasks") or {}
+        tensors: dict[str, torch.Tensor] = {}
+        if tasks:
+            try:
+                tensors = load_file(str(path / TABLE_WEIGHTS))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise TableError(f"{path / TABLE_WEIGHTS} is missing, truncated or corrupted ({exc})") from None
+        table = cls(path, base_meta=meta.get("base_model"))
+        for name, entry in tasks.items():
+            prefix = f"tasks.{name}."
+            own = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+            if set(own) != set(entry.get("tensors", [])):
+                raise TableError(f"{path}: task {name!r} lists tensors {entry.get('tensors')} but holds {sorted(own)}")
+            try:
+                artifact_from_tensors(entry["artifact"], own)  # validates the tensor set
+            except (KeyError, ValueError) as exc:
+                raise TableError(f"{path}: task {name!r} is malformed: {exc}") from None
+            table._entries[name] = entry
+            table._tensors[name] = own
+        if base is not None:
+            table.attach(base)
+        return table
+
+    def attach(self, base: BaseModel) -> PromptTable:
+        """Use ``base`` for ``adapter``/``context`` (refused if the table was made for another model)."""
+        if self.base_meta is not None:
+            self._check_base(base)
+        self.base = base
+        self._cache.clear()
+        return self
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def info(self, name: str) -> dict:
+        """The stored metadata of task ``name`` (method, artifact kind, length, parameters, dtype, task)."""
+        return dict(self._entry(name))
+
+    def artifact(self, name: str) -> Artifact:
+        """Task ``name``'s artifact, on the attached base's device and dtype (cached), or as stored."""
+        if name not in self._cache:
+            entry = self._entry(name)
+            artifact = artifact_from_tensors(entry["artifact"], dict(self._tensors[name]))
+            if self.base is not None:
+                artifact = artifact.to(device=self.base.device, dtype=self.base.dtype)
+            self._cache[name] = artifact
+        return self._cache[name]
+
+    def adapter(self, name: str) -> Adapter:
+        """Task ``name`` as a standalone ``Adapter`` (what ``load_adapter`` returns for an adapter directory)."""
+        entry = self._entry(name)
+        assert self.base_meta is not None
+        return Adapter(
+            artifact=self.artifact(name),
+            method=entry["method"],
+            method_config=dict(entry.get("method_config") or {}),
+            base_name=self.base_meta["name"],
+            base_shapes=self.shapes,
+            base_weights_fingerprint=self.base_meta.get("weights_fingerprint", ""),
+            task=dict(entry.get("task") or {}),
+        )
+
+    def context(self, names_per_row: list[str | None]) -> VirtualContext:
+        """One task name (or ``None``: no adapter) per batch row -> a ``VirtualContext`` for one ``forward``.
+
+        Rows may mix soft prompts and prefixes of different lengths: shorter ones are padded and masked, and each
+        row gives exactly what its task gives alone.
+        """
+        return VirtualContext.from_rows([None if n is None else self.artifact(n) for n in names_per_row])
+
+    @property
+    def shapes(self) -> ModelShapes:
+        if self.base_meta is None:
+            raise TableError(f"{self.path} is empty: it has no base model yet")
+        return ModelShapes.from_json(self.base_meta["shapes"])
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def add(self, name: str, adapter: Adapter, replace: bool = False) -> None:
+        """Add (or with ``replace``, overwrite) task ``name``; refuses an adapter made for another base model."""
+        check_name(name)
+        if name in self._entries and not replace:
+            raise TableError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it")
+        meta = adapter.metadata()["base_model"]
+        if self.base_meta is None:
+            self.base_meta = meta
+        else:
+            self._check_adapter_base(name, adapter)
+        tensors = {key: t.detach().cpu().clone().contiguous() for key, t in adapter.artifact.tensors().items()}
+        entry = adapter.metadata()
+        self._entries[name] = {
+            "method": entry["method"],
+            "method_config": entry["method_config"],
+            "artifact": entry["artifact"],
+            "num_virtual_tokens": entry["num_virtual_tokens"],
+            "num_parameters": entry["num_parameters"],
+            "dtype": entry["dtype"],
+            "tensors": sorted(tensors),
+            "task": entry["task"],
+        }
+        self._tensors[name] = tensors
+        self._cache.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        self._entry(name)
+        del self._entries[name], self._tensors[name]
+        self._cache.pop(name, None)
+
+    def metadata(self) -> dict:
+        return {
+            "format": TABLE_FORMAT,
+            "format_version": TABLE_VERSION,
+            "base_model": self.base_meta,
+            "tasks": {name: self._entries[name] for name in self.names()},
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Atomically (re)write the table directory (``path`` defaults to where it was loaded from)."""
+        target = Path(path) if path is not None else self.path
+        tensors = {f"tasks.{n}.{key}": t for n in self.names() for key, t in self._tensors[n].items()}
+        meta = self.metadata()
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / TABLE_WEIGHTS), metadata={"format": TABLE_FORMAT})
+            (tmp / TABLE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+        if target.exists() and not (target / TABLE_CONFIG).is_file():
+            raise TableError(f"{target} exists and is not a prompt table; refusing to overwrite it")
+        atomic_directory(target, write, overwrite=True)
+        self.path = target
+        return target
+
+    # ---- checks --------------------------------------------------------------------------------------------
+    def _entry(self, name: str) -> dict:
+        if name not in self._entries:
+            known = ", ".join(self.names()) or "none"
+            raise TableError(f"no task {name!r} in prompt table {self.path} (tasks: {known})")
+        return self._entries[name]
+
+    def _check_base(self, base: BaseModel) -> None:
+        assert self.base_meta is not None
+        if self.base_meta["fingerprint"] != base.shapes.fingerprint() or not _weights_agree(
+            self.base_meta.get("weights_fingerprint", ""), base.weights_fingerprint()
+        ):
+            raise AdapterMismatchError(
+                f"prompt table {self.path} was made for base model {self.base_meta['name']!r} "
+                f"({describe(self.shapes)}) but the loaded base model is {base.name!r} ({describe(base.shapes)}); "
+                f"load it with --model {self.base_meta['name']}"
+            )
+
+    def _check_adapter_base(self, name: str, adapter: Adapter) -> None:
+        assert self.base_meta is not None
+        same_shapes = adapter.base_shapes.fingerprint() == self.base_meta["fingerprint"]
+        if not same_shapes or not _weights_agree(
+            self.base_meta.get("weights_fingerprint", ""), adapter.base_weights_fingerprint
+        ):
+            raise AdapterMismatchError(
+                f"cannot add {name!r}: it was made for base model {adapter.base_name!r} "
+                f"({describe(adapter.base_shapes)}, weights {adapter.base_weights_fingerprint or '?'}) but prompt "
+                f"table {self.path} holds tasks for {self.base_meta['name']!r} ({describe(self.shapes)}, weights "
+                f"{self.base_meta.get('weights_fingerprint') or '?'})"
+            )
+
+
+def _weights_agree(a: str, b: str) -> bool:
+    """Weight fingerprints agree when equal or when either is unknown (older adapters did not record one)."""
+    return not a or not b or a == b
+
+
+def resolve_adapter(ref: str | Path, base: BaseModel | None = None, table: PromptTable | str | Path | None = None):
+    """Load an adapter from any reference: ``DIR`` (an adapter directory), ``TABLE_DIR#NAME`` (a task of a prompt
+    table) or ``table:NAME`` (a task of ``table``, a ``PromptTable`` or its path). ``base`` as in ``load_adapter``.
+    """
+    ref = str(ref)
+    if ref.startswith(TABLE_REF):
+        if table is None:
+            raise TableError(f"{ref!r} names a prompt-table task but no table was given (pass --table DIR)")
+        name = ref[len(TABLE_REF):]
+        if not isinstance(table, PromptTable):
+            table = PromptTable.load(table)
+    elif "#" in ref and (Path(ref.rsplit("#", 1)[0]) / TABLE_CONFIG).is_file():
+        path, name = ref.rsplit("#", 1)
+        table = PromptTable.load(path)
+    else:
+        return load_adapter(ref, base)
+    if base is not None:
+        table.attach(base)
+    return table.adapter(name)
