@@ -1,0 +1,111 @@
+"""``softprompts train``: train one method on a task file and save the best adapter (+ training.json)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softprompts.errors import SoftpromptsError
+
+METHOD_CHOICES = ("prompt", "prefix", "ptuning", "deep")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a soft prompt / prefix on a task", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m, or the "
+                   "base of --init-from)")
+    p.add_argument("--method", default="prompt", help=f"one of {', '.join(METHOD_CHOICES)}")
+    p.add_argument("--task", default="classify", choices=("classify", "generate"))
+    p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .tsv")
+    p.add_argument("--eval-data", default=None, help="dev data for evaluation during training and best-adapter keeping")
+    p.add_argument("--template", default=None, help=r'prompt template over row fields, e.g. "Review: {text}\nSentiment:"')
+    p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
+    p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels found in --data)")
+    p.add_argument("--virtual-tokens", type=int, default=None, help="number of virtual tokens (default: per method)")
+    p.add_argument("--init", default=None, help="random, vocab, text or labels (default: per method)")
+    p.add_argument("--init-text", default=None, help="text for --init text (default: derived from the task)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method, see docs/DEFAULTS.md)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--schedule", default="linear", help="linear, cosine or constant (after warmup)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev examples only")
+    p.add_argument("--patience", type=int, default=0, help="early stop after N evaluations without improvement")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-target-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt if present")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--init-from", default=None, help="continue training a saved adapter directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def run(args) -> int:
+    from softprompts.adapter_io import load_adapter, read_metadata
+    from softprompts.data.datasets import load_task_data
+    from softprompts.data.templates import Template
+    from softprompts.defaults import default_init_text, method_defaults
+    from softprompts.distributed import setup_distributed
+    from softprompts.methods import create_method, method_class
+    from softprompts.model.load import DEFAULT_MODEL, load_base
+    from softprompts.tasks import TaskSpec
+    from softprompts.train import TrainConfig, checkpoint_path, train
+
+    try:
+        name = method_class(args.method).name
+    except ValueError as exc:
+        raise SoftpromptsError(str(exc)) from None
+    defaults = method_defaults(name)
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr if args.lr is not None else defaults.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+    ).validate()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and not (args.resume and checkpoint_path(out).is_file()):
+        raise SoftpromptsError(f"{out} already exists; choose another directory or pass --overwrite")
+
+    previous = read_metadata(args.init_from) if args.init_from else None
+    task = dict(previous["task"]) if previous and previous.get("task") else {}
+    prompt, target = args.template or task.get("prompt"), args.target or task.get("target")
+    if not prompt or not target:
+        raise SoftpromptsError("--template and --target are required (e.g. --template 'Review: {text}\\nSentiment:' "
+                               "--target ' {label}')")
+    template = Template.from_cli(prompt, target) if args.template or args.target else Template(prompt, target)
+    labels = _labels(args.labels) or (task.get("labels") if task.get("task") == args.task else None)
+    examples, labels = load_task_data(args.data, template, args.task, labels)
+    dev = load_task_data(args.eval_data, template, args.task, labels)[0] if args.eval_data else None
+    spec = TaskSpec(args.task, template.prompt, template.target, labels, args.max_prompt_tokens, args.max_target_tokens)
+
+    model_name = args.model or (previous["base_model"]["name"] if previous else DEFAULT_MODEL)
+    base = load_base(model_name)
+    init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
+    options = {"num_virtual_tokens": args.virtual_tokens or defaults.num_virtual_tokens,
+               "init": args.init or defaults.init, "seed": args.seed}
+    try:
+        method = create_method(base, name, labels=labels, init_text=args.init_text or default_init_text(spec),
+                               init_artifact=init_artifact, **options)
+    except ValueError as exc:
+        raise SoftpromptsError(str(exc)) from None
+    dist = setup_distributed()
+    result = train(base, method, examples, spec, config, dev_examples=dev, out_dir=out, resume=args.resume,
+                   overwrite=args.overwrite, dist=dist)
+    if dist.is_main:
+        rec = result.record
+        best = f", best {rec['metric']} {rec['best_dev']:.4f} at step {rec['best_step']}" if dev else ""
+        print(f"saved {name} adapter to {out} ({rec['trainable_parameters']:,} trainable parameters, "
+              f"{rec['timings']['train_seconds']:.1f}s{best})", file=sys.stderr)
+    return 0

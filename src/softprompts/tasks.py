@@ -1,0 +1,174 @@
+"""The task spec: how examples become token ids with loss positions, and how they are batched by length.
+
+One example is ``prompt`` tokens ``x_1..x_m`` then ``target`` tokens ``y_1..y_n`` (tokenized separately, the same
+way in training, evaluation and serving). The loss is on target tokens only::
+
+    loss = - sum_j log p(y_j | virtual context, x, y_<j)
+
+Truncation is explicit: a prompt longer than ``max_prompt_tokens`` keeps its LAST tokens (the end of a template such
+as ``"...\\nSentiment:"`` is what the answer depends on), a target longer than ``max_target_tokens`` keeps its first
+tokens. ``encode`` returns a ``TruncationReport`` that callers print.
+
+Batches are left-padded: every row ends at the last column, so the ``L`` label positions of a batch (``L`` = its
+longest target) are the last ``L`` columns and the LM head runs only there (``logits_positions``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from softprompts.data.datasets import Example
+from softprompts.data.templates import Template
+from softprompts.errors import SoftpromptsError
+
+TASK_KINDS = ("classify", "generate")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What an adapter was trained for; saved as ``adapter.task`` so eval/generate/serve need no flags.
+
+    task: ``classify`` (rank classification over ``labels``) or ``generate``.
+    prompt / target: the template's format strings, e.g. ``"Review: {text}\\nSentiment:"`` and ``" {label}"``.
+    labels: class labels (classify only), in order.
+    max_prompt_tokens / max_target_tokens: truncation limits (see module docstring).
+    """
+
+    task: str
+    prompt: str
+    target: str
+    labels: list[str] | None = None
+    max_prompt_tokens: int = 256
+    max_target_tokens: int = 64
+
+    @property
+    def template(self) -> Template:
+        return Template(self.prompt, self.target)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskSpec:
+        if not data or "task" not in data:
+            raise SoftpromptsError("the adapter has no task metadata (template/labels); pass them explicitly")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TruncationReport:
+    """How many examples were cut, and the longest lengths before cutting."""
+
+    examples: int = 0
+    prompts_truncated: int = 0
+    targets_truncated: int = 0
+    longest_prompt: int = 0
+    longest_target: int = 0
+
+    def message(self, spec: TaskSpec, what: str = "data") -> str | None:
+        if not (self.prompts_truncated or self.targets_truncated):
+            return None
+        return (
+            f"{what}: truncated {self.prompts_truncated}/{self.examples} prompts to their last "
+            f"{spec.max_prompt_tokens} tokens (longest {self.longest_prompt}) and {self.targets_truncated} targets to "
+            f"{spec.max_target_tokens} tokens (longest {self.longest_target})"
+        )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: list[int]
+    target_ids: list[int]
+    label: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+def encode_text(base, text: str) -> list[int]:
+    return base.tokenize(text)
+
+
+def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded], TruncationReport]:
+    """Tokenize examples with the spec's truncation; empty targets are an error (nothing to learn from)."""
+    report = TruncationReport(examples=len(examples))
+    out = []
+    for i, ex in enumerate(examples):
+        prompt, target = base.tokenize(ex.prompt), base.tokenize(ex.target)
+        if not target:
+            raise SoftpromptsError(f"example {i + 1}: the target {ex.target!r} has no tokens")
+        report.longest_prompt = max(report.longest_prompt, len(prompt))
+        report.longest_target = max(report.longest_target, len(target))
+        if len(prompt) > spec.max_prompt_tokens:
+            prompt = prompt[-spec.max_prompt_tokens :]
+            report.prompts_truncated += 1
+        if len(target) > spec.max_target_tokens:
+            target = target[: spec.max_target_tokens]
+            report.targets_truncated += 1
+        out.append(Encoded(prompt, target, ex.label))
+    return out, report
+
+
+def truncate_prompt(ids: list[int], spec: TaskSpec) -> list[int]:
+    return ids[-spec.max_prompt_tokens :] if len(ids) > spec.max_prompt_tokens else ids
+
+
+@dataclass
+class Batch:
+    """Left-padded rows. ``input_ids, attention_mask: [B, T]``; ``labels: [B, L]`` target ids of the last L columns
+    (-100 where a column is prompt or padding); ``positions: [L]`` the columns whose logits predict them."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    target_tokens: int = field(default=0)
+
+
+def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
+    """Left-pad ``prompt + target`` rows; the logits at column ``t`` predict the token at column ``t + 1``."""
+    width = max(r.length for r in rows)
+    span = max(len(r.target_ids) for r in rows)  # L
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), span), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        seq = r.prompt_ids + r.target_ids
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        labels[i, span - len(r.target_ids) :] = torch.tensor(r.target_ids)
+    positions = torch.arange(width - span - 1, width - 1)  # [L]; width > span since prompts are non-empty
+    count = int((labels != -100).sum())
+    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device), count)
+
+
+def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50) -> list[list[int]]:
+    """The example indices of every batch of one epoch: a pure function of ``(seed, epoch)`` (exact resume).
+
+    Shuffle, sort by length inside windows of ``window * batch_size`` examples (batches of similar lengths, little
+    padding, no global max), cut into batches, shuffle the batch order. The last short batch is dropped when the
+    epoch has more than one batch.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    size = max(1, window * batch_size)
+    grouped = []
+    for start in range(0, n, size):
+        grouped += sorted(order[start : start + size], key=lambda i: lengths[i])
+    batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    rng.shuffle(batches)
+    return batches
+
+
+def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batching: indices sorted by length, in chunks (results are put back in input order)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,344 @@
+"""One training loop for every method: AdamW on the method's own parameters, the base model frozen.
+
+One optimizer step over a global batch ``G`` (``batch_size`` examples, sharded over ranks, cut into ``grad_accum``
+micro-batches per rank)::
+
+    A      = method()                          # the artifact, computed ONCE per step (prefix MLP, P-tuning encoder)
+    A'     = detach(A) as leaf tensors         # micro-batches backprop into A' only
+    N      = sum over G of target tokens       # all-reduced over ranks
+    loss_m = sum_{target tokens in m} -log p(y | A', x, y_<) / N ,  loss_m.backward()   for every micro-batch m
+    A.backward(A'.grad)                        # one exact backward through the method: dLoss/dA = sum_m dloss_m/dA'
+
+so accumulation and data parallelism give exactly the gradient of one big batch with the token-mean loss
+``sum_G token losses / N``. (DDP averages gradients over ranks; ``A'.grad`` is scaled by the world size to undo it.)
+The LM head runs only at label positions (``logits_positions``); batches group examples of similar length.
+
+Evaluation on dev runs at step 0 (so the kept adapter is never worse on dev than its init) and every ``eval_every``
+steps; the best adapter is kept and training stops early after ``patience`` evaluations without improvement.
+Checkpoints (atomic) hold everything needed to continue bitwise: method, optimizer, scheduler and RNG states, the
+step (the data order is a pure function of ``(seed, epoch)``), curve and best adapter so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from softprompts.adapter import Adapter
+from softprompts.adapter_io import save_adapter
+from softprompts.distributed import Distributed
+from softprompts.errors import SoftpromptsError
+from softprompts.evaluate import PRIMARY_METRIC, evaluate
+from softprompts.model.artifacts import artifact_from_tensors
+from softprompts.model.inject import forward
+from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
+
+RECORD_FILE = "training.json"
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """steps: optimizer steps. batch_size: examples per step (global, over all ranks and micro-batches).
+    grad_accum: micro-batches per step per rank. warmup_ratio: fraction of steps with linear warmup, then
+    ``schedule`` decays to 0. eval_every / checkpoint_every: in steps (0 = only at the end). patience: evaluations
+    without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only."""
+
+    steps: int = 100
+    lr: float = 3e-2
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    eval_limit: int | None = None
+    eval_batch_size: int = 16
+    patience: int = 0
+    checkpoint_every: int = 25
+    seed: int = 0
+    progress: bool = True
+
+    def errors(self) -> list[str]:
+        problems = []
+        if not isinstance(self.steps, int) or self.steps < 1:
+            problems.append(f"--steps must be a positive integer, got {self.steps}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append("--batch-size and --grad-accum must be at least 1")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
+            problems.append("--eval-every, --checkpoint-every and --patience must be >= 0")
+        return problems
+
+    def validate(self) -> TrainConfig:
+        problems = self.errors()
+        if problems:
+            raise SoftpromptsError("; ".join(problems))
+        return self
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter  # the best adapter on dev (the last one without dev data)
+    record: dict  # what training.json holds
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint restores (besides module/optimizer/scheduler/RNG states)."""
+
+    step: int = 0
+    curve: list = field(default_factory=list)
+    best_metric: float | None = None
+    best_step: int = 0
+    best_tensors: dict | None = None
+    bad_evals: int = 0
+    base_dev: dict | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    tokens: int = 0
+    stopped_early: bool = False
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """``OUT.checkpoint.pt`` next to the output directory (which only appears, atomically, at the end)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.checkpoint.pt"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of ``lr`` at ``step``: linear warmup over ``w`` steps, then linear/cosine decay to 0 at ``steps``."""
+    warm = int(config.warmup_ratio * config.steps)
+    if step < warm:
+        return (step + 1) / warm
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, config.steps - warm)
+    return max(0.0, 1 - progress) if config.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _log(dist: Distributed, message: str) -> None:
+    if dist.is_main:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
+    """Dev metrics; ranks evaluate disjoint shards and combine their outputs (identical metrics on every rank)."""
+    from softprompts.evaluate import score_outputs
+
+    outputs = evaluate(base, artifact, dist.shard(dev), spec, config.eval_batch_size, return_outputs=True)["outputs"]
+    gathered = dist.gather_objects(outputs)
+    merged = [None] * len(dev)
+    for rank, outs in enumerate(gathered):
+        merged[rank :: dist.world_size] = outs
+    return score_outputs(spec, dev, merged)
+
+
+def train(
+    base,
+    method,
+    train_examples,
+    spec: TaskSpec,
+    config: TrainConfig,
+    dev_examples=None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    dist: Distributed | None = None,
+) -> TrainResult:
+    """Train ``method`` (a ``PromptMethod`` built on ``base``) and return the best adapter and the training record.
+
+    With ``out_dir`` the adapter, ``training.json`` and (during training) ``OUT.checkpoint.pt`` are written by the
+    main rank; ``resume`` continues from that checkpoint.
+    """
+    config.validate()
+    dist = dist or Distributed()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ckpt = checkpoint_path(out_dir) if out_dir is not None else None
+    resuming = bool(resume and ckpt is not None and ckpt.is_file())
+    if out_dir is not None and out_dir.exists() and not (overwrite or resuming):
+        raise FileExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite")
+    if not train_examples:
+        raise SoftpromptsError("the training data is empty")
+    encoded, report = encode(base, train_examples, spec)
+    if report.message(spec, "training data"):
+        _log(dist, report.message(spec, "training data"))
+    dev = list(dev_examples or [])[: config.eval_limit] if dev_examples else []
+    lengths = [e.length for e in encoded]
+    per_epoch = len(epoch_batches(len(encoded), lengths, config.batch_size, config.seed, 0))
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    metric = PRIMARY_METRIC[spec.task]
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    method.train()
+    model = dist.wrap(method)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    state = _State()
+    kind = method.artifact_kind
+
+    def evaluate_now() -> None:
+        """Dev evaluation of the current adapter; keeps the best (ties keep the earlier one)."""
+        started = time.perf_counter()
+        artifact = method.materialize()
+        score = _dev_score(base, artifact, dev, spec, config, dist)[metric] if dev else None
+        state.eval_seconds += time.perf_counter() - started
+        point = state.curve[-1] if state.curve and state.curve[-1]["step"] == state.step else None
+        if point is None:
+            point = {"step": state.step, "loss": None, "seconds": round(state.train_seconds, 3)}
+            state.curve.append(point)
+        point[f"dev_{metric}"] = score
+        if state.best_metric is None or (score is not None and score > state.best_metric) or not dev:
+            state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
+            state.best_tensors = {k: v.detach().cpu().clone() for k, v in artifact.tensors().items()}
+        else:
+            state.bad_evals += 1
+        if dev:
+            _log(dist, f"step {state.step}: dev {metric} {score:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
+
+    def save_checkpoint() -> None:
+        if ckpt is None or not dist.is_main:
+            return
+        _atomic_save(
+            {"config": asdict(config), "state": asdict(state), "method": method.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            ckpt,
+        )
+
+    if resuming:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+        if saved["config"] != asdict(config):
+            raise SoftpromptsError(f"{ckpt} was written with another training configuration; resume with the same flags")
+        method.load_state_dict(saved["method"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = _State(**saved["state"])
+        _set_rng_state(saved["rng"])
+        _log(dist, f"resuming from {ckpt} at step {state.step}")
+    else:
+        if dev:
+            started = time.perf_counter()
+            state.base_dev = _dev_score(base, None, dev, spec, config, dist)
+            state.eval_seconds += time.perf_counter() - started
+            _log(dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f}")
+        evaluate_now()
+
+    bar = tqdm(total=config.steps, initial=state.step, disable=not (dist.is_main and config.progress), desc="train")
+    while state.step < config.steps and not state.stopped_early:
+        started = time.perf_counter()
+        epoch, index = divmod(state.step, per_epoch)
+        global_batch = epoch_batches(len(encoded), lengths, config.batch_size, config.seed, epoch)[index]
+        mine = [encoded[i] for i in dist.shard(global_batch)]
+        micro = [mine[i :: config.grad_accum] for i in range(config.grad_accum)]
+        micro = [m for m in micro if m]
+        count = torch.tensor([float(sum(len(e.target_ids) for e in mine))])
+        n_tokens = dist.all_reduce_sum(count).item()  # N: target tokens in the whole global batch
+
+        artifact = model()  # once per step, differentiable
+        tensors = artifact.tensors()
+        leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
+        leaf_artifact = artifact_from_tensors(kind, leaves)
+        loss_sum = 0.0
+        for rows in micro:
+            batch = collate(rows, pad_id, base.device)
+            logits = forward(base, leaf_artifact, batch.input_ids, batch.attention_mask,
+                             logits_positions=batch.positions).logits  # [B, L, V]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            (token_loss / n_tokens).backward()
+            loss_sum += token_loss.item()
+            state.tokens += int(batch.attention_mask.sum())
+        scale = float(dist.world_size)  # DDP averages over ranks; we want the sum
+        grads = [leaves[k].grad * scale if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in tensors]
+        torch.autograd.backward(list(tensors.values()), grads)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = dist.all_reduce_sum(torch.tensor([loss_sum])).item() / n_tokens
+        state.step += 1
+        state.train_seconds += time.perf_counter() - started
+        state.curve.append({"step": state.step, "loss": round(loss, 6), "seconds": round(state.train_seconds, 3)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
+        last = state.step == config.steps
+        if dev and ((config.eval_every and state.step % config.eval_every == 0) or last):
+            evaluate_now()
+            state.stopped_early = bool(config.patience and state.bad_evals >= config.patience and not last)
+            if state.stopped_early:
+                _log(dist, f"early stop at step {state.step}: no dev improvement in {config.patience} evaluations")
+        elif not dev and last:
+            evaluate_now()
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and not last:
+            save_checkpoint()
+    bar.close()
+
+    adapter = Adapter.from_method(method, base, task=spec.to_json())
+    adapter.artifact = artifact_from_tensors(kind, state.best_tensors).to(base.device, base.dtype)
+    record = _record(config, state, method, spec, report, metric, len(encoded), len(dev))
+    if out_dir is not None and dist.is_main:
+        save_adapter(adapter, out_dir, overwrite=True, extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n"})
+        ckpt.unlink(missing_ok=True)
+    dist.barrier()
+    return TrainResult(adapter=adapter, record=record)
+
+
+def _record(config, state: _State, method, spec, report, metric: str, n_train: int, n_dev: int) -> dict:
+    """The training record saved as ``training.json``."""
+    return {
+        "method": method.name,
+        "method_config": method.config.to_json(),
+        "trainable_parameters": method.num_trainable(),
+        "train_config": asdict(config),
+        "task": spec.to_json(),
+        "data": {"train_examples": n_train, "dev_examples": n_dev, "truncation": asdict(report)},
+        "metric": f"dev_{metric}",
+        "base_model_dev": state.base_dev,
+        "best_step": state.best_step,
+        "best_dev": state.best_metric,
+        "steps_done": state.step,
+        "stopped_early": state.stopped_early,
+        "curve": state.curve,
+        "timings": {
+            "train_seconds": round(state.train_seconds, 3),
+            "eval_seconds": round(state.eval_seconds, 3),
+            "tokens": state.tokens,
+            "tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+        },
+    }
