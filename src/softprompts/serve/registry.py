@@ -149,7 +149,7 @@ class Registry:
                 task=dict(adapter.task),
                 num_virtual_tokens=served.length,
                 nbytes=sum(t.numel() * t.element_size() for t in served.tensors().values()),
-                version=(old.version + 1) if old else 1,
+                version=(old.version + (old.signature != signature)) if old and old.version else 1,
                 loaded_at=time.time(),
             )
             self._entries[name] = entry

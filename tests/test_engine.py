@@ -1,0 +1,189 @@
+"""Serving engine, batcher and registry on tiny models: each row of a mixed batch == that adapter alone.
+
+Tolerance: logits of a mixed-batch row within ATOL = 1e-4 of the same request alone (float32; padding changes the
+reduction order only), greedy tokens identical.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from tiny import tiny_base
+
+import softprompts as sp
+from softprompts.model.decode import Sampling
+from softprompts.model.inject import forward
+from softprompts.serve import Batcher, ContextLengthError, Engine, GenerationRequest, Registry, ScoreRequest
+from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter, check_name
+
+ATOL = 1e-4
+METHODS = ["prompt", "ptuning", "prefix", "deep"]
+PROMPTS = ["abc", "hello there", "x", "some longer prompt", "qq", "zz top"]
+
+
+def artifacts(base, lengths=(3, 5, 7, 4)):
+    """One materialized (perturbed) artifact per method, of different virtual lengths."""
+    out = []
+    for i, (method, n) in enumerate(zip(METHODS, lengths, strict=True)):
+        m = sp.create_method(base, method, num_virtual_tokens=n, init_text="serving text"[:n])
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3 * (p.float().std().item() or 1.0))
+        out.append(m.materialize())
+    return out
+
+
+def requests(base, arts, **kw):
+    rows = [None, *arts, arts[0]]  # no adapter, four methods, and the first one twice
+    return [
+        GenerationRequest(base.tokenize(p), a, max_new_tokens=3 + i % 3, stop_ids=frozenset(), **kw)
+        for i, (p, a) in enumerate(zip(PROMPTS, rows, strict=True))
+    ]
+
+
+def test_mixed_batch_rows_equal_alone(base):
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    reqs = requests(base, arts, collect_logits=True)
+    mixed = engine.generate(reqs)
+    for req, got in zip(reqs, mixed, strict=True):
+        alone = engine.generate([req])[0]
+        assert got.tokens == alone.tokens and len(got.tokens) == req.max_new_tokens
+        for a, b in zip(got.logits, alone.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+    assert mixed[0].tokens != mixed[1].tokens or mixed[0].logits[0].ne(mixed[1].logits[0]).any()
+
+
+def test_sampled_rows_are_reproducible_in_any_batch():
+    base = tiny_base("gemma3")
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    reqs = requests(base, arts, sampling=sampling)
+    mixed = engine.generate(reqs)
+    assert [engine.generate([r])[0].tokens for r in reqs] == [m.tokens for m in mixed]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_cached_soft_prompt_kv_equals_recompute(base, method):
+    soft = artifacts(base)[METHODS.index(method)]
+    assert isinstance(soft, sp.SoftPrompt)
+    engine = Engine(base)
+    kv = engine.prepare(soft)
+    assert isinstance(kv, sp.KVPrefix) and kv.length == soft.length
+    assert engine.prepare(kv) is not soft and engine.prepare(None) is None
+    ids = torch.tensor([base.tokenize("cached or not")])
+    torch.testing.assert_close(forward(base, kv, ids).logits, forward(base, soft, ids).logits, atol=ATOL, rtol=1e-4)
+    cached = engine.generate([GenerationRequest(ids[0].tolist(), kv, 5, collect_logits=True, stop_ids=frozenset())])
+    again = engine.generate([GenerationRequest(ids[0].tolist(), soft, 5, collect_logits=True, stop_ids=frozenset())])
+    assert cached[0].tokens == again[0].tokens
+    for a, b in zip(cached[0].logits, again[0].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+
+
+def test_stops_and_max_tokens():
+    base = tiny_base("llama")
+    engine = Engine(base)
+    ids = base.tokenize("stop here")
+    free = engine.generate([GenerationRequest(ids, None, 6, stop_ids=frozenset())])[0]
+    assert len(free.tokens) == 6 and free.finish_reason == "length"
+    by_token = engine.generate([GenerationRequest(ids, None, 6, stop_ids=frozenset({free.tokens[2]}))])[0]
+    assert by_token.tokens == free.tokens[: free.tokens.index(free.tokens[2])] and by_token.finish_reason == "stop"
+    by_check = engine.generate(
+        [GenerationRequest(ids, None, 6, stop_ids=frozenset(), stop_check=lambda out: len(out) >= 2)]
+    )[0]
+    assert by_check.tokens == free.tokens[:2] and by_check.finish_reason == "stop"
+    streamed = []
+    engine.generate([GenerationRequest(ids, None, 4, stop_ids=frozenset(), on_token=streamed.append)])
+    assert streamed == free.tokens[:4]
+    with pytest.raises(ContextLengthError, match="context limit is 256"):
+        engine.check_length(250, 5, 2)
+
+
+def test_rank_classification_scores(base):
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    prompt = base.tokenize("Review: fine\nSentiment:")
+    cands = [base.tokenize(" positive"), base.tokenize(" no")]
+    reqs = [ScoreRequest(prompt, cands, a) for a in [None, arts[0], arts[2]]]
+    together = engine.score(reqs)
+    for req, scores in zip(reqs, together, strict=True):
+        alone = engine.score([req])[0]
+        assert scores == pytest.approx(alone, abs=1e-4)
+        for cand, value in zip(cands, scores, strict=True):  # the sum of token log-probs, from a plain forward
+            ids = torch.tensor([prompt + cand])
+            logp = forward(base, req.artifact, ids).logits[0].log_softmax(-1)
+            expected = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cand))
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_batcher_shares_a_forward_and_matches_direct():
+    base = tiny_base("qwen2")
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    batcher = Batcher(engine, window_s=0.2, max_batch=16).start()
+    try:
+        reqs = requests(base, arts)
+        futures = []
+        threads = [threading.Thread(target=lambda r=r: futures.append((r, batcher.submit(r)))) for r in reqs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for req, fut in futures:
+            assert fut.result(timeout=30).tokens == engine.generate([req])[0].tokens
+        assert "softprompts_batch_size_bucket{le=\"4\"} 0" in batcher.metrics.render()  # all 6 in one batch
+        score = batcher.submit(ScoreRequest(base.tokenize("a"), [base.tokenize(" b")], arts[2])).result(timeout=30)
+        assert len(score) == 1 and score[0] < 0
+    finally:
+        batcher.stop()
+
+
+def save(base, directory, method="prefix", n=4, task=None, seed=0):
+    m = sp.create_method(base, method, num_virtual_tokens=n, init_text="abcdefgh"[:n])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    return sp.save_adapter(sp.Adapter.from_method(m, base, task=task), directory, overwrite=True)
+
+
+def test_registry_validates_limits_memory_and_hot_loads(tmp_path):
+    base = tiny_base("llama")
+    engine = Engine(base)
+    for i, method in enumerate(METHODS):
+        save(base, tmp_path / f"a{i}", method, n=3 + i)
+    save(tiny_base("gpt2"), tmp_path / "other-model")
+    (tmp_path / "not-an-adapter").mkdir()
+    one = sum(t.numel() * 4 for t in engine.prepare(sp.load_adapter(tmp_path / "a3", base).artifact).tensors().values())
+    reg = Registry(base, tmp_path, prepare=engine.prepare, max_bytes=int(one * 2.5), poll_s=0)
+    names = {e.name: e for e in reg.entries()}
+    assert set(names) == {"a0", "a1", "a2", "a3", "other-model"}
+    assert "tiny-gpt2" in names["other-model"].error and names["other-model"].artifact is None
+    assert reg.loaded_bytes() <= int(one * 2.5)
+    assert all(isinstance(reg.get(f"a{i}").artifact, sp.KVPrefix) for i in range(4))  # evicted ones reload
+    assert reg.loaded_bytes() <= int(one * 2.5)
+    with pytest.raises(sp.AdapterError):
+        reg.get("other-model")
+    with pytest.raises(UnknownAdapter):
+        reg.get("nope")
+    for bad in ["../a0", "a/b", "..", "a\\b", "", ".hidden"]:
+        with pytest.raises(InvalidAdapterName):
+            check_name(bad)
+    held = reg.get("a2").artifact  # an in-flight request keeps its artifact through a reload
+    time.sleep(0.01)
+    save(base, tmp_path / "a2", "prefix", n=6, seed=3)
+    os.utime(tmp_path / "a2" / "adapter.json")
+    save(base, tmp_path / "new", "prompt", n=2)
+    assert set(reg.scan()) == {"a2", "new"}
+    assert reg.get("a2").num_virtual_tokens == 6 and reg.get("a2").version == 2 and held.length == 5
+    reg.unload("new")
+    assert "new" not in {e.name for e in reg.entries()} and reg.scan() == []
+    with pytest.raises(UnknownAdapter):
+        reg.get("new")
+    assert reg.load("new").artifact.length == 2
