@@ -1,0 +1,55 @@
+"""``softprompts inspect DIR``: what an adapter is (method, base, sizes, template, labels, training summary)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a saved adapter", description=__doc__)
+    p.add_argument("adapter", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print adapter.json and the training record as JSON")
+    p.set_defaults(func=run)
+
+
+def summary(directory: str | Path) -> dict:
+    """Metadata of an adapter directory plus its training record (if any); reads no tensors and no model."""
+    from softprompts.adapter_io import WEIGHTS_FILE, read_metadata
+    from softprompts.train import RECORD_FILE
+
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    weights = directory / WEIGHTS_FILE
+    record_path = directory / RECORD_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    return {"metadata": meta, "file_bytes": weights.stat().st_size if weights.is_file() else None, "training": record}
+
+
+def run(args) -> int:
+    info = summary(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    meta, rec = info["metadata"], info["training"]
+    task = meta.get("task") or {}
+    lines = [
+        f"adapter      {args.adapter}",
+        f"method       {meta['method']} ({meta['artifact']}, {meta['num_virtual_tokens']} virtual tokens)",
+        f"base model   {meta['base_model']['name']} ({meta['base_model']['shapes'].get('model_type', '?')})",
+        f"parameters   {meta['num_parameters']:,} saved ({meta['dtype']}), file {info['file_bytes'] or 0:,} bytes",
+    ]
+    if task:
+        lines += [f"task         {task.get('task')}", f"template     {task.get('prompt')!r} -> {task.get('target')!r}"]
+        if task.get("labels"):
+            lines.append(f"labels       {', '.join(task['labels'])}")
+    if rec:
+        t = rec["timings"]
+        lines.append(f"trained      {rec['steps_done']} steps, {rec['trainable_parameters']:,} trainable parameters, "
+                     f"{t['train_seconds']:.1f}s, {t['tokens_per_second']:.0f} tokens/s, lr {rec['train_config']['lr']}")
+        if rec.get("best_dev") is not None:
+            base_dev = (rec.get("base_model_dev") or {}).get(rec["metric"].removeprefix("dev_"))
+            ref = f" (base model without adapter: {base_dev:.4f})" if base_dev is not None else ""
+            lines.append(f"best         {rec['metric']} {rec['best_dev']:.4f} at step {rec['best_step']}{ref}")
+    print("\n".join(lines))
+    return 0
