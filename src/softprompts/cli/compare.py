@@ -1,0 +1,111 @@
+"""``softprompts compare``: train every method on the same data with the same budget and report which to pick.
+
+Writes OUT/report.md, OUT/results.json and PNG plots; each (method, seed) run lives in OUT/runs/ and a re-run of
+the same command skips finished runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from softprompts.errors import SoftpromptsError
+
+ALL_METHODS = "prompt,prefix,ptuning,deep"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="compare methods (and PEFT) on one task: report, plots, recommendation",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m)")
+    p.add_argument("--dataset", default=None, help="catalog dataset (task, template, labels, splits preset; see "
+                   "`softprompts data list`)")
+    p.add_argument("--task", default=None, choices=("classify", "generate"), help="default: classify, or the dataset's")
+    p.add_argument("--data", default=None, help="training data (.jsonl/.csv/.tsv); default: the dataset's train split")
+    p.add_argument("--eval-data", default=None, help="dev data (best-adapter keeping, learning curves)")
+    p.add_argument("--test-data", default=None, help="test data (final metric)")
+    p.add_argument("--template", default=None, help=r'prompt template, e.g. "Review: {text}\nSentiment:"')
+    p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
+    p.add_argument("--labels", default=None, help="comma-separated label set")
+    p.add_argument("--methods", default=ALL_METHODS, help="comma-separated methods to compare")
+    p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
+    budget.add_argument("--minutes", type=float, default=None, help="training minutes per run (steps estimated)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per method (mean ± std)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per method)")
+    p.add_argument("--virtual-tokens", type=int, default=None, help="virtual tokens (default: per method)")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--eval-limit", type=int, default=None, help="use the first N dev examples")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test examples")
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-target-tokens", type=int, default=64)
+    p.add_argument("--latency-tokens", type=int, default=8, help="tokens decoded when timing latency")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    p.set_defaults(func=run)
+
+
+def _resolve_inputs(args) -> dict:
+    """Task, template, labels and split paths from the flags, filled in from ``--dataset`` presets."""
+    inputs = {"task": args.task, "prompt": args.template, "target": args.target,
+              "labels": [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
+              "train": args.data, "dev": args.eval_data, "test": args.test_data}
+    if args.dataset:
+        from softprompts.data.catalog import get_dataset, prepared_paths
+
+        entry = get_dataset(args.dataset)
+        presets = entry.presets()
+        if args.template is None and args.target is None:
+            inputs["prompt"], inputs["target"] = presets["prompt"], presets["target"]
+        inputs["task"] = inputs["task"] or presets["task"]
+        inputs["labels"] = inputs["labels"] or presets["labels"]
+        if not (args.data and args.eval_data and args.test_data):
+            paths = prepared_paths(args.dataset, progress=not args.no_progress)
+            for split in ("train", "dev", "test"):
+                inputs[split] = inputs[split] or paths.get(split)
+    else:
+        inputs["prompt"] = inputs["prompt"].replace("\\n", "\n") if inputs["prompt"] else None
+        inputs["target"] = inputs["target"].replace("\\n", "\n") if inputs["target"] else None
+    inputs["task"] = inputs["task"] or "classify"
+    missing = [flag for flag, key in (("--data", "train"), ("--template", "prompt"), ("--target", "target"))
+               if not inputs[key]]
+    if missing:
+        raise SoftpromptsError(f"{', '.join(missing)} required (or --dataset NAME for catalog presets)")
+    return inputs
+
+
+def run(args) -> int:
+    from softprompts.compare import CompareConfig, CompareData, run_compare
+    from softprompts.data.datasets import load_task_data
+    from softprompts.data.templates import Template
+    from softprompts.model.load import DEFAULT_MODEL
+    from softprompts.tasks import TaskSpec
+
+    inputs = _resolve_inputs(args)
+    template = Template(inputs["prompt"], inputs["target"])
+    train, labels = load_task_data(inputs["train"], template, inputs["task"], inputs["labels"])
+    train = train[: args.train_limit] if args.train_limit else train
+    dev = load_task_data(inputs["dev"], template, inputs["task"], labels)[0] if inputs["dev"] else []
+    test = load_task_data(inputs["test"], template, inputs["task"], labels)[0] if inputs["test"] else []
+    spec = TaskSpec(inputs["task"], template.prompt, template.target, labels, args.max_prompt_tokens,
+                    args.max_target_tokens)
+    description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
+                   "test": str(inputs["test"]), "train_limit": args.train_limit}
+    config = CompareConfig(
+        model=args.model or DEFAULT_MODEL, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        seeds=args.seeds, baseline=args.baseline,
+        steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
+        batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
+        eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
+        progress=not args.no_progress,
+    )
+    results = run_compare(config, CompareData(spec, train, dev, test, description), args.out)
+    resume = results["resume"]
+    if resume["skipped"]:
+        print(f"skipped {len(resume['skipped'])} finished run(s): {', '.join(resume['skipped'])}", file=sys.stderr)
+    print(f"wrote {args.out}/report.md, results.json and plots; "
+          f"recommendation: {results['recommendation']['winner']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,378 @@
+"""Run every method (and optionally its PEFT counterpart) on the same data with the same budget, resumably.
+
+Layout of ``OUT``::
+
+    compare.json                 settings of this compare (a resumed compare must use the same ones)
+    runs/base/result.json        the bare model: test metrics and latency (the "no adapter" reference)
+    runs/<method>-seed<k>/       one of our runs: adapter/ (+ training.json), adapter.checkpoint.pt while training,
+                                 result.json when finished
+    runs/peft-<method>-seed<k>/  a PEFT run: peft_adapter/, result.json
+    results.json, report.md, *.png
+
+A run is finished when its ``result.json`` exists (written atomically, last). Re-running the same command skips
+finished runs, resumes an interrupted training from the training loop's own checkpoint, and re-evaluates a run
+whose adapter was saved but whose evaluation was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from softprompts.compare.latency import (
+    measure_hf_latency,
+    measure_latency,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
+from softprompts.errors import SoftpromptsError
+
+RESULT_FILE = "result.json"
+SETTINGS_FILE = "compare.json"
+
+
+@dataclass
+class CompareConfig:
+    """What every run shares. ``steps`` or ``minutes`` (per run; converted to steps per method by timing 2 steps).
+
+    lr / virtual_tokens: None = each method's measured default (``softprompts.defaults``), used for PEFT too.
+    eval_limit / test_limit: first N dev / test examples. latency_*: decode length and repeats of the timing.
+    """
+
+    model: str
+    methods: list[str]
+    seeds: int = 1
+    baseline: str | None = None
+    steps: int | None = 100
+    minutes: float | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    virtual_tokens: int | None = None
+    eval_every: int = 25
+    eval_limit: int | None = None
+    test_limit: int | None = None
+    latency_tokens: int = 8
+    latency_repeats: int = 3
+    progress: bool = True
+
+    def errors(self) -> list[str]:
+        problems = []
+        if (self.steps is None) == (self.minutes is None):
+            problems.append("give exactly one budget: --steps N or --minutes M")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be positive, got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            problems.append(f"--minutes must be positive, got {self.minutes}")
+        if self.seeds < 1:
+            problems.append(f"--seeds must be at least 1, got {self.seeds}")
+        if not self.methods:
+            problems.append("--methods is empty")
+        if self.baseline not in (None, "peft"):
+            problems.append(f"--baseline must be 'peft', got {self.baseline!r}")
+        return problems
+
+
+@dataclass
+class CompareData:
+    """The task and its three splits (test may be empty: the report then uses dev numbers)."""
+
+    spec: object  # TaskSpec
+    train: list
+    dev: list
+    test: list
+    description: dict = field(default_factory=dict)  # dataset name / paths, for the report
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where the numbers were measured: CPU/GPU, core count, library versions, git commit."""
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ModuleNotFoundError:
+        info["peft"] = None
+    try:
+        here = Path(__file__).resolve().parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+class Comparison:
+    """One compare: ``run()`` does every missing run and returns the results dict written to results.json."""
+
+    def __init__(self, config: CompareConfig, data: CompareData, out_dir: str | Path, base=None) -> None:
+        problems = config.errors()
+        if problems:
+            raise SoftpromptsError("; ".join(problems))
+        from softprompts.methods import method_class
+
+        try:
+            config.methods = [method_class(m).name for m in config.methods]
+        except ValueError as exc:
+            raise SoftpromptsError(str(exc)) from None
+        self.config, self.data, self.out = config, data, Path(out_dir)
+        self.base = base
+        self.dev = data.dev[: config.eval_limit] if config.eval_limit else data.dev
+        self.test = data.test[: config.test_limit] if config.test_limit else data.test
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    # --- settings / budget ---------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        c = self.config
+        return {
+            "model": c.model, "methods": c.methods, "seeds": c.seeds, "baseline": c.baseline, "steps": c.steps,
+            "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
+            "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
+            "sizes": {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)},
+        }
+
+    def _check_settings(self) -> dict:
+        """Write compare.json, or check a resumed compare uses the same settings (methods/seeds may grow)."""
+        path = self.out / SETTINGS_FILE
+        settings = self._settings()
+        old = _read_json(path)
+        if old is not None:
+            fixed = [k for k in settings if k not in ("methods", "seeds", "baseline")]
+            changed = [k for k in fixed if json.dumps(old.get(k), default=str) != json.dumps(settings[k], default=str)]
+            if changed:
+                raise SoftpromptsError(
+                    f"{self.out} holds a compare with other settings ({', '.join(changed)} differ); resume with the "
+                    "same flags or choose another --out"
+                )
+            settings["steps_per_method"] = old.get("steps_per_method", {})
+        _atomic_json(path, settings)
+        return settings
+
+    def _train_config(self, method: str, seed: int, steps: int):
+        from softprompts.defaults import method_defaults
+        from softprompts.train import TrainConfig
+
+        lr = self.config.lr if self.config.lr is not None else method_defaults(method).lr
+        return TrainConfig(steps=steps, lr=lr, batch_size=self.config.batch_size, eval_every=self.config.eval_every,
+                           checkpoint_every=max(1, min(25, steps // 4 or 1)), seed=seed,
+                           progress=self.config.progress).validate()
+
+    def _method(self, name: str, seed: int):
+        from softprompts.defaults import default_init_text, method_defaults
+        from softprompts.methods import create_method
+
+        defaults = method_defaults(name)
+        spec = self.data.spec
+        options = {"num_virtual_tokens": self.config.virtual_tokens or defaults.num_virtual_tokens,
+                   "init": defaults.init, "seed": seed}
+        return create_method(self.base, name, labels=spec.labels, init_text=default_init_text(spec), **options)
+
+    def _steps_for(self, method: str, settings: dict) -> int:
+        """``--steps``, or for ``--minutes`` the steps that fit: time 2 training steps of this method once."""
+        if self.config.steps is not None:
+            return self.config.steps
+        known = settings.setdefault("steps_per_method", {})
+        if method not in known:
+            from softprompts.train import train
+
+            probe = replace(self._train_config(method, 0, 2), progress=False, checkpoint_every=0)
+            record = train(self.base, self._method(method, 0), self.data.train, self.data.spec, probe).record
+            per_step = max(record["timings"]["train_seconds"] / 2, 1e-3)
+            known[method] = max(1, int(self.config.minutes * 60 / per_step))
+            _atomic_json(self.out / SETTINGS_FILE, settings)
+        return known[method]
+
+    # --- runs -----------------------------------------------------------------------------------------------------
+
+    def _latency(self, artifact) -> dict:
+        prompt = (self.test or self.dev or self.data.train)[0].prompt
+        return measure_latency(self.base, prompt, artifact, self.config.latency_tokens,
+                               self.config.latency_repeats).to_json()
+
+    def _base_run(self) -> dict:
+        from softprompts.evaluate import evaluate
+
+        path = self.out / "runs" / "base" / RESULT_FILE
+        done = _read_json(path)
+        if done is not None and (self.config.baseline is None or "latency_hf" in done):
+            return done
+        result = {"test": evaluate(self.base, None, self.test, self.data.spec) if self.test else {},
+                  "dev": evaluate(self.base, None, self.dev, self.data.spec) if self.dev else {},
+                  "latency": self._latency(None)}
+        if self.config.baseline == "peft":
+            prompt = (self.test or self.dev or self.data.train)[0].prompt
+            result["latency_hf"] = measure_hf_latency(self.base.model, self.base.tokenizer, prompt,
+                                                      self.config.latency_tokens, self.config.latency_repeats).to_json()
+        _atomic_json(path, result)
+        return result
+
+    def _our_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
+        from softprompts.adapter_io import WEIGHTS_FILE, load_adapter
+        from softprompts.evaluate import evaluate, serving_artifact
+        from softprompts.train import RECORD_FILE, train
+
+        adapter_dir = run_dir / "adapter"
+        run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint lives next to adapter/ while training
+        measure = reset_peak_memory(self.base.device)
+        started = time.perf_counter()
+        if (adapter_dir / RECORD_FILE).is_file():  # trained, evaluation was interrupted: evaluate again
+            adapter = load_adapter(adapter_dir, self.base)
+            record = json.loads((adapter_dir / RECORD_FILE).read_text())
+            trainable = record["trainable_parameters"]
+        else:
+            m = self._method(method, seed)
+            trainable = m.num_trainable()
+            out = train(self.base, m, self.data.train, self.data.spec, self._train_config(method, seed, steps),
+                        dev_examples=self.dev, out_dir=adapter_dir, resume=True)
+            adapter, record = out.adapter, out.record
+        test = evaluate(self.base, adapter, self.test, self.data.spec) if self.test else {}
+        peak = peak_memory_bytes(self.base.device)
+        metric = record["metric"].removeprefix("dev_")
+        latency = self._latency(serving_artifact(self.base, adapter))
+        latency_input = self._latency(adapter.artifact) if adapter.artifact.kind == "soft_prompt" else None
+        return {
+            "impl": "softprompts", "method": method, "seed": seed, "artifact": adapter.artifact.kind,
+            "steps": record["steps_done"], "trainable_params": trainable,
+            "adapter_params": adapter.num_parameters, "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size,
+            "best_dev": {metric: record["best_dev"]}, "best_step": record["best_step"], "test": test,
+            "base_model_dev": record.get("base_model_dev"),
+            "train_seconds": record["timings"]["train_seconds"],
+            "tokens_per_second": record["timings"]["tokens_per_second"],
+            "peak_memory_bytes": peak, "memory_measure": measure,
+            "latency": latency, "latency_soft_prompt_at_input": latency_input,
+            "curve": record["curve"], "issues": [], "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def _peft_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
+        from softprompts.compare.peft_baseline import PeftSpec, release, run_peft
+        from softprompts.defaults import default_init_text, method_defaults
+        from softprompts.evaluate import PRIMARY_METRIC
+
+        spec = self.data.spec
+        primary = PRIMARY_METRIC[spec.task]
+        m = self._method(method, seed)  # for its sizes only: the same P and encoder width as ours
+        hidden = getattr(m.config, "projection_hidden", None) or getattr(m.config, "encoder_hidden", 0) or \
+            self.base.shapes.hidden_size
+        peft_spec = PeftSpec(method, m.config.num_virtual_tokens, self._train_config(method, seed, steps),
+                             init_text=default_init_text(spec) if method_defaults(method).init == "text" else None,
+                             hidden_size=hidden)
+        del m
+        measure = reset_peak_memory(self.base.device)
+        started = time.perf_counter()
+        bar = tqdm(total=steps, desc="train (peft)", disable=not self.config.progress, file=sys.stderr)
+        try:
+            res = run_peft(self.base, peft_spec, spec, self.data.train, self.dev, self.test, primary,
+                           out_dir=run_dir / "peft_adapter", progress=bar)
+        finally:
+            bar.close()
+        peak = peak_memory_bytes(self.base.device)
+        prompt = (self.test or self.dev or self.data.train)[0].prompt
+        latency = measure_hf_latency(res.model, self.base.tokenizer, prompt, self.config.latency_tokens,
+                                     self.config.latency_repeats).to_json()
+        release(res)
+        return {
+            "impl": "peft", "method": method, "seed": seed, "artifact": None, "steps": res.steps_done,
+            "trainable_params": res.trainable_params, "adapter_params": res.saved_params,
+            "adapter_bytes": res.saved_bytes, "best_dev": {primary: res.best_dev.get(primary)},
+            "best_step": res.best_step, "test": res.test, "train_seconds": round(res.train_seconds, 3),
+            "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_bytes": peak,
+            "memory_measure": measure, "latency": latency, "latency_via": "transformers generate",
+            "curve": res.curve, "issues": res.issues, "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def run(self) -> dict:
+        """Do every unfinished run, then write results.json, the plots and report.md; returns the results."""
+        from softprompts.compare.report import build_results, write_report
+        from softprompts.model.load import load_base
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings = self._check_settings()
+        if self.config.baseline == "peft":
+            from softprompts.compare.peft_baseline import import_peft
+
+            import_peft()  # fail before any training if it is missing
+        if self.base is None:
+            self.base = load_base(self.config.model)
+        jobs = [("softprompts", m, s) for m in self.config.methods for s in range(self.config.seeds)]
+        if self.config.baseline == "peft":
+            jobs += [("peft", m, s) for m in self.config.methods for s in range(self.config.seeds)]
+        base_result = self._base_run()
+        runs = []
+        overall = tqdm(jobs, desc="compare", disable=not self.config.progress, file=sys.stderr, position=0)
+        for index, (impl, method, seed) in enumerate(overall, start=1):
+            name = f"{'peft-' if impl == 'peft' else ''}{method}-seed{seed}"
+            run_dir = self.out / "runs" / name
+            done = _read_json(run_dir / RESULT_FILE)
+            if done is not None:
+                self.skipped.append(name)
+                overall.set_description(f"compare: {name} done already")
+                runs.append(done)
+                continue
+            overall.set_description(f"compare: run {index}/{len(jobs)} {name}")
+            tqdm.write(f"compare: run {index}/{len(jobs)}: {name}", file=sys.stderr)
+            steps = self._steps_for(method, settings)
+            runner = self._peft_run if impl == "peft" else self._our_run
+            try:
+                result = runner(method, seed, steps, run_dir)
+            except SoftpromptsError:
+                raise
+            except Exception as exc:  # a failing run is reported, not fatal (PEFT breaks across versions)
+                if impl != "peft":
+                    raise
+                result = {"impl": impl, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
+                          "issues": [f"PEFT run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
+            _atomic_json(run_dir / RESULT_FILE, result)
+            self.ran.append(name)
+            runs.append(result)
+        overall.close()
+        results = build_results(self.config, settings, base_result, runs, machine_info(self.base.device),
+                                {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)})
+        results["resume"] = {"skipped": self.skipped, "ran": self.ran}
+        _atomic_json(self.out / "results.json", results)
+        write_report(results, self.out)
+        return results
+
+
+def run_compare(config: CompareConfig, data: CompareData, out_dir: str | Path, base=None) -> dict:
+    """Convenience wrapper: ``Comparison(config, data, out_dir, base).run()``."""
+    return Comparison(config, data, out_dir, base).run()
+
+
+__all__ = ["CompareConfig", "CompareData", "Comparison", "run_compare", "machine_info"]

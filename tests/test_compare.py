@@ -1,0 +1,122 @@
+"""``softprompts compare`` end to end on a tiny random model and a tiny slice of the bundled sentiment data.
+
+One compare (2 methods + the PEFT baseline for one of them) is shared by the tests through a module fixture; a
+second invocation of the same command must skip every finished run and a run with a missing result is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny
+
+from softprompts.cli import main
+from softprompts.data.datasets import bundled_path
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+
+def _compare_args(model: Path, out: Path, methods: str = "prompt,prefix") -> list[str]:
+    tiny = out.parent / "data"
+    tiny.mkdir(exist_ok=True)
+    for split, n in (("train", 24), ("dev", 12), ("test", 12)):
+        rows = bundled_path("uci_sentiment", split).read_text().splitlines()[:n]
+        (tiny / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return ["compare", "--model", str(model), "--task", "classify", "--data", str(tiny / "train.jsonl"),
+            "--eval-data", str(tiny / "dev.jsonl"), "--test-data", str(tiny / "test.jsonl"),
+            "--template", r"Review: {text}\nSentiment:", "--target", " {label}", "--methods", methods,
+            "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--virtual-tokens", "4",
+            "--latency-tokens", "3", "--no-progress", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model = save_tiny("llama", root / "model")
+    out = root / "out"
+    args = _compare_args(model, out)
+    assert main(args + ["--baseline", "peft"]) == 0
+    # a second PEFT method only for the baseline part is not needed: prompt+prefix ours, both through PEFT too
+    return out, args
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_results_json_fields_hold_real_numbers(compared):
+    out, _ = compared
+    results = json.loads((out / "results.json").read_text())
+    assert results["primary_metric"] == "accuracy"
+    methods = results["methods"]
+    assert {"prompt", "prefix", "peft:prompt", "peft:prefix"} <= set(methods)
+    for label, m in methods.items():
+        assert m["failed"] == 0, (label, m["issues"])
+        assert m["trainable_params"] > 0 and m["adapter_params"] > 0 and m["adapter_bytes"] > 0
+        assert 0.0 <= m["test"]["accuracy"]["mean"] <= 1.0 and 0.0 <= m["best_dev"]["mean"] <= 1.0
+        assert m["train_seconds"]["mean"] > 0 and m["tokens_per_second"]["mean"] > 0
+        assert m["peak_memory_bytes"]["mean"] > 10 * 2**20  # a python process with torch: well over 10 MB
+        for key in ("ttft_ms", "per_token_ms"):
+            assert _finite(m[key]["mean"]) and 0 < m[key]["mean"] < 10_000
+    ours = [r for r in results["runs"] if r["impl"] == "softprompts"]
+    assert {r["artifact"] for r in ours} == {"soft_prompt", "kv_prefix"}
+    for r in ours:
+        assert r["steps"] == 4 and [p["step"] for p in r["curve"] if "dev_accuracy" in p] == [0, 2, 4]
+    # the KV prefix stores more per virtual token than a soft prompt (2 * layers * kv width vs hidden)
+    assert methods["prefix"]["adapter_params"] > methods["prompt"]["adapter_params"]
+    base = results["base_model"]
+    assert 0 <= base["test"]["accuracy"] <= 1 and base["latency"]["ttft_ms"] > 0 and base["latency_hf"]["ttft_ms"] > 0
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch"]
+
+
+def test_peft_prefix_generate_flagged(compared):
+    out, _ = compared
+    results = json.loads((out / "results.json").read_text())
+    issues = " ".join(results["methods"]["peft:prefix"]["issues"])
+    import transformers
+
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24):
+        assert "prefix ignored" in issues  # PEFT 0.21 drops the prefix in generate() on transformers >= 5.24
+    assert "prefix ignored" not in " ".join(results["methods"]["peft:prompt"]["issues"])
+
+
+def test_report_and_plots(compared):
+    out, _ = compared
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    winner = results["recommendation"]["winner"]
+    assert winner in {"prompt", "prefix"}
+    last = report.strip().splitlines()[-1]
+    assert last.startswith("**Recommendation:") and f"`{winner}`" in last
+    for needle in ("| no adapter |", "| prompt |", "| peft:prefix |", "Side by side with Hugging Face PEFT",
+                   "**Size:**", "**Latency:**", "KV prefix vs soft prompt"):
+        assert needle in report, needle
+    for name in ("learning_curves.png", "quality_vs_size.png", "latency.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_resume_skips_finished_runs_and_redoes_missing(compared, capsys):
+    out, args = compared
+    finished = out / "runs" / "prompt-seed0" / "result.json"
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
+    redo = out / "runs" / "prefix-seed0" / "result.json"
+    os.remove(redo)
+    assert main(args + ["--baseline", "peft"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["resume"]["ran"] == ["prefix-seed0"]
+    assert set(results["resume"]["skipped"]) == {"prompt-seed0", "peft-prompt-seed0", "peft-prefix-seed0"}
+    assert finished.stat().st_mtime_ns == before[finished]
+    assert redo.is_file()
+    assert "skipped 3 finished run(s)" in capsys.readouterr().err
+
+
+def test_other_settings_refused(compared):
+    out, args = compared
+    changed = [a if a != "4" else "5" for a in args]  # --steps 5 ...
+    assert main(changed) == 2
