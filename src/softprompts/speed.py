@@ -1,0 +1,175 @@
+"""Training-step speed and memory helpers: the optimizer-step core, gradient checkpointing, peak-memory probes.
+
+The step (the same math as ``train.py``; see its docstring)::
+
+    A  = method()                       # once per optimizer step: prefix MLP / P-tuning encoder run once
+    A' = detach(A) as leaves            # every micro-batch backprops into A' only
+    loss_m = CE(LM head at label positions only) / N ;  loss_m.backward()
+    A.backward(A'.grad * grad_scale)    # one exact backward through the method
+
+Gradient checkpointing (``checkpointing(base)``) works for EVERY method, prefixes included. HF's own switch cannot
+be used here: it only acts in ``train()`` mode (our base model is frozen in eval mode) and it drops the cache (the
+KV prefix) when active, which is why PEFT refuses prefix tuning with checkpointing. We wrap each decoder layer's
+``forward`` in a non-reentrant ``torch.utils.checkpoint`` and, because a layer APPENDS its keys/values to the cache,
+the cache's per-layer state is snapshotted before the layer runs and restored before the backward replay, so the
+replay sees exactly the prefix the forward saw. Nothing else about the model changes and the wrappers are removed
+on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from softprompts.model.artifacts import artifact_from_tensors
+from softprompts.model.inject import forward
+
+
+def label_loss_sum(base, artifact, batch) -> torch.Tensor:
+    """Sum of target-token cross-entropies of one left-padded ``tasks.Batch``; LM head only at label positions."""
+    logits = forward(base, artifact, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
+    return nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+    )  # logits: [B, L, V] -> [B*L, V]
+
+
+def accumulate_step(
+    base,
+    make_artifact: Callable[[], object],
+    kind: str,
+    micro_batches: Sequence,
+    n_tokens: float,
+    grad_scale: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    checkpoint_layers: bool = False,
+) -> float:
+    """Gradients of one optimizer step into the method's parameters; returns the summed token loss (a float).
+
+    ``make_artifact``: the method (or its DDP wrapper), called once. ``micro_batches``: ``tasks.Batch`` objects on
+    the model's device. ``n_tokens``: N, the target tokens of the global batch. ``grad_scale``: multiplies the
+    artifact gradient (the world size under DDP, which averages). ``autocast_dtype``: run the micro-batches under
+    ``torch.autocast`` (bf16 on GPU for an fp32 base model). ``checkpoint_layers``: recompute decoder layers in the
+    backward pass (memory for time), see ``checkpointing``.
+    """
+    artifact = make_artifact()
+    tensors = artifact.tensors()
+    leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
+    leaf_artifact = artifact_from_tensors(kind, leaves)
+    device_type = base.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    loss_sum = 0.0
+    with checkpointing(base) if checkpoint_layers else contextlib.nullcontext():
+        for batch in micro_batches:
+            with autocast:
+                token_loss = label_loss_sum(base, leaf_artifact, batch)
+            (token_loss / n_tokens).backward()
+            loss_sum += token_loss.item()
+    grads = [leaves[k].grad * grad_scale if leaves[k].grad is not None else torch.zeros_like(leaves[k])
+             for k in tensors]
+    torch.autograd.backward(list(tensors.values()), grads)
+    return loss_sum
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated decoder blocks: the first ``ModuleList`` with ``num_hidden_layers`` entries."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and count:
+            return list(module)
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of {count} blocks)")
+
+
+def _find_cache(args: tuple, kwargs: dict):
+    from transformers import Cache
+
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+
+
+def _checkpointed(original: Callable) -> Callable:
+    """``original`` (a decoder layer's bound forward) under non-reentrant checkpointing, cache state restored."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        cache = _find_cache(args, kwargs)
+        snapshot = [dict(layer.__dict__) for layer in cache.layers] if cache is not None else None
+
+        def replay(*inner_args):
+            if snapshot is not None:  # the replay must see the cache as the forward did (prefix only, no appends)
+                for layer, state in zip(cache.layers, snapshot, strict=True):
+                    layer.__dict__.clear()
+                    layer.__dict__.update(state)
+            return original(*inner_args, **kwargs)
+
+        return checkpoint(replay, *args, use_reentrant=False)
+
+    return run
+
+
+@contextlib.contextmanager
+def checkpointing(base) -> Iterator[None]:
+    """Within the block, every decoder layer of ``base.model`` recomputes its activations in the backward pass.
+
+    Works with soft prompts and KV prefixes alike (see the module docstring). Backward passes must run inside the
+    block too when they replay cache updates (``accumulate_step`` does both inside it).
+    """
+    layers = decoder_layers(base.model)
+    for layer in layers:
+        layer.forward = _checkpointed(layer.forward)  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+# --- peak memory ----------------------------------------------------------------------------------------------
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak of allocated tensor bytes while ``fn()`` runs, above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (minus the bytes allocated at the
+    start). CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the CPU
+    allocator with its size; their running sum in time order is the live-bytes curve and its maximum is the peak
+    (tensor bytes only, no allocator caching or Python objects). Run it outside timed repetitions (the profiler
+    slows the step).
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    return cpu_peak_from_profile(prof)
+
+
+def cpu_peak_from_profile(prof) -> int:
+    """Maximum of the running sum of CPU allocator events (bytes > 0 allocate, < 0 free) in a profiler trace."""
+    events = []
+    for event in prof.profiler.kineto_results.events():
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            events.append((event.start_ns(), event.nbytes()))
+    events.sort(key=lambda e: e[0])
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return int(peak)
+
+
+__all__ = ["accumulate_step", "checkpointing", "cpu_peak_from_profile", "decoder_layers", "label_loss_sum",
+           "peak_bytes"]
