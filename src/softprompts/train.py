@@ -187,7 +187,8 @@ def train(
     dist = dist or Distributed()
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt = checkpoint_path(out_dir) if out_dir is not None else None
-    resuming = bool(resume and ckpt is not None and ckpt.is_file())
+    # rank 0 decides (and later reads the checkpoint for everyone): ranks need not share a filesystem
+    resuming = bool(dist.broadcast_object(resume and ckpt is not None and ckpt.is_file() if dist.is_main else None))
     if out_dir is not None and out_dir.exists() and not (overwrite or resuming):
         raise FileExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite")
     if not train_examples:
@@ -231,23 +232,30 @@ def train(
             _log(dist, f"step {state.step}: dev {metric} {score:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
 
     def save_checkpoint() -> None:
-        if ckpt is None or not dist.is_main:
+        if ckpt is None:
+            return
+        rngs = dist.gather_objects(_rng_state())  # every rank's RNG (a collective: all ranks call this)
+        if not dist.is_main:
             return
         _atomic_save(
             {"config": asdict(config), "state": asdict(state), "method": method.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs[0],
+             "rank_rng": rngs, "world_size": dist.world_size},
             ckpt,
         )
 
     if resuming:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+        saved = dist.broadcast_object(  # our own file: RNG states are not tensors
+            torch.load(ckpt, map_location="cpu", weights_only=False) if dist.is_main else None
+        )
         if saved["config"] != asdict(config):
             raise SoftpromptsError(f"{ckpt} was written with another training configuration; resume with the same flags")
         method.load_state_dict(saved["method"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = _State(**saved["state"])
-        _set_rng_state(saved["rng"])
+        same_world = saved.get("world_size", 1) == dist.world_size and "rank_rng" in saved
+        _set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
         _log(dist, f"resuming from {ckpt} at step {state.step}")
     else:
         if dev:
@@ -272,7 +280,7 @@ def train(
         tensors = artifact.tensors()
         leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
         leaf_artifact = artifact_from_tensors(kind, leaves)
-        loss_sum = 0.0
+        loss_sum, step_tokens = 0.0, 0
         for rows in micro:
             batch = collate(rows, pad_id, base.device)
             logits = forward(base, leaf_artifact, batch.input_ids, batch.attention_mask,
@@ -282,7 +290,7 @@ def train(
             )
             (token_loss / n_tokens).backward()
             loss_sum += token_loss.item()
-            state.tokens += int(batch.attention_mask.sum())
+            step_tokens += int(batch.attention_mask.sum())
         scale = float(dist.world_size)  # DDP averages over ranks; we want the sum
         grads = [leaves[k].grad * scale if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in tensors]
         torch.autograd.backward(list(tensors.values()), grads)
@@ -291,7 +299,9 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = dist.all_reduce_sum(torch.tensor([loss_sum])).item() / n_tokens
+        totals = dist.all_reduce_sum(torch.tensor([loss_sum, float(step_tokens)], dtype=torch.float64))
+        loss = totals[0].item() / n_tokens
+        state.tokens += int(totals[1].item())  # tokens processed by all ranks
         state.step += 1
         state.train_seconds += time.perf_counter() - started
         state.curve.append({"step": state.step, "loss": round(loss, 6), "seconds": round(state.train_seconds, 3)})

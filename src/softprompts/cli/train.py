@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--init-from", default=None, help="continue training a saved adapter directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
+                   "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     p.set_defaults(func=run)
 
 
@@ -91,7 +94,11 @@ def run(args) -> int:
     spec = TaskSpec(args.task, template.prompt, template.target, labels, args.max_prompt_tokens, args.max_target_tokens)
 
     model_name = args.model or (previous["base_model"]["name"] if previous else DEFAULT_MODEL)
-    base = load_base(model_name)
+    dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
+    if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "
+                               "(torchrun --nproc_per_node 1)")
+    base = load_base(model_name, device=None if args.device_map else dist.device, device_map=args.device_map)
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
     options = {"num_virtual_tokens": args.virtual_tokens or defaults.num_virtual_tokens,
                "init": args.init or defaults.init, "seed": args.seed}
@@ -100,7 +107,6 @@ def run(args) -> int:
                                init_artifact=init_artifact, **options)
     except ValueError as exc:
         raise SoftpromptsError(str(exc)) from None
-    dist = setup_distributed()
     result = train(base, method, examples, spec, config, dev_examples=dev, out_dir=out, resume=args.resume,
                    overwrite=args.overwrite, dist=dist)
     if dist.is_main:
@@ -108,4 +114,5 @@ def run(args) -> int:
         best = f", best {rec['metric']} {rec['best_dev']:.4f} at step {rec['best_step']}" if dev else ""
         print(f"saved {name} adapter to {out} ({rec['trainable_parameters']:,} trainable parameters, "
               f"{rec['timings']['train_seconds']:.1f}s{best})", file=sys.stderr)
+    dist.close()
     return 0

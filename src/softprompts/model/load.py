@@ -24,8 +24,15 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | None = None) -> BaseModel:
-    """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory."""
+def load_base(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+) -> BaseModel:
+    """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
+
+    ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
+    that does not fit one; adapters then live on the device of the input embeddings.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -36,7 +43,8 @@ def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
         dtype = getattr(torch, dtype)
     local_only = not Path(path).exists()  # hub ids: use what is cached, never hang on a network here
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         hint = " (no network: only models already in the Hugging Face cache or local directories load)" if local_only else ""
@@ -44,7 +52,7 @@ def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
             f"cannot load model {name!r}{hint}: {str(exc).splitlines()[0]}. "
             f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
         ) from None
-    if device:
+    if device and device_map is None:
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
