@@ -84,6 +84,7 @@ def assert_changes(base, logits, ids, mask):
 
 
 # ---- export -> PEFT -------------------------------------------------------------------------------------------
+@pytest.mark.injection  # PEFT's prefix path depends on the transformers version: runs on both
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", METHODS)
 def test_export_loads_in_peft_with_same_logits(tmp_path, arch, method):
@@ -120,6 +121,7 @@ def test_export_gqa_layout(tmp_path):
     torch.testing.assert_close(view[:, 3].permute(1, 0, 2), adapter.artifact.values[1], rtol=0, atol=0)
 
 
+@pytest.mark.injection  # PEFT's prefix path depends on the transformers version: runs on both
 def test_left_padding_conventions(tmp_path):
     """Measured PEFT behaviour with left padding (documented in README and peft_export)."""
     base = base_of("llama")
@@ -186,6 +188,7 @@ def peft_trained(arch: str, kind: str, directory, steps: int = 2):
     return model
 
 
+@pytest.mark.injection  # PEFT's prefix path depends on the transformers version: runs on both
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
 @pytest.mark.parametrize("kind", ["prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-projection"])
 def test_peft_trained_adapter_imports_with_same_logits(tmp_path, arch, kind):

@@ -112,6 +112,7 @@ def test_bf16_task_is_stored_as_bf16(tmp_path):
     assert stored(tmp_path / "t")[0]["tasks.half.layers.0.key"].dtype == torch.bfloat16
 
 
+@pytest.mark.injection
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_mixed_task_batch_equals_each_task_alone(base, tmp_path, padding):
     """Rows of different tasks (soft prompts and prefixes of lengths 3..7, and no adapter) in ONE forward."""
