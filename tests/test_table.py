@@ -12,7 +12,7 @@ from tiny import save_tiny, tiny_base
 import softprompts as sp
 from softprompts.cli import main
 from softprompts.model.inject import forward
-from softprompts.table import PromptTable, TableError, resolve_adapter
+from softprompts.table import PromptTable, TableError, adapter_base_name, resolve_adapter
 
 ATOL = 2e-4
 # different methods, artifact kinds and lengths
@@ -216,6 +216,8 @@ def test_resolve_adapter_references(tmp_path):
             assert torch.equal(t, got.artifact.tensors()[key])
     with pytest.raises(TableError, match="no table was given"):
         resolve_adapter("table:topic", base)
+    for ref, table in ((f"{tmp_path / 't'}#topic", None), ("table:topic", tmp_path / "t"), (tmp_path / "single", None)):
+        assert adapter_base_name(ref, table) == base.name == "tiny-llama"
 
 
 def test_cli(tmp_path, capsys):

@@ -16,7 +16,8 @@ concurrent writers are not merged: the last save wins.
 Use: ``PromptTable.load(path, base)``, ``.names()``, ``.adapter(name)``, ``.add(name, adapter)``, ``.remove(name)``,
 ``.save()`` and ``.context(names_per_row)``: a ``VirtualContext`` mixing tasks row by row, so a batch whose rows
 belong to different tasks runs in one forward. ``resolve_adapter("table:NAME" | "DIR#NAME" | "DIR", base, table)``
-is the one-line hook for ``eval`` and the serving engine.
+(and ``adapter_base_name(ref, table)``, the base to load when no ``--model`` is given) is the hook for ``eval``,
+``generate`` and the serving engine: a drop-in for ``load_adapter(dir, base)``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, describe
-from softprompts.adapter_io import atomic_directory, load_adapter
+from softprompts.adapter_io import atomic_directory, load_adapter, read_metadata
 from softprompts.model.artifacts import Artifact, artifact_from_tensors
 from softprompts.model.base import BaseModel
 from softprompts.model.inject import VirtualContext
@@ -263,22 +264,37 @@ def _weights_agree(a: str, b: str) -> bool:
     return not a or not b or a == b
 
 
+def _table_task(ref: str, table: PromptTable | str | Path | None) -> tuple[PromptTable, str] | None:
+    """``(table, name)`` for ``table:NAME`` / ``TABLE_DIR#NAME`` references, ``None`` for an adapter directory."""
+    if ref.startswith(TABLE_REF):
+        if table is None:
+            raise TableError(f"{ref!r} names a prompt-table task but no table was given (pass --table DIR)")
+        return (table if isinstance(table, PromptTable) else PromptTable.load(table)), ref[len(TABLE_REF):]
+    if "#" in ref and (Path(ref.rsplit("#", 1)[0]) / TABLE_CONFIG).is_file():
+        path, name = ref.rsplit("#", 1)
+        return PromptTable.load(path), name
+    return None
+
+
 def resolve_adapter(ref: str | Path, base: BaseModel | None = None, table: PromptTable | str | Path | None = None):
     """Load an adapter from any reference: ``DIR`` (an adapter directory), ``TABLE_DIR#NAME`` (a task of a prompt
     table) or ``table:NAME`` (a task of ``table``, a ``PromptTable`` or its path). ``base`` as in ``load_adapter``.
     """
-    ref = str(ref)
-    if ref.startswith(TABLE_REF):
-        if table is None:
-            raise TableError(f"{ref!r} names a prompt-table task but no table was given (pass --table DIR)")
-        name = ref[len(TABLE_REF):]
-        if not isinstance(table, PromptTable):
-            table = PromptTable.load(table)
-    elif "#" in ref and (Path(ref.rsplit("#", 1)[0]) / TABLE_CONFIG).is_file():
-        path, name = ref.rsplit("#", 1)
-        table = PromptTable.load(path)
-    else:
+    found = _table_task(str(ref), table)
+    if found is None:
         return load_adapter(ref, base)
+    found_table, name = found
     if base is not None:
-        table.attach(base)
-    return table.adapter(name)
+        found_table.attach(base)
+    return found_table.adapter(name)
+
+
+def adapter_base_name(ref: str | Path, table: PromptTable | str | Path | None = None) -> str:
+    """The base model recorded for an adapter reference (as in ``resolve_adapter``), read without loading a model:
+    what ``eval``/``generate`` pass to ``load_base`` when the user gives no ``--model``."""
+    found = _table_task(str(ref), table)
+    if found is None:
+        return read_metadata(ref)["base_model"]["name"]
+    found_table, name = found
+    found_table.info(name)  # raises a clear error for an unknown task
+    return found_table.base_meta["name"]
