@@ -118,3 +118,35 @@ def test_benchmark_tiny_json(tmp_path):
     for r in records:
         assert {"ours_s", "peft_s", "limit_s", "ours_peak_bytes", "peft_peak_bytes", "device"} <= set(r)
         assert r["ours_s"] > 0 and r["limit_s"] > 0 and r["ours_peak_bytes"] > 0
+
+
+def test_accumulate_step_is_the_training_loop_step():
+    """One optimizer step of ``train.train`` equals ``accumulate_step`` + clip + AdamW on the same batch (the
+    benchmark's "ours" is the real loop's step)."""
+    import copy
+
+    from test_train import SPEC, examples, quiet
+
+    from softprompts.tasks import encode, epoch_batches
+    from softprompts.train import train
+
+    base = tiny_base("llama")
+    data = examples(8)
+    method = create_method(base, "prefix", num_virtual_tokens=3, init="random", projection_dim=8, projection_hidden=8)
+    twin = copy.deepcopy(method)
+    start = [p.detach().clone() for p in twin.parameters()]
+    config = quiet(steps=1, batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0, schedule="constant")
+    train(base, method, data, SPEC, config)
+
+    encoded = encode(base, data, SPEC)[0]
+    rows = [encoded[i] for i in epoch_batches(len(encoded), [e.length for e in encoded], 4, 0, 0)[0]]
+    batches = [collate(rows[i::2], base.tokenizer.pad_token_id) for i in range(2)]
+    torch.manual_seed(0)
+    twin.train()
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)
+    accumulate_step(base, twin, twin.artifact_kind, batches, float(sum(len(r.target_ids) for r in rows)))
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(start, twin.parameters(), strict=True))
+    for a, b in zip(method.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
