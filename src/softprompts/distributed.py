@@ -50,8 +50,14 @@ class Distributed:
         return items[self.rank :: self.world_size]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks in place (and return it)."""
-        if self.enabled:
+        """Sum ``tensor`` over ranks in place (and return it). CPU tensors travel via this rank's GPU under NCCL."""
+        if not self.enabled:
+            return tensor
+        if dist.get_backend() == "nccl" and not tensor.is_cuda:
+            on_gpu = tensor.to(torch.device("cuda", self.local_rank))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu.cpu())
+        else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 

@@ -158,7 +158,8 @@ def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: D
     """Dev metrics; ranks evaluate disjoint shards and combine their outputs (identical metrics on every rank)."""
     from softprompts.evaluate import score_outputs
 
-    outputs = evaluate(base, artifact, dist.shard(dev), spec, config.eval_batch_size, return_outputs=True)["outputs"]
+    mine = dist.shard(dev)  # may be empty when dev has fewer examples than ranks
+    outputs = evaluate(base, artifact, mine, spec, config.eval_batch_size, return_outputs=True)["outputs"] if mine else []
     gathered = dist.gather_objects(outputs)
     merged = [None] * len(dev)
     for rank, outs in enumerate(gathered):
