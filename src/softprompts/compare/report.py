@@ -240,6 +240,16 @@ def _table(results: dict) -> list[str]:
     return rows
 
 
+def _load_warning(machine: dict) -> list[str]:
+    """A warning when the machine was busier than its core count: timings are then inflated and noisy."""
+    load, cpus = machine.get("load_average_1m"), machine.get("cpu_count") or 1
+    if load is None or load <= cpus:
+        return []
+    return ["", f"**Warning:** the 1-minute load average was {load:.1f} on {cpus} CPUs when the report was written: "
+            "other processes shared the machine, so seconds, tokens/s and latencies are inflated and noisy "
+            "(compare them within this report only, and rerun on an idle machine for absolute numbers)."]
+
+
 def render_report(results: dict, plots: list[str]) -> str:
     """report.md as text."""
     s, m, task = results["settings"], results["machine"], results["task"]
@@ -249,12 +259,13 @@ def render_report(results: dict, plots: list[str]) -> str:
         f"Task `{task['task']}`, template `{task['prompt']!r}` -> `{task['target']!r}`"
         + (f", labels {task['labels']}" if task.get("labels") else "") + ".",
         f"Data: {results['sizes']['train']} train / {results['sizes']['dev']} dev / {results['sizes']['test']} test "
-        f"examples ({results['data']}).",
+        f"examples" + "".join(f", {k} `{v}`" for k, v in (results["data"] or {}).items() if v not in (None, "None"))
+        + ".",
         f"Budget: {budget}, batch {s['batch_size']}, {s['seeds']} seed(s), learning rate "
         f"{s['lr'] if s.get('lr') else 'per-method default'}; PEFT runs use the same steps, lr, schedule and batches.",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device {m['device']}"
         f"{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
-        f"peft {m.get('peft')}; commit {m.get('commit')}.", "",
+        f"peft {m.get('peft')}; commit {m.get('commit')}.", *_load_warning(m), "",
         "## Results", "",
         f"Metrics are mean ± std over seeds; accuracy/F1 in %. Latency: batch 1, median of repeats, "
         f"ours through the softprompts decode loop (soft prompts served as their KV), PEFT through transformers "

@@ -119,6 +119,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
