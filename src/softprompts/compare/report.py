@@ -245,7 +245,7 @@ def _load_warning(machine: dict) -> list[str]:
     load, cpus = machine.get("load_average_1m"), machine.get("cpu_count") or 1
     if load is None or load <= cpus:
         return []
-    return ["", f"**Warning:** the 1-minute load average was {load:.1f} on {cpus} CPUs when the report was written: "
+    return ["", f"**Warning:** the 1-minute load average reached {load:.1f} on {cpus} CPUs during this compare: "
             "other processes shared the machine, so seconds, tokens/s and latencies are inflated and noisy "
             "(compare them within this report only, and rerun on an idle machine for absolute numbers)."]
 

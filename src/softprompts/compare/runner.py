@@ -359,6 +359,7 @@ class Comparison:
                     raise
                 result = {"impl": impl, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
                           "issues": [f"PEFT run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
+            result["load_average_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
             _atomic_json(run_dir / RESULT_FILE, result)
             self.ran.append(name)
             runs.append(result)
@@ -366,6 +367,8 @@ class Comparison:
         results = build_results(self.config, settings, base_result, runs, machine_info(self.base.device),
                                 {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)})
         results["resume"] = {"skipped": self.skipped, "ran": self.ran}
+        loads = [r.get("load_average_1m") for r in runs if r.get("load_average_1m") is not None]
+        results["machine"]["load_average_1m"] = max(loads + [results["machine"]["load_average_1m"] or 0.0])
         _atomic_json(self.out / "results.json", results)
         write_report(results, self.out)
         return results
