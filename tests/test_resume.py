@@ -1,0 +1,77 @@
+"""Kill training with SIGKILL mid-run, resume, and get bitwise the adapter of an uninterrupted run (CPU, same seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny
+
+from softprompts.train import checkpoint_path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model = save_tiny("llama", root / "tiny")
+    rows = [{"text": ("good " if i % 2 else "bad ") + "x" * (i % 7), "label": "pos" if i % 2 else "neg"} for i in range(24)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, model, data
+
+
+def command(model, data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "softprompts", "train", "--model", str(model), "--method", "prefix",
+            "--data", str(data), "--eval-data", str(data), "--template", "Review: {text}\\nSentiment:",
+            "--target", " {label}", "--steps", "16", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2",
+            "--eval-every", "3", "--checkpoint-every", "1", "--virtual-tokens", "3", "--seed", "7", "--out", str(out),
+            "--no-progress", *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_sigkill_then_resume_is_bitwise_identical(setup):
+    root, model, data = setup
+    full = root / "full"
+    subprocess.run(command(model, data, full), check=True, env=env(), capture_output=True)
+
+    killed = root / "killed"
+    ckpt = checkpoint_path(killed)
+    proc = subprocess.Popen(command(model, data, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere in the middle of a later step (or a checkpoint write)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not killed.exists(), "the kill must happen mid-run for this test to mean anything"
+    step = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert 0 < step < 16
+
+    other = command(model, data, killed, "--resume")
+    other[other.index("--lr") + 1] = "5e-2"
+    refused = subprocess.run(other, env=env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "another training configuration" in refused.stderr
+    assert "Traceback" not in refused.stderr and ckpt.exists()
+
+    done = subprocess.run(command(model, data, killed, "--resume"), env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {ckpt} at step" in done.stderr
+    assert not ckpt.exists()
+
+    a, b = load_file(str(full / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "training.json").read_text()) for d in (full, killed))
+    strip = [{k: v for k, v in p.items() if k != "seconds"} for p in ra["curve"]]
+    assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in rb["curve"]]
+    assert ra["best_step"] == rb["best_step"]
+
