@@ -19,8 +19,8 @@ Systems per method (PEFT configs are ``compare.peft_baseline.PEFT_CONFIGS``, wha
 
 Usage::
 
-    python benchmarks/train_speed.py --quick                 # CPU, SmolLM2, batch 2 x 48, 3 reps (~1 min idle CPU)
-    python benchmarks/train_speed.py                         # CPU, SmolLM2, batch 4 x 128 tokens
+    python benchmarks/train_speed.py --quick                 # CPU, SmolLM2, batch 2 x 32, 3 reps (~1 min, idle 2 cores)
+    python benchmarks/train_speed.py                         # CPU, SmolLM2, batch 2 x 64 tokens, 5 reps
     python benchmarks/train_speed.py --device cuda --json    # anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256
 """
 
@@ -271,9 +271,9 @@ def parse_setup(args: argparse.Namespace) -> Setup:
     elif args.device.startswith("cuda"):
         base = Setup("llama-3.2-1b-shape", args.device, "bfloat16", 8, 256, 20, 20)
     elif args.quick:
-        base = Setup("smollm2-135m", args.device, "float32", 2, 48, 20, 3, warmup=1)
+        base = Setup("smollm2-135m", args.device, "float32", 2, 32, 20, 3, warmup=1)
     else:
-        base = Setup("smollm2-135m", args.device, "float32", 4, 128, 20, 9)
+        base = Setup("smollm2-135m", args.device, "float32", 2, 64, 20, 5)
     changes = {k: v for k, v in dict(batch=args.batch, seq=args.seq, reps=args.reps, dtype=args.dtype,
                                        virtual_tokens=args.virtual_tokens).items() if v is not None}
     return Setup(**{**asdict(base), **changes, "checkpointing": args.checkpointing})
@@ -282,7 +282,7 @@ def parse_setup(args: argparse.Namespace) -> Setup:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (SmolLM2) or cuda (random-init Llama-3.2-1B shape, bf16)")
-    parser.add_argument("--quick", action="store_true", help="small CPU configuration (batch 2 x 48 tokens, 3 reps)")
+    parser.add_argument("--quick", action="store_true", help="small CPU configuration (batch 2 x 32 tokens, 3 reps)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (tests)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch", type=int)

@@ -108,9 +108,10 @@ def test_cpu_peak_bytes_measures_live_tensors():
 
 @pytest.mark.slow
 def test_benchmark_tiny_json(tmp_path):
-    """The benchmark's tiny configuration runs every method and prints one JSON object per method."""
+    """The benchmark's tiny bf16 configuration runs every method and prints one JSON object per method."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--tiny", "--reps", "2", "--json", "--checkpointing"],
+        [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--tiny", "--reps", "2", "--json",
+         "--checkpointing", "--dtype", "bfloat16"],  # the --device cuda path (random-init config, bf16), tiny
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
