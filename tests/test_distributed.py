@@ -64,11 +64,26 @@ def _rows(n: int, shift: int) -> list[dict]:
              "label": "neg" if WORDS[(3 * i + shift) % 8] in NEG else "pos"} for i in range(n)]
 
 
+def _stable_tokenizer():
+    """tiny.make_tokenizer's byte-level tokenizer with ids in sorted-character order: ``ByteLevel.alphabet()`` is a
+    set, so its iteration order (and the ids) change with PYTHONHASHSEED; fixed ids keep these runs reproducible."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<pad>": 256, "<eos>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """A tiny llama directory and train/dev JSONL files."""
     root = tmp_path_factory.mktemp("dist")
     save_tiny("llama", root / "model")
+    _stable_tokenizer().save_pretrained(root / "model")
     for name, rows in (("train", _rows(24, 0)), ("dev", _rows(7, 1))):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
