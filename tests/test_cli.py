@@ -1,0 +1,165 @@
+"""The real commands on a tiny model: train -> eval -> generate -> inspect, --init-from, and every bad input
+(exit code 2, one message, no traceback, no partial output directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny
+
+from softprompts.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TEMPLATE = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    llama = save_tiny("llama", root / "llama")
+    qwen = save_tiny("qwen2", root / "qwen2")
+    rows = [{"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5), "label": "pos" if i % 2 else "neg"} for i in range(12)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapter = root / "adapter"
+    rc = main(["train", "--model", str(llama), "--method", "prefix", "--data", str(data), "--eval-data", str(data),
+               *TEMPLATE, "--steps", "3", "--eval-every", "2", "--virtual-tokens", "2", "--out", str(adapter),
+               "--no-progress"])
+    assert rc == 0
+    return {"root": root, "llama": llama, "qwen": qwen, "data": data, "adapter": adapter}
+
+
+def train_args(env, out, data=None, *extra) -> list[str]:
+    return ["train", "--model", str(env["llama"]), "--method", "prompt", "--data", str(data or env["data"]), *TEMPLATE,
+            "--steps", "1", "--virtual-tokens", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def test_train_writes_adapter_and_record(env):
+    adapter = env["adapter"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter.json", "adapter.safetensors", "training.json"]
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert meta["task"]["labels"] == ["neg", "pos"] and meta["task"]["prompt"] == "Review: {text}\nSentiment:"
+    record = json.loads((adapter / "training.json").read_text())
+    assert record["curve"][0]["step"] == 0 and record["base_model_dev"]["n"] == 12
+    assert {"train_seconds", "tokens_per_second"} <= set(record["timings"])
+
+
+def test_eval_generate_inspect(env, capsys):
+    adapter = str(env["adapter"])
+    assert main(["eval", "--adapter", adapter, "--data", str(env["data"]), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
+    assert main(["generate", "--adapter", adapter, "--max-new-tokens", "3", "nice day", "poor"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+    assert main(["inspect", adapter]) == 0
+    out = capsys.readouterr().out
+    assert "prefix" in out and "labels       neg, pos" in out and "best" in out
+
+
+def test_init_from_continues_and_keeps_task(env, tmp_path, capsys):
+    out = tmp_path / "continued"
+    args = ["train", "--method", "prefix", "--data", str(env["data"]), "--steps", "1", "--out", str(out),
+            "--init-from", str(env["adapter"]), "--no-progress"]
+    assert main(args) == 0
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["task"]["labels"] == ["neg", "pos"] and meta["base_model"]["name"] == str(env["llama"])
+    assert meta["num_virtual_tokens"] == 2
+
+
+def bad(env, capsys, args, *needles, out: Path | None = None):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}*")) and not list(out.parent.glob(f"{out.name}.*"))
+    return lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_malformed_json_line(env, tmp_path, capsys):
+    data = write(tmp_path / "bad.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n{"text": oops}\n')
+    bad(env, capsys, train_args(env, tmp_path / "o", data), "bad.jsonl", "line 3", out=tmp_path / "o")
+
+
+def test_template_field_missing(env, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", '{"review": "a", "label": "pos"}\n{"review": "b", "label": "neg"}\n')
+    bad(env, capsys, train_args(env, tmp_path / "o", data), "'text'", "label, review", out=tmp_path / "o")
+
+
+def test_empty_dataset(env, tmp_path, capsys):
+    data = write(tmp_path / "empty.jsonl", "\n")
+    bad(env, capsys, train_args(env, tmp_path / "o", data), "no rows", out=tmp_path / "o")
+
+
+def test_label_outside_labels(env, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": "meh"}\n')
+    bad(env, capsys, train_args(env, tmp_path / "o", data, "--labels", "pos,neg"), "'meh'", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_steps_not_positive(env, tmp_path, capsys, steps):
+    args = train_args(env, tmp_path / "o")
+    args[args.index("--steps") + 1] = steps
+    bad(env, capsys, args, "--steps must be a positive integer", out=tmp_path / "o")
+
+
+def test_unknown_method(env, tmp_path, capsys):
+    args = train_args(env, tmp_path / "o")
+    args[args.index("--method") + 1] = "lora"
+    bad(env, capsys, args, "unknown method 'lora'", out=tmp_path / "o")
+
+
+def test_unknown_model(env, tmp_path, capsys):
+    args = train_args(env, tmp_path / "o")
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    bad(env, capsys, args, "cannot load model", out=tmp_path / "o")
+
+
+def test_existing_output_dir_needs_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    bad(env, capsys, train_args(env, out), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(train_args(env, out, None, "--overwrite")) == 0
+    assert (out / "adapter.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+def test_adapter_for_another_base_model(env, capsys):
+    args = ["eval", "--adapter", str(env["adapter"]), "--data", str(env["data"]), "--model", str(env["qwen"])]
+    bad(env, capsys, args, "adapter was made for base model")
+
+
+def test_truncated_and_corrupted_safetensors(env, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(env["adapter"], broken)
+    weights = broken / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-20])
+    bad(env, capsys, ["eval", "--adapter", str(broken), "--data", str(env["data"])], "truncated or corrupted")
+    weights.write_bytes(b"\x00" * 64)
+    bad(env, capsys, ["generate", "--adapter", str(broken), "hi"], "truncated or corrupted")
+
+
+def test_installed_entry_point(env, tmp_path):
+    """The `softprompts` console script (one subprocess: starting Python + torch is the slow part)."""
+    exe = Path(sys.executable).with_name("softprompts")
+    assert exe.exists(), "install the package (pip install -e .)"
+    done = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "adapter.json is missing" in done.stderr
+    assert "Traceback" not in done.stderr
