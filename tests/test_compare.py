@@ -91,8 +91,9 @@ def test_report_and_plots(compared):
     report = (out / "report.md").read_text()
     winner = results["recommendation"]["winner"]
     assert winner in {"prompt", "prefix"}
-    last = report.strip().splitlines()[-1]
-    assert last.startswith("**Recommendation:") and f"`{winner}`" in last
+    verdict = [line for line in report.splitlines() if line.startswith("**Recommendation:")]
+    assert len(verdict) == 1 and f"`{winner}`" in verdict[0]
+    assert report.index("## Recommendation") > report.index("## Results")
     for needle in ("| no adapter |", "| prompt |", "| peft:prefix |", "Side by side with Hugging Face PEFT",
                    "**Size:**", "**Latency:**", "KV prefix vs soft prompt"):
         assert needle in report, needle

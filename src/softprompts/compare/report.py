@@ -159,6 +159,10 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
     else:
         why = f"it is within noise of `{best}` at {bb / sb:.1f}x smaller"
     lines.append(f"**Recommendation: `{winner}`** — {why}.")
+    if base_q is not None and base_q >= _quality(ours[winner], primary)["mean"]:
+        lines.append(f"**But:** the bare model without any adapter scores {_fmt_metric(base_q, primary)}, at least as "
+                     f"well as `{winner}`: with this budget no method pays off here (train longer, on more data, or "
+                     "check the learning rate before adopting one).")
     return {"text": lines, "winner": winner, "best_quality": best, "smallest": smallest}
 
 
