@@ -23,9 +23,7 @@ VOCAB = 256 + len(SPECIALS)
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per UTF-8 byte, plus <pad> and <eos>."""
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab = dict(sorted(byte_vocab.items(), key=lambda kv: kv[1]))
-    vocab = {ch: i for i, ch in enumerate(vocab)}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # a set: sort for fixed ids
     for i, tok in enumerate(SPECIALS):
         vocab[tok] = 256 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
