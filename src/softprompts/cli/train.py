@@ -78,6 +78,9 @@ def run(args) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
     ).validate()
     out = Path(args.out)
+    if args.resume and (out / "training.json").is_file() and not checkpoint_path(out).is_file():
+        print(f"{out} is already finished (nothing to resume)", file=sys.stderr)
+        return 0
     if out.exists() and not args.overwrite and not (args.resume and checkpoint_path(out).is_file()):
         raise SoftpromptsError(f"{out} already exists; choose another directory or pass --overwrite")
 
