@@ -163,3 +163,13 @@ def test_installed_entry_point(env, tmp_path):
     done = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "adapter.json is missing" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(env, tmp_path, capsys):
+    """The demo's code path (the real one uses SmolLM2 and more steps: `softprompts demo`)."""
+    rc = main(["demo", "--model", str(env["llama"]), "--steps", "1", "--dev-limit", "4", "--test-limit", "6",
+               "--out", str(tmp_path / "demo")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "none (bare model)" in out and "prompt" in out and "prefix" in out and "ms/token" in out
+    assert (tmp_path / "demo" / "prefix" / "adapter.safetensors").exists()
