@@ -27,6 +27,11 @@ def _label(impl: str, method: str) -> str:
     return method if impl == "softprompts" else f"peft:{method}"
 
 
+def _overhead(run: dict, key: str) -> float | None:
+    bare = run.get("latency_bare")
+    return run["latency"][key] - bare[key] if bare else None
+
+
 def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
     """Per ``method`` / ``peft:method``: mean ± std over seeds of every measured number."""
     groups: dict[str, list[dict]] = {}
@@ -50,6 +55,9 @@ def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
             "peak_memory_bytes": _stats([r["peak_memory_bytes"] for r in ok]),
             "ttft_ms": _stats([r["latency"]["ttft_ms"] for r in ok]),
             "per_token_ms": _stats([r["latency"]["per_token_ms"] for r in ok]),
+            # adapter cost: minus the bare model timed right beside it in the same run (robust to load drift)
+            "ttft_overhead_ms": _stats([_overhead(r, "ttft_ms") for r in ok]),
+            "per_token_overhead_ms": _stats([_overhead(r, "per_token_ms") for r in ok]),
             "latency_via": first.get("latency_via", "softprompts decode loop"),
             "issues": sorted({i for r in rs for i in r.get("issues", [])}),
         }
@@ -136,13 +144,12 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
         noise, _ = _noise(qb, qsm, primary, test_n)
         if noise is not None and (qb["mean"] - qsm["mean"]) <= noise:
             winner = smallest
-    base_lat = base.get("latency") or {}
     lat = ours[best]
-    if base_lat and lat["ttft_ms"]:
+    if lat["ttft_ms"] and lat.get("ttft_overhead_ms"):
         lines.append(
             f"**Latency:** with `{best}` the first token takes {lat['ttft_ms']['mean']:.1f} ms "
-            f"({lat['ttft_ms']['mean'] - base_lat['ttft_ms']:+.1f} ms vs no adapter) and each further token "
-            f"{lat['per_token_ms']['mean']:.1f} ms ({lat['per_token_ms']['mean'] - base_lat['per_token_ms']:+.1f} ms)."
+            f"({lat['ttft_overhead_ms']['mean']:+.1f} ms vs the bare model timed beside it) and each further token "
+            f"{lat['per_token_ms']['mean']:.1f} ms ({lat['per_token_overhead_ms']['mean']:+.1f} ms)."
         )
     kinds = _by_artifact(ours, primary)
     if len(kinds) == 2:
@@ -151,8 +158,7 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
         lines.append(
             f"**KV prefix vs soft prompt** (best of each): `{kp}` vs `{ks}`: {dq:+.1f}{unit} quality, "
             f"{(p['adapter_bytes'] or 0) / max(s['adapter_bytes'] or 1, 1):.1f}x the size, "
-            f"{p['ttft_ms']['mean'] - s['ttft_ms']['mean']:+.1f} ms first token, "
-            f"{p['per_token_ms']['mean'] - s['per_token_ms']['mean']:+.1f} ms per token."
+            f"{_delta(p, s, 'ttft')} ms first token, {_delta(p, s, 'per_token')} ms per token (adapter overheads)."
         )
     if winner == best:
         why = "it has the best quality" + (" (though not by more than the noise)" if tie else "")
@@ -164,6 +170,14 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
                      f"well as `{winner}`: with this budget no method pays off here (train longer, on more data, or "
                      "check the learning rate before adopting one).")
     return {"text": lines, "winner": winner, "best_quality": best, "smallest": smallest}
+
+
+def _delta(a: dict, b: dict, key: str) -> str:
+    """Difference of the two adapters' latency overheads over the bare model (or raw latencies without them)."""
+    oa, ob = a.get(f"{key}_overhead_ms"), b.get(f"{key}_overhead_ms")
+    if oa and ob:
+        return f"{oa['mean'] - ob['mean']:+.1f}"
+    return f"{a[f'{key}_ms']['mean'] - b[f'{key}_ms']['mean']:+.1f}"
 
 
 def _by_artifact(ours: dict[str, dict], primary: str) -> dict[str, tuple[str, dict]]:
@@ -219,12 +233,12 @@ def _table(results: dict) -> list[str]:
     metrics = sorted({k for m in results["methods"].values() for k in m["test"]})
     head = (["method", "trainable params", "adapter params", "adapter bytes", f"best dev {primary}"]
             + [f"test {k}" for k in metrics]
-            + ["train s", "tokens/s", "peak mem", "TTFT ms", "ms/token"])
+            + ["train s", "tokens/s", "peak mem", "TTFT ms", "ms/token", "+TTFT ms", "+ms/token"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results["base_model"]
     base_row = ["no adapter", "0", "0", "0", _fmt_metric((base.get("dev") or {}).get(primary), primary)]
     base_row += [_fmt_metric((base.get("test") or {}).get(k), k) for k in metrics]
-    base_row += ["", "", "", f"{base['latency']['ttft_ms']:.1f}", f"{base['latency']['per_token_ms']:.1f}"]
+    base_row += ["", "", "", f"{base['latency']['ttft_ms']:.1f}", f"{base['latency']['per_token_ms']:.1f}", "0", "0"]
     rows.append("| " + " | ".join(base_row) + " |")
     for label, m in results["methods"].items():
         if m["failed"] == m["seeds"]:
@@ -239,7 +253,8 @@ def _table(results: dict) -> list[str]:
         row += [_fmt_stat(m["test"].get(k), k) for k in metrics]
         row += [mean("train_seconds"), mean("tokens_per_second", "{:.0f}"),
                 _bytes(m["peak_memory_bytes"]["mean"]) if m["peak_memory_bytes"] else "n/a",
-                mean("ttft_ms"), mean("per_token_ms")]
+                mean("ttft_ms"), mean("per_token_ms"), mean("ttft_overhead_ms", "{:+.1f}"),
+                mean("per_token_overhead_ms", "{:+.1f}")]
         rows.append("| " + " | ".join(row) + " |")
     return rows
 
@@ -271,7 +286,8 @@ def render_report(results: dict, plots: list[str]) -> str:
         f"{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
         f"peft {m.get('peft')}; commit {m.get('commit')}.", *_load_warning(m), "",
         "## Results", "",
-        f"Metrics are mean ± std over seeds; accuracy/F1 in %. Latency: batch 1, median of repeats, "
+        f"Metrics are mean ± std over seeds; accuracy/F1 in %. Latency: batch 1, median of repeats; +TTFT and "
+        f"+ms/token are the adapter's cost over the bare model timed right beside it in the same run; "
         f"ours through the softprompts decode loop (soft prompts served as their KV), PEFT through transformers "
         f"`generate` (bare model through `generate`: TTFT {results['base_model'].get('latency_hf', {}).get('ttft_ms', float('nan')):.1f} ms, "
         f"{results['base_model'].get('latency_hf', {}).get('per_token_ms', float('nan')):.1f} ms/token). "

@@ -266,6 +266,7 @@ class Comparison:
         test = evaluate(self.base, adapter, self.test, self.data.spec) if self.test else {}
         peak = peak_memory_bytes(self.base.device)
         metric = record["metric"].removeprefix("dev_")
+        bare = self._latency(None)  # timed next to the adapter: the difference survives a drifting machine load
         latency = self._latency(serving_artifact(self.base, adapter))
         latency_input = self._latency(adapter.artifact) if adapter.artifact.kind == "soft_prompt" else None
         return {
@@ -277,7 +278,7 @@ class Comparison:
             "train_seconds": record["timings"]["train_seconds"],
             "tokens_per_second": record["timings"]["tokens_per_second"],
             "peak_memory_bytes": peak, "memory_measure": measure,
-            "latency": latency, "latency_soft_prompt_at_input": latency_input,
+            "latency": latency, "latency_bare": bare, "latency_soft_prompt_at_input": latency_input,
             "curve": record["curve"], "issues": [], "wall_seconds": round(time.perf_counter() - started, 1),
         }
 
@@ -305,6 +306,8 @@ class Comparison:
             bar.close()
         peak = peak_memory_bytes(self.base.device)
         prompt = (self.test or self.dev or self.data.train)[0].prompt
+        bare = measure_hf_latency(self.base.model, self.base.tokenizer, prompt, self.config.latency_tokens,
+                                  self.config.latency_repeats).to_json()
         latency = measure_hf_latency(res.model, self.base.tokenizer, prompt, self.config.latency_tokens,
                                      self.config.latency_repeats).to_json()
         release(res)
@@ -314,7 +317,8 @@ class Comparison:
             "adapter_bytes": res.saved_bytes, "best_dev": {primary: res.best_dev.get(primary)},
             "best_step": res.best_step, "test": res.test, "train_seconds": round(res.train_seconds, 3),
             "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_bytes": peak,
-            "memory_measure": measure, "latency": latency, "latency_via": "transformers generate",
+            "memory_measure": measure, "latency": latency, "latency_bare": bare,
+            "latency_via": "transformers generate",
             "curve": res.curve, "issues": res.issues, "wall_seconds": round(time.perf_counter() - started, 1),
         }
 
