@@ -140,8 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--virtual-tokens", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="32 examples, prompt and deep only")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.examples, args.methods = 32, "prompt,deep"
     from softprompts import load_base
