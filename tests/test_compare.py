@@ -122,3 +122,39 @@ def test_other_settings_refused(compared):
     out, args = compared
     changed = [a if a != "4" else "5" for a in args]  # --steps 5 ...
     assert main(changed) == 2
+
+
+def test_peft_missing_is_one_clear_error(monkeypatch):
+    import sys
+
+    from softprompts.compare.peft_baseline import PeftMissingError, import_peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` fail like an absent package
+    with pytest.raises(PeftMissingError, match=r"pip install 'softprompts\[peft\]'"):
+        import_peft()
+
+
+def _entry(method: str, artifact: str, accs: list[float], size: int, ttft: float = 10.0) -> dict:
+    from softprompts.compare.report import _stats
+
+    return {"impl": "softprompts", "method": method, "artifact": artifact, "adapter_bytes": size,
+            "test": {"accuracy": _stats(accs)}, "best_dev": _stats(accs), "ttft_ms": _stats([ttft]),
+            "per_token_ms": _stats([1.0]), "ttft_overhead_ms": _stats([ttft - 5]), "per_token_overhead_ms": _stats([0.1])}
+
+
+def test_recommendation_follows_the_numbers():
+    from softprompts.compare.report import recommend
+
+    base = {"test": {"accuracy": 0.70, "n": 500}}
+    clear = {"prompt": _entry("prompt", "soft_prompt", [0.80, 0.81, 0.79], 1000),
+             "prefix": _entry("prefix", "kv_prefix", [0.90, 0.91, 0.89], 10000, ttft=12.0)}
+    rec = recommend(clear, base, "accuracy", 500)
+    text = "\n".join(rec["text"])
+    assert rec["winner"] == "prefix" and "10.0 points" in text and "a real difference" in text
+    assert "10.0x smaller" in text and "+10.0 points quality" in text and "+2.0 ms first token" in text
+    tie = {"prompt": _entry("prompt", "soft_prompt", [0.80, 0.85, 0.75], 1000),
+           "prefix": _entry("prefix", "kv_prefix", [0.81, 0.86, 0.76], 10000)}
+    rec = recommend(tie, base, "accuracy", 500)
+    assert rec["winner"] == "prompt" and "a tie on this data" in "\n".join(rec["text"])
+    worse = {"prompt": _entry("prompt", "soft_prompt", [0.60], 1000)}
+    assert "**But:**" in "\n".join(recommend(worse, base, "accuracy", 500)["text"])
