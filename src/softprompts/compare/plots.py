@@ -50,7 +50,8 @@ def learning_curves(results: dict, path: Path) -> None:
     for col, x in enumerate(("steps", "training seconds")):
         axes[0, col].set(xlabel=x, ylabel=f"dev {primary}", title=f"dev {primary} vs {x}")
         axes[1, col].set(xlabel=x, ylabel="training loss (smoothed)", title=f"loss vs {x}")
-    axes[0, 0].legend(fontsize=7)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -74,7 +75,8 @@ def quality_vs_size(results: dict, path: Path) -> None:
         ax.axhline(base * scale, color="gray", ls=":", label="no adapter")
     ax.set_xscale("log")
     ax.set(xlabel="saved adapter size (bytes, log)", ylabel=primary, title=f"{primary} vs adapter size")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

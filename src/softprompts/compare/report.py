@@ -104,7 +104,10 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
     """The recommendation, as sentences and as structured fields, from our methods' numbers."""
     ours = {k: v for k, v in methods.items() if v["impl"] == "softprompts" and _quality(v, primary)}
     if not ours:
-        return {"text": ["No run of ours finished; nothing to recommend."], "winner": None}
+        finished = any(v["impl"] == "softprompts" and v["failed"] < v["seeds"] for v in methods.values())
+        why = ("no quality was measured: give --eval-data and/or --test-data (or --dataset)" if finished
+               else "no run of ours finished")
+        return {"text": [f"No recommendation: {why}."], "winner": None}
     scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
     ranked = sorted(ours, key=lambda k: _quality(ours[k], primary)["mean"], reverse=True)
     best, lines = ranked[0], []
