@@ -119,6 +119,13 @@ def test_steps_not_positive(env, tmp_path, capsys, steps):
     bad(env, capsys, args, "--steps must be a positive integer", out=tmp_path / "o")
 
 
+def test_gradient_checkpointing_flag_and_bf16_refused_on_cpu(env, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(train_args(env, out, None, "--gradient-checkpointing")) == 0
+    assert json.loads((out / "training.json").read_text())["train_config"]["gradient_checkpointing"] is True
+    bad(env, capsys, train_args(env, tmp_path / "o", None, "--bf16"), "--bf16", "CUDA", out=tmp_path / "o")
+
+
 def test_unknown_method(env, tmp_path, capsys):
     args = train_args(env, tmp_path / "o")
     args[args.index("--method") + 1] = "lora"

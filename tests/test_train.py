@@ -7,6 +7,7 @@ import torch
 from tiny import tiny_base
 
 from softprompts.data.datasets import Example
+from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate, label_scores, macro_f1
 from softprompts.methods import create_method
 from softprompts.model.inject import forward
@@ -165,3 +166,22 @@ def test_generate_task_metrics(llama):
     method = create_method(llama, "deep", num_virtual_tokens=2, seed=0)
     record = train(llama, method, ex, spec, quiet(steps=2, lr=1e-2, batch_size=2), dev_examples=ex).record
     assert record["metric"] == "dev_chrf" and record["best_dev"] is not None
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_gradient_checkpointing_trains_the_same(llama, name):
+    """``gradient_checkpointing`` changes memory/time only: the same parameters after a few steps."""
+    results = []
+    for ckpt in (False, True):
+        method = create_method(llama, name, num_virtual_tokens=3, seed=0)
+        config = quiet(steps=2, lr=1e-2, batch_size=4, grad_accum=2, gradient_checkpointing=ckpt)
+        train(llama, method, examples(8), SPEC, config)
+        results.append(params(method))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_needs_cuda(llama):
+    method = create_method(llama, "prompt", num_virtual_tokens=2, seed=0)
+    with pytest.raises(SoftpromptsError, match="needs a CUDA device"):
+        train(llama, method, examples(4), SPEC, quiet(steps=1, autocast_bf16=True))

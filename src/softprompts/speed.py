@@ -1,6 +1,6 @@
 """Training-step speed and memory helpers: the optimizer-step core, gradient checkpointing, peak-memory probes.
 
-The step (the same math as ``train.py``; see its docstring)::
+The step (``train.py``'s optimizer step calls ``accumulate_step``; see its docstring for the math)::
 
     A  = method()                       # once per optimizer step: prefix MLP / P-tuning encoder run once
     A' = detach(A) as leaves            # every micro-batch backprops into A' only

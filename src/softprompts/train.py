@@ -11,7 +11,9 @@ micro-batches per rank)::
 
 so accumulation and data parallelism give exactly the gradient of one big batch with the token-mean loss
 ``sum_G token losses / N``. (DDP averages gradients over ranks; ``A'.grad`` is scaled by the world size to undo it.)
-The LM head runs only at label positions (``logits_positions``); batches group examples of similar length.
+The LM head runs only at label positions (``logits_positions``); batches group examples of similar length. The step
+itself is ``speed.accumulate_step`` (also what the benchmark times), optionally under bf16 autocast
+(``autocast_bf16``, CUDA only) and with decoder-layer gradient checkpointing (``gradient_checkpointing``).
 
 Evaluation on dev runs at step 0 (so the kept adapter is never worse on dev than its init) and every ``eval_every``
 steps; the best adapter is kept and training stops early after ``patience`` evaluations without improvement.
@@ -40,7 +42,7 @@ from softprompts.distributed import Distributed
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import PRIMARY_METRIC, evaluate
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.inject import forward
+from softprompts.speed import accumulate_step
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
 
 RECORD_FILE = "training.json"
@@ -52,7 +54,10 @@ class TrainConfig:
     """steps: optimizer steps. batch_size: examples per step (global, over all ranks and micro-batches).
     grad_accum: micro-batches per step per rank. warmup_ratio: fraction of steps with linear warmup, then
     ``schedule`` decays to 0. eval_every / checkpoint_every: in steps (0 = only at the end). patience: evaluations
-    without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only."""
+    without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only.
+    gradient_checkpointing: recompute the base's decoder layers in the backward pass (less activation memory, more
+    time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
+    only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one)."""
 
     steps: int = 100
     lr: float = 3e-2
@@ -69,6 +74,8 @@ class TrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     progress: bool = True
+    gradient_checkpointing: bool = False
+    autocast_bf16: bool = False
 
     def errors(self) -> list[str]:
         problems = []
@@ -154,6 +161,12 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resumable(config: dict) -> dict:
+    """The configuration a resume must match: checkpoints from before an option existed hold its default, and
+    gradient checkpointing (same gradients, only memory/time) may be switched either way."""
+    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None}
+
+
 def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
     """Dev metrics; ranks evaluate disjoint shards and combine their outputs (identical metrics on every rank)."""
     from softprompts.evaluate import score_outputs
@@ -185,6 +198,8 @@ def train(
     main rank; ``resume`` continues from that checkpoint.
     """
     config.validate()
+    if config.autocast_bf16 and base.device.type != "cuda":
+        raise SoftpromptsError(f"--bf16 (bf16 autocast) needs a CUDA device; the base model is on {base.device}")
     dist = dist or Distributed()
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt = checkpoint_path(out_dir) if out_dir is not None else None
@@ -249,7 +264,7 @@ def train(
         saved = dist.broadcast_object(  # our own file: RNG states are not tensors
             torch.load(ckpt, map_location="cpu", weights_only=False) if dist.is_main else None
         )
-        if saved["config"] != asdict(config):
+        if _resumable(saved["config"]) != _resumable(asdict(config)):
             raise SoftpromptsError(f"{ckpt} was written with another training configuration; resume with the same flags")
         method.load_state_dict(saved["method"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -277,24 +292,13 @@ def train(
         count = torch.tensor([float(sum(len(e.target_ids) for e in mine))])
         n_tokens = dist.all_reduce_sum(count).item()  # N: target tokens in the whole global batch
 
-        artifact = model()  # once per step, differentiable
-        tensors = artifact.tensors()
-        leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
-        leaf_artifact = artifact_from_tensors(kind, leaves)
-        loss_sum, step_tokens = 0.0, 0
-        for rows in micro:
-            batch = collate(rows, pad_id, base.device)
-            logits = forward(base, leaf_artifact, batch.input_ids, batch.attention_mask,
-                             logits_positions=batch.positions).logits  # [B, L, V]
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
-            )
-            (token_loss / n_tokens).backward()
-            loss_sum += token_loss.item()
-            step_tokens += int(batch.attention_mask.sum())
-        scale = float(dist.world_size)  # DDP averages over ranks; we want the sum
-        grads = [leaves[k].grad * scale if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in tensors]
-        torch.autograd.backward(list(tensors.values()), grads)
+        batches = [collate(rows, pad_id, base.device) for rows in micro]
+        step_tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
+        loss_sum = accumulate_step(  # DDP averages over ranks; grad_scale=world size gives the sum
+            base, model, kind, batches, n_tokens, grad_scale=float(dist.world_size),
+            autocast_dtype=torch.bfloat16 if config.autocast_bf16 else None,
+            checkpoint_layers=config.gradient_checkpointing,
+        )
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(method.parameters(), config.max_grad_norm)
         optimizer.step()

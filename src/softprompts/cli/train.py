@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--init-from", default=None, help="continue training a saved adapter directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the base's decoder layers in "
+                   "the backward pass: less activation memory, more time, same gradients (every method)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward passes (CUDA only; "
+                   "for an fp32 base model)")
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     p.set_defaults(func=run)
@@ -76,6 +80,7 @@ def run(args) -> int:
         grad_accum=args.grad_accum, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+        gradient_checkpointing=args.gradient_checkpointing, autocast_bf16=args.bf16,
     ).validate()
     out = Path(args.out)
     if args.resume and (out / "training.json").is_file() and not checkpoint_path(out).is_file():
