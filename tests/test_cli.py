@@ -180,3 +180,39 @@ def test_demo_runs_end_to_end_on_a_tiny_model(env, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "none (bare model)" in out and "prompt" in out and "prefix" in out and "ms/token" in out
     assert (tmp_path / "demo" / "prefix" / "adapter.safetensors").exists()
+
+
+def test_table_references_and_multi_task_eval(env, tmp_path, capsys):
+    """eval/generate/inspect take TABLE#NAME; ``eval --table`` runs several tasks in shared batches with the
+    metrics each gets alone."""
+    other = tmp_path / "other"
+    data = env["data"]
+    assert main(["train", "--model", str(env["llama"]), "--method", "prompt", "--data", str(data), "--template",
+                 "Text: {text}\\nLabel:", "--target", " {label}", "--labels", "pos,neg", "--steps", "2",
+                 "--virtual-tokens", "3", "--out", str(other), "--no-progress"]) == 0
+    table = str(tmp_path / "table")
+    for name, adapter in (("sent", env["adapter"]), ("other", other)):
+        assert main(["table", "add", table, "--name", name, "--adapter", str(adapter)]) == 0
+    capsys.readouterr()
+
+    def metrics(*args):
+        assert main(["eval", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    alone = {}
+    for name, adapter in (("sent", env["adapter"]), ("other", other)):
+        alone[name] = metrics("--adapter", str(adapter), "--data", str(data))
+        assert metrics("--adapter", f"{table}#{name}", "--data", str(data)) == alone[name]
+        assert metrics("--adapter", f"table:{name}", "--table", table, "--data", str(data)) == alone[name]
+    together = metrics("--table", table, "--data", f"sent={data}", "--data", f"other={data}", "--batch-size", "5")
+    assert together == alone
+
+    assert main(["generate", "--adapter", f"{table}#sent", "--max-new-tokens", "3", "nice day"]) == 0
+    from_table = capsys.readouterr().out
+    assert main(["generate", "--adapter", str(env["adapter"]), "--max-new-tokens", "3", "nice day"]) == 0
+    assert capsys.readouterr().out == from_table
+    assert main(["inspect", f"{table}#other"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt (soft_prompt, 3 virtual tokens)" in out and "labels       pos, neg" in out
+    bad(env, capsys, ["eval", "--table", table, "--data", str(data)], "NAME=FILE")
+    bad(env, capsys, ["eval", "--table", table, "--data", f"nope={data}"], "no task 'nope'")

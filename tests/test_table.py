@@ -245,3 +245,39 @@ def test_cli(tmp_path, capsys):
     sp.save_adapter(make_adapter(sp.load_base(str(model_dir)), "prompt", 3), tmp_path / "gpt2-adapter")
     assert main(["table", "add", t, "--name", "g", "--adapter", str(tmp_path / "gpt2-adapter")]) == 2
     assert "made for base model" in capsys.readouterr().err
+
+
+def test_evaluate_tasks_mixes_rows_and_equals_each_task_alone(tmp_path):
+    """``evaluate_tasks``: classify tasks (one-token and multi-token label sets) and a generation task share batches;
+    each task's scores, outputs and metrics equal those it gets alone."""
+    from softprompts.data.datasets import Example
+    from softprompts.evaluate import evaluate, evaluate_tasks, label_scores, row_label_scores
+    from softprompts.tasks import TaskSpec
+
+    base = llama()
+    table, _ = filled_table(base, tmp_path / "t")
+    table.attach(base)
+    one = TaskSpec("classify", "{text} is", " {label}", ["a", "b"])
+    multi = TaskSpec("classify", "{text} means", " {label}", ["very good indeed", "bad", "so so"])
+    gen = TaskSpec("generate", "{text}:", " {label}", None, max_target_tokens=3)
+    texts = ["good film", "hello there", "x", "sports news today", "why?", "bad"]
+
+    def rows(spec, labels):
+        return [Example(spec.template.render_prompt({"text": t}), f" {labels[i % len(labels)]}",
+                        labels[i % len(labels)] if spec.labels else None) for i, t in enumerate(texts)]
+
+    tasks = [(table.artifact("sentiment"), rows(one, one.labels), one),
+             (table.artifact("translate"), rows(multi, multi.labels)[:4], multi),
+             (None, rows(multi, multi.labels)[2:], multi),
+             (table.artifact("topic"), rows(gen, ["yes", "no"]), gen)]
+    together = evaluate_tasks(base, tasks, batch_size=4, return_outputs=True)
+    for (artifact, examples, spec), result in zip(tasks, together, strict=True):
+        assert result == evaluate(base, artifact, examples, spec, batch_size=4, return_outputs=True)
+
+    prompts = [base.tokenize(t) for t in texts]
+    verbal = [base.tokenize(f" {c}") for c in multi.labels]
+    artifacts = [table.artifact(n) for n in ("sentiment", "translate", "qa", "topic", "sentiment", "qa")]
+    mixed = row_label_scores(base, artifacts, prompts, [verbal] * len(prompts), batch_size=4)
+    for i, artifact in enumerate(artifacts):
+        torch.testing.assert_close(mixed[i], label_scores(base, artifact, prompts[i : i + 1], verbal)[0],
+                                   atol=ATOL, rtol=1e-4)

@@ -22,7 +22,7 @@ import torch
 from softprompts.data.datasets import Example
 from softprompts.model.artifacts import Artifact, SoftPrompt
 from softprompts.model.decode import GREEDY, Sampling, generate_ids
-from softprompts.model.inject import forward
+from softprompts.model.inject import VirtualContext, forward
 from softprompts.tasks import Encoded, TaskSpec, collate, length_sorted_chunks, truncate_prompt
 
 PRIMARY_METRIC = {"classify": "accuracy", "generate": "chrf"}
@@ -42,31 +42,62 @@ def _pad_id(base) -> int:
     return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
 
 
+def _row_artifacts(base, artifact):
+    """``serving_artifact`` of a shared artifact, or of each entry of a per-row list (each distinct one once)."""
+    if not isinstance(artifact, list):
+        return serving_artifact(base, artifact)
+    done: dict[int, Artifact | None] = {}
+    for a in artifact:
+        if id(a) not in done:
+            done[id(a)] = serving_artifact(base, a)
+    return [done[id(a)] for a in artifact]
+
+
+def _context(artifacts, rows: list[int]):
+    """What ``forward`` takes for batch ``rows``: the shared artifact, or the rows' own ones as a ``VirtualContext``."""
+    return VirtualContext.from_rows([artifacts[i] for i in rows]) if isinstance(artifacts, list) else artifacts
+
+
 @torch.no_grad()
 def label_scores(base, artifact, prompts: list[list[int]], verbalizations: list[list[int]], batch_size: int = 16):
-    """``[N, C]`` sum of log-probabilities of each label's tokens after each prompt."""
-    artifact = serving_artifact(base, artifact)
-    scores = torch.zeros(len(prompts), len(verbalizations))
+    """``[N, C]`` sum of log-probabilities of each label's tokens after each prompt. ``artifact``: one for every
+    prompt, or a list with one per prompt."""
+    if not prompts:
+        return torch.zeros(0, len(verbalizations))
+    return torch.stack(row_label_scores(base, artifact, prompts, [verbalizations] * len(prompts), batch_size))
+
+
+@torch.no_grad()
+def row_label_scores(
+    base, artifact, prompts: list[list[int]], verbalizations: list[list[list[int]]], batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Per prompt ``i`` a ``[C_i]`` tensor: the log-probability of each of ``verbalizations[i]`` (its own label set)
+    after ``prompts[i]``. ``artifact``: shared, or one per prompt, so rows of different tasks share batches."""
+    artifacts = _row_artifacts(base, artifact)
+    scores = [torch.zeros(len(v)) for v in verbalizations]
     pad = _pad_id(base)
-    if all(len(v) == 1 for v in verbalizations):  # one forward per example scores every label
-        firsts = torch.tensor([v[0] for v in verbalizations])
+    if all(len(t) == 1 for v in verbalizations for t in v):  # one forward per example scores every label
         for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
             batch = collate([Encoded(prompts[i][:-1], prompts[i][-1:]) for i in chunk], pad, base.device)
             last = batch.positions[-1:] + 1  # the final column: logits after the whole prompt
-            logits = forward(base, artifact, batch.input_ids, batch.attention_mask, logits_positions=last).logits
-            scores[chunk] = logits[:, -1].float().log_softmax(-1).cpu()[:, firsts]
+            logits = forward(base, _context(artifacts, chunk), batch.input_ids, batch.attention_mask,
+                             logits_positions=last).logits
+            logp = logits[:, -1].float().log_softmax(-1).cpu()  # [B, V]
+            for row, i in enumerate(chunk):
+                scores[i] = logp[row, [t[0] for t in verbalizations[i]]]
         return scores
-    pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations))]
-    rows = [Encoded(prompts[i], verbalizations[c]) for i, c in pairs]
+    pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations[i]))]
+    rows = [Encoded(prompts[i], verbalizations[i][c]) for i, c in pairs]
     for chunk in length_sorted_chunks([r.length for r in rows], batch_size):
         batch = collate([rows[k] for k in chunk], pad, base.device)
-        logits = forward(base, artifact, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
+        ctx = _context(artifacts, [pairs[k][0] for k in chunk])
+        logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
         logp = logits.float().log_softmax(-1)  # [B, L, V]
         labels = batch.labels
         token_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
         for k, total in zip(chunk, token_lp.sum(1).cpu().tolist(), strict=True):
             i, c = pairs[k]
-            scores[i, c] = total
+            scores[i][c] = total
     return scores
 
 
@@ -96,14 +127,19 @@ def generate_texts(
     base, artifact, prompts: list[str], spec: TaskSpec | None = None, max_new_tokens: int = 32,
     sampling: Sampling = GREEDY, batch_size: int = 16,
 ) -> list[str]:
-    """Decoded continuations of already-rendered prompts, in input order."""
-    artifact = serving_artifact(base, artifact)
+    """Decoded continuations of already-rendered prompts, in input order. ``artifact``: shared or one per prompt."""
     ids = [base.tokenize(p) for p in prompts]
     if spec is not None:
         ids = [truncate_prompt(i, spec) for i in ids]
-    out: list[str] = [""] * len(prompts)
+    return _generate_rows(base, _row_artifacts(base, artifact), ids, max_new_tokens, sampling, batch_size)
+
+
+def _generate_rows(base, artifacts, ids: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                   batch_size: int) -> list[str]:
+    out: list[str] = [""] * len(ids)
     for chunk in length_sorted_chunks([len(i) for i in ids], batch_size):
-        new = generate_ids(base, [ids[i] for i in chunk], artifact, max_new_tokens=max_new_tokens, sampling=sampling)
+        rows = [artifacts[i] for i in chunk] if isinstance(artifacts, list) else artifacts
+        new = generate_ids(base, [ids[i] for i in chunk], rows, max_new_tokens=max_new_tokens, sampling=sampling)
         for i, tokens in zip(chunk, new, strict=True):
             out[i] = base.tokenizer.decode(tokens, skip_special_tokens=True)
     return out
@@ -140,6 +176,47 @@ def evaluate(
     if return_outputs:
         result["outputs"] = pred
     return result
+
+
+def evaluate_tasks(
+    base, tasks: list[tuple], batch_size: int = 16, max_new_tokens: int | None = None, return_outputs: bool = False,
+) -> list[dict]:
+    """Several tasks evaluated together: ``tasks`` is a list of ``(adapter, examples, spec)`` (adapter as in
+    ``evaluate``). Rows of different tasks share batches, one artifact per row (a ``VirtualContext``, what
+    ``PromptTable.context`` builds); each task's metrics equal ``evaluate`` on it alone. Generation tasks share
+    batches with the tasks that have the same decoding limit."""
+    artifacts = _row_artifacts(base, [adapter for adapter, examples, _ in tasks for _ in examples])
+    owner = [k for k, (_, examples, _) in enumerate(tasks) for _ in examples]
+    flat = [(ex, spec) for _, examples, spec in tasks for ex in examples]
+    prompts = [truncate_prompt(base.tokenize(ex.prompt), spec) for ex, spec in flat]
+    outputs: list[str | None] = [None] * len(flat)
+    classify_rows = [i for i, (_, spec) in enumerate(flat) if spec.task == "classify"]
+    if classify_rows:
+        from softprompts.data.datasets import label_targets
+
+        verbal = {k: [base.tokenize(t) for t in label_targets(spec.template, spec.labels)]
+                  for k, (_, _, spec) in enumerate(tasks) if spec.task == "classify"}
+        scores = row_label_scores(base, [artifacts[i] for i in classify_rows], [prompts[i] for i in classify_rows],
+                                  [verbal[owner[i]] for i in classify_rows], batch_size)
+        for i, row in zip(classify_rows, scores, strict=True):
+            outputs[i] = flat[i][1].labels[int(row.argmax())]
+    limits: dict[int, list[int]] = {}
+    for i, (_, spec) in enumerate(flat):
+        if spec.task != "classify":
+            limits.setdefault(max_new_tokens or spec.max_target_tokens, []).append(i)
+    for limit, rows in limits.items():
+        texts = _generate_rows(base, [artifacts[i] for i in rows], [prompts[i] for i in rows], limit, GREEDY,
+                               batch_size)
+        for i, text in zip(rows, texts, strict=True):
+            outputs[i] = text
+    results = []
+    for k, (_, examples, spec) in enumerate(tasks):
+        mine = [outputs[i] for i in range(len(flat)) if owner[i] == k]
+        result = score_outputs(spec, examples, mine)
+        if return_outputs:
+            result["outputs"] = mine
+        results.append(result)
+    return results
 
 
 def score_outputs(spec: TaskSpec, examples: list[Example], outputs: list[str]) -> dict:

@@ -14,7 +14,8 @@ from softprompts.errors import SoftpromptsError
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with an adapter", description=__doc__)
-    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--adapter", required=True, help="adapter directory, TABLE_DIR#NAME, or table:NAME with --table")
+    p.add_argument("--table", default=None, help="prompt table directory for --adapter table:NAME")
     p.add_argument("--model", default=None, help="base model (default: the adapter's own base model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -51,7 +52,7 @@ def run(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if sampling.errors() or args.max_new_tokens < 1:
         raise SoftpromptsError("; ".join(sampling.errors() + (["--max-new-tokens must be >= 1"] if args.max_new_tokens < 1 else [])))
-    adapter, base, spec = load_adapter_and_base(args.adapter, args.model)
+    adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
     prompts = [render(spec, t, args.raw) for t in args.text]
     for out in generate_texts(base, adapter, prompts, spec, args.max_new_tokens, sampling):
         print(out)

@@ -1,4 +1,7 @@
-"""``softprompts inspect DIR``: what an adapter is (method, base, sizes, template, labels, training summary)."""
+"""``softprompts inspect DIR``: what an adapter is (method, base, sizes, template, labels, training summary).
+
+DIR may also be a prompt-table task, ``TABLE_DIR#NAME`` (or ``table:NAME`` with ``--table``): its stored metadata
+(a table keeps no training record)."""
 
 from __future__ import annotations
 
@@ -8,16 +11,22 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="describe a saved adapter", description=__doc__)
-    p.add_argument("adapter", metavar="DIR")
+    p.add_argument("adapter", metavar="DIR", help="adapter directory, TABLE_DIR#NAME, or table:NAME with --table")
+    p.add_argument("--table", default=None, help="prompt table directory for table:NAME")
     p.add_argument("--json", action="store_true", help="print adapter.json and the training record as JSON")
     p.set_defaults(func=run)
 
 
-def summary(directory: str | Path) -> dict:
-    """Metadata of an adapter directory plus its training record (if any); reads no tensors and no model."""
+def summary(directory: str | Path, table: str | Path | None = None) -> dict:
+    """Metadata of an adapter directory plus its training record (if any); reads no tensors and no model. A
+    prompt-table reference (``TABLE_DIR#NAME``, ``table:NAME``) gives the task's metadata, no record."""
     from softprompts.adapter_io import WEIGHTS_FILE, read_metadata
+    from softprompts.table import TABLE_REF, resolve_adapter
     from softprompts.train import RECORD_FILE
 
+    if not Path(directory).is_dir() and ("#" in str(directory) or str(directory).startswith(TABLE_REF)):
+        meta = resolve_adapter(directory, table=table).metadata()
+        return {"metadata": meta, "file_bytes": None, "training": None}
     directory = Path(directory)
     meta = read_metadata(directory)
     weights = directory / WEIGHTS_FILE
@@ -27,7 +36,7 @@ def summary(directory: str | Path) -> dict:
 
 
 def run(args) -> int:
-    info = summary(args.adapter)
+    info = summary(args.adapter, args.table)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -37,7 +46,8 @@ def run(args) -> int:
         f"adapter      {args.adapter}",
         f"method       {meta['method']} ({meta['artifact']}, {meta['num_virtual_tokens']} virtual tokens)",
         f"base model   {meta['base_model']['name']} ({meta['base_model']['shapes'].get('model_type', '?')})",
-        f"parameters   {meta['num_parameters']:,} saved ({meta['dtype']}), file {info['file_bytes'] or 0:,} bytes",
+        f"parameters   {meta['num_parameters']:,} saved ({meta['dtype']})"
+        + (f", file {info['file_bytes']:,} bytes" if info["file_bytes"] is not None else ""),
     ]
     if task:
         lines += [f"task         {task.get('task')}", f"template     {task.get('prompt')!r} -> {task.get('target')!r}"]
