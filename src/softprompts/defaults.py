@@ -37,5 +37,5 @@ def method_defaults(name: str) -> MethodDefaults:
 def default_init_text(spec: TaskSpec) -> str:
     """A task instruction to initialize virtual tokens from (their embeddings, or their KV for prefixes)."""
     if spec.task == "classify" and spec.labels:
-        return f"Classify the text. Answer with one of: {', '.join(spec.labels)}."
-    return "Read the input and write the expected output."
+        return f"Classify the text. Answer with one of: {', '.join(spec.labels)}.\n"
+    return "Read the input and write the expected output.\n"

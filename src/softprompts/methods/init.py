@@ -12,11 +12,18 @@ DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single be
 SAMPLED_VOCAB_SIZE = 5000  # Lester et al. sample from the 5,000 most common tokens; BPE ids rank roughly by frequency
 
 
-def cycle_to(ids: list[int], length: int) -> list[int]:
-    """Repeat or cut ``ids`` to exactly ``length`` tokens."""
+def fit_to(ids: list[int], length: int, filler: int | None = None) -> list[int]:
+    """Cut ``ids`` to its first ``length`` tokens, or left-fill it with ``filler`` (the end-of-text token, the
+    separator the model saw between documents) so the text itself stays intact next to the input. Without a filler
+    the text is cycled. Measured on SmolLM2 + UCI sentiment (docs/DEFAULTS.md): a 14-token instruction cycled to 20
+    tokens starts at dev accuracy 0.645, left-filled 0.705 (0.765 with a trailing newline)."""
     if not ids:
         raise ValueError("cannot initialize virtual tokens from an empty text")
-    return [ids[i % len(ids)] for i in range(length)]
+    if len(ids) >= length:
+        return ids[:length]
+    if filler is None:
+        return [ids[i % len(ids)] for i in range(length)]
+    return [filler] * (length - len(ids)) + ids
 
 
 def sampled_vocab_ids(base: BaseModel, length: int, seed: int) -> list[int]:
@@ -41,7 +48,8 @@ def init_token_ids(
         label_ids = [i for label in labels for i in base.tokenize(" " + label.strip())]
         return (label_ids + sampled_vocab_ids(base, length, config.seed))[:length]
     text = config.init_text or init_text or DEFAULT_INIT_TEXT
-    return cycle_to(base.tokenize(text), length)
+    filler = getattr(base.tokenizer, "eos_token_id", None)
+    return fit_to(base.tokenize(text), length, filler)
 
 
 def random_like_embeddings(base: BaseModel, length: int, seed: int) -> torch.Tensor:
