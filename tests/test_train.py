@@ -185,3 +185,25 @@ def test_bf16_autocast_needs_cuda(llama):
     method = create_method(llama, "prompt", num_virtual_tokens=2, seed=0)
     with pytest.raises(SoftpromptsError, match="needs a CUDA device"):
         train(llama, method, examples(4), SPEC, quiet(steps=1, autocast_bf16=True))
+
+
+def test_adapter_below_base_model_is_flagged(llama, monkeypatch, capsys):
+    """When the best adapter on dev is still below the bare model, the record says so and a warning is printed."""
+    import softprompts.train as train_module
+
+    real = train_module._dev_score
+
+    def rigged(base, artifact, *args):
+        scores = real(base, artifact, *args)
+        return {**scores, "accuracy": 1.0} if artifact is None else {**scores, "accuracy": 0.25}
+
+    monkeypatch.setattr(train_module, "_dev_score", rigged)
+    method = create_method(llama, "prompt", num_virtual_tokens=4)
+    record = train(llama, method, examples(8), SPEC, quiet(steps=2, lr=1e-3, batch_size=4), dev_examples=examples(4)).record
+    assert record["below_base_model"] is True
+    assert "below the base model" in capsys.readouterr().err
+
+    monkeypatch.setattr(train_module, "_dev_score", real)
+    record = train(llama, create_method(llama, "prompt", num_virtual_tokens=4), examples(8), SPEC,
+                   quiet(steps=2, lr=1e-3, batch_size=4), dev_examples=examples(4)).record
+    assert record.get("below_base_model", False) == (record["best_dev"] < record["base_model_dev"]["accuracy"])

@@ -327,6 +327,11 @@ def train(
     adapter = Adapter.from_method(method, base, task=spec.to_json())
     adapter.artifact = artifact_from_tensors(kind, state.best_tensors).to(base.device, base.dtype)
     record = _record(config, state, method, spec, report, metric, len(encoded), len(dev))
+    if state.base_dev is not None and state.best_metric is not None and state.best_metric < state.base_dev[metric]:
+        record["below_base_model"] = True
+        _log(dist, f"warning: the best adapter (dev {metric} {state.best_metric:.4f}) is below the base model "
+                   f"without an adapter ({state.base_dev[metric]:.4f}); train longer (--steps), try another --lr "
+                   "or --init, or serve the base model for this task")
     if out_dir is not None and dist.is_main:
         save_adapter(adapter, out_dir, overwrite=True, extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n"})
         ckpt.unlink(missing_ok=True)
