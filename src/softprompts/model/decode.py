@@ -84,7 +84,7 @@ def generate_ids(
         artifacts = [artifacts] * len(prompts)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    stop_ids = set(stop_ids if stop_ids is not None else _eos_ids(base))
+    stop_ids = set(stop_ids if stop_ids is not None else eos_ids(base))
     pad_id = base.tokenizer.pad_token_id if base.tokenizer is not None and base.tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id, base.device)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -106,7 +106,7 @@ def generate_ids(
     return outputs
 
 
-def _eos_ids(base) -> set[int]:
+def eos_ids(base) -> set[int]:
     eos = getattr(base.model.generation_config, "eos_token_id", None) or getattr(base.model.config, "eos_token_id", None)
     if eos is None and base.tokenizer is not None:
         eos = base.tokenizer.eos_token_id

@@ -26,7 +26,7 @@ import torch
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact, SoftPrompt
-from softprompts.model.decode import GREEDY, Sampling, choose_next, left_pad
+from softprompts.model.decode import GREEDY, Sampling, choose_next, eos_ids, left_pad
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
 
 
@@ -86,7 +86,7 @@ class Engine:
         self.lock = threading.RLock()  # one forward at a time on the model
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        self.eos_ids = frozenset(_eos_ids(base))
+        self.eos_ids = frozenset(eos_ids(base))
 
     # -- artifacts ------------------------------------------------------------------------------------------
     def prepare(self, artifact: Artifact | None) -> Artifact | None:
@@ -249,12 +249,3 @@ def _context_limit(base) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
-
-
-def _eos_ids(base) -> set[int]:
-    eos = getattr(base.model.generation_config, "eos_token_id", None) or getattr(base.model.config, "eos_token_id", None)
-    if eos is None and base.tokenizer is not None:
-        eos = base.tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
