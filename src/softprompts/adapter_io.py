@@ -65,14 +65,19 @@ def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = Fals
     return atomic_directory(directory, write, overwrite=overwrite)
 
 
+def read_json(path: Path, error: type[Exception]):
+    """Parse a JSON file, raising ``error`` with the file, message and line for invalid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def read_metadata(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    meta = read_json(path, AdapterError)
     if meta.get("format") != FORMAT_NAME:
         raise AdapterError(f"{path} is not a softprompts adapter (format={meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from softprompts.adapter import Adapter
+from softprompts.adapter_io import read_json
 from softprompts.errors import SoftpromptsError
 from softprompts.interop.peft_export import METADATA_KEY, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from softprompts.methods import method_class
@@ -60,10 +61,7 @@ def read_peft(directory: str | Path) -> PeftAdapter:
         raise PeftImportError(f"{directory} is not a directory; pass the folder PEFT's save_pretrained wrote")
     if not config_path.is_file():
         raise PeftImportError(f"{directory} is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PeftImportError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    config = read_json(config_path, PeftImportError)
     if not isinstance(config, dict):
         raise PeftImportError(f"{config_path} must hold a JSON object")
     peft_type = config.get("peft_type")
