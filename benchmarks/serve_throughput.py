@@ -128,6 +128,8 @@ def run(args) -> dict:
                 outputs = {}
                 for a in range(n):
                     group = [i for i in range(args.requests) if owner[i] == a]
+                    if not group:  # fewer requests than adapters
+                        continue
                     peft.set_adapter(f"a{a}")
                     out = peft.generate(input_ids=ids[group], attention_mask=mask[group], max_new_tokens=new,
                                         min_new_tokens=new, do_sample=False, pad_token_id=0)

@@ -22,6 +22,7 @@ Usage::
     python benchmarks/train_speed.py --quick                 # CPU, SmolLM2, batch 2 x 32, 3 reps (~1 min, idle 2 cores)
     python benchmarks/train_speed.py                         # CPU, SmolLM2, batch 2 x 64 tokens, 5 reps
     python benchmarks/train_speed.py --device cuda --json    # anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256
+    python benchmarks/train_speed.py --device cuda --compile # adds ours with torch.compile'd loss (speed.compiled_loss)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch import nn
 
 from softprompts.methods import create_method
 from softprompts.model.base import BaseModel
-from softprompts.speed import accumulate_step, peak_bytes
+from softprompts.speed import accumulate_step, compiled_loss, label_loss_sum, peak_bytes
 from softprompts.tasks import Encoded, collate
 
 METHODS = ("prompt", "prefix", "ptuning", "deep")
@@ -68,6 +69,7 @@ class Setup:
     reps: int
     warmup: int = 2
     checkpointing: bool = False
+    compile: bool = False
 
 
 def load_model(setup: Setup) -> BaseModel:
@@ -100,7 +102,8 @@ def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) 
     optimizer.zero_grad(set_to_none=True)
 
 
-def ours_step(base: BaseModel, name: str, ids: torch.Tensor, checkpoint: bool = False) -> Callable[[], None]:
+def ours_step(base: BaseModel, name: str, ids: torch.Tensor, checkpoint: bool = False,
+              compile_loss: bool = False) -> Callable[[], None]:
     """Our training loop's step: collate (left-padded, label positions), artifact once, label-only LM head."""
     options = {"prefix": dict(projection_dim=ENCODER_HIDDEN, projection_hidden=ENCODER_HIDDEN),
                "ptuning": dict(encoder_hidden=ENCODER_HIDDEN)}.get(name, {})
@@ -113,7 +116,8 @@ def ours_step(base: BaseModel, name: str, ids: torch.Tensor, checkpoint: bool = 
 
     def step() -> None:
         batch = collate(rows, 0, base.device)
-        accumulate_step(base, method, method.artifact_kind, [batch], n_tokens, checkpoint_layers=checkpoint)
+        accumulate_step(base, method, method.artifact_kind, [batch], n_tokens, checkpoint_layers=checkpoint,
+                        loss_fn=compiled_loss() if compile_loss else label_loss_sum)
         clip_and_step(params, optimizer)
 
     return step
@@ -189,13 +193,17 @@ def run(setup: Setup, methods: list[str], log=print) -> list[dict]:
         systems[name, "ours"] = ours_step(base, name, ids)
         if setup.checkpointing:
             systems[name, "ours_ckpt"] = ours_step(base, name, ids, checkpoint=True)
+        if setup.compile:
+            systems[name, "ours_compiled"] = ours_step(base, name, ids, compile_loss=True)
         systems[name, "peft"] = peft_step(base, name, ids)
     systems["all", "limit"] = limit_step(base, ids)  # the same for every method: timed once per repetition
     keys = list(systems)
-    peaks, times = {}, {k: [] for k in keys}
+    peaks, times, first_call = {}, {k: [] for k in keys}, {}
     for key in keys:
+        first_call[key] = timed(systems[key], setup.device)  # includes compilation for a compiled step
         for _ in range(setup.warmup):  # warm-up: optimizer state, allocator, kernels
             systems[key]()
+        log(f"{key[0]}/{key[1]} ready (first step {first_call[key]:.2f} s)", file=sys.stderr)
         peaks[key] = peak_bytes(systems[key], setup.device)
     for rep in range(setup.reps):
         shift = rep % len(keys)
@@ -215,6 +223,11 @@ def run(setup: Setup, methods: list[str], log=print) -> list[dict]:
         if setup.checkpointing:
             rec["ours_ckpt_s"] = statistics.median(times[name, "ours_ckpt"])
             rec["ours_ckpt_peak_bytes"] = peaks[name, "ours_ckpt"]
+        if setup.compile:
+            rec["ours_compiled_s"] = statistics.median(times[name, "ours_compiled"])
+            rec["ours_compiled_x_limit"] = rec["ours_compiled_s"] / med["limit"]
+            rec["ours_compiled_peak_bytes"] = peaks[name, "ours_compiled"]
+            rec["compile_first_step_s"] = first_call[name, "ours_compiled"]
         rec["samples_s"] = {k[1]: [round(t, 5) for t in times[k]] for k in keys if k[0] in (name, "all")}
         records.append({**rec, **meta})
     return records
@@ -248,12 +261,14 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def table(records: list[dict], checkpointing: bool) -> str:
+def table(records: list[dict], checkpointing: bool, compiled: bool = False) -> str:
     mib = 2**20
     head = ("| method | ours ms | PEFT ms | limit ms | ours x limit | PEFT x limit | PEFT/ours | ours peak MiB | "
             "PEFT peak MiB | limit peak MiB |")
     if checkpointing:
         head += " ours+ckpt ms | ours+ckpt peak MiB |"
+    if compiled:
+        head += " ours compiled ms | compiled x limit | compiled peak MiB | first compiled step s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         line = (f"| {r['method']} | {r['ours_s'] * 1e3:.1f} | {r['peft_s'] * 1e3:.1f} | {r['limit_s'] * 1e3:.1f} | "
@@ -261,6 +276,9 @@ def table(records: list[dict], checkpointing: bool) -> str:
                 f"{r['ours_peak_bytes'] / mib:.0f} | {r['peft_peak_bytes'] / mib:.0f} | {r['limit_peak_bytes'] / mib:.0f} |")
         if checkpointing:
             line += f" {r['ours_ckpt_s'] * 1e3:.1f} | {r['ours_ckpt_peak_bytes'] / mib:.0f} |"
+        if compiled:
+            line += (f" {r['ours_compiled_s'] * 1e3:.1f} | {r['ours_compiled_x_limit']:.3f} | "
+                     f"{r['ours_compiled_peak_bytes'] / mib:.0f} | {r['compile_first_step_s']:.1f} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -276,7 +294,7 @@ def parse_setup(args: argparse.Namespace) -> Setup:
         base = Setup("smollm2-135m", args.device, "float32", 2, 64, 20, 5)
     changes = {k: v for k, v in dict(batch=args.batch, seq=args.seq, reps=args.reps, dtype=args.dtype,
                                        virtual_tokens=args.virtual_tokens).items() if v is not None}
-    return Setup(**{**asdict(base), **changes, "checkpointing": args.checkpointing})
+    return Setup(**{**asdict(base), **changes, "checkpointing": args.checkpointing, "compile": args.compile})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
+    parser.add_argument("--compile", action="store_true", help="also time ours with the torch.compile'd loss")
     parser.add_argument("--json", action="store_true", help="one JSON object per method on stdout")
     args = parser.parse_args(argv)
     setup = parse_setup(args)
@@ -306,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         s = setup
         print(f"{records[0]['device']} | {s.model} {s.dtype} | batch {s.batch} x {s.seq} tokens, {s.virtual_tokens} "
               f"virtual, labels on every token | median of {s.reps} interleaved reps | commit {records[0]['commit']}")
-        print(table(records, setup.checkpointing))
+        print(table(records, setup.checkpointing, setup.compile))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ from tiny import tiny_base
 
 from softprompts.methods import create_method
 from softprompts.model.inject import forward
-from softprompts.speed import accumulate_step, checkpointing, decoder_layers, label_loss_sum, peak_bytes
+from softprompts.speed import (
+    accumulate_step,
+    checkpointing,
+    compiled_loss,
+    decoder_layers,
+    label_loss_sum,
+    peak_bytes,
+)
 from softprompts.tasks import Encoded, collate
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
@@ -30,13 +37,14 @@ def rows() -> list[Encoded]:
     return [Encoded([5, 6, 7, 8, 9], [10, 11]), Encoded([12, 13], [14, 15, 16]), Encoded([17, 18, 19], [20])]
 
 
-def grads(base, name: str, checkpoint: bool, micro: int = 1) -> list[torch.Tensor]:
+def grads(base, name: str, checkpoint: bool, micro: int = 1, loss_fn=label_loss_sum) -> list[torch.Tensor]:
     torch.manual_seed(0)
     method = create_method(base, name, num_virtual_tokens=4, init="random")
     data = rows()
     batches = [collate(data[i::micro], 0) for i in range(micro)]
     n_tokens = sum(len(r.target_ids) for r in data)
-    accumulate_step(base, method, method.artifact_kind, batches, n_tokens, checkpoint_layers=checkpoint)
+    accumulate_step(base, method, method.artifact_kind, batches, n_tokens, checkpoint_layers=checkpoint,
+                    loss_fn=loss_fn)
     return [p.grad.clone() for p in method.parameters()]
 
 
@@ -53,6 +61,37 @@ def test_micro_batches_equal_one_batch(base, name):
     one, three = grads(base, name, False, micro=1), grads(base, name, True, micro=3)
     for a, b in zip(one, three, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_compiled_step_has_no_graph_breaks(base, name):
+    """The micro-batch loss (forward with the method's artifact, label-only head, CE) is ONE dynamo graph."""
+    import torch._dynamo as dynamo
+
+    method = create_method(base, name, num_virtual_tokens=4, init="random")
+    leaves = {k: t.detach().requires_grad_(True) for k, t in method().tensors().items()}
+    from softprompts.model.artifacts import artifact_from_tensors
+
+    dynamo.reset()
+    explained = dynamo.explain(label_loss_sum)(base, artifact_from_tensors(method.artifact_kind, leaves),
+                                               collate(rows(), 0))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_compiled_loss_gives_the_same_gradients(name):
+    """Through AOTAutograd (the ``aot_eager`` backend: same graph capture as inductor, no C++ toolchain needed)."""
+    base = tiny_base("llama")
+    plain = grads(base, name, False)
+    compiled = grads(base, name, False, loss_fn=compiled_loss("aot_eager"))
+    for a, b in zip(plain, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_loss_refuses_checkpointing():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        grads(tiny_base("llama"), "prompt", True, loss_fn=compiled_loss("aot_eager"))
 
 
 def test_checkpointing_restores_the_layers(base):

@@ -181,6 +181,26 @@ def test_gradient_checkpointing_trains_the_same(llama, name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_training_trains_the_same(llama, monkeypatch):
+    """``compile`` changes speed only: the same parameters after a few steps (aot_eager: no C++ toolchain)."""
+    import softprompts.train as train_module
+    from softprompts.speed import compiled_loss
+
+    monkeypatch.setattr(train_module, "compiled_loss", lambda: compiled_loss("aot_eager"))
+    results = []
+    for compile_loss in (False, True):
+        method = create_method(llama, "prefix", num_virtual_tokens=3, seed=0)
+        train(llama, method, examples(8), SPEC, quiet(steps=2, lr=1e-2, batch_size=4, compile=compile_loss))
+        results.append(params(method))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_with_checkpointing_is_refused():
+    with pytest.raises(SoftpromptsError, match="cannot be combined"):
+        quiet(compile=True, gradient_checkpointing=True).validate()
+
+
 def test_bf16_autocast_needs_cuda(llama):
     method = create_method(llama, "prompt", num_virtual_tokens=2, seed=0)
     with pytest.raises(SoftpromptsError, match="needs a CUDA device"):

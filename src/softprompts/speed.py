@@ -7,6 +7,11 @@ The step (``train.py``'s optimizer step calls ``accumulate_step``; see its docst
     loss_m = CE(LM head at label positions only) / N ;  loss_m.backward()
     A.backward(A'.grad * grad_scale)    # one exact backward through the method
 
+``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, LM head at label positions,
+cross-entropy) traces as ONE graph with ``fullgraph=True`` for every method on every tested architecture (a test
+asserts zero graph breaks), so AOTAutograd compiles its backward too; the method's own forward (prefix MLP,
+P-tuning encoder) stays eager since it runs once per optimizer step.
+
 Gradient checkpointing (``checkpointing(base)``) works for EVERY method, prefixes included. HF's own switch cannot
 be used here: it only acts in ``train()`` mode (our base model is frozen in eval mode) and it drops the cache (the
 KV prefix) when active, which is why PEFT refuses prefix tuning with checkpointing. We wrap each decoder layer's
@@ -38,6 +43,20 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     )  # logits: [B, L, V] -> [B*L, V]
 
 
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_loss(backend: str = "inductor") -> Callable:
+    """``label_loss_sum`` under ``torch.compile(fullgraph=True)`` (one compiled function per backend, shared).
+
+    ``fullgraph=True`` turns any graph break into an error instead of a silent slowdown. Shapes vary between
+    length-grouped batches; dynamo recompiles once and then treats the varying sizes as dynamic.
+    """
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(label_loss_sum, fullgraph=True, backend=backend)
+    return _COMPILED[backend]
+
+
 def accumulate_step(
     base,
     make_artifact: Callable[[], object],
@@ -47,6 +66,7 @@ def accumulate_step(
     grad_scale: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
     checkpoint_layers: bool = False,
+    loss_fn: Callable = label_loss_sum,
 ) -> float:
     """Gradients of one optimizer step into the method's parameters; returns the summed token loss (a float).
 
@@ -54,8 +74,11 @@ def accumulate_step(
     the model's device. ``n_tokens``: N, the target tokens of the global batch. ``grad_scale``: multiplies the
     artifact gradient (the world size under DDP, which averages). ``autocast_dtype``: run the micro-batches under
     ``torch.autocast`` (bf16 on GPU for an fp32 base model). ``checkpoint_layers``: recompute decoder layers in the
-    backward pass (memory for time), see ``checkpointing``.
+    backward pass (memory for time), see ``checkpointing``. ``loss_fn``: ``label_loss_sum`` or ``compiled_loss()``
+    (not together with ``checkpoint_layers``: the checkpoint wrappers restore cache state from Python closures).
     """
+    if checkpoint_layers and loss_fn is not label_loss_sum:
+        raise ValueError("gradient checkpointing and a compiled loss cannot be combined; choose one")
     artifact = make_artifact()
     tensors = artifact.tensors()
     leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
@@ -67,7 +90,7 @@ def accumulate_step(
     with checkpointing(base) if checkpoint_layers else contextlib.nullcontext():
         for batch in micro_batches:
             with autocast:
-                token_loss = label_loss_sum(base, leaf_artifact, batch)
+                token_loss = loss_fn(base, leaf_artifact, batch)
             (token_loss / n_tokens).backward()
             loss_sum += token_loss.item()
     grads = [leaves[k].grad * grad_scale if leaves[k].grad is not None else torch.zeros_like(leaves[k])
@@ -171,5 +194,5 @@ def cpu_peak_from_profile(prof) -> int:
     return int(peak)
 
 
-__all__ = ["accumulate_step", "checkpointing", "cpu_peak_from_profile", "decoder_layers", "label_loss_sum",
+__all__ = ["accumulate_step", "checkpointing", "compiled_loss", "cpu_peak_from_profile", "decoder_layers", "label_loss_sum",
            "peak_bytes"]

@@ -42,7 +42,7 @@ from softprompts.distributed import Distributed
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import PRIMARY_METRIC, evaluate
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.speed import accumulate_step
+from softprompts.speed import accumulate_step, compiled_loss, label_loss_sum
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
 
 RECORD_FILE = "training.json"
@@ -57,7 +57,9 @@ class TrainConfig:
     without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only.
     gradient_checkpointing: recompute the base's decoder layers in the backward pass (less activation memory, more
     time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
-    only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one)."""
+    only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
+    ``torch.compile`` the micro-batch loss (``speed.compiled_loss``; same gradients, faster steps after a
+    one-time compilation; not together with gradient_checkpointing)."""
 
     steps: int = 100
     lr: float = 3e-2
@@ -76,6 +78,7 @@ class TrainConfig:
     progress: bool = True
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False
+    compile: bool = False
 
     def errors(self) -> list[str]:
         problems = []
@@ -91,6 +94,8 @@ class TrainConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
             problems.append("--eval-every, --checkpoint-every and --patience must be >= 0")
+        if self.compile and self.gradient_checkpointing:
+            problems.append("--compile and --gradient-checkpointing cannot be combined; choose one")
         return problems
 
     def validate(self) -> TrainConfig:
@@ -163,8 +168,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 def _resumable(config: dict) -> dict:
     """The configuration a resume must match: checkpoints from before an option existed hold its default, and
-    gradient checkpointing (same gradients, only memory/time) may be switched either way."""
-    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None}
+    gradient checkpointing and compilation (same gradients, only memory/time) may be switched either way."""
+    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None}
 
 
 def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
@@ -281,6 +286,7 @@ def train(
             _log(dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f}")
         evaluate_now()
 
+    loss_fn = compiled_loss() if config.compile else label_loss_sum
     bar = tqdm(total=config.steps, initial=state.step, disable=not (dist.is_main and config.progress), desc="train")
     while state.step < config.steps and not state.stopped_early:
         started = time.perf_counter()
@@ -297,7 +303,7 @@ def train(
         loss_sum = accumulate_step(  # DDP averages over ranks; grad_scale=world size gives the sum
             base, model, kind, batches, n_tokens, grad_scale=float(dist.world_size),
             autocast_dtype=torch.bfloat16 if config.autocast_bf16 else None,
-            checkpoint_layers=config.gradient_checkpointing,
+            checkpoint_layers=config.gradient_checkpointing, loss_fn=loss_fn,
         )
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(method.parameters(), config.max_grad_norm)
@@ -327,6 +333,8 @@ def train(
     adapter = Adapter.from_method(method, base, task=spec.to_json())
     adapter.artifact = artifact_from_tensors(kind, state.best_tensors).to(base.device, base.dtype)
     record = _record(config, state, method, spec, report, metric, len(encoded), len(dev))
+    record["device"] = {"device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
+                        "world_size": dist.world_size}
     if state.base_dev is not None and state.best_metric is not None and state.best_metric < state.base_dev[metric]:
         record["below_base_model"] = True
         _log(dist, f"warning: the best adapter (dev {metric} {state.best_metric:.4f}) is below the base model "

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="base model (default: the embedded smollm2-135m)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=None, help="torch device for the model (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device for the model (default auto: the first CUDA GPU "
+                   "when one is visible, else cpu)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default float32)")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to gather requests into one batch")
     p.add_argument("--max-batch", type=int, default=32, help="most requests per forward")

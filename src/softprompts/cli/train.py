@@ -48,8 +48,12 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the base's decoder layers in "
                    "the backward pass: less activation memory, more time, same gradients (every method)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model forward and "
+                   "loss (faster steps after a one-time compilation; not with --gradient-checkpointing)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward passes (CUDA only; "
                    "for an fp32 base model)")
+    p.add_argument("--device", default="auto", help="torch device for the base model and adapter (default auto: "
+                   "the first CUDA GPU when one is visible, else cpu)")
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     p.set_defaults(func=run)
@@ -81,6 +85,7 @@ def run(args) -> int:
         schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
         gradient_checkpointing=args.gradient_checkpointing, autocast_bf16=args.bf16,
+        compile=args.compile,
     ).validate()
     out = Path(args.out)
     if args.resume and (out / "training.json").is_file() and not checkpoint_path(out).is_file():
@@ -106,7 +111,8 @@ def run(args) -> int:
     if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "
                                "(torchrun --nproc_per_node 1)")
-    base = load_base(model_name, device=None if args.device_map else dist.device, device_map=args.device_map)
+    device = None if args.device_map else dist.device or args.device  # under torchrun each rank its own GPU
+    base = load_base(model_name, device=device, device_map=args.device_map)
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
     options = {"num_virtual_tokens": args.virtual_tokens or defaults.num_virtual_tokens,
                "init": args.init or defaults.init, "seed": args.seed}

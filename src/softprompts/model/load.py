@@ -25,10 +25,13 @@ def resolve(name: str) -> str:
 
 
 def load_base(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = "auto",
     device_map: str | dict | None = None,
 ) -> BaseModel:
     """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
+
+    ``device``: ``"auto"`` (default) puts it on the first CUDA GPU when one is visible, else on the CPU; ``None``
+    leaves it where ``from_pretrained`` puts it (the CPU).
 
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.
@@ -52,6 +55,8 @@ def load_base(
             f"cannot load model {name!r}{hint}: {str(exc).splitlines()[0]}. "
             f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
         ) from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device and device_map is None:
         model.to(device)
     if tokenizer.pad_token_id is None:
