@@ -103,6 +103,27 @@ def test_best_adapter_never_worse_than_init_on_dev(llama):
     assert evaluate(llama, result.adapter, dev, SPEC)["accuracy"] == pytest.approx(record["best_dev"])
 
 
+def test_precomputed_base_dev_is_the_same_and_reused(llama, monkeypatch):
+    """``base_dev`` from the caller equals what ``train`` computes itself (the bare model on the first eval_limit
+    dev examples), and passing it skips that evaluation."""
+    import softprompts.train as train_module
+
+    dev = examples(12)
+    config = quiet(steps=1, batch_size=4, eval_limit=8)
+    computed = train(llama, create_method(llama, "prompt", num_virtual_tokens=2, seed=0), examples(8), SPEC, config,
+                     dev_examples=dev).record["base_model_dev"]
+    given = evaluate(llama, None, dev[:8], SPEC)
+    assert computed == pytest.approx(given)
+    seen = []
+    original = train_module._dev_score
+    monkeypatch.setattr(train_module, "_dev_score", lambda base, artifact, *a: seen.append(artifact) or original(
+        base, artifact, *a))
+    record = train(llama, create_method(llama, "prompt", num_virtual_tokens=2, seed=0), examples(8), SPEC, config,
+                   dev_examples=dev, base_dev=given).record
+    assert record["base_model_dev"] == given
+    assert None not in seen and len(seen) == 2  # step 0 and the end: adapters only, no bare-model pass
+
+
 def test_early_stopping(llama):
     method = create_method(llama, "prompt", num_virtual_tokens=4, seed=0)
     config = TrainConfig(steps=20, lr=1e-12, batch_size=8, eval_every=2, patience=2, checkpoint_every=0, progress=False)

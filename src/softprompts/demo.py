@@ -61,6 +61,7 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
     rows = [{"method": "none (bare model)", "params": 0, "bytes": 0, "accuracy": bare["accuracy"], "train_s": 0.0,
              "ms_per_token": latency_ms_per_token(base, None, probe), "adapter": None}]
     _log(f"bare model test accuracy {bare['accuracy']:.3f}")
+    bare_dev = evaluate(base, None, data["dev"][:dev_limit], spec)  # shared by every method's training record
     for name in methods:
         d = method_defaults(name)
         method = create_method(base, name, labels=LABELS, init_text=default_init_text(spec),
@@ -69,7 +70,7 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
                              eval_limit=dev_limit, checkpoint_every=0, seed=seed)
         _log(f"training {name} (lr {d.lr}, {d.num_virtual_tokens} virtual tokens, {steps} steps of {batch_size})")
         result = train(base, method, data["train"], spec, config, dev_examples=data["dev"],
-                       out_dir=out_dir / name, overwrite=True)
+                       out_dir=out_dir / name, overwrite=True, base_dev=bare_dev)
         metrics = evaluate(base, result.adapter, test, spec)
         rows.append({
             "method": name, "params": method.num_trainable(), "bytes": (out_dir / name / WEIGHTS_FILE).stat().st_size,

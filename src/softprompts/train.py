@@ -196,11 +196,14 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     dist: Distributed | None = None,
+    base_dev: dict | None = None,
 ) -> TrainResult:
     """Train ``method`` (a ``PromptMethod`` built on ``base``) and return the best adapter and the training record.
 
     With ``out_dir`` the adapter, ``training.json`` and (during training) ``OUT.checkpoint.pt`` are written by the
-    main rank; ``resume`` continues from that checkpoint.
+    main rank; ``resume`` continues from that checkpoint. ``base_dev``: the bare model's metrics on the same dev
+    examples (the first ``eval_limit``) when the caller has them already (``compare`` and ``demo`` train several
+    methods on one dev set); otherwise they are computed once before training.
     """
     config.validate()
     if config.autocast_bf16 and base.device.type != "cuda":
@@ -279,7 +282,9 @@ def train(
         _set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
         _log(dist, f"resuming from {ckpt} at step {state.step}")
     else:
-        if dev:
+        if dev and base_dev is not None:
+            state.base_dev = dict(base_dev)
+        elif dev:
             started = time.perf_counter()
             state.base_dev = _dev_score(base, None, dev, spec, config, dist)
             state.eval_seconds += time.perf_counter() - started

@@ -153,6 +153,7 @@ class Comparison:
             raise SoftpromptsError(str(exc)) from None
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.base = base
+        self.base_dev: dict | None = None  # the bare model's dev metrics (from the base run), shared by every run
         self.dev = data.dev[: config.eval_limit] if config.eval_limit else data.dev
         self.test = data.test[: config.test_limit] if config.test_limit else data.test
         self.skipped: list[str] = []
@@ -261,7 +262,7 @@ class Comparison:
             m = self._method(method, seed)
             trainable = m.num_trainable()
             out = train(self.base, m, self.data.train, self.data.spec, self._train_config(method, seed, steps),
-                        dev_examples=self.dev, out_dir=adapter_dir, resume=True)
+                        dev_examples=self.dev, out_dir=adapter_dir, resume=True, base_dev=self.base_dev)
             adapter, record = out.adapter, out.record
         test = evaluate(self.base, adapter, self.test, self.data.spec) if self.test else {}
         peak = peak_memory_bytes(self.base.device)
@@ -339,6 +340,7 @@ class Comparison:
         if self.config.baseline == "peft":
             jobs += [("peft", m, s) for m in self.config.methods for s in range(self.config.seeds)]
         base_result = self._base_run()
+        self.base_dev = base_result["dev"] or None
         runs = []
         overall = tqdm(jobs, desc="compare", disable=not self.config.progress, file=sys.stderr, position=0)
         for index, (impl, method, seed) in enumerate(overall, start=1):
