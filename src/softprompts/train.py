@@ -24,15 +24,11 @@ step (the data order is a pure function of ``(seed, epoch)``), curve and best ad
 from __future__ import annotations
 
 import json
-import math
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,65 +40,18 @@ from softprompts.evaluate import PRIMARY_METRIC, evaluate
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.speed import accumulate_step, compiled_loss, label_loss_sum
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
+from softprompts.train_config import TrainConfig, lr_factor
+from softprompts.train_state import (
+    TrainState,
+    atomic_save,
+    checkpoint_path,
+    resumable,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 RECORD_FILE = "training.json"
-SCHEDULES = ("linear", "cosine", "constant")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """steps: optimizer steps. batch_size: examples per step (global, over all ranks and micro-batches).
-    grad_accum: micro-batches per step per rank. warmup_ratio: fraction of steps with linear warmup, then
-    ``schedule`` decays to 0. eval_every / checkpoint_every: in steps (0 = only at the end). patience: evaluations
-    without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only.
-    gradient_checkpointing: recompute the base's decoder layers in the backward pass (less activation memory, more
-    time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
-    only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
-    ``torch.compile`` the micro-batch loss (``speed.compiled_loss``; same gradients, faster steps after a
-    one-time compilation; not together with gradient_checkpointing)."""
-
-    steps: int = 100
-    lr: float = 3e-2
-    batch_size: int = 8
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    max_grad_norm: float = 1.0
-    eval_every: int = 25
-    eval_limit: int | None = None
-    eval_batch_size: int = 16
-    patience: int = 0
-    checkpoint_every: int = 25
-    seed: int = 0
-    progress: bool = True
-    gradient_checkpointing: bool = False
-    autocast_bf16: bool = False
-    compile: bool = False
-
-    def errors(self) -> list[str]:
-        problems = []
-        if not isinstance(self.steps, int) or self.steps < 1:
-            problems.append(f"--steps must be a positive integer, got {self.steps}")
-        if not self.lr > 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            problems.append("--batch-size and --grad-accum must be at least 1")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
-            problems.append("--eval-every, --checkpoint-every and --patience must be >= 0")
-        if self.compile and self.gradient_checkpointing:
-            problems.append("--compile and --gradient-checkpointing cannot be combined; choose one")
-        return problems
-
-    def validate(self) -> TrainConfig:
-        problems = self.errors()
-        if problems:
-            raise SoftpromptsError("; ".join(problems))
-        return self
 
 
 @dataclass
@@ -111,65 +60,9 @@ class TrainResult:
     record: dict  # what training.json holds
 
 
-@dataclass
-class _State:
-    """Everything a checkpoint restores (besides module/optimizer/scheduler/RNG states)."""
-
-    step: int = 0
-    curve: list = field(default_factory=list)
-    best_metric: float | None = None
-    best_step: int = 0
-    best_tensors: dict | None = None
-    bad_evals: int = 0
-    base_dev: dict | None = None
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    tokens: int = 0
-    stopped_early: bool = False
-
-
-def checkpoint_path(out_dir: str | Path) -> Path:
-    """``OUT.checkpoint.pt`` next to the output directory (which only appears, atomically, at the end)."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f"{out_dir.name}.checkpoint.pt"
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of ``lr`` at ``step``: linear warmup over ``w`` steps, then linear/cosine decay to 0 at ``steps``."""
-    warm = int(config.warmup_ratio * config.steps)
-    if step < warm:
-        return (step + 1) / warm
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - warm) / max(1, config.steps - warm)
-    return max(0.0, 1 - progress) if config.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _log(dist: Distributed, message: str) -> None:
     if dist.is_main:
         tqdm.write(message, file=sys.stderr)
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _resumable(config: dict) -> dict:
-    """The configuration a resume must match: checkpoints from before an option existed hold its default, and
-    gradient checkpointing and compilation (same gradients, only memory/time) may be switched either way."""
-    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None}
 
 
 def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
@@ -226,14 +119,12 @@ def train(
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     metric = PRIMARY_METRIC[spec.task]
 
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     method.train()
     model = dist.wrap(method)
     optimizer = torch.optim.AdamW(method.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    state = _State()
+    state = TrainState()
     kind = method.artifact_kind
 
     def evaluate_now() -> None:
@@ -258,10 +149,10 @@ def train(
     def save_checkpoint() -> None:
         if ckpt is None:
             return
-        rngs = dist.gather_objects(_rng_state())  # every rank's RNG (a collective: all ranks call this)
+        rngs = dist.gather_objects(rng_state())  # every rank's RNG (a collective: all ranks call this)
         if not dist.is_main:
             return
-        _atomic_save(
+        atomic_save(
             {"config": asdict(config), "state": asdict(state), "method": method.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs[0],
              "rank_rng": rngs, "world_size": dist.world_size},
@@ -272,14 +163,14 @@ def train(
         saved = dist.broadcast_object(  # our own file: RNG states are not tensors
             torch.load(ckpt, map_location="cpu", weights_only=False) if dist.is_main else None
         )
-        if _resumable(saved["config"]) != _resumable(asdict(config)):
+        if resumable(saved["config"]) != resumable(asdict(config)):
             raise SoftpromptsError(f"{ckpt} was written with another training configuration; resume with the same flags")
         method.load_state_dict(saved["method"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = _State(**saved["state"])
+        state = TrainState(**saved["state"])
         same_world = saved.get("world_size", 1) == dist.world_size and "rank_rng" in saved
-        _set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
+        set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
         _log(dist, f"resuming from {ckpt} at step {state.step}")
     else:
         if dev and base_dev is not None:
@@ -352,7 +243,7 @@ def train(
     return TrainResult(adapter=adapter, record=record)
 
 
-def _record(config, state: _State, method, spec, report, metric: str, n_train: int, n_dev: int) -> dict:
+def _record(config, state: TrainState, method, spec, report, metric: str, n_train: int, n_dev: int) -> dict:
     """The training record saved as ``training.json``."""
     return {
         "method": method.name,
@@ -375,3 +266,6 @@ def _record(config, state: _State, method, spec, report, metric: str, n_train: i
             "tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         },
     }
+
+
+__all__ = ["RECORD_FILE", "TrainConfig", "TrainResult", "checkpoint_path", "lr_factor", "train"]

@@ -1,0 +1,90 @@
+"""The HTTP API's request bodies and its error responses (OpenAI's shape), shared by the routes in ``http.py``.
+
+Errors: ``{"error": {"message", "type", "param", "code"}}``; unknown adapter 404; invalid adapter name or a prompt
+over the context limit 400 (the message names the limit); malformed body or invalid sampling parameters 422
+(``param`` names the field; pydantic's own ``detail`` list is kept beside it); an adapter that fails validation 409.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel as Body
+from pydantic import Field
+
+from softprompts.adapter import AdapterError
+from softprompts.errors import SoftpromptsError
+from softprompts.serve.engine import ContextLengthError
+from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter
+
+
+# -- request bodies ---------------------------------------------------------------------------------------------
+class CompletionBody(Body):
+    """OpenAI ``/v1/completions`` fields we serve (others are ignored); ``top_k`` and ``seed`` are extensions."""
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+
+class ClassifyBody(Body):
+    """``model``: a classification adapter; ``texts``: strings (fill the prompt template) or rows (dicts)."""
+
+    model: str = Field(min_length=1)
+    texts: list[str | dict[str, str]] = Field(min_length=1, max_length=256)
+    labels: list[str] | None = Field(None, min_length=2)
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": status}}
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map validation and library errors to the responses above; each answers its own request only."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"invalid field {field!r}: {first.get('msg', 'invalid value')}" if field else str(first.get("msg"))
+        response = error_response(422, message, "invalid_request_error", field)
+        body = json.loads(response.body)
+        body["detail"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        return JSONResponse(status_code=422, content=body)
+
+    @app.exception_handler(UnknownAdapter)
+    async def _unknown(request: Request, exc: UnknownAdapter):
+        return error_response(404, str(exc), "not_found_error", "model")
+
+    @app.exception_handler(InvalidAdapterName)
+    async def _bad_name(request: Request, exc: InvalidAdapterName):
+        return error_response(400, str(exc), "invalid_request_error", "model")
+
+    @app.exception_handler(ContextLengthError)
+    async def _too_long(request: Request, exc: ContextLengthError):
+        return error_response(400, str(exc), "invalid_request_error", "prompt")
+
+    @app.exception_handler(AdapterError)
+    async def _adaptererror_response(request: Request, exc: AdapterError):
+        return error_response(409, str(exc), "adapter_error", "model")
+
+    @app.exception_handler(SoftpromptsError)
+    async def _usererror_response(request: Request, exc: SoftpromptsError):
+        return error_response(400, str(exc), "invalid_request_error")
+
+
+__all__ = ["ClassifyBody", "CompletionBody", "error_response", "install_error_handlers"]

@@ -1,0 +1,84 @@
+"""The training configuration (``TrainConfig``, validated with actionable messages) and the learning-rate schedule.
+
+Schedule: linear warmup over ``w = int(warmup_ratio * steps)`` steps, ``lr * (s + 1) / w``, then ``lr * f(p)`` with
+``p = (s - w) / (steps - w)`` and ``f(p) = 1 - p`` (linear), ``(1 + cos(pi p)) / 2`` (cosine) or ``1`` (constant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from softprompts.errors import SoftpromptsError
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """steps: optimizer steps. batch_size: examples per step (global, over all ranks and micro-batches).
+    grad_accum: micro-batches per step per rank. warmup_ratio: fraction of steps with linear warmup, then
+    ``schedule`` decays to 0. eval_every / checkpoint_every: in steps (0 = only at the end). patience: evaluations
+    without dev improvement before stopping (0 = never). eval_limit: evaluate on the first N dev examples only.
+    gradient_checkpointing: recompute the base's decoder layers in the backward pass (less activation memory, more
+    time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
+    only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
+    ``torch.compile`` the micro-batch loss (``speed.compiled_loss``; same gradients, faster steps after a
+    one-time compilation; not together with gradient_checkpointing)."""
+
+    steps: int = 100
+    lr: float = 3e-2
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    eval_limit: int | None = None
+    eval_batch_size: int = 16
+    patience: int = 0
+    checkpoint_every: int = 25
+    seed: int = 0
+    progress: bool = True
+    gradient_checkpointing: bool = False
+    autocast_bf16: bool = False
+    compile: bool = False
+
+    def errors(self) -> list[str]:
+        problems = []
+        if not isinstance(self.steps, int) or self.steps < 1:
+            problems.append(f"--steps must be a positive integer, got {self.steps}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append("--batch-size and --grad-accum must be at least 1")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
+            problems.append("--eval-every, --checkpoint-every and --patience must be >= 0")
+        if self.compile and self.gradient_checkpointing:
+            problems.append("--compile and --gradient-checkpointing cannot be combined; choose one")
+        return problems
+
+    def validate(self) -> TrainConfig:
+        problems = self.errors()
+        if problems:
+            raise SoftpromptsError("; ".join(problems))
+        return self
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of ``lr`` at ``step``: linear warmup over ``w`` steps, then linear/cosine decay to 0 at ``steps``."""
+    warm = int(config.warmup_ratio * config.steps)
+    if step < warm:
+        return (step + 1) / warm
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, config.steps - warm)
+    return max(0.0, 1 - progress) if config.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+__all__ = ["SCHEDULES", "TrainConfig", "lr_factor"]
