@@ -52,6 +52,16 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     )
 
 
+# library error -> (HTTP status, OpenAI error type, the request field it is about)
+ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
+    UnknownAdapter: (404, "not_found_error", "model"),
+    InvalidAdapterName: (400, "invalid_request_error", "model"),
+    ContextLengthError: (400, "invalid_request_error", "prompt"),
+    AdapterError: (409, "adapter_error", "model"),
+    SoftpromptsError: (400, "invalid_request_error", None),
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map validation and library errors to the responses above; each answers its own request only."""
 
@@ -66,25 +76,15 @@ def install_error_handlers(app: FastAPI) -> None:
         body["detail"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
         return JSONResponse(status_code=422, content=body)
 
-    @app.exception_handler(UnknownAdapter)
-    async def _unknown(request: Request, exc: UnknownAdapter):
-        return error_response(404, str(exc), "not_found_error", "model")
+    for error, (status, kind, param) in ERROR_STATUS.items():  # the most specific class of an error wins (MRO)
+        app.add_exception_handler(error, _handler(status, kind, param))
 
-    @app.exception_handler(InvalidAdapterName)
-    async def _bad_name(request: Request, exc: InvalidAdapterName):
-        return error_response(400, str(exc), "invalid_request_error", "model")
 
-    @app.exception_handler(ContextLengthError)
-    async def _too_long(request: Request, exc: ContextLengthError):
-        return error_response(400, str(exc), "invalid_request_error", "prompt")
+def _handler(status: int, kind: str, param: str | None):
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(status, str(exc), kind, param)
 
-    @app.exception_handler(AdapterError)
-    async def _adaptererror_response(request: Request, exc: AdapterError):
-        return error_response(409, str(exc), "adapter_error", "model")
-
-    @app.exception_handler(SoftpromptsError)
-    async def _usererror_response(request: Request, exc: SoftpromptsError):
-        return error_response(400, str(exc), "invalid_request_error")
+    return handle
 
 
 __all__ = ["ClassifyBody", "CompletionBody", "error_response", "install_error_handlers"]
