@@ -124,6 +124,23 @@ def test_other_settings_refused(compared):
     assert main(changed) == 2
 
 
+def test_minutes_budget_becomes_steps_per_method_once(tmp_path):
+    """``--minutes M``: 2 timed steps per method give its step count, stored so a resumed compare keeps it."""
+    model = save_tiny("llama", tmp_path / "model")
+    out = tmp_path / "out"
+    args = _compare_args(model, out, methods="prompt")
+    args[args.index("--steps") : args.index("--steps") + 2] = ["--minutes", "0.02"]  # 1.2 s of training per run
+    assert main(args) == 0
+    settings = json.loads((out / "compare.json").read_text())
+    steps = settings["steps_per_method"]["prompt"]
+    record = json.loads((out / "runs" / "prompt-seed0" / "adapter" / "training.json").read_text())
+    assert steps >= 1 and record["steps_done"] == steps
+    os.remove(out / "runs" / "prompt-seed0" / "result.json")
+    assert main(args) == 0  # redone with the stored step count, not re-timed
+    assert json.loads((out / "compare.json").read_text())["steps_per_method"] == {"prompt": steps}
+    assert json.loads((out / "runs" / "prompt-seed0" / "adapter" / "training.json").read_text())["steps_done"] == steps
+
+
 def test_peft_missing_is_one_clear_error(monkeypatch):
     import sys
 
