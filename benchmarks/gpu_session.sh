@@ -4,7 +4,7 @@
 #   1. train_speed anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256 tokens, every method, ours/PEFT/limit
 #      and ours with gradient checkpointing                          -> train_speed.jsonl
 #   2. serve_throughput: 64 requests x 128 prompt tokens, 64 new tokens, 1/4/16 adapters, ours vs PEFT
-#                                                                    -> serve.json
+#      (soft prompts, then KV prefixes)                              -> serve.json, serve_prefix.json
 #   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate -> cli.log
 #   4. train_speed with the torch.compile'd loss (compilation time reported per method) -> train_compile.jsonl
 # Each step has its own timeout so a slow one cannot take the others' results with it; step 4 gets what is left
@@ -32,6 +32,12 @@ stamp "2 serve_throughput"
 timeout "${T2:-150}" $PY benchmarks/serve_throughput.py --device cuda --model-shape llama-1b --dtype bfloat16 \
     --requests 64 --new-tokens 64 --prompt-tokens 128 --json "$OUT/serve.json" >"$OUT/serve.log" 2>&1
 stamp "2 rc=$?"
+
+stamp "2b serve_throughput, KV-prefix adapters"
+timeout "${T2:-150}" $PY benchmarks/serve_throughput.py --device cuda --model-shape llama-1b --dtype bfloat16 \
+    --requests 64 --new-tokens 64 --prompt-tokens 128 --method prefix --json "$OUT/serve_prefix.json" \
+    >"$OUT/serve_prefix.log" 2>&1
+stamp "2b rc=$?"
 
 stamp "3 CLI on CUDA"
 (

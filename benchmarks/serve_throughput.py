@@ -5,11 +5,13 @@
         --new-tokens 64 --prompt-tokens 128                             # GPU, random-init Llama-3.2-1B shape
 
 For each number of distinct adapters per batch (``--adapters 1,4,16``), ``--requests`` requests are spread
-round-robin over that many prompt-tuning adapters (``--virtual-tokens`` each), all with prompts of
+round-robin over that many adapters (``--method prompt``: soft prompts, or ``prefix``: KV prefixes;
+``--virtual-tokens`` each), all with prompts of
 ``--prompt-tokens`` random ids, greedy, exactly ``--new-tokens`` new tokens (no early stop):
 
 * ours: ``Engine.generate`` over all requests in one mixed batch (soft prompts served as their cached KV);
-* PEFT: ``get_peft_model`` + ``add_adapter`` with the same soft prompts, and HF ``generate`` per adapter group
+* PEFT: ``get_peft_model`` + ``add_adapter`` with the same tensors (``PromptTuningConfig``, or
+  ``PrefixTuningConfig(prefix_projection=False)`` holding our KV in PEFT's layout), and HF ``generate`` per group
   (PEFT refuses mixed batches for prompt-learning methods: ``adapter_names`` is LoRA-only);
 * HF ``generate`` on the base model with all requests in one batch (no adapter: the ceiling).
 
@@ -75,18 +77,26 @@ def timed(fn, device: str, repeat: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def peft_model(base: BaseModel, softs: list) -> object:
-    """A PEFT prompt-tuning model on a copy of the base, one named adapter per soft prompt (same values)."""
-    from peft import PromptTuningConfig, get_peft_model
+def peft_model(base: BaseModel, artifacts: list) -> object:
+    """A PEFT model on a copy of the base, one named adapter per artifact holding the same values."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from softprompts.interop.peft_export import prefix_to_peft_rows
 
     model = copy.deepcopy(base.model)
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=softs[0].length)
+    length = artifacts[0].length
+    if artifacts[0].kind == "soft_prompt":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length)
+        rows = [a.embeds for a in artifacts]
+    else:
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length, prefix_projection=False)
+        rows = [prefix_to_peft_rows(a) for a in artifacts]  # [P, L * 2 * H * D], PEFT's layout
     peft = get_peft_model(model, config, adapter_name="a0")
-    for i in range(1, len(softs)):
+    for i in range(1, len(artifacts)):
         peft.add_adapter(f"a{i}", config)
     with torch.no_grad():
-        for i, soft in enumerate(softs):
-            peft.prompt_encoder[f"a{i}"].embedding.weight.copy_(soft.embeds.to(base.dtype))
+        for i, row in enumerate(rows):
+            peft.prompt_encoder[f"a{i}"].embedding.weight.copy_(row.to(base.dtype))
     peft.eval()
     return peft
 
@@ -100,8 +110,9 @@ def run(args) -> dict:
     prompts = torch.randint(100, vocab - 100, (args.requests, args.prompt_tokens), generator=gen)
     engine = Engine(base, max_batch=args.requests)
     counts = [int(c) for c in args.adapters.split(",")]
-    softs = [
-        sp.create_method(base, "prompt", num_virtual_tokens=args.virtual_tokens, init="vocab", seed=i).materialize()
+    init = "vocab" if args.method == "prompt" else "random"
+    softs = [  # the adapters' artifacts: soft prompts or KV prefixes
+        sp.create_method(base, args.method, num_virtual_tokens=args.virtual_tokens, init=init, seed=i).materialize()
         for i in range(max(counts))
     ]
     start = time.perf_counter()
@@ -143,14 +154,22 @@ def run(args) -> dict:
                        speedup=round(peft_s / ours_s, 2), same_tokens=f"{same}/{args.requests}")
         rows.append(row)
 
-    # time to first token: the whole batch over the largest adapter count, cached KV vs soft prompt recomputed
-    n = max(counts)
-    first_cached = [GenerationRequest(prompts[i].tolist(), kvs[i % n], 1, stop_ids=frozenset()) for i in range(args.requests)]
-    first_soft = [GenerationRequest(prompts[i].tolist(), softs[i % n], 1, stop_ids=frozenset()) for i in range(args.requests)]
-    cached_s, a = timed(lambda: engine.generate(first_cached), device, args.repeat)
-    soft_s, b = timed(lambda: engine.generate(first_soft), device, args.repeat)
+    # time to first token (soft prompts only): the whole batch over the largest adapter count, cached KV vs the
+    # soft prompt recomputed in every prefill
+    ttft = {}
+    if args.method == "prompt":
+        n = max(counts)
+        cached = [GenerationRequest(prompts[i].tolist(), kvs[i % n], 1, stop_ids=frozenset()) for i in range(args.requests)]
+        recomputed = [GenerationRequest(prompts[i].tolist(), softs[i % n], 1, stop_ids=frozenset())
+                      for i in range(args.requests)]
+        cached_s, a = timed(lambda: engine.generate(cached), device, args.repeat)
+        soft_s, b = timed(lambda: engine.generate(recomputed), device, args.repeat)
+        ttft = {"ttft_cached_kv_s": round(cached_s, 4), "ttft_recompute_s": round(soft_s, 4),
+                "ttft_same_tokens": [x.tokens for x in a] == [y.tokens for y in b],
+                "soft_prompt_to_kv_once_s": round(convert_s, 4)}
     return {
         "model": base.name,
+        "method": args.method,
         "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
         "dtype": args.dtype,
         "requests": args.requests,
@@ -159,10 +178,7 @@ def run(args) -> dict:
         "new_tokens": new,
         "hf_generate_base_tok_s": round(total_tokens / hf_s, 1),
         "rows": rows,
-        "ttft_cached_kv_s": round(cached_s, 4),
-        "ttft_recompute_s": round(soft_s, 4),
-        "ttft_same_tokens": [x.tokens for x in a] == [y.tokens for y in b],
-        "soft_prompt_to_kv_once_s": round(convert_s, 4),
+        **ttft,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
@@ -183,10 +199,13 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['adapters']} | {r['ours_tok_s']} | {r.get('peft_tok_s', '-')} | "
                      f"{r.get('speedup', '-')}x | {r.get('same_tokens', '-')} |")
-    lines.append(f"\nHF generate, base model, one batch: {result['hf_generate_base_tok_s']} tok/s. "
-                 f"Time to first token (batch of {result['requests']}): cached KV {result['ttft_cached_kv_s']} s vs "
-                 f"recomputed soft prompt {result['ttft_recompute_s']} s (same tokens: {result['ttft_same_tokens']}); "
-                 f"one-time conversion {result['soft_prompt_to_kv_once_s']} s per adapter.")
+    lines.append(f"\n{result['method']} adapters. HF generate, base model, one batch: "
+                 f"{result['hf_generate_base_tok_s']} tok/s.")
+    if "ttft_cached_kv_s" in result:
+        lines.append(f"Time to first token (batch of {result['requests']}): cached KV {result['ttft_cached_kv_s']} s "
+                     f"vs recomputed soft prompt {result['ttft_recompute_s']} s (same tokens: "
+                     f"{result['ttft_same_tokens']}); one-time conversion {result['soft_prompt_to_kv_once_s']} s per "
+                     "adapter.")
     return "\n".join(lines)
 
 
@@ -201,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--virtual-tokens", type=int, default=16)
     p.add_argument("--adapters", default="1,4,16")
+    p.add_argument("--method", choices=["prompt", "prefix"], default="prompt", help="soft prompts or KV prefixes")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best is kept)")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--json", default=None, help="also write the result here")
