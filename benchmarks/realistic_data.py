@@ -80,7 +80,8 @@ def ours_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Calla
 
 def peft_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Callable[[], int]]:
     """One epoch of PEFT steps with Trainer-style random batches padded to the longest row."""
-    from softprompts.compare.peft_baseline import PEFT_CONFIGS, PeftSpec, _train_batch, import_peft
+    from softprompts.compare.peft_baseline import PEFT_CONFIGS, PeftSpec, import_peft
+    from softprompts.compare.peft_eval import train_batch
 
     peft = import_peft()
     spec = PeftSpec(method=name, num_virtual_tokens=virtual, config=None, hidden_size=ENCODER_HIDDEN)
@@ -98,7 +99,7 @@ def peft_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Calla
         rows = [encoded[i] for i in indices]
 
         def step() -> int:
-            b = _train_batch(base, [(r.prompt_ids, r.target_ids) for r in rows], base.device)  # right-padded
+            b = train_batch(base, [(r.prompt_ids, r.target_ids) for r in rows], base.device)  # right-padded
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model(**b).loss.backward()

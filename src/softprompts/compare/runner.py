@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from softprompts.compare.config import (
+    RESULT_FILE,
+    SETTINGS_FILE,
+    CompareConfig,
+    CompareData,
+    atomic_json,
+    machine_info,
+    read_json_or_none,
+)
 from softprompts.compare.latency import (
     measure_hf_latency,
     measure_latency,
@@ -35,107 +41,6 @@ from softprompts.compare.latency import (
     reset_peak_memory,
 )
 from softprompts.errors import SoftpromptsError
-
-RESULT_FILE = "result.json"
-SETTINGS_FILE = "compare.json"
-
-
-@dataclass
-class CompareConfig:
-    """What every run shares. ``steps`` or ``minutes`` (per run; converted to steps per method by timing 2 steps).
-
-    lr / virtual_tokens: None = each method's measured default (``softprompts.defaults``), used for PEFT too.
-    eval_limit / test_limit: first N dev / test examples. latency_*: decode length and repeats of the timing.
-    """
-
-    model: str
-    methods: list[str]
-    seeds: int = 1
-    baseline: str | None = None
-    steps: int | None = 100
-    minutes: float | None = None
-    batch_size: int = 8
-    lr: float | None = None
-    virtual_tokens: int | None = None
-    eval_every: int = 25
-    eval_limit: int | None = None
-    test_limit: int | None = None
-    latency_tokens: int = 8
-    latency_repeats: int = 3
-    progress: bool = True
-
-    def errors(self) -> list[str]:
-        problems = []
-        if (self.steps is None) == (self.minutes is None):
-            problems.append("give exactly one budget: --steps N or --minutes M")
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"--steps must be positive, got {self.steps}")
-        if self.minutes is not None and self.minutes <= 0:
-            problems.append(f"--minutes must be positive, got {self.minutes}")
-        if self.seeds < 1:
-            problems.append(f"--seeds must be at least 1, got {self.seeds}")
-        if not self.methods:
-            problems.append("--methods is empty")
-        if self.baseline not in (None, "peft"):
-            problems.append(f"--baseline must be 'peft', got {self.baseline!r}")
-        return problems
-
-
-@dataclass
-class CompareData:
-    """The task and its three splits (test may be empty: the report then uses dev numbers)."""
-
-    spec: object  # TaskSpec
-    train: list
-    dev: list
-    test: list
-    description: dict = field(default_factory=dict)  # dataset name / paths, for the report
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def machine_info(device: torch.device) -> dict:
-    """Where the numbers were measured: CPU/GPU, core count, library versions, git commit."""
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ModuleNotFoundError:
-        info["peft"] = None
-    try:
-        here = Path(__file__).resolve().parent
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                        text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
 
 
 class Comparison:
@@ -174,7 +79,7 @@ class Comparison:
         """Write compare.json, or check a resumed compare uses the same settings (methods/seeds may grow)."""
         path = self.out / SETTINGS_FILE
         settings = self._settings()
-        old = _read_json(path)
+        old = read_json_or_none(path)
         if old is not None:
             fixed = [k for k in settings if k not in ("methods", "seeds", "baseline")]
             changed = [k for k in fixed if json.dumps(old.get(k), default=str) != json.dumps(settings[k], default=str)]
@@ -184,7 +89,7 @@ class Comparison:
                     "same flags or choose another --out"
                 )
             settings["steps_per_method"] = old.get("steps_per_method", {})
-        _atomic_json(path, settings)
+        atomic_json(path, settings)
         return settings
 
     def _train_config(self, method: str, seed: int, steps: int):
@@ -218,7 +123,7 @@ class Comparison:
             record = train(self.base, self._method(method, 0), self.data.train, self.data.spec, probe).record
             per_step = max(record["timings"]["train_seconds"] / 2, 1e-3)
             known[method] = max(1, int(self.config.minutes * 60 / per_step))
-            _atomic_json(self.out / SETTINGS_FILE, settings)
+            atomic_json(self.out / SETTINGS_FILE, settings)
         return known[method]
 
     # --- runs -----------------------------------------------------------------------------------------------------
@@ -232,7 +137,7 @@ class Comparison:
         from softprompts.evaluate import evaluate
 
         path = self.out / "runs" / "base" / RESULT_FILE
-        done = _read_json(path)
+        done = read_json_or_none(path)
         if done is not None and (self.config.baseline is None or "latency_hf" in done):
             return done
         result = {"test": evaluate(self.base, None, self.test, self.data.spec) if self.test else {},
@@ -242,7 +147,7 @@ class Comparison:
             prompt = (self.test or self.dev or self.data.train)[0].prompt
             result["latency_hf"] = measure_hf_latency(self.base.model, self.base.tokenizer, prompt,
                                                       self.config.latency_tokens, self.config.latency_repeats).to_json()
-        _atomic_json(path, result)
+        atomic_json(path, result)
         return result
 
     def _our_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
@@ -346,7 +251,7 @@ class Comparison:
         for index, (impl, method, seed) in enumerate(overall, start=1):
             name = f"{'peft-' if impl == 'peft' else ''}{method}-seed{seed}"
             run_dir = self.out / "runs" / name
-            done = _read_json(run_dir / RESULT_FILE)
+            done = read_json_or_none(run_dir / RESULT_FILE)
             if done is not None:
                 self.skipped.append(name)
                 overall.set_description(f"compare: {name} done already")
@@ -366,7 +271,7 @@ class Comparison:
                 result = {"impl": impl, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
                           "issues": [f"PEFT run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
             result["load_average_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-            _atomic_json(run_dir / RESULT_FILE, result)
+            atomic_json(run_dir / RESULT_FILE, result)
             self.ran.append(name)
             runs.append(result)
         overall.close()
@@ -375,7 +280,7 @@ class Comparison:
         results["resume"] = {"skipped": self.skipped, "ran": self.ran}
         loads = [r.get("load_average_1m") for r in runs if r.get("load_average_1m") is not None]
         results["machine"]["load_average_1m"] = max(loads + [results["machine"]["load_average_1m"] or 0.0])
-        _atomic_json(self.out / "results.json", results)
+        atomic_json(self.out / "results.json", results)
         write_report(results, self.out)
         return results
 

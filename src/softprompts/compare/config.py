@@ -1,0 +1,119 @@
+"""What a compare shares across its runs (``CompareConfig``, ``CompareData``), where it was measured
+(``machine_info``), and the atomic JSON files a resumable compare is made of."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULT_FILE = "result.json"
+SETTINGS_FILE = "compare.json"
+
+
+@dataclass
+class CompareConfig:
+    """What every run shares. ``steps`` or ``minutes`` (per run; converted to steps per method by timing 2 steps).
+
+    lr / virtual_tokens: None = each method's measured default (``softprompts.defaults``), used for PEFT too.
+    eval_limit / test_limit: first N dev / test examples. latency_*: decode length and repeats of the timing.
+    """
+
+    model: str
+    methods: list[str]
+    seeds: int = 1
+    baseline: str | None = None
+    steps: int | None = 100
+    minutes: float | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    virtual_tokens: int | None = None
+    eval_every: int = 25
+    eval_limit: int | None = None
+    test_limit: int | None = None
+    latency_tokens: int = 8
+    latency_repeats: int = 3
+    progress: bool = True
+
+    def errors(self) -> list[str]:
+        problems = []
+        if (self.steps is None) == (self.minutes is None):
+            problems.append("give exactly one budget: --steps N or --minutes M")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be positive, got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            problems.append(f"--minutes must be positive, got {self.minutes}")
+        if self.seeds < 1:
+            problems.append(f"--seeds must be at least 1, got {self.seeds}")
+        if not self.methods:
+            problems.append("--methods is empty")
+        if self.baseline not in (None, "peft"):
+            problems.append(f"--baseline must be 'peft', got {self.baseline!r}")
+        return problems
+
+
+@dataclass
+class CompareData:
+    """The task and its three splits (test may be empty: the report then uses dev numbers)."""
+
+    spec: object  # TaskSpec
+    train: list
+    dev: list
+    test: list
+    description: dict = field(default_factory=dict)  # dataset name / paths, for the report
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where the numbers were measured: CPU/GPU, core count, library versions, git commit."""
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ModuleNotFoundError:
+        info["peft"] = None
+    try:
+        here = Path(__file__).resolve().parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+__all__ = ["RESULT_FILE", "SETTINGS_FILE", "CompareConfig", "CompareData", "atomic_json", "machine_info",
+           "read_json_or_none"]

@@ -1,0 +1,154 @@
+"""PEFT models evaluated the way a PEFT user gets them, and the checks that catch PEFT failures.
+
+Batches: right-padded ``input_ids``/``attention_mask``/``labels`` (labels -100 on prompt and padding), as HF's
+Trainer builds them. Rank classification scores each label verbalization with the model's forward:
+``score(y) = sum_t log p(y_t | prompt, y_<t)`` over the target tokens. Generation goes through ``model.generate``
+(greedy, left-padded batches). ``detect_issues`` compares PEFT's ``generate`` with its own forward and with the bare
+model on a few dev prompts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from softprompts.model.base import BaseModel
+
+# --- batches ------------------------------------------------------------------------------------------------------
+
+
+def train_batch(base: BaseModel, pairs: Sequence[tuple[list[int], list[int]]], device) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding) ``[B, T]``."""
+    width = max(len(p) + len(t) for p, t in pairs)
+    pad = base.tokenizer.pad_token_id or 0
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(pairs):
+        n = len(p) + len(t)
+        ids[i, :n] = torch.tensor(p + t)
+        mask[i, :n] = 1
+        labels[i, len(p) : n] = torch.tensor(t)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, base: BaseModel, pairs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Sum of log p(target tokens | prompt) per pair ``[N]`` through ``model``'s forward (PEFT or bare)."""
+    batch = train_batch(base, pairs, base.device)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    width = batch["input_ids"].shape[1]
+    logits = out.logits[:, -width:].float()  # prompt tuning / P-tuning prepend P virtual positions: drop them
+    logp = logits[:, :-1].log_softmax(-1)  # predicts tokens 1..T-1
+    labels = batch["labels"][:, 1:]
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (picked * (labels != -100)).sum(1)
+
+
+def rank_classify(model, base: BaseModel, prompts: Sequence[str], label_targets: Sequence[str],
+                  max_prompt_tokens: int = 256, batch_size: int = 16) -> list[int]:
+    """Index of the best-scoring label verbalization per prompt (sum of target-token log-probabilities)."""
+    targets = [base.tokenize(t) for t in label_targets]
+    pairs = [(base.tokenize(p)[-max_prompt_tokens:], t) for p in prompts for t in targets]
+    scores = []
+    for i in range(0, len(pairs), batch_size * len(targets)):
+        scores.append(_sequence_logprobs(model, base, pairs[i : i + batch_size * len(targets)]))
+    table = torch.cat(scores).view(len(prompts), len(targets))
+    return table.argmax(1).tolist()
+
+
+@torch.no_grad()
+def hf_generate(model, base: BaseModel, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int = 256,
+                batch_size: int = 8) -> list[str]:
+    """Greedy continuations through ``model.generate`` (PEFT or bare), left-padded batches."""
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [base.tokenize(p)[-max_prompt_tokens:] for p in prompts[i : i + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=base.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=base.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        out += [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
+    return out
+
+
+# --- evaluation through PEFT's own paths -------------------------------------------------------------------
+
+
+EvalFn = Callable[[object, list], dict]  # (model, examples) -> {metric: value}
+
+
+def make_evaluator(base: BaseModel, spec) -> EvalFn:
+    """``(model, examples) -> metrics`` through PEFT's own forward (classify) or ``generate`` (generate).
+
+    Same truncation, label verbalizations and metric code as ``softprompts.evaluate`` (``spec``: a ``TaskSpec``).
+    """
+    from softprompts.data.datasets import label_targets
+    from softprompts.evaluate import score_outputs
+
+    def evaluate(model, examples: list) -> dict:
+        prompts = [ex.prompt for ex in examples]
+        if spec.task == "classify":
+            picks = rank_classify(model, base, prompts, label_targets(spec.template, spec.labels),
+                                  spec.max_prompt_tokens)
+            return score_outputs(spec, examples, [spec.labels[i] for i in picks])
+        return score_outputs(spec, examples, hf_generate(model, base, prompts, spec.max_target_tokens,
+                                                         spec.max_prompt_tokens))
+
+    return evaluate
+
+
+def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
+    """Check PEFT's ``generate`` against its own forward and the bare model on a few dev prompts.
+
+    For each prompt alone (no padding): the first-step logits of ``generate`` should equal the PEFT forward's last
+    logits. If they equal the BARE model's instead while the forward differs, generate ignores the adapter. Then a
+    left-padded batch of the same prompts must decode as each prompt alone (padding must not change outputs).
+    """
+    prompts = prompts[:4]
+    if not prompts:
+        return []
+    ignored = mismatched = no_effect = 0
+    for prompt in prompts:
+        ids = torch.tensor([base.tokenize(prompt)], device=base.device)
+        mask = torch.ones_like(ids)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bare = base.model(input_ids=ids).logits[0, -1].float()
+            adapted = peft_model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
+            gen = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True,
+                                      pad_token_id=base.tokenizer.pad_token_id).logits[0][0].float()
+        changes = not torch.allclose(bare, adapted, atol=1e-4, rtol=1e-4)
+        no_effect += not changes
+        if changes and torch.allclose(gen, bare, atol=1e-4, rtol=1e-4):
+            ignored += 1
+        elif not torch.allclose(gen, adapted, atol=1e-3, rtol=1e-3):
+            mismatched += 1
+    issues = []
+    if ignored:
+        issues.append(
+            f"prefix ignored: on {ignored}/{len(prompts)} dev prompts PEFT generate() gives the bare model's logits "
+            "although PEFT's forward changes them (its generation metrics are the bare model's)"
+        )
+    if mismatched:
+        issues.append(f"generate() disagrees with PEFT's own forward on {mismatched}/{len(prompts)} dev prompts")
+    if no_effect == len(prompts):
+        issues.append("adapter has no effect: PEFT's forward logits equal the bare model's")
+    if len({len(base.tokenize(p)) for p in prompts}) > 1:  # padding check, only where the bare model is exact
+        bare_ok = hf_generate(base.model, base, prompts, 4) == [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
+        alone = [hf_generate(peft_model, base, [p], max_new_tokens=4)[0] for p in prompts]
+        if bare_ok and hf_generate(peft_model, base, prompts, 4) != alone:
+            issues.append("left-padded batched generate() differs from generating each prompt alone "
+                          "(the bare model's does not)")
+    return issues
+
+
+__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "train_batch"]
