@@ -187,3 +187,50 @@ def test_registry_validates_limits_memory_and_hot_loads(tmp_path):
     with pytest.raises(UnknownAdapter):
         reg.get("new")
     assert reg.load("new").artifact.length == 2
+
+
+def test_registry_serves_prompt_table_tasks(tmp_path):
+    """A prompt-table directory serves each task as DIR.TASK, equal to the task's own artifact; editing the table
+    hot-reloads its tasks and a removed task stops being served."""
+    from softprompts.table import PromptTable
+
+    base = tiny_base("llama")
+    engine = Engine(base)
+    table = PromptTable.load(tmp_path / "tbl", create=True)
+    for i, method in enumerate(METHODS):
+        m = sp.create_method(base, method, num_virtual_tokens=2 + i, init="random", seed=i)
+        table.add(f"t{i}", sp.Adapter.from_method(m, base, task={"task": "generate"}))
+    table.save()
+    save(base, tmp_path / "plain", "prompt", n=3)
+    reg = Registry(base, tmp_path, prepare=engine.prepare, poll_s=0)
+    assert {e.name for e in reg.entries()} == {"plain", "tbl.t0", "tbl.t1", "tbl.t2", "tbl.t3"}
+    for i in range(4):
+        served = reg.get(f"tbl.t{i}").artifact
+        expected = engine.prepare(table.adapter(f"t{i}").artifact)
+        assert served.length == 2 + i
+        for key, tensor in expected.tensors().items():
+            torch.testing.assert_close(served.tensors()[key], tensor, rtol=0, atol=0)
+    prompt = base.tokenize("hello there")
+    mixed = engine.generate([GenerationRequest(prompt, reg.get(f"tbl.t{i}").artifact, 4) for i in range(4)])
+    alone = [engine.generate([GenerationRequest(prompt, engine.prepare(table.adapter(f"t{i}").artifact), 4)])[0]
+             for i in range(4)]
+    assert [r.tokens for r in mixed] == [r.tokens for r in alone]
+
+    time.sleep(0.01)
+    table.remove("t3")
+    table.save()
+    assert set(reg.scan()) == {"tbl.t0", "tbl.t1", "tbl.t2"}  # the table changed: its tasks reload
+    assert "tbl.t3" not in {e.name for e in reg.entries()}
+    with pytest.raises(UnknownAdapter):
+        reg.get("tbl.t3")
+    reg.unload("tbl.t1")
+    assert reg.load("tbl.t1").artifact.length == 3
+    with pytest.raises(UnknownAdapter):
+        reg.load("tbl.nope")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "table.json").write_text("{not json")
+    reg.scan()
+    broken = {e.name: e for e in reg.entries()}["broken"]
+    assert broken.artifact is None and broken.error
+    with pytest.raises(sp.AdapterError):
+        reg.get("broken")

@@ -1,17 +1,20 @@
 """Adapters served from a directory: validation against the base model, an LRU memory limit, hot loading.
 
-Every subdirectory of ``directory`` holding an ``adapter.json`` is an adapter named after the subdirectory. Each
+Every subdirectory of ``directory`` holding an ``adapter.json`` is an adapter named after the subdirectory; every
+subdirectory holding a prompt table (``table.json``) serves each of its tasks as ``<subdirectory>.<task>``. Each
 is validated on discovery (``load_adapter(dir, base)``: format, tensor shapes, base-model fingerprint) and its
 artifact converted once to what is served (``prepare``: soft prompt -> exact KV prefix). Loaded artifacts are
 kept under ``max_bytes`` (least recently used dropped first; a dropped one reloads from disk on its next request).
 
 Hot loading: ``scan()`` (run by ``start_polling`` every ``poll_s`` seconds, and by ``load(name)``) compares each
-directory's signature (mtime and size of its two files) and reloads new or changed adapters. Requests already in
+directory's signature (mtime and size of its two files) and reloads new or changed adapters (a changed table
+reloads its tasks; tasks removed from it stop being served). Requests already in
 flight hold a reference to the artifact they started with, so swapping or dropping an entry never affects them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -24,6 +27,7 @@ from softprompts.adapter import AdapterError
 from softprompts.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
+from softprompts.table import TABLE_CONFIG, TABLE_WEIGHTS, PromptTable
 
 BASE_NAME = "base"  # the model without an adapter
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -52,6 +56,7 @@ class Entry:
 
     name: str
     path: Path
+    table_task: str | None = None  # the task's name inside a prompt table directory (None: an adapter directory)
     signature: tuple = ()
     artifact: Artifact | None = None
     method: str = ""
@@ -105,37 +110,38 @@ class Registry:
 
     # -- discovery ------------------------------------------------------------------------------------------
     def scan(self) -> list[str]:
-        """Load new or changed adapter directories, forget removed ones; returns the names (re)loaded."""
+        """Load new or changed adapter directories and table tasks, forget removed ones; returns the names (re)loaded."""
         changed = []
         present = set()
         for path in sorted(self.directory.iterdir()):
-            if not (path / CONFIG_FILE).is_file():
-                continue
-            try:
-                name = check_name(path.name)
-            except InvalidAdapterName:
-                continue
-            present.add(name)
-            if name in self._disabled:
-                continue
-            entry = self._entries.get(name)
-            if entry is None or entry.signature != _signature(path):
-                self._load(name, path)
-                changed.append(name)
+            for name, task in _served_names(path):
+                present.add(name)
+                if name in self._disabled:
+                    continue
+                entry = self._entries.get(name)
+                if entry is None or entry.signature != _signature(path, task):
+                    self._load(name, path, task)
+                    changed.append(name)
         with self._lock:
             for name in list(self._entries):
                 if name not in present:
                     self._drop(name)
         return changed
 
-    def _load(self, name: str, path: Path) -> Entry:
-        signature = _signature(path)
+    def _read(self, path: Path, task: str | None):
+        """The adapter in ``path`` (an adapter directory, or task ``task`` of the prompt table in ``path``)."""
+        if task is None:
+            return load_adapter(path, self.base)
+        return PromptTable.load(path, self.base).adapter(task)
+
+    def _load(self, name: str, path: Path, task: str | None = None) -> Entry:
+        signature = _signature(path, task)
         try:
-            adapter = load_adapter(path, self.base)
+            adapter = self._read(path, task)
             served = self.prepare(adapter.artifact)
         except (AdapterError, OSError, ValueError) as exc:
             with self._lock:
-                entry = self._entries.setdefault(name, Entry(name=name, path=path))
+                entry = self._entries.setdefault(name, Entry(name=name, path=path, table_task=task))
                 entry.signature, entry.error = signature, str(exc)  # an older good version keeps serving
             return entry
         with self._lock:
@@ -143,6 +149,7 @@ class Registry:
             entry = Entry(
                 name=name,
                 path=path,
+                table_task=task,
                 signature=signature,
                 artifact=served,
                 method=adapter.method,
@@ -179,23 +186,28 @@ class Registry:
             if entry.artifact is not None:
                 self._lru.move_to_end(name)
                 return entry
-        entry = self._load(name, entry.path)  # dropped by the LRU: back from disk
+        entry = self._load(name, entry.path, entry.table_task)  # dropped by the LRU: back from disk
         if entry.artifact is None:
             raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
         return entry
 
     def load(self, name: str) -> Entry:
-        """(Re)load ``name`` from its subdirectory now (also re-enables an unloaded adapter)."""
+        """(Re)load ``name`` from its subdirectory (or table task) now (also re-enables an unloaded adapter)."""
         check_name(name)
-        path = self.directory / name
-        if not (path / CONFIG_FILE).is_file():
-            raise UnknownAdapter(f"no adapter directory {name!r} (with {CONFIG_FILE}) under {self.directory}")
+        found = next(((p, t) for p in self._candidate_dirs(name) for n, t in _served_names(p) if n == name), None)
+        if found is None:
+            raise UnknownAdapter(f"no adapter directory {name!r} (with {CONFIG_FILE}) and no prompt-table task of "
+                                 f"that name (DIR.TASK) under {self.directory}")
         with self._lock:
             self._disabled.discard(name)
-        entry = self._load(name, path)
+        entry = self._load(name, *found)
         if entry.artifact is None:
             raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
         return entry
+
+    def _candidate_dirs(self, name: str) -> list[Path]:
+        """The subdirectory ``name`` itself, or for ``DIR.TASK`` the table directory ``DIR``."""
+        return [self.directory / name] + ([self.directory / name.rsplit(".", 1)[0]] if "." in name else [])
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (requests in flight finish); it stays off until ``load(name)``."""
@@ -234,9 +246,28 @@ class Registry:
                 continue
 
 
-def _signature(path: Path) -> tuple:
+def _served_names(path: Path) -> list[tuple[str, str | None]]:
+    """``[(name, table task)]`` served from one subdirectory: ``[(dir, None)]`` for an adapter directory,
+    ``[(dir.task, task), ...]`` for a prompt table (``[(dir, None)]`` when its table.json cannot be read, so the
+    error shows up as an entry), ``[]`` otherwise or for a name that is not allowed."""
+    try:
+        check_name(path.name)
+    except InvalidAdapterName:
+        return []
+    if (path / CONFIG_FILE).is_file():
+        return [(path.name, None)]
+    if not (path / TABLE_CONFIG).is_file():
+        return []
+    try:
+        tasks = json.loads((path / TABLE_CONFIG).read_text())["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [(path.name, "")]  # loading task "" fails with the table's own error message
+    return [(f"{path.name}.{task}", task) for task in sorted(tasks)]
+
+
+def _signature(path: Path, task: str | None = None) -> tuple:
     parts = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE) if task is None else (TABLE_CONFIG, TABLE_WEIGHTS):
         try:
             st = (path / name).stat()
             parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
