@@ -7,8 +7,8 @@
 #      (soft prompts, then KV prefixes)                              -> serve.json, serve_prefix.json
 #   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate -> cli.log
 #   4. train_speed with the torch.compile'd loss (compilation time reported per method) -> train_compile.jsonl
-# Each step has its own timeout so a slow one cannot take the others' results with it; step 4 gets what is left
-# of BUDGET seconds (default 540).
+# Each step runs under min(its own cap, what is left of BUDGET seconds, default 540) and is skipped when under 30 s
+# are left, so a slow step cannot take the others' results with it and the whole script ends within BUDGET.
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -16,6 +16,20 @@ export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELIS
 PY=${PY:-python3}
 start=$(date +%s)
 left() { echo $(( ${BUDGET:-540} - ($(date +%s) - start) )); }  # seconds left of the whole session
+# cap CAP: the step's own limit, never more than what is left; prints 0 (skip the step) under 30 s
+cap() { local l; l=$(left); (( l > $1 )) && l=$1; (( l < 30 )) && l=0; echo $l; }
+limited() {  # limited CAP COMMAND...: the command under min(CAP, what is left); not run when under 30 s are left
+  local l; l=$(cap "$1"); shift
+  if (( l == 0 )); then echo "skipped (no time left): $*"; return 124; fi
+  timeout "$l" "$@"
+}
+run_step() {  # run_step CAP NAME COMMAND...: one step under its cap, skipped when the session is out of time
+  local limit; limit=$(cap "$1"); local name=$2; shift 2
+  if (( limit == 0 )); then stamp "$name skipped (no time left)"; return; fi
+  stamp "$name (limit ${limit} s)"
+  timeout "$limit" "$@"
+  stamp "$name rc=$?"
+}
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/session.log"; }
 
 stamp "versions"
@@ -23,23 +37,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/ses
 $PY -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" \
     >>"$OUT/session.log" 2>&1
 
-stamp "1 train_speed anchor"
-timeout "${T1:-150}" $PY benchmarks/train_speed.py --device cuda --json --checkpointing --reps 20 \
-    >"$OUT/train_speed.jsonl" 2>"$OUT/train_speed.err"
-stamp "1 rc=$?"
+run_step 150 "1 train_speed anchor" bash -c "$PY benchmarks/train_speed.py --device cuda --json --checkpointing \
+    --reps 20 >$OUT/train_speed.jsonl 2>$OUT/train_speed.err"
 
-stamp "2 serve_throughput"
-timeout "${T2:-150}" $PY benchmarks/serve_throughput.py --device cuda --model-shape llama-1b --dtype bfloat16 \
-    --requests 64 --new-tokens 64 --prompt-tokens 128 --json "$OUT/serve.json" >"$OUT/serve.log" 2>&1
-stamp "2 rc=$?"
+run_step 120 "2 serve_throughput, soft prompts" bash -c "$PY benchmarks/serve_throughput.py --device cuda \
+    --model-shape llama-1b --dtype bfloat16 --requests 64 --new-tokens 64 --prompt-tokens 128 \
+    --json $OUT/serve.json >$OUT/serve.log 2>&1"
 
-stamp "2b serve_throughput, KV-prefix adapters"
-timeout "${T2:-150}" $PY benchmarks/serve_throughput.py --device cuda --model-shape llama-1b --dtype bfloat16 \
-    --requests 64 --new-tokens 64 --prompt-tokens 128 --method prefix --json "$OUT/serve_prefix.json" \
-    >"$OUT/serve_prefix.log" 2>&1
-stamp "2b rc=$?"
+run_step 120 "2b serve_throughput, KV prefixes" bash -c "$PY benchmarks/serve_throughput.py --device cuda \
+    --model-shape llama-1b --dtype bfloat16 --requests 64 --new-tokens 64 --prompt-tokens 128 --method prefix \
+    --json $OUT/serve_prefix.json >$OUT/serve_prefix.log 2>&1"
 
-stamp "3 CLI on CUDA"
+stamp "3 CLI on CUDA (each command at most 60 s)"
 (
   work=$(mktemp -d)
   $PY -c "import sys; from tiny import save_tiny; save_tiny('llama', sys.argv[1])" "$work/model"
@@ -47,16 +56,14 @@ stamp "3 CLI on CUDA"
   common=(--model "$work/model" --task classify --data $D/train.jsonl --eval-data $D/dev.jsonl
           --template 'Review: {text}\nSentiment:' --target ' {label}' --labels negative,positive
           --steps 20 --eval-limit 64 --eval-every 10 --no-progress)
-  timeout 90 $PY -m softprompts train --method prefix "${common[@]}" --bf16 --out "$work/prefix-bf16"
-  timeout 90 $PY -m softprompts train --method prompt "${common[@]}" --compile --out "$work/prompt-compiled"
+  limited 60 $PY -m softprompts train --method prefix "${common[@]}" --bf16 --out "$work/prefix-bf16"
+  limited 60 $PY -m softprompts train --method prompt "${common[@]}" --compile --out "$work/prompt-compiled"
   head -64 $D/test.jsonl >"$work/test64.jsonl"
-  timeout 90 $PY -m softprompts eval --adapter "$work/prefix-bf16" --data "$work/test64.jsonl" --json
-  timeout 90 $PY -m softprompts generate --adapter "$work/prompt-compiled" "A fine film."
+  limited 60 $PY -m softprompts eval --adapter "$work/prefix-bf16" --data "$work/test64.jsonl" --json
+  limited 60 $PY -m softprompts generate --adapter "$work/prompt-compiled" "A fine film."
   $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('device check:', r['device'], r['train_config']['autocast_bf16'], r['timings'])" "$work/prefix-bf16/training.json"
 ) >"$OUT/cli.log" 2>&1
 stamp "3 rc=$?"
 
-stamp "4 train_speed with torch.compile"
-timeout "$(left)" $PY benchmarks/train_speed.py --device cuda --json --compile --reps 10 \
-    >"$OUT/train_compile.jsonl" 2>"$OUT/train_compile.err"
-stamp "4 rc=$?"
+run_step 600 "4 train_speed with torch.compile" bash -c "$PY benchmarks/train_speed.py --device cuda --json \
+    --compile --reps 10 >$OUT/train_compile.jsonl 2>$OUT/train_compile.err"

@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the suite is CPU-only: the same tests on a machine with a GPU
 
 from tiny import ARCHS, tiny_base  # noqa: E402
 

@@ -227,10 +227,17 @@ def test_registry_serves_prompt_table_tasks(tmp_path):
     assert reg.load("tbl.t1").artifact.length == 3
     with pytest.raises(UnknownAdapter):
         reg.load("tbl.nope")
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "table.json").write_text("{not json")
-    reg.scan()
-    broken = {e.name: e for e in reg.entries()}["broken"]
-    assert broken.artifact is None and broken.error
-    with pytest.raises(sp.AdapterError):
-        reg.get("broken")
+    for i, junk in enumerate(["{not json", '{"tasks": null}', '{"tasks": ["a", "b"]}', '{"format": 1}']):
+        (tmp_path / f"broken{i}").mkdir()
+        (tmp_path / f"broken{i}" / "table.json").write_text(junk)
+    reg.scan()  # broken tables become entries with their error; the registry keeps serving the rest
+    entries = {e.name: e for e in reg.entries()}
+    for i in range(4):
+        assert entries[f"broken{i}"].artifact is None and entries[f"broken{i}"].error
+        with pytest.raises(sp.AdapterError):
+            reg.get(f"broken{i}")
+    assert reg.get("tbl.t0").artifact is not None
+    save(base, tmp_path / "tbl.t0", "prompt", n=2)  # an adapter directory named like a table task: the table wins
+    with pytest.warns(UserWarning, match="already served"):
+        reg.scan()
+    assert reg.get("tbl.t0").table_task == "t0"

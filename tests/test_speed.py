@@ -84,7 +84,7 @@ def test_compiled_loss_gives_the_same_gradients(name):
     """Through AOTAutograd (the ``aot_eager`` backend: same graph capture as inductor, no C++ toolchain needed)."""
     base = tiny_base("llama")
     plain = grads(base, name, False)
-    compiled = grads(base, name, False, loss_fn=compiled_loss("aot_eager"))
+    compiled = grads(base, name, False, loss_fn=compiled_loss("aot_eager", fullgraph=True))  # a break would raise
     for a, b in zip(plain, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

@@ -207,12 +207,19 @@ def test_compiled_training_trains_the_same(llama, monkeypatch):
     import softprompts.train as train_module
     from softprompts.speed import compiled_loss
 
-    monkeypatch.setattr(train_module, "compiled_loss", lambda: compiled_loss("aot_eager"))
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return compiled_loss("aot_eager", fullgraph=True)(*args)
+
+    monkeypatch.setattr(train_module, "compiled_loss", lambda: counted)
     results = []
     for compile_loss in (False, True):
         method = create_method(llama, "prefix", num_virtual_tokens=3, seed=0)
         train(llama, method, examples(8), SPEC, quiet(steps=2, lr=1e-2, batch_size=4, compile=compile_loss))
         results.append(params(method))
+        assert len(calls) == (2 if compile_loss else 0)  # one micro-batch per step, 2 steps: the compiled path ran
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

@@ -47,7 +47,7 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
     from softprompts.train import TrainConfig, train
 
     started = time.perf_counter()
-    base = load_base(model)
+    base = load_base(model, device="auto")
     _log(f"loaded {model} in {time.perf_counter() - started:.1f}s")
     template = Template(*TEMPLATE)
     data = {s: load_task_data(bundled_path("uci_sentiment", s), template, "classify", LABELS)[0]

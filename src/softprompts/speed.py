@@ -8,8 +8,8 @@ The step (``train.py``'s optimizer step calls ``accumulate_step``; see its docst
     A.backward(A'.grad * grad_scale)    # one exact backward through the method
 
 ``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, LM head at label positions,
-cross-entropy) traces as ONE graph with ``fullgraph=True`` for every method on every tested architecture (a test
-asserts zero graph breaks), so AOTAutograd compiles its backward too; the method's own forward (prefix MLP,
+cross-entropy) traces as ONE graph for every method on every tested architecture (a test asserts zero graph breaks
+with ``torch._dynamo.explain``), so AOTAutograd compiles its backward too; the method's own forward (prefix MLP,
 P-tuning encoder) stays eager since it runs once per optimizer step.
 
 Gradient checkpointing (``checkpointing(base)``) works for EVERY method, prefixes included. HF's own switch cannot
@@ -43,18 +43,26 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     )  # logits: [B, L, V] -> [B*L, V]
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple[str, bool], Callable] = {}
+RECOMPILE_LIMIT = 64  # artifact kinds x dtypes x base models in one process, each a guard set of its own
 
 
-def compiled_loss(backend: str = "inductor") -> Callable:
-    """``label_loss_sum`` under ``torch.compile(fullgraph=True)`` (one compiled function per backend, shared).
+def compiled_loss(backend: str = "inductor", fullgraph: bool = False) -> Callable:
+    """``label_loss_sum`` under ``torch.compile`` (one compiled function per backend and mode, shared).
 
-    ``fullgraph=True`` turns any graph break into an error instead of a silent slowdown. Shapes vary between
-    length-grouped batches; dynamo recompiles once and then treats the varying sizes as dynamic.
+    Shapes vary between length-grouped batches; dynamo recompiles once and then treats the varying sizes as dynamic.
+    ``fullgraph=False`` (training's choice): should a model we never tested break the graph, or a long process
+    (sweeps, notebooks) exceed dynamo's recompile limit, that call runs eager instead of failing mid-run; the
+    no-graph-break test is what keeps the supported architectures on one graph. ``fullgraph=True`` makes a break
+    an error. The recompile limit is raised to ``RECOMPILE_LIMIT`` (never lowered).
     """
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(label_loss_sum, fullgraph=True, backend=backend)
-    return _COMPILED[backend]
+    key = (backend, fullgraph)
+    if key not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED[key] = torch.compile(label_loss_sum, fullgraph=fullgraph, backend=backend)
+    return _COMPILED[key]
 
 
 def accumulate_step(

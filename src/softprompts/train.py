@@ -174,7 +174,10 @@ def train(
         _log(dist, f"resuming from {ckpt} at step {state.step}")
     else:
         if dev and base_dev is not None:
+            if base_dev.get("n", len(dev)) != len(dev):
+                raise ValueError(f"base_dev was measured on {base_dev['n']} dev examples, training evaluates {len(dev)}")
             state.base_dev = dict(base_dev)
+            _log(dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f} (given)")
         elif dev:
             started = time.perf_counter()
             state.base_dev = _dev_score(base, None, dev, spec, config, dist)

@@ -36,7 +36,7 @@ def load_adapter_and_base(ref: str, model: str | None = None, table: str | None 
     from softprompts.table import adapter_base_name, resolve_adapter
     from softprompts.tasks import TaskSpec
 
-    base = load_base(model or adapter_base_name(ref, table))
+    base = load_base(model or adapter_base_name(ref, table), device="auto")
     adapter = resolve_adapter(ref, base, table)
     spec = TaskSpec.from_json(adapter.task) if adapter.task else None
     return adapter, base, spec
@@ -85,7 +85,7 @@ def run_table(args) -> int:
     table = PromptTable.load(args.table)
     for name, _ in pairs:
         table.info(name)  # a clear error for an unknown task, before loading a model
-    base = load_base(args.model or table.base_meta["name"])
+    base = load_base(args.model or table.base_meta["name"], device="auto")
     table.attach(base)
     tasks = []
     for name, path in pairs:

@@ -53,7 +53,7 @@ def register(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward passes (CUDA only; "
                    "for an fp32 base model)")
     p.add_argument("--device", default="auto", help="torch device for the base model and adapter (default auto: "
-                   "the first CUDA GPU when one is visible, else cpu)")
+                   "the first CUDA GPU when one is visible, else cpu; under torchrun each rank's own GPU)")
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     p.set_defaults(func=run)
@@ -111,7 +111,7 @@ def run(args) -> int:
     if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "
                                "(torchrun --nproc_per_node 1)")
-    device = None if args.device_map else dist.device or args.device  # under torchrun each rank its own GPU
+    device = None if args.device_map else args.device if args.device != "auto" else dist.device or "auto"
     base = load_base(model_name, device=device, device_map=args.device_map)
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
     options = {"num_virtual_tokens": args.virtual_tokens or defaults.num_virtual_tokens,

@@ -240,7 +240,7 @@ class Comparison:
 
             import_peft()  # fail before any training if it is missing
         if self.base is None:
-            self.base = load_base(self.config.model)
+            self.base = load_base(self.config.model, device="auto")
         jobs = [("softprompts", m, s) for m in self.config.methods for s in range(self.config.seeds)]
         if self.config.baseline == "peft":
             jobs += [("peft", m, s) for m in self.config.methods for s in range(self.config.seeds)]

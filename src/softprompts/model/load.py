@@ -25,13 +25,13 @@ def resolve(name: str) -> str:
 
 
 def load_base(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = "auto",
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
     device_map: str | dict | None = None,
 ) -> BaseModel:
     """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
 
-    ``device``: ``"auto"`` (default) puts it on the first CUDA GPU when one is visible, else on the CPU; ``None``
-    leaves it where ``from_pretrained`` puts it (the CPU).
+    ``device``: ``None`` (default) leaves it where ``from_pretrained`` puts it (the CPU), ``"auto"`` puts it on the
+    first CUDA GPU when one is visible, else on the CPU (what the command line does), or any torch device.
 
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.

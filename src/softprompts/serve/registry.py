@@ -18,6 +18,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,10 @@ class Registry:
         present = set()
         for path in sorted(self.directory.iterdir()):
             for name, task in _served_names(path):
+                if name in present:  # e.g. adapter directory "t.a" beside table "t" with task "a": first one wins
+                    warnings.warn(f"{path}: adapter name {name!r} is already served from another directory; skipped",
+                                  stacklevel=2)
+                    continue
                 present.add(name)
                 if name in self._disabled:
                     continue
@@ -139,7 +144,7 @@ class Registry:
         try:
             adapter = self._read(path, task)
             served = self.prepare(adapter.artifact)
-        except (AdapterError, OSError, ValueError) as exc:
+        except Exception as exc:  # a broken file becomes an entry with its error, never a dead server
             with self._lock:
                 entry = self._entries.setdefault(name, Entry(name=name, path=path, table_task=task))
                 entry.signature, entry.error = signature, str(exc)  # an older good version keeps serving
@@ -242,14 +247,15 @@ class Registry:
         while not self._stop.wait(self.poll_s):
             try:
                 self.scan()
-            except OSError:  # directory briefly unavailable: try again next round
-                continue
+            except Exception as exc:  # keep hot loading alive (directory briefly unavailable, ...)
+                warnings.warn(f"adapter scan of {self.directory} failed: {exc}; retrying", stacklevel=2)
 
 
 def _served_names(path: Path) -> list[tuple[str, str | None]]:
     """``[(name, table task)]`` served from one subdirectory: ``[(dir, None)]`` for an adapter directory,
-    ``[(dir.task, task), ...]`` for a prompt table (``[(dir, None)]`` when its table.json cannot be read, so the
-    error shows up as an entry), ``[]`` otherwise or for a name that is not allowed."""
+    ``[(dir.task, task), ...]`` for a prompt table (``[(dir, "")]`` when its table.json cannot be read: loading task
+    "" fails with the table's own error, which the entry then shows), ``[]`` otherwise or for a name that is not
+    allowed (invalid characters, or ``dir.task`` longer than an adapter name may be)."""
     try:
         check_name(path.name)
     except InvalidAdapterName:
@@ -260,9 +266,11 @@ def _served_names(path: Path) -> list[tuple[str, str | None]]:
         return []
     try:
         tasks = json.loads((path / TABLE_CONFIG).read_text())["tasks"]
+        if not isinstance(tasks, dict) or not all(isinstance(t, str) for t in tasks):
+            raise ValueError("tasks is not a mapping of task names")
     except (OSError, ValueError, KeyError, TypeError):
-        return [(path.name, "")]  # loading task "" fails with the table's own error message
-    return [(f"{path.name}.{task}", task) for task in sorted(tasks)]
+        return [(path.name, "")]
+    return [(f"{path.name}.{task}", task) for task in sorted(tasks) if _NAME.match(f"{path.name}.{task}")]
 
 
 def _signature(path: Path, task: str | None = None) -> tuple:
