@@ -22,7 +22,7 @@ class MethodDefaults:
 # lr per method from the sweep in docs/DEFAULTS.md
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "prompt": MethodDefaults(lr=3e-2),
-    "ptuning": MethodDefaults(lr=1e-2),
+    "ptuning": MethodDefaults(lr=3e-3),  # 1e-2 ends below the bare model on mr (docs/DEFAULTS.md rows 8-10)
     "prefix": MethodDefaults(lr=3e-4, num_virtual_tokens=10),
     "deep": MethodDefaults(lr=3e-3, num_virtual_tokens=10),
 }
