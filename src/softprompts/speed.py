@@ -7,7 +7,10 @@ The step (``train.py``'s optimizer step calls ``accumulate_step``; see its docst
     loss_m = CE(LM head at label positions only) / N ;  loss_m.backward()
     A.backward(A'.grad * grad_scale)    # one exact backward through the method
 
-``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, LM head at label positions,
+The LM head + cross-entropy run fused and chunked where the head is plain (``model/head_loss.py``: the gradient to
+the hidden states is formed in the forward pass, so no ``[rows, vocab]`` logits live until the backward pass).
+
+``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, HF's LM head at label positions,
 cross-entropy) traces as ONE graph for every method on every tested architecture (a test asserts zero graph breaks
 with ``torch._dynamo.explain``), so AOTAutograd compiles its backward too; the method's own forward (prefix MLP,
 P-tuning encoder) stays eager since it runs once per optimizer step.
@@ -32,11 +35,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.inject import forward
+from softprompts.model.head_loss import head_cross_entropy_sum
+from softprompts.model.inject import forward, hidden_at
 
 
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
-    """Sum of target-token cross-entropies of one left-padded ``tasks.Batch``; LM head only at label positions."""
+    """Sum of target-token cross-entropies of one left-padded ``tasks.Batch``; the LM head only at labelled rows.
+
+    Where the model's head is plain (``BaseModel.plain_head``: Llama, Qwen2, GPT-2, Gemma3, ...) the head and the
+    cross-entropy run fused and chunked on the decoder's hidden states (``model/head_loss.py``: no ``[rows, V]``
+    logits are kept for the backward pass, unlabelled rows are never projected); otherwise HF's head at the label
+    columns + ``cross_entropy`` (``plain_label_loss_sum``). Same value and gradients either way.
+    """
+    if not base.plain_head:
+        return plain_label_loss_sum(base, artifact, batch)
+    hidden = hidden_at(base, artifact, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
+    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels)
+
+
+def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
+    """``label_loss_sum`` through HF's own head (``logits_to_keep`` = the label columns) and ``cross_entropy``."""
     logits = forward(base, artifact, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
     return nn.functional.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
@@ -48,7 +66,11 @@ RECOMPILE_LIMIT = 64  # artifact kinds x dtypes x base models in one process, ea
 
 
 def compiled_loss(backend: str = "inductor", fullgraph: bool = False) -> Callable:
-    """``label_loss_sum`` under ``torch.compile`` (one compiled function per backend and mode, shared).
+    """``plain_label_loss_sum`` under ``torch.compile`` (one compiled function per backend and mode, shared).
+
+    The compiled step keeps HF's head + ``cross_entropy`` (one graph the compiler can fuse); the chunked fused head
+    of ``label_loss_sum`` is an eager-mode memory saving whose Python loop over chunks would make dynamo specialize on
+    every row count.
 
     Shapes vary between length-grouped batches; dynamo recompiles once and then treats the varying sizes as dynamic.
     ``fullgraph=False`` (training's choice): should a model we never tested break the graph, or a long process
@@ -61,7 +83,7 @@ def compiled_loss(backend: str = "inductor", fullgraph: bool = False) -> Callabl
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        _COMPILED[key] = torch.compile(label_loss_sum, fullgraph=fullgraph, backend=backend)
+        _COMPILED[key] = torch.compile(plain_label_loss_sum, fullgraph=fullgraph, backend=backend)
     return _COMPILED[key]
 
 
@@ -85,7 +107,7 @@ def accumulate_step(
     backward pass (memory for time), see ``checkpointing``. ``loss_fn``: ``label_loss_sum`` or ``compiled_loss()``
     (not together with ``checkpoint_layers``: the checkpoint wrappers restore cache state from Python closures).
     """
-    if checkpoint_layers and loss_fn is not label_loss_sum:
+    if checkpoint_layers and loss_fn not in (label_loss_sum, plain_label_loss_sum):
         raise ValueError("gradient checkpointing and a compiled loss cannot be combined; choose one")
     artifact = make_artifact()
     tensors = artifact.tensors()
@@ -203,4 +225,4 @@ def cpu_peak_from_profile(prof) -> int:
 
 
 __all__ = ["accumulate_step", "checkpointing", "compiled_loss", "cpu_peak_from_profile", "decoder_layers", "label_loss_sum",
-           "peak_bytes"]
+           "peak_bytes", "plain_label_loss_sum"]

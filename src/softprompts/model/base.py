@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.inject import forward
-from softprompts.model.probe import ModelShapes, cache_keyword, probe_shapes
+from softprompts.model.probe import ModelShapes, cache_keyword, probe_plain_head, probe_shapes
 
 
 @dataclass
@@ -18,7 +18,8 @@ class BaseModel:
     """A frozen ``AutoModelForCausalLM`` (``requires_grad=False``, eval mode) with what adapters need to know.
 
     ``name`` is what adapters record as their base (an embedded name, HF id or path); ``shapes`` is measured by
-    ``probe_shapes``; ``cache_keyword`` is ``cache`` or ``past_key_values`` depending on the transformers version.
+    ``probe_shapes``; ``cache_keyword`` is ``cache`` or ``past_key_values`` depending on the transformers version;
+    ``plain_head``: the logits are the output embedding of the last hidden state, nothing more (``probe_plain_head``).
     """
 
     model: PreTrainedModel
@@ -26,11 +27,13 @@ class BaseModel:
     name: str
     shapes: ModelShapes = field(init=False)
     cache_keyword: str = field(init=False)
+    plain_head: bool = field(init=False)
 
     def __post_init__(self) -> None:
         freeze(self.model)
         self.cache_keyword = cache_keyword(self.model)
         self.shapes = probe_shapes(self.model)
+        self.plain_head = probe_plain_head(self.model)
 
     @property
     def device(self) -> torch.device:

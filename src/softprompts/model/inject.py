@@ -134,22 +134,16 @@ class Prefill:
     next_positions: torch.Tensor  # [B], position id of each row's next token
 
 
-def forward(
-    base,
-    ctx: VirtualContext | Artifact | None,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    use_cache: bool = False,
-    logits_positions: torch.Tensor | None = None,
-) -> Prefill:
-    """Run ``base.model`` on ``input_ids [B, T]`` with the virtual context injected.
+def _model_inputs(
+    base, ctx: VirtualContext | Artifact | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    use_cache: bool,
+) -> tuple[dict, VirtualContext, torch.Tensor, torch.Tensor]:
+    """The model's keyword arguments for ``input_ids [B, T]`` with ``ctx`` injected (see the module docstring).
 
-    ``logits_positions``: optional 1-D indices into the T real positions; only those are projected to the vocab
-    (the LM head is the most expensive part of a step when only a few positions carry labels).
+    Returns ``(kwargs, ctx, next_positions [B], full_mask [B, Pk + Ps + T])``.
     """
     model = base.model
-    batch, length = input_ids.shape
+    batch = input_ids.shape[0]
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -172,22 +166,50 @@ def forward(
     if ctx.kv_mask is not None:
         masks.insert(0, ctx.kv_mask)
     full_mask = torch.cat(masks, dim=1)
-    position_ids = torch.cat(positions, dim=1)
-
-    kwargs = {}
+    kwargs = dict(inputs_embeds=embeds, attention_mask=full_mask, position_ids=torch.cat(positions, dim=1),
+                  use_cache=use_cache)
     if ctx.kv is not None or use_cache:
         kwargs[base.cache_keyword] = build_cache(model, ctx, dtype)
+    return kwargs, ctx, starts + attention_mask.sum(1), full_mask
+
+
+def forward(
+    base,
+    ctx: VirtualContext | Artifact | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    use_cache: bool = False,
+    logits_positions: torch.Tensor | None = None,
+) -> Prefill:
+    """Run ``base.model`` on ``input_ids [B, T]`` with the virtual context injected.
+
+    ``logits_positions``: optional 1-D indices into the T real positions; only those are projected to the vocab
+    (the LM head is the most expensive part of a step when only a few positions carry labels).
+    """
+    kwargs, ctx, next_positions, full_mask = _model_inputs(base, ctx, input_ids, attention_mask, use_cache)
     if logits_positions is not None:
         kwargs["logits_to_keep"] = logits_positions + ctx.soft_length
-    out = model(
-        inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
-    )
+    out = base.model(**kwargs)
     logits = out.logits
     if logits_positions is None and ctx.soft_length:
         logits = logits[:, ctx.soft_length :]
-    next_positions = starts + attention_mask.sum(1)
     cache = getattr(out, base.cache_keyword, None) if use_cache else None
     return Prefill(logits=logits, cache=cache, attention_mask=full_mask, next_positions=next_positions)
+
+
+def hidden_at(
+    base, ctx: VirtualContext | Artifact | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Final hidden states ``[B, K, hidden]`` at the real-token columns ``positions [K]``, with ``ctx`` injected.
+
+    What the causal LM's output head projects (after the decoder's last norm): where ``BaseModel.plain_head`` holds,
+    ``forward(..., logits_positions=positions).logits == output_embeddings(hidden_at(...))``.
+    """
+    kwargs, ctx, _, _ = _model_inputs(base, ctx, input_ids, attention_mask, use_cache=False)
+    hidden = base.model.base_model(**kwargs).last_hidden_state  # [B, Ps + T, hidden]
+    return hidden[:, positions + ctx.soft_length]
 
 
 def decode_step(base, state: Prefill, next_ids: torch.Tensor) -> Prefill:

@@ -4,6 +4,9 @@ One tiny cached forward (``[1, 2]`` token ids) tells, per layer ``l``, the numbe
 head dim ``D_l`` (cache tensors are ``[batch, H_l, T, D_l]``), plus the dtype. That covers GQA/MQA, per-layer head
 sizes and models whose config names these fields differently. It also reads which forward keyword takes the cache:
 transformers 5.24 renamed ``past_key_values`` to ``cache`` (5.23 rejects ``cache``), so we look at the signature.
+A second tiny forward tells whether the logits are exactly the output embedding applied to the decoder's last hidden
+state (``probe_plain_head``): true for Llama, Qwen2, GPT-2 and Gemma3 as configured by default, false where the causal
+LM transforms them further (final-logit soft-capping, logit scaling).
 """
 
 from __future__ import annotations
@@ -84,3 +87,21 @@ def probe_shapes(model: PreTrainedModel) -> ModelShapes:
         head_dims=tuple(dims),
         dtype=str(embeddings.dtype).removeprefix("torch."),
     )
+
+
+@torch.no_grad()
+def probe_plain_head(model: PreTrainedModel) -> bool:
+    """Whether ``logits == output_embeddings(base_model(x).last_hidden_state)`` bit for bit on a short input.
+
+    Training's fused head + cross-entropy (``model/head_loss.py``) projects hidden states itself; it is used only where
+    this holds, so a model whose causal-LM forward does more to the logits (soft-capping, scaling) keeps HF's own head.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or model.base_model is model:
+        return False
+    device = head.weight.device
+    vocab = head.weight.shape[0]
+    ids = torch.arange(3, dtype=torch.long, device=device).mul(vocab // 3 + 1).remainder(vocab)[None]  # [1, 3]
+    logits = model(input_ids=ids, use_cache=False).logits
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    return bool(torch.equal(logits, head(hidden)))
