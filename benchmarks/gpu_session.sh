@@ -3,10 +3,12 @@
 # installed; softprompts from this checkout's src/). Results go to $OUT (default: gpu-results/).
 #   1. train_speed anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256 tokens, every method, ours/PEFT/limit
 #      and ours with gradient checkpointing                          -> train_speed.jsonl
+#   1b. head_loss anchor: the LM head + CE alone, HF's vs our fused chunked head -> head_loss.json
 #   2. serve_throughput: 64 requests x 128 prompt tokens, 64 new tokens, 1/4/16 adapters, ours vs PEFT
 #      (soft prompts, then KV prefixes)                              -> serve.json, serve_prefix.json
 #   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate -> cli.log
 #   4. train_speed with the torch.compile'd loss (compilation time reported per method) -> train_compile.jsonl
+# Everything else a step prints goes to steps.log: 8 files in all, what a device call brings back from $OUT.
 # Each step runs under min(its own cap, what is left of BUDGET seconds, default 540) and is skipped when under 30 s
 # are left, so a slow step cannot take the others' results with it and the whole script ends within BUDGET.
 set -u
@@ -38,15 +40,18 @@ $PY -c "import torch, transformers, peft; print(torch.__version__, transformers.
     >>"$OUT/session.log" 2>&1
 
 run_step 150 "1 train_speed anchor" bash -c "$PY benchmarks/train_speed.py --device cuda --json --checkpointing \
-    --reps 20 >$OUT/train_speed.jsonl 2>$OUT/train_speed.err"
+    --reps 20 >$OUT/train_speed.jsonl 2>>$OUT/steps.log"
+
+run_step 40 "1b head_loss anchor" bash -c "$PY benchmarks/head_loss.py --device cuda --anchor --reps 20 --json \
+    >$OUT/head_loss.json 2>>$OUT/steps.log"
 
 run_step 120 "2 serve_throughput, soft prompts" bash -c "$PY benchmarks/serve_throughput.py --device cuda \
     --model-shape llama-1b --dtype bfloat16 --requests 64 --new-tokens 64 --prompt-tokens 128 \
-    --json $OUT/serve.json >$OUT/serve.log 2>&1"
+    --json $OUT/serve.json >>$OUT/steps.log 2>&1"
 
 run_step 120 "2b serve_throughput, KV prefixes" bash -c "$PY benchmarks/serve_throughput.py --device cuda \
     --model-shape llama-1b --dtype bfloat16 --requests 64 --new-tokens 64 --prompt-tokens 128 --method prefix \
-    --json $OUT/serve_prefix.json >$OUT/serve_prefix.log 2>&1"
+    --json $OUT/serve_prefix.json >>$OUT/steps.log 2>&1"
 
 stamp "3 CLI on CUDA (each command at most 60 s)"
 (
@@ -66,4 +71,4 @@ stamp "3 CLI on CUDA (each command at most 60 s)"
 stamp "3 rc=$?"
 
 run_step 600 "4 train_speed with torch.compile" bash -c "$PY benchmarks/train_speed.py --device cuda --json \
-    --compile --reps 10 >$OUT/train_compile.jsonl 2>$OUT/train_compile.err"
+    --compile --reps 10 >$OUT/train_compile.jsonl 2>>$OUT/steps.log"

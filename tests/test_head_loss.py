@@ -131,3 +131,19 @@ def test_soft_capped_logits_keep_the_hf_head():
                                                     batch.positions), model.get_output_embeddings(), batch.labels)
     assert torch.equal(used, hf)
     assert not torch.allclose(uncapped, hf, rtol=1e-3)
+
+
+def test_head_loss_benchmark_runs(tmp_path):
+    """``benchmarks/head_loss.py`` (the GPU anchor's head-only check) runs and reports both systems side by side."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "head_loss.py"
+    out = subprocess.run([sys.executable, str(script), "--rows", "256", "--hidden", "32", "--vocab", "4000",
+                          "--dtype", "bfloat16", "--reps", "2", "--json"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert result["hf_s"] > 0 and result["fused_s"] > 0
+    assert result["fused_peak_bytes"] < result["hf_peak_bytes"]  # one [256, 4000] chunk vs logits + fp32 + grads
