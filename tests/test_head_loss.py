@@ -27,6 +27,7 @@ def loss_and_grads(base, method, loss_fn) -> tuple[torch.Tensor, list[torch.Tens
     return loss.detach(), [p.grad.clone() for p in method.parameters()]
 
 
+@pytest.mark.injection  # hidden_at goes through the injection path: also run on the second transformers version
 @pytest.mark.parametrize("name", METHODS)
 def test_fused_head_equals_hf_head(base, name):
     assert base.plain_head
