@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.head_loss import head_cross_entropy_sum
+from softprompts.model.head_loss import head_cross_entropy_sum, labelled_rows
 from softprompts.model.inject import forward, hidden_at
 
 
@@ -49,8 +49,9 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """
     if not base.plain_head:
         return plain_label_loss_sum(base, artifact, batch)
+    keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
     hidden = hidden_at(base, artifact, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
-    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels)
+    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep)
 
 
 def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:

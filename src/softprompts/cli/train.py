@@ -49,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the base's decoder layers in "
                    "the backward pass: less activation memory, more time, same gradients (every method)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step's model forward and "
-                   "loss (faster steps after a one-time compilation; not with --gradient-checkpointing)")
+                   "loss (faster steps after a one-time compilation; not with --gradient-checkpointing; the compiled step uses "
+                   "HF's LM head, not the eager step's fused chunked head, so it holds the [labels, vocab] logits)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward passes (CUDA only; "
                    "for an fp32 base model)")
     p.add_argument("--device", default="auto", help="torch device for the base model and adapter (default auto: "

@@ -16,8 +16,8 @@ forward and backward run anyway (no recomputation); the backward pass only scale
 incoming scalar. Rows without a label are dropped before projecting (ragged targets pad with ``-100``).
 
 Used by training (``speed.label_loss_sum``) where ``BaseModel.plain_head`` holds; evaluation and decoding keep HF's
-head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's head would; softmax and the loss are
-fp32.
+head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's head would (the weight cast once per
+call); softmax, the loss and the saved gradient are fp32.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows: int):  # noqa: ANN001 - autograd.Function signature
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(hidden) if want_grad else None
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grad else None  # [N, H]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start : start + rows], targets[start : start + rows]  # [n, H], [n]
-            logits = functional.linear(h, weight, bias).float()  # [n, V]
+            logits = functional.linear(h.to(weight.dtype), weight, bias).float()  # [n, V]
             lse = torch.logsumexp(logits, dim=-1)  # [n]
             loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if want_grad:
@@ -52,29 +52,47 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                 grad[start : start + rows] = probs.to(weight.dtype) @ weight  # [n, H]
         if want_grad:
             ctx.save_for_backward(grad)
+            ctx.hidden_dtype = hidden.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        (grad,) = ctx.saved_tensors  # fp32: the incoming scale (1 / N) is applied before the one rounding
+        return (grad * grad_loss.float()).to(ctx.hidden_dtype), None, None, None, None
+
+
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``[N]`` of the entries of ``labels`` that carry a label (not -100).
+
+    ``nonzero`` waits for the device: compute this before queueing the model's forward (``speed.label_loss_sum``
+    does) so the wait is not in the middle of the step.
+    """
+    return (labels.reshape(-1) != -100).nonzero().squeeze(1)
 
 
 def head_cross_entropy_sum(
-    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_bytes: int = CHUNK_BYTES,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels``; ``hidden [..., H]``, ``labels [...]`` (-100 ignored).
 
     Equals ``cross_entropy(head(hidden).float().flatten(0, -2), labels.flatten(), ignore_index=-100,
     reduction="sum")`` in value and in its gradient to ``hidden`` (see the module docstring); the head must be frozen.
+    ``keep``: ``labelled_rows(labels)`` when already computed. Under ``torch.autocast`` the head's weight is cast to
+    the autocast dtype once here (autocast does not cache casts of frozen weights: it would recast per chunk).
     """
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         raise ValueError("head_cross_entropy_sum needs a frozen output head (it returns no gradient for the head)")
-    flat = labels.reshape(-1)
-    keep = (flat != -100).nonzero().squeeze(1)  # [N]
+    weight, bias = head.weight, head.bias
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    keep = labelled_rows(labels) if keep is None else keep
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N, H]
-    return _FrozenHeadCrossEntropy.apply(rows, head.weight, head.bias, flat[keep], chunk_rows(head.weight.shape[0],
-                                                                                               chunk_bytes))
+    targets = labels.reshape(-1)[keep]
+    return _FrozenHeadCrossEntropy.apply(rows, weight, bias, targets, chunk_rows(weight.shape[0], chunk_bytes))
 
 
-__all__ = ["CHUNK_BYTES", "chunk_rows", "head_cross_entropy_sum"]
+__all__ = ["CHUNK_BYTES", "chunk_rows", "head_cross_entropy_sum", "labelled_rows"]

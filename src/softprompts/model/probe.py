@@ -91,15 +91,24 @@ def probe_shapes(model: PreTrainedModel) -> ModelShapes:
 
 @torch.no_grad()
 def probe_plain_head(model: PreTrainedModel) -> bool:
-    """Whether ``logits == output_embeddings(base_model(x).last_hidden_state)`` bit for bit on a short input.
+    """Whether training may project hidden states with the head's weight itself (``model/head_loss.py``).
 
-    Training's fused head + cross-entropy (``model/head_loss.py``) projects hidden states itself; it is used only where
-    this holds, so a model whose causal-LM forward does more to the logits (soft-capping, scaling) keeps HF's own head.
+    True when the head is a plain ``nn.Linear`` (not a quantized subclass) with no forward hooks (accelerate's
+    offloading hooks load the weight in the hook: the bare ``weight`` is then a placeholder), its weight is real (not
+    ``meta``), the model sits on ONE device (``device_map`` over several leaves the last hidden state elsewhere), and
+    ``logits == head(base_model(x).last_hidden_state)`` bit for bit on a short input (false where the causal LM
+    transforms the logits further: final-logit soft-capping, scaling). Otherwise training keeps HF's own head.
     """
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or model.base_model is model:
+    if type(head) is not torch.nn.Linear or model.base_model is model:
         return False
-    device = head.weight.device
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook") or head.weight.is_meta:
+        return False
+    if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        return False
+    device = model.get_input_embeddings().weight.device
+    if head.weight.device != device:
+        return False
     vocab = head.weight.shape[0]
     ids = torch.arange(3, dtype=torch.long, device=device).mul(vocab // 3 + 1).remainder(vocab)[None]  # [1, 3]
     logits = model(input_ids=ids, use_cache=False).logits
