@@ -174,5 +174,13 @@ def test_recommendation_follows_the_numbers():
            "prefix": _entry("prefix", "kv_prefix", [0.81, 0.86, 0.76], 10000)}
     rec = recommend(tie, base, "accuracy", 500)
     assert rec["winner"] == "prompt" and "a tie on this data" in "\n".join(rec["text"])
+    # the gap (1.3 points) exceeds each seed std (1.0) but is 1.6 standard errors of the difference over 3 seeds:
+    # not a real difference, so the 10x smaller adapter is recommended
+    close = {"prompt": _entry("prompt", "soft_prompt", [0.79, 0.80, 0.81], 1000),
+             "prefix": _entry("prefix", "kv_prefix", [0.803, 0.813, 0.823], 10000)}
+    rec = recommend(close, base, "accuracy", 500)
+    text = "\n".join(rec["text"])
+    assert rec["winner"] == "prompt" and rec["best_quality"] == "prefix"
+    assert "1.6 standard errors of the difference (over 3 seeds" in text and "a tie on this data" in text
     worse = {"prompt": _entry("prompt", "soft_prompt", [0.60], 1000)}
     assert "**But:**" in "\n".join(recommend(worse, base, "accuracy", 500)["text"])

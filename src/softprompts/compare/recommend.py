@@ -1,9 +1,12 @@
 """The recommendation and the PEFT comparison of a compare, computed from the aggregated numbers, and the number
 formatting the report shares with them.
 
-Noise: a quality difference is compared against the larger seed standard deviation of the two methods when there
-are several seeds; with one seed and an accuracy metric, against the binomial standard error ``sqrt(p (1 - p) / n)``
-of the test set; otherwise the text says it cannot be compared to noise.
+Noise: a quality gap ``d = mean_a - mean_b`` is measured in standard errors of the difference,
+``SE = sqrt(s_a^2 / k_a + s_b^2 / k_b)`` over ``k`` seeds with sample std ``s`` (Welch's), or with one seed and an
+accuracy metric ``SE = sqrt(p_a (1 - p_a) / n + p_b (1 - p_b) / n)`` (binomial, ``n`` test examples); otherwise the
+text says it cannot be compared to noise. ``d >= 2 SE`` is called a real difference (about 95 % under a normal
+approximation; with 3 seeds Student's t asks for about 2.8 SE, so 2-2.8 SE is suggestive rather than certain),
+anything less a tie, and then the smaller adapter is recommended.
 """
 
 from __future__ import annotations
@@ -39,14 +42,24 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-def _noise(a: dict, b: dict, primary: str, test_n: int) -> tuple[float | None, str]:
-    """Noise level for a quality difference between a and b, and how it was obtained."""
+REAL_DIFFERENCE_SE = 2.0  # a gap of at least this many standard errors of the difference is called real
+
+
+def _difference_se(a: dict, b: dict, primary: str, test_n: int) -> tuple[float | None, str]:
+    """Standard error of the difference of a's and b's mean quality (unscaled), and how it was obtained."""
     if a["n"] > 1 and b["n"] > 1:
-        return max(a["std"], b["std"]), "the larger seed std"
+        return (math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]),
+                f"over {min(a['n'], b['n'])} seeds")
     if primary == "accuracy" and test_n:
-        p = a["mean"]
-        return math.sqrt(max(p * (1 - p), 1e-12) / test_n), f"the binomial standard error on {test_n} test examples"
+        pa, pb = a["mean"], b["mean"]
+        return (math.sqrt((max(pa * (1 - pa), 1e-12) + max(pb * (1 - pb), 1e-12)) / test_n),
+                f"binomial, {test_n} test examples")
     return None, ""
+
+
+def _within_noise(a: dict, b: dict, primary: str, test_n: int) -> bool:
+    se, _ = _difference_se(a, b, primary, test_n)
+    return se is not None and a["mean"] - b["mean"] < REAL_DIFFERENCE_SE * se
 
 
 def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -> dict:
@@ -68,15 +81,16 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
         second = ranked[1]
         qs = quality(ours[second], primary)
         gap = (qb["mean"] - qs["mean"]) * scale
-        noise, how = _noise(qb, qs, primary, test_n)
-        if noise is None:
+        se, how = _difference_se(qb, qs, primary, test_n)
+        if se is None:
             verdict = "no seed spread to compare it with (run --seeds 3 to tell)"
-        elif gap > noise * scale:
-            verdict = f"larger than {how} ({noise * scale:.1f}): a real difference"
         else:
-            verdict = f"within {how} ({noise * scale:.1f}): a tie on this data"
+            z = gap / max(se * scale, 1e-12)
+            verdict = (f"{z:.1f} standard errors of the difference ({how}; SE {se * scale:.1f}): "
+                       + ("a real difference" if z >= REAL_DIFFERENCE_SE else
+                          f"under {REAL_DIFFERENCE_SE:.0f}, a tie on this data"))
         lines.append(f"It leads `{second}` by {gap:.1f}{unit}, {verdict}.")
-        tie = noise is not None and gap <= noise * scale
+        tie = _within_noise(qb, qs, primary, test_n)
     else:
         tie = False
     base_q = (base.get("test") or base.get("dev") or {}).get(primary)
@@ -93,8 +107,7 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
         lines.append(f"**Size:** `{smallest}` is the smallest saved adapter ({fmt_bytes(sb)}, {bb / sb:.1f}x smaller "
                      f"than `{best}` at {fmt_bytes(bb)}), scoring {fmt_stat(qsm, primary)} "
                      f"({(qb['mean'] - qsm['mean']) * scale:.1f}{unit} below `{best}`).")
-        noise, _ = _noise(qb, qsm, primary, test_n)
-        if noise is not None and (qb["mean"] - qsm["mean"]) <= noise:
+        if _within_noise(qb, qsm, primary, test_n):
             winner = smallest
     lat = ours[best]
     if lat["ttft_ms"] and lat.get("ttft_overhead_ms"):
