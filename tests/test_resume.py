@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +47,19 @@ def test_sigkill_then_resume_is_bitwise_identical(setup):
 
     killed = root / "killed"
     ckpt = checkpoint_path(killed)
-    proc = subprocess.Popen(command(model, data, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # land somewhere in the middle of a later step (or a checkpoint write)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    for delay in (0.3, 0.1, 0.03, 0.0):  # a fast machine finishes 16 tiny steps in well under 0.3 s: try shorter
+        shutil.rmtree(killed, ignore_errors=True)
+        ckpt.unlink(missing_ok=True)
+        proc = subprocess.Popen(command(model, data, killed), env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delay)  # land somewhere in the middle of a later step (or a checkpoint write)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if ckpt.exists() and not killed.exists():
+            break
     assert ckpt.exists() and not killed.exists(), "the kill must happen mid-run for this test to mean anything"
     step = torch.load(ckpt, weights_only=False)["state"]["step"]
     assert 0 < step < 16
