@@ -5,7 +5,7 @@ generation, prepared once from a small PyPI archive). Both systems see the SAME 
 ``TaskSpec`` truncation, the same batch size, one epoch each, AdamW + gradient clipping:
 
 * ours: ``tasks.epoch_batches`` (length-grouped batches), ``tasks.collate`` (left padding to the batch's longest),
-  the artifact computed once per step, the LM head only at label positions (``softprompts.speed.accumulate_step``).
+  the artifact computed once per step, the LM head only at label positions (``softprompts.training.step.accumulate_step``).
 * PEFT: what ``Trainer`` does by default: random batches (``RandomSampler``, ``group_by_length=False``), padding to the
   longest in the batch, labels -100 on prompt and padding, ``model(**batch).loss`` (full-vocab logits everywhere).
 
@@ -30,13 +30,14 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from systems import our_method, peft_model
 
+from softprompts.compare.peft_eval import train_batch
 from softprompts.data.catalog import get_dataset
 from softprompts.data.datasets import load_task_data
 from softprompts.data.prepare import prepared_paths
-from softprompts.methods import create_method
-from softprompts.speed import accumulate_step
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
+from softprompts.training.step import accumulate_step
 
 DATASETS = ("uci-sentiment", "bbc-headlines")
 ENCODER_HIDDEN = 512
@@ -54,19 +55,16 @@ def load_encoded(base, name: str, limit: int, batch: int):
 
 def ours_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Callable[[], int]]:
     """One epoch of our loop's steps; each returns the real tokens it trained on."""
-    options = {"prefix": dict(projection_dim=ENCODER_HIDDEN, projection_hidden=ENCODER_HIDDEN),
-               "ptuning": dict(encoder_hidden=ENCODER_HIDDEN)}.get(name, {})
-    method = create_method(base, name, num_virtual_tokens=virtual, init="random", **options)
+    method = our_method(base, name, virtual, ENCODER_HIDDEN)
     method.train()
     params = list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    pad = base.tokenizer.pad_token_id or 0
 
     def make(indices: list[int]) -> Callable[[], int]:
         rows = [encoded[i] for i in indices]
 
         def step() -> int:
-            b = collate(rows, pad, base.device)
+            b = collate(rows, base.pad_id, base.device)
             n_tokens = float(sum(len(r.target_ids) for r in rows))
             accumulate_step(base, method, method.artifact_kind, [b], n_tokens)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -81,14 +79,7 @@ def ours_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Calla
 
 def peft_steps(base, name: str, encoded, batch: int, virtual: int) -> list[Callable[[], int]]:
     """One epoch of PEFT steps with Trainer-style random batches padded to the longest row."""
-    from softprompts.compare.peft_baseline import PEFT_CONFIGS, PeftSpec, import_peft
-    from softprompts.compare.peft_eval import train_batch
-
-    peft = import_peft()
-    spec = PeftSpec(method=name, num_virtual_tokens=virtual, config=None, hidden_size=ENCODER_HIDDEN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base.model, PEFT_CONFIGS[name](peft, spec, None))
+    model = peft_model(base, name, virtual, ENCODER_HIDDEN)
     model.train()
     base.model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

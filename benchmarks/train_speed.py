@@ -6,11 +6,11 @@ embeddings), the LM head at the same label positions, the same fp32 cross-entrop
 Each system trains the same tokens (``B`` rows of ``T`` random ids, labels on every token), same dtype, same
 optimizer. One repetition runs one optimizer step of every (method, system) pair in rotating order; the reported
 time is the median over repetitions, so machine noise (shared CPUs) hits all systems alike and the ratios are
-side by side. Peak memory is measured once per system after warm-up (``softprompts.speed.peak_bytes``:
+side by side. Peak memory is measured once per system after warm-up (``peak_memory.peak_bytes``:
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of the running sum of the CPU allocator's
 allocation/free events recorded by ``torch.profiler`` with ``profile_memory=True``: tensor bytes only).
 
-Systems per method (PEFT configs are ``compare.peft_baseline.PEFT_CONFIGS``, what ``softprompts compare`` runs):
+Systems per method (``systems.py``: each method's declared PEFT counterpart, what ``softprompts compare`` runs):
 
     prompt   ours PromptTuning              PEFT PromptTuningConfig
     prefix   ours PrefixTuning (MLP e=h=512) PEFT PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=512)
@@ -22,7 +22,7 @@ Usage::
     python benchmarks/train_speed.py --quick                 # CPU, SmolLM2, batch 2 x 32, 3 reps (~1 min, idle 2 cores)
     python benchmarks/train_speed.py                         # CPU, SmolLM2, batch 2 x 64 tokens, 5 reps
     python benchmarks/train_speed.py --device cuda --json    # anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256
-    python benchmarks/train_speed.py --device cuda --compile # adds ours with torch.compile'd loss (speed.compiled_loss)
+    python benchmarks/train_speed.py --device cuda --compile # adds ours with torch.compile'd loss (training.step.compiled_loss)
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peak_memory import peak_bytes
+from systems import our_method, peft_model
 from torch import nn
 
-from softprompts.methods import create_method
 from softprompts.model.base import BaseModel
-from softprompts.speed import accumulate_step, compiled_loss, label_loss_sum, peak_bytes
 from softprompts.tasks import Encoded, collate
+from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum
 
 METHODS = ("prompt", "prefix", "ptuning", "deep")
 ENCODER_HIDDEN = 512
@@ -105,9 +106,7 @@ def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) 
 def ours_step(base: BaseModel, name: str, ids: torch.Tensor, checkpoint: bool = False,
               compile_loss: bool = False) -> Callable[[], None]:
     """Our training loop's step: collate (left-padded, label positions), artifact once, label-only LM head."""
-    options = {"prefix": dict(projection_dim=ENCODER_HIDDEN, projection_hidden=ENCODER_HIDDEN),
-               "ptuning": dict(encoder_hidden=ENCODER_HIDDEN)}.get(name, {})
-    method = create_method(base, name, num_virtual_tokens=VIRTUAL, init="random", **options)
+    method = our_method(base, name, VIRTUAL, ENCODER_HIDDEN)
     method.train()
     params = list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -125,13 +124,7 @@ def ours_step(base: BaseModel, name: str, ids: torch.Tensor, checkpoint: bool = 
 
 def peft_step(base: BaseModel, name: str, ids: torch.Tensor) -> Callable[[], None]:
     """PEFT's step as its users run it: ``model(input_ids, attention_mask, labels).loss.backward()``."""
-    from softprompts.compare.peft_baseline import PEFT_CONFIGS, PeftSpec, import_peft
-
-    peft = import_peft()
-    spec = PeftSpec(method=name, num_virtual_tokens=VIRTUAL, config=None, hidden_size=ENCODER_HIDDEN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base.model, PEFT_CONFIGS[name](peft, spec, None))
+    model = peft_model(base, name, VIRTUAL, ENCODER_HIDDEN)
     model.train()
     base.model.eval()  # same frozen base (no dropout) for every system
     params = [p for p in model.parameters() if p.requires_grad]

@@ -17,7 +17,7 @@ from softprompts.model.inject import VirtualContext, decode_step, forward
 
 pytestmark = pytest.mark.injection
 
-METHODS = ["prompt", "ptuning", "prefix", "deep"]
+METHODS = list(sp.METHODS)
 ATOL = 2e-4
 TEXT = "prefix!"  # 7 byte tokens
 INPUT = "the input"
@@ -123,6 +123,19 @@ def test_save_load_round_trip(base, method, tmp_path):
     assert other.name in str(err.value)
 
 
+# (6b) the same shapes with other weights (another checkpoint): loads, with a warning naming both models
+def test_other_weights_load_with_a_warning(base, tmp_path):
+    adapter = sp.Adapter.from_method(perturb(make(base, "prompt")), base)
+    sp.save_adapter(adapter, tmp_path / "a")
+    other_checkpoint = tiny_base(base.name.removeprefix("tiny-"), seed=1)
+    assert other_checkpoint.weights_fingerprint() != base.weights_fingerprint()
+    with pytest.warns(sp.BaseWeightsWarning, match="same shapes, other weights") as caught:
+        loaded = sp.load_adapter(tmp_path / "a", other_checkpoint)
+    assert base.weights_fingerprint() in str(caught[0].message)
+    assert other_checkpoint.weights_fingerprint() in str(caught[0].message)
+    assert torch.equal(loaded.artifact.embeds, adapter.artifact.embeds)
+
+
 # (7) non-trivial values change the output (a silently ignored prefix would fail this).
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_changes_output(base, method):
@@ -196,12 +209,16 @@ def test_generate_with_mixed_rows_equals_alone(base):
         assert sp.generate_ids(base, [p], art, max_new_tokens=5, stop_ids=set())[0] == out
 
 
-# continuing a saved adapter: step 0 of the new module reproduces it exactly, for every method
+# continuing a saved adapter: step 0 of the new module reproduces it exactly, with the same method and with every
+# other method that can continue that artifact (a soft prompt continues as a soft prompt or as its exact KV prefix)
 @pytest.mark.parametrize("method", METHODS)
 def test_init_from_saved_artifact_reproduces_it(base, method):
     saved = perturb(make(base, method)).materialize()
-    source = "prompt" if saved.kind == "soft_prompt" else "deep"
-    continued = sp.create_method(base, method if method != source else source, init_artifact=saved)
+    continuers = [m for m, cls in sp.METHODS.items() if cls.artifact_kind == saved.kind or cls.artifact_kind == "kv_prefix"]
+    assert method in continuers and len(continuers) >= 2
     x = ids_of(base, INPUT)
-    with torch.no_grad():
-        torch.testing.assert_close(forward(base, continued(), x).logits, forward(base, saved, x).logits, atol=ATOL, rtol=1e-4)
+    for other in continuers:
+        continued = sp.create_method(base, other, init_artifact=saved)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(base, continued(), x).logits, forward(base, saved, x).logits,
+                                       atol=ATOL, rtol=1e-4)

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 from tiny import save_tiny, tiny_base
 
 from softprompts.data.datasets import Example
-from softprompts.distributed import Distributed
 from softprompts.evaluate import evaluate
 from softprompts.tasks import TaskSpec
-from softprompts.train import TrainConfig, _dev_score, checkpoint_path
+from softprompts.training import Distributed, TrainConfig, checkpoint_path
+from softprompts.training.loop import _dev_score
 
 TOL = 1e-5  # max abs difference allowed between adapters trained with 1 and 2 processes (measured: ~1e-6)
 STEPS = 8
@@ -42,7 +42,7 @@ NEG = {"bad", "awful", "terrible plot", "boring"}
 # rank 0 wrote the step-4 checkpoint) - deterministic, unlike racing a timer against a sub-second run
 KILLER = """
 import os, signal, sys
-from softprompts import distributed
+from softprompts.training import distributed
 from softprompts.cli import main
 
 rank, at = int(os.environ["KILL_RANK"]), int(os.environ["KILL_AT_CALL"])

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peak_memory import peak_bytes
 from tiny import tiny_base, tiny_model
 
 from softprompts.methods import create_method
 from softprompts.model.base import BaseModel
-from softprompts.model.head_loss import chunk_rows, head_cross_entropy_sum
-from softprompts.speed import label_loss_sum, peak_bytes, plain_label_loss_sum
 from softprompts.tasks import Encoded, collate
+from softprompts.training.head_loss import chunk_rows, head_cross_entropy_sum
+from softprompts.training.step import label_loss_sum, plain_label_loss_sum
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
 
@@ -160,8 +161,8 @@ def test_fused_training_follows_the_hf_head_training():
 
     from test_train import SPEC, examples, quiet
 
-    import softprompts.train as train_module
-    from softprompts.train import train
+    import softprompts.training.loop as train_module
+    from softprompts.training import train
 
     base = tiny_base("llama")
     first = create_method(base, "deep", num_virtual_tokens=3, seed=0)

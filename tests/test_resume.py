@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import save_tiny
 
-from softprompts.train import checkpoint_path
+from softprompts.training import checkpoint_path
 
 
 @pytest.fixture(scope="module")

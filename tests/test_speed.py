@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from peak_memory import peak_bytes
 from tiny import tiny_base
 
 from softprompts.methods import create_method
 from softprompts.model.inject import forward
-from softprompts.speed import (
-    accumulate_step,
-    checkpointing,
-    compiled_loss,
-    decoder_layers,
-    label_loss_sum,
-    peak_bytes,
-    plain_label_loss_sum,
-)
 from softprompts.tasks import Encoded, collate
+from softprompts.training.grad_checkpoint import checkpointing, decoder_layers
+from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum, plain_label_loss_sum
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +163,7 @@ def test_accumulate_step_is_the_training_loop_step():
     from test_train import SPEC, examples, quiet
 
     from softprompts.tasks import encode, epoch_batches
-    from softprompts.train import train
+    from softprompts.training import train
 
     base = tiny_base("llama")
     data = examples(8)

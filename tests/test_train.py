@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import tiny_base
 
 from softprompts.data.datasets import Example
 from softprompts.errors import SoftpromptsError
-from softprompts.evaluate import evaluate, label_scores, macro_f1
+from softprompts.evaluate import evaluate, label_scores
 from softprompts.methods import create_method
+from softprompts.metrics import macro_f1
 from softprompts.model.inject import forward
 from softprompts.tasks import Encoded, TaskSpec, collate, encode, epoch_batches
-from softprompts.train import TrainConfig, lr_factor, train
+from softprompts.training import TrainConfig, lr_factor, train
 
 SPEC = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["neg", "pos"], max_prompt_tokens=40)
 
@@ -106,7 +109,7 @@ def test_best_adapter_never_worse_than_init_on_dev(llama):
 def test_precomputed_base_dev_is_the_same_and_reused(llama, monkeypatch):
     """``base_dev`` from the caller equals what ``train`` computes itself (the bare model on the first eval_limit
     dev examples), and passing it skips that evaluation."""
-    import softprompts.train as train_module
+    import softprompts.training.loop as train_module
 
     dev = examples(12)
     config = quiet(steps=1, batch_size=4, eval_limit=8)
@@ -179,11 +182,27 @@ def test_macro_f1_and_schedule():
     assert lr_factor(9, TrainConfig(steps=10, warmup_ratio=0.0, schedule="cosine")) > 0
 
 
+def test_perplexity_is_the_reference_target_loss(llama):
+    """Generation's perplexity == exp(mean target-token cross-entropy) of the plain model on prompt + target."""
+    spec = TaskSpec("generate", "Q: {q}\nA:", " {a}", None, max_target_tokens=3)
+    ex = [Example("Q: hi\nA:", " yes sir", None), Example("Q: bye there\nA:", " no", None)]
+    nll, tokens = 0.0, 0
+    for e in ex:
+        prompt, target = llama.tokenize(e.prompt), llama.tokenize(e.target)[:3]
+        logits = llama.model(input_ids=torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+        nll -= logits.float().log_softmax(-1).gather(1, torch.tensor(target)[:, None]).sum().item()
+        tokens += len(target)
+    assert tokens == 6  # byte tokens: " yes sir" cut to 3, " no" is 3
+    got = evaluate(llama, None, ex, spec)["perplexity"]
+    assert got == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
 def test_generate_task_metrics(llama):
     spec = TaskSpec("generate", "Q: {q}\nA:", " {a}", None, max_target_tokens=4)
     ex = [Example("Q: hi\nA:", " yes", None), Example("Q: bye\nA:", " no", None)]
     metrics = evaluate(llama, None, ex, spec, return_outputs=True)
-    assert set(metrics) == {"n", "bleu", "chrf", "rougeL", "outputs"} and metrics["n"] == 2
+    assert set(metrics) == {"n", "bleu", "chrf", "rougeL", "perplexity", "outputs", "target_logprobs"}
+    assert metrics["n"] == 2
     method = create_method(llama, "deep", num_virtual_tokens=2, seed=0)
     record = train(llama, method, ex, spec, quiet(steps=2, lr=1e-2, batch_size=2), dev_examples=ex).record
     assert record["metric"] == "dev_chrf" and record["best_dev"] is not None
@@ -209,8 +228,8 @@ def test_compiled_training_trains_the_same(llama, monkeypatch):
     turns float-rounding differences of near-zero gradients (fused vs HF head, tested equal in test_head_loss.py)
     into lr-sized steps, which would hide what this test is about.
     """
-    import softprompts.train as train_module
-    from softprompts.speed import compiled_loss, plain_label_loss_sum
+    import softprompts.training.loop as train_module
+    from softprompts.training.step import compiled_loss, plain_label_loss_sum
 
     calls = []
 
@@ -243,7 +262,7 @@ def test_bf16_autocast_needs_cuda(llama):
 
 def test_adapter_below_base_model_is_flagged(llama, monkeypatch, capsys):
     """When the best adapter on dev is still below the bare model, the record says so and a warning is printed."""
-    import softprompts.train as train_module
+    import softprompts.training.loop as train_module
 
     real = train_module._dev_score
 

@@ -7,23 +7,31 @@
     sp.save_adapter(adapter, "my-adapter")                  # adapter.json + adapter.safetensors, atomic
     adapter = sp.load_adapter("my-adapter", base)            # refuses an adapter made for another model
     print(sp.generate(base, "Review: great film\\nSentiment:", adapter, max_new_tokens=3))
+
+    method = sp.build_method(base, "prompt", spec)         # the measured defaults for a task (a TaskSpec)
+    result = sp.train(base, method, examples, spec, sp.TrainConfig(steps=100, lr=method.default_lr))
+
+The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
 """
 
-from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError
+from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, BaseWeightsWarning
 from softprompts.adapter_io import load_adapter, save_adapter
 from softprompts.api import generate, next_token_logits
 from softprompts.errors import SoftpromptsError
-from softprompts.methods import METHODS, create_method
+from softprompts.methods import METHODS, build_method, create_method
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
 from softprompts.model.decode import Sampling, generate_ids
 from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.load import DEFAULT_MODEL, load_base
+from softprompts.tasks import TaskSpec
+from softprompts.training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "DEFAULT_MODEL", "KVPrefix", "METHODS",
-    "Sampling", "SoftPrompt", "SoftpromptsError", "VirtualContext", "create_method", "forward", "generate",
-    "generate_ids", "load_adapter", "load_base", "next_token_logits", "save_adapter",
+    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL", "KVPrefix", "METHODS",
+    "Sampling", "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
+    "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
+    "next_token_logits", "save_adapter", "train",
 ]

@@ -1,7 +1,15 @@
-"""An adapter: one materialized artifact plus what it was made for (method, base model, task)."""
+"""An adapter: one materialized artifact plus what it was made for (method, base model, task).
+
+One rule decides whether an adapter (or a prompt table) fits a base model, wherever it is loaded
+(``check_base_fits``): other SHAPES (layers, hidden size, key/value heads, head dims, vocabulary) are refused, naming
+both models; the same shapes with other WEIGHTS (another checkpoint of the architecture, e.g. a base model and its
+instruct version) load with a ``BaseWeightsWarning`` naming both: transferring a soft prompt between checkpoints is a
+thing users do on purpose.
+"""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from softprompts.errors import SoftpromptsError
@@ -64,14 +72,13 @@ class Adapter:
             "task": self.task,
         }
 
+    @property
+    def base_record(self) -> BaseRecord:
+        return BaseRecord(self.base_name, self.base_shapes, self.base_weights_fingerprint)
+
     def check_base(self, base: BaseModel) -> None:
-        """Raise ``AdapterMismatchError`` naming both models if this adapter was made for another base."""
-        if self.base_shapes.fingerprint() != base.shapes.fingerprint():
-            raise AdapterMismatchError(
-                f"adapter was made for base model {self.base_name!r} ({describe(self.base_shapes)}) "
-                f"but the loaded base model is {base.name!r} ({describe(base.shapes)}); "
-                f"load it with --model {self.base_name}"
-            )
+        """``check_base_fits``: refused for a base model of other shapes, a warning for other weights."""
+        check_base_fits("adapter", self.base_record, BaseRecord.of(base))
 
 
 class AdapterError(SoftpromptsError):
@@ -80,6 +87,41 @@ class AdapterError(SoftpromptsError):
 
 class AdapterMismatchError(AdapterError):
     """An adapter made for another base model."""
+
+
+class BaseWeightsWarning(UserWarning):
+    """An adapter made on another checkpoint with the same shapes (it loads; outputs may differ from training)."""
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """A base model as adapters and tables record it: its name, probed shapes and weights fingerprint."""
+
+    name: str
+    shapes: ModelShapes
+    weights_fingerprint: str = ""  # "" = unknown (files from before it was recorded)
+
+    @classmethod
+    def of(cls, base: BaseModel) -> BaseRecord:
+        return cls(base.name, base.shapes, base.weights_fingerprint())
+
+
+def check_base_fits(what: str, made_for: BaseRecord, used_with: BaseRecord,
+                    where: str = "the loaded base model") -> None:
+    """The one rule (module docstring): ``AdapterMismatchError`` when the shapes differ, ``BaseWeightsWarning`` when
+    only the weights do (both fingerprints known). ``what`` / ``where`` name the two sides in the message."""
+    if made_for.shapes.fingerprint() != used_with.shapes.fingerprint():
+        raise AdapterMismatchError(
+            f"{what} was made for base model {made_for.name!r} ({describe(made_for.shapes)}) but {where} is "
+            f"{used_with.name!r} ({describe(used_with.shapes)}); load it with --model {made_for.name}"
+        )
+    a, b = made_for.weights_fingerprint, used_with.weights_fingerprint
+    if a and b and a != b:
+        warnings.warn(
+            f"{what} was made for base model {made_for.name!r} (weights {a}) and {where} is {used_with.name!r} "
+            f"(weights {b}): same shapes, other weights, so it loads but its outputs may differ from training "
+            f"(use --model {made_for.name} for the checkpoint it was trained on)", BaseWeightsWarning, stacklevel=3,
+        )
 
 
 def describe(shapes: ModelShapes) -> str:

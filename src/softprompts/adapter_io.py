@@ -1,49 +1,26 @@
 """Save and load adapters: ``adapter.json`` + ``adapter.safetensors`` (materialized tensors only).
 
-Saving is atomic: files are written into a temporary sibling directory which is then renamed into place, so a crash
-never leaves a half-written adapter. Loading reads JSON and safetensors only (never pickle) and validates both.
+Saving is atomic (``files.atomic_directory``): files are written into a temporary sibling directory which is then
+renamed into place, so a crash never leaves a half-written adapter. Loading reads JSON and safetensors only (never
+pickle), validates both and applies the base-model rule of ``adapter.check_base_fits``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompts.adapter import FORMAT_NAME, FORMAT_VERSION, Adapter, AdapterError
+from softprompts.files import atomic_directory, read_json
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.model.base import BaseModel
 from softprompts.model.probe import ModelShapes
 
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
-
-
-def atomic_directory(target: str | Path, write, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target``. Existing ``target`` needs ``overwrite``."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another directory or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def write_adapter_files(adapter: Adapter, directory: str | Path) -> None:
@@ -63,14 +40,6 @@ def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = Fals
             (tmp / name).write_text(text)
 
     return atomic_directory(directory, write, overwrite=overwrite)
-
-
-def read_json(path: Path, error: type[Exception]):
-    """Parse a JSON file, raising ``error`` with the file, message and line for invalid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise error(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def read_metadata(directory: str | Path) -> dict:

@@ -1,6 +1,6 @@
 """``softprompts demo``: prompt tuning and prefix tuning on the bundled UCI sentiment data with the embedded SmolLM2.
 
-Trains both methods with their measured defaults (``defaults.py``), evaluates them and the bare model on the test
+Trains both methods with their measured defaults (``methods.build_method``), evaluates them and the bare model on the test
 split by rank classification, and prints: method, trainable parameters, adapter file size, test accuracy, training
 time and greedy generation latency (ms per generated token), then a few generations. Sized to finish within
 10 minutes on 2 CPU cores (``steps`` and ``dev_limit`` are the knobs).
@@ -13,6 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from softprompts.adapter_io import WEIGHTS_FILE
+from softprompts.data.datasets import bundled_path, load_task_data
+from softprompts.data.templates import Template
+from softprompts.evaluate import evaluate, generate_texts, serving_artifact
+from softprompts.methods import build_method, method_class
+from softprompts.model.decode import generate_ids
+from softprompts.model.load import load_base
+from softprompts.tasks import TaskSpec
+from softprompts.training import TrainConfig, train
+
 TEMPLATE = ("Review: {text}\nSentiment:", " {label}")
 LABELS = ["negative", "positive"]
 
@@ -23,9 +33,6 @@ def _log(message: str) -> None:
 
 def latency_ms_per_token(base, artifact, prompts: list[list[int]], new_tokens: int = 16) -> float:
     """Greedy decoding wall time per generated token (batch of ``prompts``, no early stop)."""
-    from softprompts.evaluate import serving_artifact
-    from softprompts.model.decode import generate_ids
-
     artifact = serving_artifact(base, artifact)
     started = time.perf_counter()
     out = generate_ids(base, prompts, artifact, max_new_tokens=new_tokens, stop_ids=set())
@@ -36,16 +43,6 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
              dev_limit: int = 100, test_limit: int | None = None, out_dir: str | Path | None = None,
              seed: int = 0) -> list[dict]:
     """Train, evaluate and time each method; returns one row per method (plus the bare model first)."""
-    from softprompts.adapter_io import WEIGHTS_FILE
-    from softprompts.data.datasets import bundled_path, load_task_data
-    from softprompts.data.templates import Template
-    from softprompts.defaults import default_init_text, method_defaults
-    from softprompts.evaluate import evaluate, generate_texts
-    from softprompts.methods import create_method
-    from softprompts.model.load import load_base
-    from softprompts.tasks import TaskSpec
-    from softprompts.train import TrainConfig, train
-
     started = time.perf_counter()
     base = load_base(model, device="auto")
     _log(f"loaded {model} in {time.perf_counter() - started:.1f}s")
@@ -63,12 +60,12 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
     _log(f"bare model test accuracy {bare['accuracy']:.3f}")
     bare_dev = evaluate(base, None, data["dev"][:dev_limit], spec)  # shared by every method's training record
     for name in methods:
-        d = method_defaults(name)
-        method = create_method(base, name, labels=LABELS, init_text=default_init_text(spec),
-                               num_virtual_tokens=d.num_virtual_tokens, init=d.init, seed=seed)
-        config = TrainConfig(steps=steps, lr=d.lr, batch_size=batch_size, eval_every=max(1, steps // 2),
+        method = build_method(base, name, spec, seed=seed)
+        lr = method_class(name).default_lr
+        config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, eval_every=max(1, steps // 2),
                              eval_limit=dev_limit, checkpoint_every=0, seed=seed)
-        _log(f"training {name} (lr {d.lr}, {d.num_virtual_tokens} virtual tokens, {steps} steps of {batch_size})")
+        _log(f"training {name} (lr {lr}, {method.config.num_virtual_tokens} virtual tokens, {steps} steps of "
+             f"{batch_size})")
         result = train(base, method, data["train"], spec, config, dev_examples=data["dev"],
                        out_dir=out_dir / name, overwrite=True, base_dev=bare_dev)
         metrics = evaluate(base, result.adapter, test, spec)

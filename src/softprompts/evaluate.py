@@ -1,15 +1,15 @@
-"""Evaluate an adapter (or the bare model) on task examples.
+"""Evaluate an adapter (or the bare model) on task examples: run the model, then score with ``metrics.py``.
 
 classify — rank classification, exact and without free generation: for every label ``c`` with verbalization tokens
 ``y^c = (y^c_1..y^c_n)`` (the target template rendered with ``c``)::
 
     score(c | x) = sum_j log p(y^c_j | context, x, y^c_<j)        prediction = argmax_c score(c | x)
 
-reported as accuracy and macro-F1 (mean over labels of 2PR / (P + R)). When every verbalization is one token a single
-forward per example gives all scores (the same numbers, ``C`` times cheaper).
+When every verbalization is one token a single forward per example gives all scores (the same numbers, ``C`` times
+cheaper).
 
-generate — greedy decoding with the adapter, scored against the rendered targets with sacrebleu (BLEU, chrF) and
-rouge-score (ROUGE-L F1, mean over examples).
+generate — greedy decoding with the adapter (``model/decode.py``), and the log-likelihood of each reference target
+under teacher forcing (the same sum as above with the target's tokens, for the perplexity).
 
 A soft prompt is turned into the exact KV prefix it produces once (``BaseModel.soft_prompt_to_kv``) before
 evaluating: the same outputs, without re-running the P virtual positions in every batch.
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from softprompts.data.datasets import Example
+from softprompts.data.datasets import Example, label_targets
+from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact, SoftPrompt
 from softprompts.model.decode import GREEDY, Sampling, generate_ids
 from softprompts.model.inject import VirtualContext, forward
-from softprompts.tasks import Encoded, TaskSpec, collate, length_sorted_chunks, truncate_prompt
-
-PRIMARY_METRIC = {"classify": "accuracy", "generate": "chrf"}
+from softprompts.tasks import Encoded, TaskSpec, collate, encode, length_sorted_chunks, truncate_prompt
 
 
 def serving_artifact(base, artifact) -> Artifact | None:
@@ -35,11 +34,6 @@ def serving_artifact(base, artifact) -> Artifact | None:
         return None
     artifact = artifact.to(base.device, base.dtype)
     return base.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
-
-
-def _pad_id(base) -> int:
-    tok = base.tokenizer
-    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
 
 
 def _row_artifacts(base, artifact):
@@ -75,7 +69,7 @@ def row_label_scores(
     after ``prompts[i]``. ``artifact``: shared, or one per prompt, so rows of different tasks share batches."""
     artifacts = _row_artifacts(base, artifact)
     scores = [torch.zeros(len(v)) for v in verbalizations]
-    pad = _pad_id(base)
+    pad = base.pad_id
     if all(len(t) == 1 for v in verbalizations for t in v):  # one forward per example scores every label
         for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
             batch = collate([Encoded(prompts[i][:-1], prompts[i][-1:]) for i in chunk], pad, base.device)
@@ -101,21 +95,24 @@ def row_label_scores(
     return scores
 
 
-def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
-    """Mean over labels of F1 = 2 TP / (2 TP + FP + FN) (a label never predicted nor present counts 0)."""
-    total = 0.0
-    for label in labels:
-        tp = sum(g == label and p == label for g, p in zip(gold, pred, strict=True))
-        fp = sum(g != label and p == label for g, p in zip(gold, pred, strict=True))
-        fn = sum(g == label and p != label for g, p in zip(gold, pred, strict=True))
-        total += 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return total / len(labels)
+def target_logprobs(base, artifact, prompts: list[list[int]], targets: list[list[int]],
+                    batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per row ``(sum_j log p(y_j | context, x, y_<j), len(y))`` of target ``targets[i]`` after ``prompts[i]``
+    (teacher forcing). ``artifact``: shared, or one per row."""
+    scores = row_label_scores(base, artifact, prompts, [[t] for t in targets], batch_size)
+    return [(float(s[0]), len(t)) for s, t in zip(scores, targets, strict=True)]
+
+
+def _reference_logprobs(base, artifacts, examples: list[Example], spec: TaskSpec,
+                        batch_size: int) -> list[tuple[float, int]]:
+    """``target_logprobs`` of the examples' own targets, tokenized and cut as training cuts them."""
+    encoded, _ = encode(base, examples, spec)
+    return target_logprobs(base, artifacts, [e.prompt_ids for e in encoded], [e.target_ids for e in encoded],
+                           batch_size)
 
 
 def classify(base, artifact, examples: list[Example], spec: TaskSpec, batch_size: int = 16) -> list[str]:
     """Predicted label of every example (rank classification)."""
-    from softprompts.data.datasets import label_targets
-
     verbal = [base.tokenize(t) for t in label_targets(spec.template, spec.labels)]
     prompts = [truncate_prompt(base.tokenize(ex.prompt), spec) for ex in examples]
     best = label_scores(base, artifact, prompts, verbal, batch_size).argmax(1).tolist()
@@ -145,36 +142,29 @@ def _generate_rows(base, artifacts, ids: list[list[int]], max_new_tokens: int, s
     return out
 
 
-def generation_metrics(hypotheses: list[str], references: list[str]) -> dict:
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references, strict=True)]
-    return {
-        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-        "rougeL": 100.0 * sum(rouge) / len(rouge),
-    }
-
-
 def evaluate(
     base, adapter, examples: list[Example], spec: TaskSpec, batch_size: int = 16, max_new_tokens: int | None = None,
     return_outputs: bool = False,
 ) -> dict:
     """Metrics of ``adapter`` (an Adapter, an artifact or None for the bare model) on ``examples``.
 
-    classify: ``{"n", "accuracy", "macro_f1"}``; generate: ``{"n", "bleu", "chrf", "rougeL"}`` (0-100 scale).
-    ``return_outputs`` adds ``"outputs"``: predicted labels or generated texts.
+    classify: ``{"n", "accuracy", "macro_f1"}``; generate: ``{"n", "bleu", "chrf", "rougeL", "perplexity"}``
+    (``metrics.METRICS``). ``return_outputs`` adds ``"outputs"`` (predicted labels or generated texts) and for
+    generation ``"target_logprobs"`` (per example, the reference's log-likelihood and token count).
     """
+    logprobs = None
     if spec.task == "classify":
         pred = classify(base, adapter, examples, spec, batch_size)
     else:
+        artifact = _row_artifacts(base, adapter)
         limit = max_new_tokens or spec.max_target_tokens
-        pred = generate_texts(base, adapter, [ex.prompt for ex in examples], spec, limit, batch_size=batch_size)
-    result = score_outputs(spec, examples, pred)
+        pred = generate_texts(base, artifact, [ex.prompt for ex in examples], spec, limit, batch_size=batch_size)
+        logprobs = _reference_logprobs(base, artifact, examples, spec, batch_size)
+    result = score_outputs(spec, examples, pred, logprobs)
     if return_outputs:
         result["outputs"] = pred
+        if logprobs is not None:
+            result["target_logprobs"] = logprobs
     return result
 
 
@@ -192,8 +182,6 @@ def evaluate_tasks(
     outputs: list[str | None] = [None] * len(flat)
     classify_rows = [i for i, (_, spec) in enumerate(flat) if spec.task == "classify"]
     if classify_rows:
-        from softprompts.data.datasets import label_targets
-
         verbal = {k: [base.tokenize(t) for t in label_targets(spec.template, spec.labels)]
                   for k, (_, _, spec) in enumerate(tasks) if spec.task == "classify"}
         scores = row_label_scores(base, [artifacts[i] for i in classify_rows], [prompts[i] for i in classify_rows],
@@ -209,21 +197,23 @@ def evaluate_tasks(
                                batch_size)
         for i, text in zip(rows, texts, strict=True):
             outputs[i] = text
+    logprobs: list[tuple[float, int] | None] = [None] * len(flat)
+    generate_rows = [i for rows in limits.values() for i in rows]
+    if generate_rows:
+        encoded = [encode(base, [flat[i][0]], flat[i][1])[0][0] for i in generate_rows]
+        scored = target_logprobs(base, [artifacts[i] for i in generate_rows], [e.prompt_ids for e in encoded],
+                                 [e.target_ids for e in encoded], batch_size)
+        for i, value in zip(generate_rows, scored, strict=True):
+            logprobs[i] = value
     results = []
     for k, (_, examples, spec) in enumerate(tasks):
-        mine = [outputs[i] for i in range(len(flat)) if owner[i] == k]
-        result = score_outputs(spec, examples, mine)
+        mine = [i for i in range(len(flat)) if owner[i] == k]
+        texts = [outputs[i] for i in mine]
+        task_logprobs = None if spec.task == "classify" else [logprobs[i] for i in mine]
+        result = score_outputs(spec, examples, texts, task_logprobs)
         if return_outputs:
-            result["outputs"] = mine
+            result["outputs"] = texts
+            if task_logprobs is not None:
+                result["target_logprobs"] = task_logprobs
         results.append(result)
     return results
-
-
-def score_outputs(spec: TaskSpec, examples: list[Example], outputs: list[str]) -> dict:
-    """Metrics from predicted labels (classify) or generated texts (generate), aligned with ``examples``."""
-    if spec.task == "classify":
-        gold = [ex.label for ex in examples]
-        acc = sum(g == p for g, p in zip(gold, outputs, strict=True)) / len(gold)
-        return {"n": len(examples), "accuracy": acc, "macro_f1": macro_f1(gold, outputs, spec.labels)}
-    refs = [ex.target.strip() for ex in examples]
-    return {"n": len(examples), **generation_metrics([o.strip() for o in outputs], refs)}

@@ -9,6 +9,9 @@ Every write that a reader or a crash could catch half-done goes through here:
   dataset, the converted embedded model): ``write(tmp_dir)`` fills a temporary sibling directory that is renamed into
   place. A failing ``write`` (or Ctrl-C) removes the temporary and leaves ``target`` as it was.
 
+Where: ``cache_dir()`` is ``$SOFTPROMPTS_CACHE`` or ``~/.cache/softprompts`` (the converted embedded model, downloaded
+archives, prepared datasets).
+
 Reading: ``read_json(path, error)`` parses a JSON file or raises ``error`` naming the file, the problem and the line;
 ``read_json_or_none(path)`` is for files that may legitimately be absent or stale (resumable runs).
 """
@@ -24,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from softprompts.errors import SoftpromptsError
+
+
+def cache_dir() -> Path:
+    """Where softprompts keeps what it builds once: ``$SOFTPROMPTS_CACHE``, else ``~/.cache/softprompts``."""
+    return Path(os.environ.get("SOFTPROMPTS_CACHE") or Path.home() / ".cache" / "softprompts").expanduser()
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -109,4 +117,4 @@ def read_json_or_none(path: str | Path) -> Any | None:
         return None
 
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "read_json", "read_json_or_none"]
+__all__ = ["cache_dir", "atomic_directory", "atomic_file", "atomic_json", "atomic_text", "read_json", "read_json_or_none"]

@@ -30,8 +30,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, describe
-from softprompts.adapter_io import atomic_directory, load_adapter, read_metadata
+from softprompts.adapter import Adapter, AdapterError, BaseRecord, check_base_fits
+from softprompts.adapter_io import load_adapter, read_metadata
+from softprompts.files import atomic_directory, read_json
 from softprompts.model.artifacts import Artifact, artifact_from_tensors
 from softprompts.model.base import BaseModel
 from softprompts.model.inject import VirtualContext
@@ -82,10 +83,7 @@ class PromptTable:
             if create and not path.exists():
                 return cls(path, base=base)
             raise TableError(f"{path} is not a prompt table: {TABLE_CONFIG} is missing")
-        try:
-            meta = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            raise TableError(f"{config} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        meta = read_json(config, TableError)
         if not isinstance(meta, dict) or meta.get("format") != TABLE_FORMAT:
             raise TableError(f"{config} is not a softprompts prompt table")
         if meta.get("format_version", 0) > TABLE_VERSION:
@@ -234,34 +232,18 @@ class PromptTable:
             raise TableError(f"no task {name!r} in prompt table {self.path} (tasks: {known})")
         return self._entries[name]
 
-    def _check_base(self, base: BaseModel) -> None:
+    @property
+    def base_record(self) -> BaseRecord:
         assert self.base_meta is not None
-        if self.base_meta["fingerprint"] != base.shapes.fingerprint() or not _weights_agree(
-            self.base_meta.get("weights_fingerprint", ""), base.weights_fingerprint()
-        ):
-            raise AdapterMismatchError(
-                f"prompt table {self.path} was made for base model {self.base_meta['name']!r} "
-                f"({describe(self.shapes)}) but the loaded base model is {base.name!r} ({describe(base.shapes)}); "
-                f"load it with --model {self.base_meta['name']}"
-            )
+        return BaseRecord(self.base_meta["name"], self.shapes, self.base_meta.get("weights_fingerprint", ""))
+
+    def _check_base(self, base: BaseModel) -> None:
+        """The adapter rule (``adapter.check_base_fits``): other shapes refused, other weights warned."""
+        check_base_fits(f"prompt table {self.path}", self.base_record, BaseRecord.of(base))
 
     def _check_adapter_base(self, name: str, adapter: Adapter) -> None:
-        assert self.base_meta is not None
-        same_shapes = adapter.base_shapes.fingerprint() == self.base_meta["fingerprint"]
-        if not same_shapes or not _weights_agree(
-            self.base_meta.get("weights_fingerprint", ""), adapter.base_weights_fingerprint
-        ):
-            raise AdapterMismatchError(
-                f"cannot add {name!r}: it was made for base model {adapter.base_name!r} "
-                f"({describe(adapter.base_shapes)}, weights {adapter.base_weights_fingerprint or '?'}) but prompt "
-                f"table {self.path} holds tasks for {self.base_meta['name']!r} ({describe(self.shapes)}, weights "
-                f"{self.base_meta.get('weights_fingerprint') or '?'})"
-            )
-
-
-def _weights_agree(a: str, b: str) -> bool:
-    """Weight fingerprints agree when equal or when either is unknown (older adapters did not record one)."""
-    return not a or not b or a == b
+        check_base_fits(f"task {name!r}", adapter.base_record, self.base_record,
+                        where=f"the base model of prompt table {self.path}")
 
 
 def _table_task(ref: str, table: PromptTable | str | Path | None) -> tuple[PromptTable, str] | None:

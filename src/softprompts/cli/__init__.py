@@ -31,14 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt a frozen language model with learned continuous prompts, and measure which method to pick.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"softprompts.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"softprompts.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+    for name in SUBCOMMANDS:  # a missing module is an error: a typo must not silently remove a command
+        importlib.import_module(f"softprompts.cli.{name}").register(sub)
     return parser
 
 

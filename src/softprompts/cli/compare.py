@@ -11,8 +11,6 @@ import sys
 
 from softprompts.errors import SoftpromptsError
 
-ALL_METHODS = "prompt,prefix,ptuning,deep"
-
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="compare methods (and PEFT) on one task: report, plots, recommendation",
@@ -27,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--template", default=None, help=r'prompt template, e.g. "Review: {text}\nSentiment:"')
     p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
     p.add_argument("--labels", default=None, help="comma-separated label set")
-    p.add_argument("--methods", default=ALL_METHODS, help="comma-separated methods to compare")
+    p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
     p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
@@ -82,6 +80,7 @@ def run(args) -> int:
     from softprompts.compare import CompareConfig, CompareData, run_compare
     from softprompts.data.datasets import load_task_data
     from softprompts.data.templates import Template
+    from softprompts.methods import METHODS
     from softprompts.model.load import DEFAULT_MODEL
     from softprompts.tasks import TaskSpec
 
@@ -96,7 +95,7 @@ def run(args) -> int:
     description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
     config = CompareConfig(
-        model=args.model or DEFAULT_MODEL, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        model=args.model or DEFAULT_MODEL, methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,

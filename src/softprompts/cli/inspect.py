@@ -22,7 +22,7 @@ def summary(directory: str | Path, table: str | Path | None = None) -> dict:
     prompt-table reference (``TABLE_DIR#NAME``, ``table:NAME``) gives the task's metadata, no record."""
     from softprompts.adapter_io import WEIGHTS_FILE, read_metadata
     from softprompts.table import TABLE_REF, resolve_adapter
-    from softprompts.train import RECORD_FILE
+    from softprompts.training import RECORD_FILE
 
     if not Path(directory).is_dir() and ("#" in str(directory) or str(directory).startswith(TABLE_REF)):
         meta = resolve_adapter(directory, table=table).metadata()

@@ -9,15 +9,14 @@ from pathlib import Path
 
 from softprompts.errors import SoftpromptsError
 
-METHOD_CHOICES = ("prompt", "prefix", "ptuning", "deep")
-
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a soft prompt / prefix on a task", description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m, or the "
                    "base of --init-from)")
-    p.add_argument("--method", default="prompt", help=f"one of {', '.join(METHOD_CHOICES)}")
+    p.add_argument("--method", default="prompt", help="prompt (prompt tuning), ptuning (P-tuning), prefix (prefix "
+                   "tuning) or deep (deep prompts / P-tuning v2); an unknown name lists the methods installed")
     p.add_argument("--task", default="classify", choices=("classify", "generate"))
     p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .tsv")
     p.add_argument("--eval-data", default=None, help="dev data for evaluation during training and best-adapter keeping")
@@ -68,20 +67,14 @@ def run(args) -> int:
     from softprompts.adapter_io import load_adapter, read_metadata
     from softprompts.data.datasets import load_task_data
     from softprompts.data.templates import Template
-    from softprompts.defaults import default_init_text, method_defaults
-    from softprompts.distributed import setup_distributed
-    from softprompts.methods import create_method, method_class
+    from softprompts.methods import build_method, method_class
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.tasks import TaskSpec
-    from softprompts.train import TrainConfig, checkpoint_path, train
+    from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
 
-    try:
-        name = method_class(args.method).name
-    except ValueError as exc:
-        raise SoftpromptsError(str(exc)) from None
-    defaults = method_defaults(name)
+    cls = method_class(args.method)
     config = TrainConfig(
-        steps=args.steps, lr=args.lr if args.lr is not None else defaults.lr, batch_size=args.batch_size,
+        steps=args.steps, lr=args.lr if args.lr is not None else cls.default_lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
@@ -89,7 +82,7 @@ def run(args) -> int:
         compile=args.compile,
     ).validate()
     out = Path(args.out)
-    if args.resume and (out / "training.json").is_file() and not checkpoint_path(out).is_file():
+    if args.resume and (out / RECORD_FILE).is_file() and not checkpoint_path(out).is_file():
         print(f"{out} is already finished (nothing to resume)", file=sys.stderr)
         return 0
     if out.exists() and not args.overwrite and not (args.resume and checkpoint_path(out).is_file()):
@@ -115,19 +108,14 @@ def run(args) -> int:
     device = None if args.device_map else args.device if args.device != "auto" else dist.device or "auto"
     base = load_base(model_name, device=device, device_map=args.device_map)
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
-    options = {"num_virtual_tokens": args.virtual_tokens or defaults.num_virtual_tokens,
-               "init": args.init or defaults.init, "seed": args.seed}
-    try:
-        method = create_method(base, name, labels=labels, init_text=args.init_text or default_init_text(spec),
-                               init_artifact=init_artifact, **options)
-    except ValueError as exc:
-        raise SoftpromptsError(str(exc)) from None
+    method = build_method(base, cls.name, spec, seed=args.seed, num_virtual_tokens=args.virtual_tokens,
+                          init=args.init, init_text=args.init_text, init_artifact=init_artifact)
     result = train(base, method, examples, spec, config, dev_examples=dev, out_dir=out, resume=args.resume,
                    overwrite=args.overwrite, dist=dist)
     if dist.is_main:
         rec = result.record
         best = f", best {rec['metric']} {rec['best_dev']:.4f} at step {rec['best_step']}" if dev else ""
-        print(f"saved {name} adapter to {out} ({rec['trainable_parameters']:,} trainable parameters, "
+        print(f"saved {cls.name} adapter to {out} ({rec['trainable_parameters']:,} trainable parameters, "
               f"{rec['timings']['train_seconds']:.1f}s{best})", file=sys.stderr)
     dist.close()
     return 0

@@ -1,9 +1,9 @@
 """What a compare shares across its runs (``CompareConfig``, ``CompareData``), where it was measured
-(``machine_info``), and the atomic JSON files a resumable compare is made of."""
+(``machine_info``), and the names of the JSON files a resumable compare is made of (written with
+``files.atomic_json``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -21,7 +21,8 @@ SETTINGS_FILE = "compare.json"
 class CompareConfig:
     """What every run shares. ``steps`` or ``minutes`` (per run; converted to steps per method by timing 2 steps).
 
-    lr / virtual_tokens: None = each method's measured default (``softprompts.defaults``), used for PEFT too.
+    lr / virtual_tokens: None = each method's measured default (its class's ``default_lr``, its config's
+    ``num_virtual_tokens``), used for PEFT too.
     eval_limit / test_limit: first N dev / test examples. latency_*: decode length and repeats of the timing.
     """
 
@@ -69,20 +70,6 @@ class CompareData:
     description: dict = field(default_factory=dict)  # dataset name / paths, for the report
 
 
-def atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json_or_none(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def machine_info(device: torch.device) -> dict:
     """Where the numbers were measured: CPU/GPU, core count, library versions, git commit."""
     import transformers
@@ -115,5 +102,4 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-__all__ = ["RESULT_FILE", "SETTINGS_FILE", "CompareConfig", "CompareData", "atomic_json", "machine_info",
-           "read_json_or_none"]
+__all__ = ["RESULT_FILE", "SETTINGS_FILE", "CompareConfig", "CompareData", "machine_info"]

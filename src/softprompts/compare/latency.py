@@ -82,21 +82,21 @@ def measure_latency(base: BaseModel, prompt: str, artifact=None, new_tokens: int
 
 
 @torch.no_grad()
-def measure_hf_latency(model, tokenizer, prompt: str, new_tokens: int = 8, repeats: int = 3) -> Latency:
-    """The same two numbers through Hugging Face ``generate`` (for PEFT models and the bare model beside them)."""
+def measure_hf_latency(model, base: BaseModel, prompt: str, new_tokens: int = 8, repeats: int = 3) -> Latency:
+    """The same two numbers through Hugging Face ``generate`` of ``model`` (a PEFT model over ``base.model``, or
+    ``base.model`` itself beside it)."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([base.tokenize(prompt)], device=device)  # [1, T]
+    mask = torch.ones_like(ids)
 
     def gen(n: int) -> Callable[[], None]:
-        return lambda: model.generate(
-            **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
-        )
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=base.pad_id)
 
     ttft = _median_ms(gen(1), repeats, device)
     total = _median_ms(gen(new_tokens), repeats, device)
     per_token = max(total - ttft, 0.0) / max(new_tokens - 1, 1)
-    return Latency(ttft, per_token, enc["input_ids"].shape[1], new_tokens, repeats)
+    return Latency(ttft, per_token, ids.shape[1], new_tokens, repeats)
 
 
 # --- peak memory ------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """The same four methods through Hugging Face PEFT, on the same model, data, steps, learning rate and batch.
 
-PEFT is an optional dependency (``pip install softprompts[peft]``): it is imported only here, lazily. The mapping
-from our method names to PEFT configs is a dict lookup (``PEFT_CONFIGS``); nothing else knows which method runs.
+PEFT is an optional dependency (``pip install softprompts[peft]``): it is imported only here, lazily. Which PEFT
+config a method maps to is declared by the method itself (``peft_type`` and ``peft_options`` in its file in
+``methods/``); ``peft_config`` only looks the PEFT class up (``PEFT_CONFIG_CLASSES``).
 
 Training mirrors ours: AdamW on PEFT's trainable parameters, answer-only loss (prompt positions labelled -100),
 evaluation on the dev set every ``eval_every`` steps and at step 0, the best dev state kept for the test set.
 Evaluation goes through PEFT's own paths, as a PEFT user would get them: rank classification scores each label's
-verbalization with the PEFT model's forward; generation uses ``PeftModel.generate``. The metric code is shared with
-our runs (passed in as ``metrics``).
+verbalization with the PEFT model's forward; generation uses ``PeftModel.generate`` (and PEFT's forward for the
+references' perplexity). The metric code is shared with our runs (``metrics.score_outputs``).
 
 Failures are detected and reported, never hidden: after training, a few dev prompts are decoded greedily by the
 PEFT model and by the bare model; if PEFT's forward changes the logits but its ``generate`` output is identical to
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +28,11 @@ import torch
 
 from softprompts.compare.peft_eval import detect_issues, make_evaluator, train_batch
 from softprompts.errors import SoftpromptsError
+from softprompts.methods import MethodConfig, method_class
 from softprompts.model.base import BaseModel
 from softprompts.model.load import resolve
+from softprompts.tasks import encode, epoch_batches
+from softprompts.training import TrainConfig, lr_factor
 
 
 class PeftMissingError(SoftpromptsError):
@@ -48,42 +51,37 @@ def import_peft():
     return peft
 
 
-def _prompt_config(peft, spec: PeftSpec, tokenizer_path: str | None):
-    init = {}
-    if spec.init_text and tokenizer_path:  # PEFT's only text init: the same text our run starts from
-        init = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=spec.init_text,
-                    tokenizer_name_or_path=tokenizer_path)
-    return peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens, **init)
-
-
-# our method name -> PEFT config builder (a lookup, not branching: DESIGN principle 2)
-PEFT_CONFIGS: dict[str, Callable] = {
-    "prompt": _prompt_config,
-    "ptuning": lambda peft, spec, _tok: peft.PromptEncoderConfig(
-        task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
-        encoder_reparameterization_type="MLP", encoder_hidden_size=spec.hidden_size),
-    "prefix": lambda peft, spec, _tok: peft.PrefixTuningConfig(
-        task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
-        prefix_projection=True, encoder_hidden_size=spec.hidden_size),
-    "deep": lambda peft, spec, _tok: peft.PrefixTuningConfig(
-        task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens, prefix_projection=False),
-}
+# PEFT's config class per PEFT type; each of our methods names its PEFT type and options (methods/*.py)
+PEFT_CONFIG_CLASSES = {"PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
+                       "PREFIX_TUNING": "PrefixTuningConfig"}
 
 
 @dataclass
 class PeftSpec:
-    """One PEFT run: the method (our name), its size, and the training config shared with our run of it.
+    """One PEFT run: the method (our name), our method config (size, encoder, init) and the training config shared
+    with our run of it.
 
-    ``config`` (a ``train.TrainConfig``) gives steps, learning rate, schedule, warmup, batch size, gradient
+    ``config`` (a ``training.TrainConfig``) gives steps, learning rate, schedule, warmup, batch size, gradient
     clipping, seed and evaluation interval: the same numbers our loop uses, and the same batches
-    (``tasks.epoch_batches``).
+    (``tasks.epoch_batches``). ``init_text``: the text our run starts from (``None`` for another init).
     """
 
     method: str
-    num_virtual_tokens: int
-    config: object
+    method_config: MethodConfig
+    config: TrainConfig
     init_text: str | None = None
-    hidden_size: int = 512  # PEFT's encoder_hidden_size (P-tuning MLP, prefix projection)
+    hidden_size: int = 512  # the base model's hidden size (PEFT encoder widths default to it)
+
+
+def peft_config(peft, spec: PeftSpec, tokenizer_path: str | None):
+    """The PEFT config of our method's counterpart (``peft_type`` and ``peft_options`` on the method class)."""
+    cls = method_class(spec.method)
+    if cls.peft_type is None:
+        raise SoftpromptsError(f"method {spec.method!r} has no PEFT counterpart")
+    options = cls.peft_options(spec.method_config, spec.hidden_size, spec.init_text, tokenizer_path)
+    config_class = getattr(peft, PEFT_CONFIG_CLASSES[cls.peft_type])
+    return config_class(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=spec.method_config.num_virtual_tokens,
+                        **options)
 
 
 @dataclass
@@ -118,19 +116,14 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
     ``task``: the ``TaskSpec`` (template, labels, truncation) our runs use; ``primary``: the dev metric to keep the
     best state by.
     """
-    from softprompts.tasks import encode, epoch_batches
-    from softprompts.train import lr_factor
-
     evaluate = make_evaluator(base, task)
     peft = import_peft()
-    if spec.method not in PEFT_CONFIGS:
-        raise SoftpromptsError(f"no PEFT counterpart for method {spec.method!r}; PEFT runs: {', '.join(PEFT_CONFIGS)}")
     path = resolve(base.name)
     tokenizer_path = path if Path(path).is_dir() else None
     torch.manual_seed(spec.config.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = PEFT_CONFIGS[spec.method](peft, spec, tokenizer_path)
+        config = peft_config(peft, spec, tokenizer_path)
         model = peft.get_peft_model(base.model, config)
     result = PeftResult(model=model)
     result.trainable_params = int(model.get_nb_trainable_parameters()[0])
@@ -215,4 +208,4 @@ def release(result: PeftResult) -> None:
     result.model = None
 
 
-__all__ = ["PEFT_CONFIGS", "PeftMissingError", "PeftResult", "PeftSpec", "import_peft", "release", "run_peft"]
+__all__ = ["PEFT_CONFIG_CLASSES", "peft_config", "PeftMissingError", "PeftResult", "PeftSpec", "import_peft", "release", "run_peft"]

@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from softprompts.data.datasets import label_targets
+from softprompts.metrics import score_outputs
 from softprompts.model.base import BaseModel
+from softprompts.tasks import encode
 
 # --- batches ------------------------------------------------------------------------------------------------------
 
@@ -22,8 +25,7 @@ from softprompts.model.base import BaseModel
 def train_batch(base: BaseModel, pairs: Sequence[tuple[list[int], list[int]]], device) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding) ``[B, T]``."""
     width = max(len(p) + len(t) for p, t in pairs)
-    pad = base.tokenizer.pad_token_id or 0
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    ids = torch.full((len(pairs), width), base.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for i, (p, t) in enumerate(pairs):
@@ -63,8 +65,7 @@ def rank_classify(model, base: BaseModel, prompts: Sequence[str], label_targets:
 def hf_generate(model, base: BaseModel, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int = 256,
                 batch_size: int = 8) -> list[str]:
     """Greedy continuations through ``model.generate`` (PEFT or bare), left-padded batches."""
-    tok = base.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok, pad = base.tokenizer, base.pad_id
     out = []
     for i in range(0, len(prompts), batch_size):
         rows = [base.tokenize(p)[-max_prompt_tokens:] for p in prompts[i : i + batch_size]]
@@ -79,6 +80,13 @@ def hf_generate(model, base: BaseModel, prompts: Sequence[str], max_new_tokens: 
     return out
 
 
+def reference_logprobs(model, base: BaseModel, examples: list, spec, batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per example ``(log p(target | prompt), target tokens)`` through ``model``'s forward, cut as training cuts."""
+    pairs = [(e.prompt_ids, e.target_ids) for e in encode(base, examples, spec)[0]]
+    sums = [_sequence_logprobs(model, base, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
+    return [(float(lp), len(t)) for lp, (_, t) in zip(torch.cat(sums).tolist(), pairs, strict=True)]
+
+
 # --- evaluation through PEFT's own paths -------------------------------------------------------------------
 
 
@@ -86,21 +94,19 @@ EvalFn = Callable[[object, list], dict]  # (model, examples) -> {metric: value}
 
 
 def make_evaluator(base: BaseModel, spec) -> EvalFn:
-    """``(model, examples) -> metrics`` through PEFT's own forward (classify) or ``generate`` (generate).
+    """``(model, examples) -> metrics`` through PEFT's own forward (classify, and the references' perplexity) or
+    ``generate`` (generated texts).
 
     Same truncation, label verbalizations and metric code as ``softprompts.evaluate`` (``spec``: a ``TaskSpec``).
     """
-    from softprompts.data.datasets import label_targets
-    from softprompts.evaluate import score_outputs
-
     def evaluate(model, examples: list) -> dict:
         prompts = [ex.prompt for ex in examples]
         if spec.task == "classify":
             picks = rank_classify(model, base, prompts, label_targets(spec.template, spec.labels),
                                   spec.max_prompt_tokens)
             return score_outputs(spec, examples, [spec.labels[i] for i in picks])
-        return score_outputs(spec, examples, hf_generate(model, base, prompts, spec.max_target_tokens,
-                                                         spec.max_prompt_tokens))
+        texts = hf_generate(model, base, prompts, spec.max_target_tokens, spec.max_prompt_tokens)
+        return score_outputs(spec, examples, texts, reference_logprobs(model, base, examples, spec))
 
     return evaluate
 
@@ -125,7 +131,7 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
             adapted = peft_model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
             gen = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
                                       output_logits=True, return_dict_in_generate=True,
-                                      pad_token_id=base.tokenizer.pad_token_id).logits[0][0].float()
+                                      pad_token_id=base.pad_id).logits[0][0].float()
         changes = not torch.allclose(bare, adapted, atol=1e-4, rtol=1e-4)
         no_effect += not changes
         if changes and torch.allclose(gen, bare, atol=1e-4, rtol=1e-4):
@@ -151,4 +157,4 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     return issues
 
 
-__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "train_batch"]
+__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "reference_logprobs", "train_batch"]

@@ -64,7 +64,7 @@ def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
 
 def build_results(config, settings: dict, base: dict, runs: list[dict], machine: dict, sizes: dict) -> dict:
     """The results.json document."""
-    from softprompts.evaluate import PRIMARY_METRIC
+    from softprompts.metrics import PRIMARY_METRIC
 
     task = settings["task"]
     primary = PRIMARY_METRIC[task["task"]]

@@ -25,22 +25,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from softprompts.compare.config import (
-    RESULT_FILE,
-    SETTINGS_FILE,
-    CompareConfig,
-    CompareData,
-    atomic_json,
-    machine_info,
-    read_json_or_none,
-)
+from softprompts.adapter_io import WEIGHTS_FILE, load_adapter
+from softprompts.compare.config import RESULT_FILE, SETTINGS_FILE, CompareConfig, CompareData, machine_info
 from softprompts.compare.latency import (
     measure_hf_latency,
     measure_latency,
     peak_memory_bytes,
     reset_peak_memory,
 )
+from softprompts.compare.peft_baseline import PeftSpec, import_peft, release, run_peft
+from softprompts.compare.report import build_results, write_report
 from softprompts.errors import SoftpromptsError
+from softprompts.evaluate import evaluate, serving_artifact
+from softprompts.files import atomic_json, read_json_or_none
+from softprompts.methods import PromptMethod, build_method, method_class, task_init_text
+from softprompts.metrics import PRIMARY_METRIC
+from softprompts.model.load import load_base
+from softprompts.training import RECORD_FILE, TrainConfig, train
 
 
 class Comparison:
@@ -50,12 +51,7 @@ class Comparison:
         problems = config.errors()
         if problems:
             raise SoftpromptsError("; ".join(problems))
-        from softprompts.methods import method_class
-
-        try:
-            config.methods = [method_class(m).name for m in config.methods]
-        except ValueError as exc:
-            raise SoftpromptsError(str(exc)) from None
+        self.methods = [method_class(m).name for m in config.methods]  # aliases -> names; the config stays as given
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.base = base
         self.base_dev: dict | None = None  # the bare model's dev metrics (from the base run), shared by every run
@@ -69,7 +65,7 @@ class Comparison:
     def _settings(self) -> dict:
         c = self.config
         return {
-            "model": c.model, "methods": c.methods, "seeds": c.seeds, "baseline": c.baseline, "steps": c.steps,
+            "model": c.model, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline, "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
             "sizes": {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)},
@@ -92,24 +88,14 @@ class Comparison:
         atomic_json(path, settings)
         return settings
 
-    def _train_config(self, method: str, seed: int, steps: int):
-        from softprompts.defaults import method_defaults
-        from softprompts.train import TrainConfig
-
-        lr = self.config.lr if self.config.lr is not None else method_defaults(method).lr
+    def _train_config(self, method: str, seed: int, steps: int) -> TrainConfig:
+        lr = self.config.lr if self.config.lr is not None else method_class(method).default_lr
         return TrainConfig(steps=steps, lr=lr, batch_size=self.config.batch_size, eval_every=self.config.eval_every,
                            checkpoint_every=max(1, min(25, steps // 4 or 1)), seed=seed,
                            progress=self.config.progress).validate()
 
-    def _method(self, name: str, seed: int):
-        from softprompts.defaults import default_init_text, method_defaults
-        from softprompts.methods import create_method
-
-        defaults = method_defaults(name)
-        spec = self.data.spec
-        options = {"num_virtual_tokens": self.config.virtual_tokens or defaults.num_virtual_tokens,
-                   "init": defaults.init, "seed": seed}
-        return create_method(self.base, name, labels=spec.labels, init_text=default_init_text(spec), **options)
+    def _method(self, name: str, seed: int) -> PromptMethod:
+        return build_method(self.base, name, self.data.spec, seed=seed, num_virtual_tokens=self.config.virtual_tokens)
 
     def _steps_for(self, method: str, settings: dict) -> int:
         """``--steps``, or for ``--minutes`` the steps that fit: time 2 training steps of this method once."""
@@ -117,8 +103,6 @@ class Comparison:
             return self.config.steps
         known = settings.setdefault("steps_per_method", {})
         if method not in known:
-            from softprompts.train import train
-
             probe = replace(self._train_config(method, 0, 2), progress=False, checkpoint_every=0)
             record = train(self.base, self._method(method, 0), self.data.train, self.data.spec, probe).record
             per_step = max(record["timings"]["train_seconds"] / 2, 1e-3)
@@ -134,8 +118,6 @@ class Comparison:
                                self.config.latency_repeats).to_json()
 
     def _base_run(self) -> dict:
-        from softprompts.evaluate import evaluate
-
         path = self.out / "runs" / "base" / RESULT_FILE
         done = read_json_or_none(path)
         if done is not None and (self.config.baseline is None or "latency_hf" in done):
@@ -145,16 +127,12 @@ class Comparison:
                   "latency": self._latency(None)}
         if self.config.baseline == "peft":
             prompt = (self.test or self.dev or self.data.train)[0].prompt
-            result["latency_hf"] = measure_hf_latency(self.base.model, self.base.tokenizer, prompt,
+            result["latency_hf"] = measure_hf_latency(self.base.model, self.base, prompt,
                                                       self.config.latency_tokens, self.config.latency_repeats).to_json()
         atomic_json(path, result)
         return result
 
     def _our_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
-        from softprompts.adapter_io import WEIGHTS_FILE, load_adapter
-        from softprompts.evaluate import evaluate, serving_artifact
-        from softprompts.train import RECORD_FILE, train
-
         adapter_dir = run_dir / "adapter"
         run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint lives next to adapter/ while training
         measure = reset_peak_memory(self.base.device)
@@ -189,18 +167,12 @@ class Comparison:
         }
 
     def _peft_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
-        from softprompts.compare.peft_baseline import PeftSpec, release, run_peft
-        from softprompts.defaults import default_init_text, method_defaults
-        from softprompts.evaluate import PRIMARY_METRIC
-
         spec = self.data.spec
         primary = PRIMARY_METRIC[spec.task]
-        m = self._method(method, seed)  # for its sizes only: the same P and encoder width as ours
-        hidden = getattr(m.config, "projection_hidden", None) or getattr(m.config, "encoder_hidden", 0) or \
-            self.base.shapes.hidden_size
-        peft_spec = PeftSpec(method, m.config.num_virtual_tokens, self._train_config(method, seed, steps),
-                             init_text=default_init_text(spec) if method_defaults(method).init == "text" else None,
-                             hidden_size=hidden)
+        m = self._method(method, seed)  # for its config only: PEFT gets the same P, encoder and init text as ours
+        init_text = task_init_text(spec.task, spec.labels) if m.config.init == "text" else None
+        peft_spec = PeftSpec(method, m.config, self._train_config(method, seed, steps), init_text=init_text,
+                             hidden_size=self.base.shapes.hidden_size)
         del m
         measure = reset_peak_memory(self.base.device)
         started = time.perf_counter()
@@ -212,9 +184,9 @@ class Comparison:
             bar.close()
         peak = peak_memory_bytes(self.base.device)
         prompt = (self.test or self.dev or self.data.train)[0].prompt
-        bare = measure_hf_latency(self.base.model, self.base.tokenizer, prompt, self.config.latency_tokens,
+        bare = measure_hf_latency(self.base.model, self.base, prompt, self.config.latency_tokens,
                                   self.config.latency_repeats).to_json()
-        latency = measure_hf_latency(res.model, self.base.tokenizer, prompt, self.config.latency_tokens,
+        latency = measure_hf_latency(res.model, self.base, prompt, self.config.latency_tokens,
                                      self.config.latency_repeats).to_json()
         release(res)
         return {
@@ -230,20 +202,15 @@ class Comparison:
 
     def run(self) -> dict:
         """Do every unfinished run, then write results.json, the plots and report.md; returns the results."""
-        from softprompts.compare.report import build_results, write_report
-        from softprompts.model.load import load_base
-
         self.out.mkdir(parents=True, exist_ok=True)
         settings = self._check_settings()
         if self.config.baseline == "peft":
-            from softprompts.compare.peft_baseline import import_peft
-
             import_peft()  # fail before any training if it is missing
         if self.base is None:
             self.base = load_base(self.config.model, device="auto")
-        jobs = [("softprompts", m, s) for m in self.config.methods for s in range(self.config.seeds)]
+        jobs = [("softprompts", m, s) for m in self.methods for s in range(self.config.seeds)]
         if self.config.baseline == "peft":
-            jobs += [("peft", m, s) for m in self.config.methods for s in range(self.config.seeds)]
+            jobs += [("peft", m, s) for m in self.methods for s in range(self.config.seeds)]
         base_result = self._base_run()
         self.base_dev = base_result["dev"] or None
         runs = []

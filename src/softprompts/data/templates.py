@@ -10,11 +10,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-
-def _data_error(message: str) -> Exception:
-    from softprompts.data.datasets import DataError  # datasets imports this module: import late
-
-    return DataError(message)
+from softprompts.errors import DataError
 
 
 def parse_fields(text: str, what: str = "template") -> list[str]:
@@ -22,7 +18,7 @@ def parse_fields(text: str, what: str = "template") -> list[str]:
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
-        raise _data_error(
+        raise DataError(
             f"{what} {text!r} is not a valid template ({exc}); write fields as {{name}} and literal braces as "
             "{{ and }}"
         ) from None
@@ -32,7 +28,7 @@ def parse_fields(text: str, what: str = "template") -> list[str]:
             continue
         if not name.isidentifier() or spec or conversion:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise _data_error(
+            raise DataError(
                 f"{what} {text!r} has placeholder {shown}: only plain {{field}} placeholders naming a column "
                 "are supported (e.g. {text}); write literal braces as {{ and }}"
             )
@@ -53,10 +49,10 @@ class Template:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.target, str):
-            raise _data_error("template prompt and target must be strings")
+            raise DataError("template prompt and target must be strings")
         parse_fields(self.prompt, "prompt template")
         if not parse_fields(self.target, "target template"):
-            raise _data_error(
+            raise DataError(
                 f"target template {self.target!r} has no field: it must name the column to predict, e.g. ' {{label}}'"
             )
 
@@ -85,7 +81,7 @@ class Template:
         """(prompt, target) for one row; DataError naming a missing field and the fields the row has."""
         missing = self.missing(row)
         if missing:
-            raise _data_error(
+            raise DataError(
                 f"template field {missing[0]!r} is missing from the row; available fields: "
                 f"{', '.join(sorted(map(str, row))) or '(none)'}"
             )
@@ -96,7 +92,7 @@ class Template:
         """Only the prompt (e.g. at inference, where the row has no target)."""
         missing = sorted(f for f in self.prompt_fields if row.get(f) is None)
         if missing:
-            raise _data_error(
+            raise DataError(
                 f"prompt field {missing[0]!r} is missing; available fields: {', '.join(sorted(map(str, row))) or '(none)'}"
             )
         return self.prompt.format(**{f: str(row[f]) for f in self.prompt_fields})
@@ -109,4 +105,4 @@ class Template:
         try:
             return cls(data["prompt"], data["target"])
         except (KeyError, TypeError):
-            raise _data_error(f"a template needs 'prompt' and 'target' strings, got {data!r}") from None
+            raise DataError(f"a template needs 'prompt' and 'target' strings, got {data!r}") from None

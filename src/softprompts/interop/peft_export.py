@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from softprompts.adapter import Adapter
-from softprompts.adapter_io import atomic_directory
 from softprompts.errors import SoftpromptsError
+from softprompts.files import atomic_directory
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -20,20 +20,26 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from softprompts.adapter import Adapter
-from softprompts.adapter_io import read_json
 from softprompts.errors import SoftpromptsError
+from softprompts.files import read_json
 from softprompts.interop.peft_export import METADATA_KEY, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
-from softprompts.methods import method_class
+from softprompts.methods import METHODS, PromptMethod
 from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
 from softprompts.model.probe import ModelShapes
 
-# PEFT type -> (artifact kind, our method name). Data, not control flow: code below branches on the artifact kind.
-PEFT_TYPES = {
-    "PROMPT_TUNING": ("soft_prompt", "prompt"),
-    "P_TUNING": ("soft_prompt", "ptuning"),
-    "PREFIX_TUNING": ("kv_prefix", "prefix"),
-}
+
+# PEFT type -> our method: the first method in ``METHODS`` that declares it as its counterpart (``peft_type`` in
+# methods/*.py), e.g. PREFIX_TUNING -> prefix. Data, not control flow: code below branches on the artifact kind.
+def _counterparts() -> dict[str, type[PromptMethod]]:
+    found: dict[str, type[PromptMethod]] = {}
+    for cls in METHODS.values():
+        if cls.peft_type:
+            found.setdefault(cls.peft_type, cls)
+    return found
+
+
+PEFT_TYPES = _counterparts()
 
 
 class PeftImportError(SoftpromptsError):
@@ -155,13 +161,13 @@ def import_peft(directory: str | Path, base: BaseModel) -> Adapter:
     method named by its ``peft_type`` and no task metadata.
     """
     peft = read_peft(directory)
-    kind, method = PEFT_TYPES[peft.peft_type]
+    cls = PEFT_TYPES[peft.peft_type]
+    kind, method = cls.artifact_kind, cls.name
     artifact = _artifact(peft, kind, base.shapes, str(directory))
     ours = _our_metadata(peft)
     if ours.get("artifact") == kind:
         method, method_config, task = ours.get("method", method), ours.get("method_config", {}), ours.get("task", {})
     else:
-        cls = method_class(method)
         method_config = cls.config_class.from_options(num_virtual_tokens=artifact.length, init="random").to_json()
         task = {}
     return Adapter(

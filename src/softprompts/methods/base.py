@@ -1,80 +1,79 @@
-"""What every method shares: a frozen config dataclass and a module that materializes into an artifact.
+"""What every method shares: a module that starts from an artifact, materializes into one, and registers itself.
 
 A method is a ``torch.nn.Module`` whose ``forward()`` returns its artifact (a ``SoftPrompt`` or a ``KVPrefix``) built
 from its trainable parameters, differentiably. ``materialize()`` returns the same artifact detached: what is saved and
 served (reparameterization encoders are run once and dropped). Trainable parameters are exactly
 ``self.parameters()``: methods declare them by owning them, nothing is matched by name.
+
+A method file declares everything about its method on the subclass, and the subclass registers itself by being
+defined (``REGISTRY``, read through ``methods.METHODS``)::
+
+    class MyMethod(PromptMethod):
+        name = "mine"                        # what --method and adapter.json say
+        aliases = ("my_method",)             # other accepted spellings
+        config_class = MyMethodConfig        # its options; field defaults = the measured defaults
+        artifact_kind = SoftPrompt.kind      # or KVPrefix.kind
+        default_lr = 3e-2                    # measured (docs/DEFAULTS.md)
+        peft_type = "PROMPT_TUNING"          # its Hugging Face PEFT counterpart (None: there is none)
+
+        def init_parameters(self, base, start, from_values): ...   # own the trainable tensors, starting at `start`
+        def forward(self): ...                                      # -> the artifact
+
+The base class does the shared start: class labels, the init text and continuing a saved artifact
+(``methods/init.py``) give ``start``, and ``init_parameters`` runs under ``seeded(config.seed)``, so building a
+method is deterministic and never changes the caller's random state.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from softprompts.methods.config import MethodConfig
+from softprompts.methods.init import initial_artifact, seeded
 from softprompts.model.artifacts import Artifact
 from softprompts.model.base import BaseModel
 
-INITS = ("random", "vocab", "text", "labels")
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """Options every method has.
-
-    num_virtual_tokens: P, the number of virtual positions (Lester et al.: gains are marginal beyond ~20).
-    init: how the virtual tokens start: ``random``, ``vocab`` (sampled vocabulary embeddings), ``text`` (the
-        embeddings, or for prefixes the KV, of ``init_text`` cycled to P tokens) or ``labels`` (class-label words
-        first, Lester's best, then sampled vocabulary).
-    init_text: the text for ``init="text"``.
-    seed: seeds the random parts of initialization.
-    """
-
-    num_virtual_tokens: int = 20
-    init: str = "text"
-    init_text: str | None = None
-    seed: int = 0
-
-    allowed_inits: ClassVar[tuple[str, ...]] = INITS
-
-    def errors(self) -> list[str]:
-        """Every problem with this config at once, each with what to do about it."""
-        problems = []
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            problems.append(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.init not in self.allowed_inits:
-            problems.append(f"init must be one of {', '.join(self.allowed_inits)}, got {self.init!r}")
-        return problems
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_options(cls, **options) -> MethodConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}")
-        config = cls(**options)
-        problems = config.errors()
-        if problems:
-            raise ValueError(f"invalid {cls.__name__}: " + "; ".join(problems))
-        return config
+REGISTRY: dict[str, type[PromptMethod]] = {}  # name -> class, in definition order
+ALIASES: dict[str, str] = {}  # alias -> name
 
 
 class PromptMethod(nn.Module):
-    """Base class: subclasses set ``name``, ``config_class``, ``artifact_kind`` and implement ``forward``."""
+    """Base class: subclasses declare the class attributes below and implement ``init_parameters`` and ``forward``."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
     config_class: ClassVar[type[MethodConfig]]
     artifact_kind: ClassVar[str]  # "soft_prompt" or "kv_prefix"
+    default_lr: ClassVar[float]
+    peft_type: ClassVar[str | None] = None
 
-    def __init__(self, base: BaseModel, config: MethodConfig) -> None:
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an intermediate base class, not a method
+        for key in (cls.name, *cls.aliases):
+            if key in REGISTRY or key in ALIASES:
+                raise TypeError(f"method name {key!r} of {cls.__name__} is already registered")
+        REGISTRY[cls.name] = cls
+        ALIASES.update(dict.fromkeys(cls.aliases, cls.name))
+
+    def __init__(self, base: BaseModel, config: MethodConfig, labels: list[str] | None = None,
+                 init_text: str | None = None, init_artifact: Artifact | None = None) -> None:
         super().__init__()
         self.config = config
         self.base_dtype = base.dtype
+        start = initial_artifact(base, config, self.artifact_kind, labels, init_text, init_artifact)
+        with seeded(config.seed):
+            self.init_parameters(base, start, from_values=config.init != "random" or init_artifact is not None)
+
+    def init_parameters(self, base: BaseModel, start: Artifact, from_values: bool) -> None:  # pragma: no cover
+        """Create the trainable tensors so that ``forward()`` starts at (or, for a reparameterized random start,
+        from) ``start`` (float32, CPU). ``from_values``: ``start`` holds real values (a text's embeddings or KV, a
+        saved artifact) rather than random ones."""
+        raise NotImplementedError
 
     def forward(self) -> Artifact:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -87,6 +86,13 @@ class PromptMethod(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    @classmethod
+    def peft_options(cls, config: MethodConfig, hidden_size: int, init_text: str | None = None,
+                     tokenizer_path: str | None = None) -> dict:
+        """Keyword options of the PEFT counterpart's config (``peft_type``) for this method at ``config``:
+        ``hidden_size`` is the model's, ``init_text`` the text our run starts from (``None``: not a text init),
+        ``tokenizer_path`` a local tokenizer PEFT can load for a text init (``None``: none)."""
+        return {}
 
-def make_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+
+__all__ = ["ALIASES", "REGISTRY", "PromptMethod"]

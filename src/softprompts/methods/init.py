@@ -1,15 +1,46 @@
-"""Initial values for virtual tokens, shared by the methods: token ids to start from, and scaled random tensors."""
+"""Initial values for virtual tokens, shared by the methods: token ids to start from, scaled random tensors, the
+task instruction a method starts from, and seeded randomness that never touches the caller's RNG.
+
+``initial_artifact(base, config, kind, ...)`` is what ``PromptMethod`` starts every method from: a ``SoftPrompt``
+``[P, hidden]`` (embeddings) or a ``KVPrefix`` (per layer ``[H_l, P, D_l]``), float32 on the CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from softprompts.methods.base import MethodConfig, make_generator
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
+from softprompts.methods.config import MethodConfig, MethodError
+from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
 
 DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single best word."
 SAMPLED_VOCAB_SIZE = 5000  # Lester et al. sample from the 5,000 most common tokens; BPE ids rank roughly by frequency
+
+
+def task_init_text(task: str, labels: list[str] | None = None) -> str:
+    """The task instruction virtual tokens start from by default (their embeddings, or their KV for prefixes).
+
+    Measured on SmolLM2 + UCI sentiment (docs/DEFAULTS.md): an instruction naming the labels starts far above a
+    generic text."""
+    if task == "classify" and labels:
+        return f"Classify the text. Answer with one of: {', '.join(labels)}.\n"
+    return "Read the input and write the expected output.\n"
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside, torch's global CPU generator is seeded with ``seed`` (module constructors such as ``nn.Linear`` draw
+    their initial weights from it); on exit the caller's generator state is back as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def fit_to(ids: list[int], length: int, filler: int | None = None) -> list[int]:
@@ -18,7 +49,7 @@ def fit_to(ids: list[int], length: int, filler: int | None = None) -> list[int]:
     the text is cycled. Measured on SmolLM2 + UCI sentiment (docs/DEFAULTS.md): a 14-token instruction cycled to 20
     tokens starts at dev accuracy 0.645, left-filled 0.705 (0.765 with a trailing newline)."""
     if not ids:
-        raise ValueError("cannot initialize virtual tokens from an empty text")
+        raise MethodError("cannot initialize virtual tokens from an empty text")
     if len(ids) >= length:
         return ids[:length]
     if filler is None:
@@ -44,7 +75,7 @@ def init_token_ids(
         return sampled_vocab_ids(base, length, config.seed)
     if config.init == "labels":
         if not labels:
-            raise ValueError("init='labels' needs the task's class labels (pass labels=[...] or use --labels)")
+            raise MethodError("init='labels' needs the task's class labels (pass labels=[...] or use --labels)")
         label_ids = [i for label in labels for i in base.tokenize(" " + label.strip())]
         return (label_ids + sampled_vocab_ids(base, length, config.seed))[:length]
     text = config.init_text or init_text or DEFAULT_INIT_TEXT
@@ -70,13 +101,21 @@ def random_prefix(base: BaseModel, length: int, seed: int) -> KVPrefix:
     return KVPrefix(keys, values)
 
 
+def initial_artifact(base: BaseModel, config: MethodConfig, kind: str, labels=None, init_text=None,
+                     init_artifact: Artifact | None = None) -> Artifact:
+    """The starting artifact of kind ``kind`` (``SoftPrompt.kind`` or ``KVPrefix.kind``), float32 on the CPU."""
+    if kind == SoftPrompt.kind:
+        return SoftPrompt(initial_embeddings(base, config, labels, init_text, init_artifact))
+    return initial_prefix(base, config, labels, init_text, init_artifact)
+
+
 def initial_embeddings(
     base: BaseModel, config: MethodConfig, labels=None, init_text=None, init_artifact: SoftPrompt | None = None
 ) -> torch.Tensor:
     """``[P, hidden]`` float32 starting embeddings for soft-prompt methods (``init_artifact``: continue a saved one)."""
     if init_artifact is not None:
         if not isinstance(init_artifact, SoftPrompt):
-            raise ValueError("this method continues from a soft prompt; the saved adapter holds a KV prefix")
+            raise MethodError("this method continues from a soft prompt; the saved adapter holds a KV prefix")
         return init_artifact.embeds.detach().float().cpu().clone()
     ids = init_token_ids(base, config, labels, init_text)
     if ids is None:

@@ -7,17 +7,17 @@ initialization instead of the random output of an untrained encoder; the encoder
 
 Shapes: ``H [P, d]`` -> MLP: ``d -> h -> h -> d`` (ReLU); LSTM: ``[1, P, d] -> [1, P, 2 * (h // 2)]`` then
 ``h -> d``. Trainable: ``P*d + |f|``. Artifact: ``SoftPrompt(E)`` ``[P, d]``, the encoder is dropped on materialize.
+Defaults (docs/DEFAULTS.md): 20 tokens, text init, MLP encoder, lr 3e-3 (1e-2 ended below the bare model on mr).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from softprompts.methods.base import MethodConfig, PromptMethod
-from softprompts.methods.init import initial_embeddings
+from softprompts.methods.base import PromptMethod
+from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import SoftPrompt
 from softprompts.model.base import BaseModel
 
@@ -40,16 +40,17 @@ class PTuningConfig(MethodConfig):
 
 class PTuning(PromptMethod):
     name = "ptuning"
+    aliases = ("p_tuning", "p-tuning")
     config_class = PTuningConfig
     artifact_kind = SoftPrompt.kind
+    default_lr = 3e-3
+    peft_type = "P_TUNING"
 
-    def __init__(self, base: BaseModel, config: PTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
-        super().__init__(base, config)
+    def init_parameters(self, base: BaseModel, start: SoftPrompt, from_values: bool) -> None:
         d = base.shapes.hidden_size
-        h = config.encoder_hidden or d
-        torch.manual_seed(config.seed)
-        self.inputs = nn.Parameter(initial_embeddings(base, config, labels, init_text, init_artifact))  # H: [P, d]
-        if config.encoder == "lstm":
+        h = self.config.encoder_hidden or d
+        self.inputs = nn.Parameter(start.embeds)  # H: [P, d]
+        if self.config.encoder == "lstm":
             self.lstm = nn.LSTM(d, max(1, h // 2), num_layers=2, bidirectional=True, batch_first=True)
             self.head = nn.Sequential(nn.Linear(2 * max(1, h // 2), h), nn.ReLU(), nn.Linear(h, d))
         else:
@@ -63,3 +64,8 @@ class PTuning(PromptMethod):
         if self.lstm is not None:
             hidden = self.lstm(hidden.unsqueeze(0))[0].squeeze(0)  # [P, 2 * (h // 2)]
         return SoftPrompt(self.inputs + self.head(hidden))  # [P, d]
+
+    @classmethod
+    def peft_options(cls, config: PTuningConfig, hidden_size: int, init_text=None, tokenizer_path=None) -> dict:
+        return {"encoder_reparameterization_type": config.encoder.upper(),
+                "encoder_hidden_size": config.encoder_hidden or hidden_size}

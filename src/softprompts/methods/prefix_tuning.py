@@ -11,7 +11,7 @@ default start, which DATA.md measured far below the bare model). Directly optimi
 (paper, Sec. 4.3), which is why the MLP is the default; ``projection=False`` trains ``KV`` directly instead.
 
 Trainable: ``P*e + e*h + h + h*S + S`` (``P*S`` without projection). Artifact: ``KVPrefix``; the MLP and ``KV_0``
-are folded into the saved tensors and dropped.
+are folded into the saved tensors and dropped. Defaults (docs/DEFAULTS.md): 10 tokens, text init, lr 3e-4.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from softprompts.methods.base import MethodConfig, PromptMethod
-from softprompts.methods.init import initial_prefix
+from softprompts.methods.base import PromptMethod
+from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import KVPrefix
 from softprompts.model.base import BaseModel
 
@@ -31,11 +31,10 @@ from softprompts.model.base import BaseModel
 class PrefixTuningConfig(MethodConfig):
     """projection: train through the MLP (True) or the KV directly; projection_dim: e; projection_hidden: h."""
 
+    num_virtual_tokens: int = 10
     projection: bool = True
     projection_dim: int = 512
     projection_hidden: int = 512
-
-    allowed_inits = ("random", "vocab", "text", "labels")
 
     def errors(self) -> list[str]:
         problems = super().errors()
@@ -66,30 +65,36 @@ def unflatten_prefix(flat: torch.Tensor, kv_heads, head_dims) -> KVPrefix:
 
 class PrefixTuning(PromptMethod):
     name = "prefix"
+    aliases = ("prefix_tuning",)
     config_class = PrefixTuningConfig
     artifact_kind = KVPrefix.kind
+    default_lr = 3e-4
+    peft_type = "PREFIX_TUNING"
 
-    def __init__(self, base: BaseModel, config: PrefixTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
-        super().__init__(base, config)
+    def init_parameters(self, base: BaseModel, start: KVPrefix, from_values: bool) -> None:
+        config = self.config
         self.kv_heads, self.head_dims = base.shapes.kv_heads, base.shapes.head_dims
-        start = flatten_prefix(initial_prefix(base, config, labels, init_text, init_artifact))  # [P, S]
+        flat = flatten_prefix(start)  # [P, S]
         if not config.projection:
-            self.prefix = nn.Parameter(start)
+            self.prefix = nn.Parameter(flat)
             self.mlp = None
             return
-        torch.manual_seed(config.seed)
-        from_text = config.init != "random" or init_artifact is not None
-        self.register_buffer("start", start if from_text else torch.zeros_like(start))
+        self.register_buffer("start", flat if from_values else torch.zeros_like(flat))
         self.inputs = nn.Parameter(torch.randn(config.num_virtual_tokens, config.projection_dim))  # P': [P, e]
         self.mlp = nn.Sequential(
             nn.Linear(config.projection_dim, config.projection_hidden),
             nn.Tanh(),
-            nn.Linear(config.projection_hidden, start.shape[1]),
+            nn.Linear(config.projection_hidden, flat.shape[1]),
         )
-        if from_text:
+        if from_values:
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self) -> KVPrefix:
         flat = self.prefix if self.mlp is None else self.start + self.mlp(self.inputs)  # [P, S]
         return unflatten_prefix(flat, self.kv_heads, self.head_dims)
+
+    @classmethod
+    def peft_options(cls, config: PrefixTuningConfig, hidden_size: int, init_text=None,
+                     tokenizer_path=None) -> dict:
+        return {"prefix_projection": config.projection, "encoder_hidden_size": config.projection_hidden}

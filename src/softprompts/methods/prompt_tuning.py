@@ -4,8 +4,9 @@ Math: the model sees ``[E_1, ..., E_P, e(x_1), ..., e(x_T)]`` where ``E in R^{P 
 ``e`` is the frozen embedding. Trainable parameters: ``P * d``. Artifact: ``SoftPrompt(embeds=E)`` of shape ``[P, d]``.
 
 Inits (``MethodConfig.init``): ``labels`` (class-label word embeddings, then sampled vocabulary: Lester's best),
-``vocab`` (sampled vocabulary), ``text`` (embeddings of a text, cycled to P tokens) and ``random`` (normal with the
-embedding matrix's standard deviation). Starting from real-token embeddings keeps step 0 close to the model's prior.
+``vocab`` (sampled vocabulary), ``text`` (embeddings of a text, cut to P tokens or left-filled with the end-of-text
+token) and ``random`` (normal with the embedding matrix's standard deviation). Starting from real-token embeddings
+keeps step 0 close to the model's prior. Defaults (docs/DEFAULTS.md): 20 tokens, text init, lr 3e-2.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from softprompts.methods.base import MethodConfig, PromptMethod
-from softprompts.methods.init import initial_embeddings
+from softprompts.methods.base import PromptMethod
+from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import SoftPrompt
 from softprompts.model.base import BaseModel
 
@@ -27,12 +28,22 @@ class PromptTuningConfig(MethodConfig):
 
 class PromptTuning(PromptMethod):
     name = "prompt"
+    aliases = ("prompt_tuning",)
     config_class = PromptTuningConfig
     artifact_kind = SoftPrompt.kind
+    default_lr = 3e-2
+    peft_type = "PROMPT_TUNING"
 
-    def __init__(self, base: BaseModel, config: PromptTuningConfig, labels=None, init_text=None, init_artifact=None) -> None:
-        super().__init__(base, config)
-        self.embeds = nn.Parameter(initial_embeddings(base, config, labels, init_text, init_artifact))  # [P, d]
+    def init_parameters(self, base: BaseModel, start: SoftPrompt, from_values: bool) -> None:
+        self.embeds = nn.Parameter(start.embeds)  # E: [P, d]
 
     def forward(self) -> SoftPrompt:
         return SoftPrompt(self.embeds)
+
+    @classmethod
+    def peft_options(cls, config: PromptTuningConfig, hidden_size: int, init_text: str | None = None,
+                     tokenizer_path: str | None = None) -> dict:
+        if not (init_text and tokenizer_path):
+            return {}  # PEFT's random init
+        return {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init_text,  # PEFT's only text init
+                "tokenizer_name_or_path": tokenizer_path}

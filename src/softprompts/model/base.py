@@ -43,6 +43,29 @@ class BaseModel:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def pad_id(self) -> int:
+        """The token id that fills padded positions: the tokenizer's pad token, else its end-of-text token, else 0.
+
+        Padded positions are always masked out, so the choice never changes an output; it is one rule so that every
+        batch (training, evaluation, decoding, PEFT's own runs) is built the same way.
+        """
+        tokenizer = self.tokenizer
+        for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def context_limit(self) -> int:
+        """Positions the model was built for (virtual + prompt + generated tokens): ``max_position_embeddings``,
+        ``n_positions`` or ``max_sequence_length`` from its config, 2048 when it names none."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.model.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids (``[T] -> [T, hidden]``), including any scaling the model applies."""
         return self.model.get_input_embeddings()(ids.to(self.device))

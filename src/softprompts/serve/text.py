@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import string
-
+from softprompts.data.datasets import label_targets
+from softprompts.data.templates import Template, parse_fields
 from softprompts.errors import SoftpromptsError
 
 
@@ -27,12 +27,8 @@ def stream_safe_length(text: str, stops: list[str]) -> int:
     return safe
 
 
-def _fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
 def _fill(template: str, value: str) -> str:
-    fields = _fields(template)
+    fields = sorted(set(parse_fields(template)))
     if len(fields) != 1:
         raise SoftpromptsError(f"template {template!r} needs exactly one field to fill with a text, has {fields}")
     return template.format(**{fields[0]: value})
@@ -42,13 +38,7 @@ def label_texts(task: dict, labels: list[str]) -> list[str]:
     """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none)."""
     target = task.get("target") or " {label}"
     prompt = task.get("prompt") or "{text}"
-    try:
-        from softprompts.data.datasets import label_targets
-        from softprompts.data.templates import Template
-
-        return label_targets(Template(prompt, target), labels)
-    except ImportError:  # the task layer is optional for serving
-        return [_fill(target, label) for label in labels]
+    return label_targets(Template(prompt, target), labels)
 
 
 def classify_prompts(

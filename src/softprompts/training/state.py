@@ -8,7 +8,6 @@ of ``(seed, epoch)``, so a resumed run continues bitwise.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softprompts.train_config import TrainConfig
+from softprompts.files import atomic_file
+from softprompts.training.config import TrainConfig
 
 
 @dataclass
@@ -47,7 +47,10 @@ def rng_state() -> dict:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (the method's init and the data order draw from them)."""
+    """Seed Python's, NumPy's and torch's global generators at the start of training, for whatever draws from them
+    (a model with dropout active, library code). Our own code does not: a method's initialization uses its own
+    seeded generator and the data order is ``tasks.epoch_batches(seed, epoch)``. Checkpoints save these states so a
+    resumed run continues bitwise either way."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -60,9 +63,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` into ``path`` atomically: a crash mid-write leaves the previous checkpoint intact."""
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def resumable(config: dict) -> dict:

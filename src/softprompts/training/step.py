@@ -1,49 +1,43 @@
-"""Training-step speed and memory helpers: the optimizer-step core, gradient checkpointing, peak-memory probes.
+"""The training step: the summed target-token loss of a micro-batch and the gradient of one optimizer step.
 
-The step (``train.py``'s optimizer step calls ``accumulate_step``; see its docstring for the math)::
+One optimizer step (``loop.train`` calls ``accumulate_step``; see its docstring for the math)::
 
     A  = method()                       # once per optimizer step: prefix MLP / P-tuning encoder run once
     A' = detach(A) as leaves            # every micro-batch backprops into A' only
     loss_m = CE(LM head at label positions only) / N ;  loss_m.backward()
     A.backward(A'.grad * grad_scale)    # one exact backward through the method
 
-The LM head + cross-entropy run fused and chunked where the head is plain (``model/head_loss.py``: the gradient to
-the hidden states is formed in the forward pass, so no ``[rows, vocab]`` logits live until the backward pass).
+The LM head + cross-entropy run fused and chunked where the head is plain (``head_loss.py``: the gradient to the
+hidden states is formed in the forward pass, so no ``[rows, vocab]`` logits live until the backward pass).
 
 ``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, HF's LM head at label positions,
 cross-entropy) traces as ONE graph for every method on every tested architecture (a test asserts zero graph breaks
 with ``torch._dynamo.explain``), so AOTAutograd compiles its backward too; the method's own forward (prefix MLP,
 P-tuning encoder) stays eager since it runs once per optimizer step.
 
-Gradient checkpointing (``checkpointing(base)``) works for EVERY method, prefixes included. HF's own switch cannot
-be used here: it only acts in ``train()`` mode (our base model is frozen in eval mode) and it drops the cache (the
-KV prefix) when active, which is why PEFT refuses prefix tuning with checkpointing. We wrap each decoder layer's
-``forward`` in a non-reentrant ``torch.utils.checkpoint`` and, because a layer APPENDS its keys/values to the cache,
-the cache's per-layer state is snapshotted before the layer runs and restored before the backward replay, so the
-replay sees exactly the prefix the forward saw. Nothing else about the model changes and the wrappers are removed
-on exit.
+Gradient checkpointing (``checkpoint_layers``) recomputes the decoder layers in the backward pass
+(``grad_checkpoint.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.head_loss import head_cross_entropy_sum, labelled_rows
 from softprompts.model.inject import forward, hidden_at
+from softprompts.training.grad_checkpoint import checkpointing
+from softprompts.training.head_loss import head_cross_entropy_sum, labelled_rows
 
 
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """Sum of target-token cross-entropies of one left-padded ``tasks.Batch``; the LM head only at labelled rows.
 
     Where the model's head is plain (``BaseModel.plain_head``: Llama, Qwen2, GPT-2, Gemma3, ...) the head and the
-    cross-entropy run fused and chunked on the decoder's hidden states (``model/head_loss.py``: no ``[rows, V]``
+    cross-entropy run fused and chunked on the decoder's hidden states (``head_loss.py``: no ``[rows, V]``
     logits are kept for the backward pass, unlabelled rows are never projected); otherwise HF's head at the label
     columns + ``cross_entropy`` (``plain_label_loss_sum``). Same value and gradients either way.
     """
@@ -81,7 +75,7 @@ def compiled_loss(backend: str = "inductor", fullgraph: bool = False) -> Callabl
     """
     key = (backend, fullgraph)
     if key not in _COMPILED:
-        import torch._dynamo
+        import torch._dynamo  # heavy: only when compiling
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[key] = torch.compile(plain_label_loss_sum, fullgraph=fullgraph, backend=backend)
@@ -130,100 +124,4 @@ def accumulate_step(
     return loss_sum
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated decoder blocks: the first ``ModuleList`` with ``num_hidden_layers`` entries."""
-    count = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count and count:
-            return list(module)
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of {count} blocks)")
-
-
-def _find_cache(args: tuple, kwargs: dict):
-    from transformers import Cache
-
-    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
-
-
-def _checkpointed(original: Callable) -> Callable:
-    """``original`` (a decoder layer's bound forward) under non-reentrant checkpointing, cache state restored."""
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        cache = _find_cache(args, kwargs)
-        snapshot = [dict(layer.__dict__) for layer in cache.layers] if cache is not None else None
-
-        def replay(*inner_args):
-            if snapshot is not None:  # the replay must see the cache as the forward did (prefix only, no appends)
-                for layer, state in zip(cache.layers, snapshot, strict=True):
-                    layer.__dict__.clear()
-                    layer.__dict__.update(state)
-            return original(*inner_args, **kwargs)
-
-        return checkpoint(replay, *args, use_reentrant=False)
-
-    return run
-
-
-@contextlib.contextmanager
-def checkpointing(base) -> Iterator[None]:
-    """Within the block, every decoder layer of ``base.model`` recomputes its activations in the backward pass.
-
-    Works with soft prompts and KV prefixes alike (see the module docstring). Backward passes must run inside the
-    block too when they replay cache updates (``accumulate_step`` does both inside it).
-    """
-    layers = decoder_layers(base.model)
-    for layer in layers:
-        layer.forward = _checkpointed(layer.forward)  # instance attribute shadows the class method
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-# --- peak memory ----------------------------------------------------------------------------------------------
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Peak of allocated tensor bytes while ``fn()`` runs, above what was allocated before it.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (minus the bytes allocated at the
-    start). CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the CPU
-    allocator with its size; their running sum in time order is the live-bytes curve and its maximum is the peak
-    (tensor bytes only, no allocator caching or Python objects). Run it outside timed repetitions (the profiler
-    slows the step).
-    """
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - start)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
-    return cpu_peak_from_profile(prof)
-
-
-def cpu_peak_from_profile(prof) -> int:
-    """Maximum of the running sum of CPU allocator events (bytes > 0 allocate, < 0 free) in a profiler trace."""
-    events = []
-    for event in prof.profiler.kineto_results.events():
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
-            events.append((event.start_ns(), event.nbytes()))
-    events.sort(key=lambda e: e[0])
-    live = peak = 0
-    for _, size in events:
-        live += size
-        peak = max(peak, live)
-    return int(peak)
-
-
-__all__ = ["accumulate_step", "checkpointing", "compiled_loss", "cpu_peak_from_profile", "decoder_layers", "label_loss_sum",
-           "peak_bytes", "plain_label_loss_sum"]
+__all__ = ["accumulate_step", "compiled_loss", "label_loss_sum", "plain_label_loss_sum"]

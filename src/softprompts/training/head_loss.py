@@ -15,7 +15,7 @@ Llama-3.2-1B anchor, 8 x 256 labels x 128,256 words: ~1 GiB each in fp32). The m
 forward and backward run anyway (no recomputation); the backward pass only scales the saved ``[N, H]`` gradient by the
 incoming scalar. Rows without a label are dropped before projecting (ragged targets pad with ``-100``).
 
-Used by training (``speed.label_loss_sum``) where ``BaseModel.plain_head`` holds; evaluation and decoding keep HF's
+Used by training (``step.label_loss_sum``) where ``BaseModel.plain_head`` holds; evaluation and decoding keep HF's
 head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's head would (the weight cast once per
 call); softmax, the loss and the saved gradient are fp32.
 """
@@ -64,7 +64,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices ``[N]`` of the entries of ``labels`` that carry a label (not -100).
 
-    ``nonzero`` waits for the device: compute this before queueing the model's forward (``speed.label_loss_sum``
+    ``nonzero`` waits for the device: compute this before queueing the model's forward (``step.label_loss_sum``
     does) so the wait is not in the middle of the step.
     """
     return (labels.reshape(-1) != -100).nonzero().squeeze(1)

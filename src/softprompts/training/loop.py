@@ -12,7 +12,7 @@ micro-batches per rank)::
 so accumulation and data parallelism give exactly the gradient of one big batch with the token-mean loss
 ``sum_G token losses / N``. (DDP averages gradients over ranks; ``A'.grad`` is scaled by the world size to undo it.)
 The LM head runs only at label positions (``logits_positions``); batches group examples of similar length. The step
-itself is ``speed.accumulate_step`` (also what the benchmark times), optionally under bf16 autocast
+itself is ``step.accumulate_step`` (also what the benchmark times), optionally under bf16 autocast
 (``autocast_bf16``, CUDA only) and with decoder-layer gradient checkpointing (``gradient_checkpointing``).
 
 Evaluation on dev runs at step 0 (so the kept adapter is never worse on dev than its init) and every ``eval_every``
@@ -34,14 +34,14 @@ from tqdm import tqdm
 
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
-from softprompts.distributed import Distributed
 from softprompts.errors import SoftpromptsError
-from softprompts.evaluate import PRIMARY_METRIC, evaluate
+from softprompts.evaluate import evaluate
+from softprompts.metrics import PRIMARY_METRIC, score_outputs
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.speed import accumulate_step, compiled_loss, label_loss_sum
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
-from softprompts.train_config import TrainConfig, lr_factor
-from softprompts.train_state import (
+from softprompts.training.config import TrainConfig, lr_factor
+from softprompts.training.distributed import Distributed
+from softprompts.training.state import (
     TrainState,
     atomic_save,
     checkpoint_path,
@@ -50,6 +50,7 @@ from softprompts.train_state import (
     seed_everything,
     set_rng_state,
 )
+from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum
 
 RECORD_FILE = "training.json"
 
@@ -67,15 +68,20 @@ def _log(dist: Distributed, message: str) -> None:
 
 def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
     """Dev metrics; ranks evaluate disjoint shards and combine their outputs (identical metrics on every rank)."""
-    from softprompts.evaluate import score_outputs
-
     mine = dist.shard(dev)  # may be empty when dev has fewer examples than ranks
-    outputs = evaluate(base, artifact, mine, spec, config.eval_batch_size, return_outputs=True)["outputs"] if mine else []
-    gathered = dist.gather_objects(outputs)
+    result = evaluate(base, artifact, mine, spec, config.eval_batch_size, return_outputs=True) if mine else {}
+    outputs = _merge(dist, dev, result.get("outputs", []))
+    if spec.task == "classify":
+        return score_outputs(spec, dev, outputs)
+    return score_outputs(spec, dev, outputs, _merge(dist, dev, result.get("target_logprobs", [])))
+
+
+def _merge(dist: Distributed, dev: list, mine: list) -> list:
+    """Every rank's per-example values (rank ``r`` holds examples ``r, r + N, ...``) back in dev order."""
     merged = [None] * len(dev)
-    for rank, outs in enumerate(gathered):
-        merged[rank :: dist.world_size] = outs
-    return score_outputs(spec, dev, merged)
+    for rank, values in enumerate(dist.gather_objects(mine)):
+        merged[rank :: dist.world_size] = values
+    return merged
 
 
 def train(
@@ -116,7 +122,6 @@ def train(
     dev = list(dev_examples or [])[: config.eval_limit] if dev_examples else []
     lengths = [e.length for e in encoded]
     per_epoch = len(epoch_batches(len(encoded), lengths, config.batch_size, config.seed, 0))
-    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     metric = PRIMARY_METRIC[spec.task]
 
     seed_everything(config.seed)
@@ -197,7 +202,7 @@ def train(
         count = torch.tensor([float(sum(len(e.target_ids) for e in mine))])
         n_tokens = dist.all_reduce_sum(count).item()  # N: target tokens in the whole global batch
 
-        batches = [collate(rows, pad_id, base.device) for rows in micro]
+        batches = [collate(rows, base.pad_id, base.device) for rows in micro]
         step_tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
         loss_sum = accumulate_step(  # DDP averages over ranks; grad_scale=world size gives the sum
             base, model, kind, batches, n_tokens, grad_scale=float(dist.world_size),
@@ -271,4 +276,4 @@ def _record(config, state: TrainState, method, spec, report, metric: str, n_trai
     }
 
 
-__all__ = ["RECORD_FILE", "TrainConfig", "TrainResult", "checkpoint_path", "lr_factor", "train"]
+__all__ = ["RECORD_FILE", "TrainResult", "train"]

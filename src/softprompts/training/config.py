@@ -23,7 +23,7 @@ class TrainConfig:
     gradient_checkpointing: recompute the base's decoder layers in the backward pass (less activation memory, more
     time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
     only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
-    ``torch.compile`` the micro-batch loss (``speed.compiled_loss``; same gradients, faster steps after a
+    ``torch.compile`` the micro-batch loss (``step.compiled_loss``; same gradients, faster steps after a
     one-time compilation; not together with gradient_checkpointing)."""
 
     steps: int = 100

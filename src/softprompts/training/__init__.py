@@ -1,0 +1,17 @@
+"""Training: one loop for every method (``loop.py``), its configuration and schedule (``config.py``), resumable
+checkpoints and RNG state (``state.py``), the optimizer step and its loss (``step.py``), the fused head +
+cross-entropy (``head_loss.py``), gradient checkpointing (``grad_checkpoint.py``) and the process-group plumbing for
+``torchrun`` (``distributed.py``).
+
+    from softprompts.training import TrainConfig, train
+    result = train(base, method, train_examples, spec, TrainConfig(steps=100, lr=3e-2), dev_examples=dev,
+                   out_dir="runs/sentiment")          # result.adapter: the best on dev; result.record: training.json
+"""
+
+from softprompts.training.config import SCHEDULES, TrainConfig, lr_factor
+from softprompts.training.distributed import Distributed, setup_distributed
+from softprompts.training.loop import RECORD_FILE, TrainResult, train
+from softprompts.training.state import checkpoint_path
+
+__all__ = ["RECORD_FILE", "SCHEDULES", "Distributed", "TrainConfig", "TrainResult", "checkpoint_path", "lr_factor",
+           "setup_distributed", "train"]
