@@ -1,7 +1,7 @@
 """The LM head + cross-entropy of a training step, alone: HF's head + ``cross_entropy`` vs our fused, chunked head.
 
 Both compute ``sum CE(W h + b, y)`` over ``N`` labelled rows and its gradient to ``h`` (``W`` frozen); see
-``softprompts/model/head_loss.py`` for the math. Each repetition times one loss + backward of each system in
+``softprompts/training/head_loss.py`` for the math. Each repetition times one loss + backward of each system in
 alternating order (median over repetitions, so machine noise hits both alike); peak tensor bytes are measured once
 per system after a warm-up (``peak_memory.peak_bytes``: CUDA allocator peak, or the CPU allocator events).
 

@@ -5,7 +5,8 @@ generation, prepared once from a small PyPI archive). Both systems see the SAME 
 ``TaskSpec`` truncation, the same batch size, one epoch each, AdamW + gradient clipping:
 
 * ours: ``tasks.epoch_batches`` (length-grouped batches), ``tasks.collate`` (left padding to the batch's longest),
-  the artifact computed once per step, the LM head only at label positions (``softprompts.training.step.accumulate_step``).
+  the artifact computed once per step, the LM head only at label positions
+  (``softprompts.training.step.accumulate_step``).
 * PEFT: what ``Trainer`` does by default: random batches (``RandomSampler``, ``group_by_length=False``), padding to the
   longest in the batch, labels -100 on prompt and padding, ``model(**batch).loss`` (full-vocab logits everywhere).
 

@@ -159,7 +159,8 @@ def run(args) -> dict:
     ttft = {}
     if args.method == "prompt":
         n = max(counts)
-        cached = [GenerationRequest(prompts[i].tolist(), kvs[i % n], 1, stop_ids=frozenset()) for i in range(args.requests)]
+        cached = [GenerationRequest(prompts[i].tolist(), kvs[i % n], 1, stop_ids=frozenset())
+                  for i in range(args.requests)]
         recomputed = [GenerationRequest(prompts[i].tolist(), softs[i % n], 1, stop_ids=frozenset())
                       for i in range(args.requests)]
         cached_s, a = timed(lambda: engine.generate(cached), device, args.repeat)

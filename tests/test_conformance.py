@@ -108,6 +108,19 @@ def test_materialized_equals_training_module(base, method):
     torch.testing.assert_close(saved, live, atol=1e-5, rtol=1e-5)
 
 
+# building a method is deterministic for its seed and never touches the caller's random state
+@pytest.mark.parametrize("method", METHODS)
+def test_building_a_method_leaves_the_callers_rng_alone(base, method):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = make(base, method, init="random", seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = make(base, method, init="random", seed=3)
+    other = make(base, method, init="random", seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters(), strict=True))
+
+
 # (6) save -> load round-trips exactly; another base model is refused with both names.
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trip(base, method, tmp_path):
@@ -214,7 +227,7 @@ def test_generate_with_mixed_rows_equals_alone(base):
 @pytest.mark.parametrize("method", METHODS)
 def test_init_from_saved_artifact_reproduces_it(base, method):
     saved = perturb(make(base, method)).materialize()
-    continuers = [m for m, cls in sp.METHODS.items() if cls.artifact_kind == saved.kind or cls.artifact_kind == "kv_prefix"]
+    continuers = [m for m, cls in sp.METHODS.items() if cls.artifact_kind in (saved.kind, "kv_prefix")]
     assert method in continuers and len(continuers) >= 2
     x = ids_of(base, INPUT)
     for other in continuers:

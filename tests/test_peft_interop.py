@@ -255,7 +255,8 @@ PROMPT = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_t
     [
         ({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8}, {"x": torch.zeros(2, 2)}, "not weight adapters"),
         ({**PROMPT, "peft_type": "SOMETHING_NEW"}, {"prompt_embeddings": torch.zeros(3, 32)}, "not supported"),
-        ({**PROMPT, "peft_type": "MULTITASK_PROMPT_TUNING"}, {"prompt_embeddings": torch.zeros(3, 32)}, "not supported"),
+        ({**PROMPT, "peft_type": "MULTITASK_PROMPT_TUNING"}, {"prompt_embeddings": torch.zeros(3, 32)},
+         "not supported"),
         ({**PROMPT, "task_type": "SEQ_2_SEQ_LM", "num_transformer_submodules": 2},
          {"prompt_embeddings": torch.zeros(6, 32)}, "decoder-only"),
         (PROMPT, {"prompt_embeddings": torch.zeros(3, 48)}, "hidden size 32"),

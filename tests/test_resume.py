@@ -22,7 +22,8 @@ from softprompts.training import checkpoint_path
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     model = save_tiny("llama", root / "tiny")
-    rows = [{"text": ("good " if i % 2 else "bad ") + "x" * (i % 7), "label": "pos" if i % 2 else "neg"} for i in range(24)]
+    rows = [{"text": ("good " if i % 2 else "bad ") + "x" * (i % 7), "label": "pos" if i % 2 else "neg"}
+            for i in range(24)]
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, model, data

@@ -124,7 +124,8 @@ def test_label_positions_head_equals_full_head(base, name):
         full = forward(base, artifact, batch.input_ids, batch.attention_mask).logits  # [B, T, V]
         labels = torch.full(batch.input_ids.shape, -100)
         labels[:, batch.positions] = batch.labels  # column t predicts column t + 1
-        ref = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        ref = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                reduction="sum")
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -52,7 +52,11 @@ def stored(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a, b.view(torch.uint8) if b.dtype != torch.bool else b)
+
+    def raw(t):
+        return t.view(torch.uint8) if t.dtype != torch.bool else t
+
+    assert torch.equal(raw(a), raw(b))
 
 
 def test_round_trip(tmp_path):

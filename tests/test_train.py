@@ -172,7 +172,7 @@ def test_collate_left_pads_and_marks_target_columns():
     batch = collate([Encoded([1, 2, 3], [4]), Encoded([5], [6, 7])], pad_id=0)
     assert batch.input_ids.tolist() == [[1, 2, 3, 4], [0, 5, 6, 7]]
     assert batch.labels.tolist() == [[-100, 4], [6, 7]]
-    assert batch.positions.tolist() == [1, 2] and batch.target_tokens == 3
+    assert batch.positions.tolist() == [1, 2] and int((batch.labels != -100).sum()) == 3
 
 
 def test_macro_f1_and_schedule():
@@ -272,7 +272,8 @@ def test_adapter_below_base_model_is_flagged(llama, monkeypatch, capsys):
 
     monkeypatch.setattr(train_module, "_dev_score", rigged)
     method = create_method(llama, "prompt", num_virtual_tokens=4)
-    record = train(llama, method, examples(8), SPEC, quiet(steps=2, lr=1e-3, batch_size=4), dev_examples=examples(4)).record
+    config = quiet(steps=2, lr=1e-3, batch_size=4)
+    record = train(llama, method, examples(8), SPEC, config, dev_examples=examples(4)).record
     assert record["below_base_model"] is True
     assert "below the base model" in capsys.readouterr().err
 

@@ -30,7 +30,8 @@ from softprompts.training import TrainConfig, TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL", "KVPrefix", "METHODS",
+    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL", "KVPrefix",
+    "METHODS",
     "Sampling", "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
     "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
     "next_token_logits", "save_adapter", "train",

@@ -31,7 +31,8 @@ def write_adapter_files(adapter: Adapter, directory: str | Path) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps(adapter.metadata(), indent=2) + "\n")
 
 
-def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = False,
+                 extra_files: dict | None = None) -> Path:
     """Atomically write ``directory`` with the adapter (and optional ``{name: text}`` extra files)."""
 
     def write(tmp: Path) -> None:
@@ -92,7 +93,8 @@ def load_adapter(directory: str | Path, base: BaseModel | None = None) -> Adapte
 def _check_tensor_shapes(artifact, shapes: ModelShapes, directory: Path) -> None:
     if artifact.kind == "soft_prompt":
         if artifact.embeds.shape[1] != shapes.hidden_size:
-            raise AdapterError(f"{directory}: soft prompt width {artifact.embeds.shape[1]} != hidden {shapes.hidden_size}")
+            raise AdapterError(
+                f"{directory}: soft prompt width {artifact.embeds.shape[1]} != hidden {shapes.hidden_size}")
         return
     if artifact.num_layers != shapes.num_layers:
         raise AdapterError(f"{directory}: prefix has {artifact.num_layers} layers, the model {shapes.num_layers}")

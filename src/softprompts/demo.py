@@ -1,6 +1,7 @@
 """``softprompts demo``: prompt tuning and prefix tuning on the bundled UCI sentiment data with the embedded SmolLM2.
 
-Trains both methods with their measured defaults (``methods.build_method``), evaluates them and the bare model on the test
+Trains both methods with their measured defaults (``methods.build_method``), evaluates them and the bare model on the
+test
 split by rank classification, and prints: method, trainable parameters, adapter file size, test accuracy, training
 time and greedy generation latency (ms per generated token), then a few generations. Sized to finish within
 10 minutes on 2 CPU cores (``steps`` and ``dev_limit`` are the knobs).
@@ -87,7 +88,8 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
 
 
 def format_table(rows: list[dict], n_test: int) -> str:
-    header = f"{'method':<18} {'trainable params':>16} {'adapter file':>13} {'test acc':>9} {'train time':>11} {'ms/token':>9}"
+    header = (f"{'method':<18} {'trainable params':>16} {'adapter file':>13} {'test acc':>9} {'train time':>11} "
+              f"{'ms/token':>9}")
     lines = [f"\nUCI sentiment test split ({n_test} sentences), rank classification", header, "-" * len(header)]
     for r in rows:
         size = f"{r['bytes'] / 1024:.1f} KiB" if r["bytes"] else "-"

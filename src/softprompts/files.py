@@ -117,4 +117,5 @@ def read_json_or_none(path: str | Path) -> Any | None:
         return None
 
 
-__all__ = ["cache_dir", "atomic_directory", "atomic_file", "atomic_json", "atomic_text", "read_json", "read_json_or_none"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "cache_dir", "read_json",
+           "read_json_or_none"]

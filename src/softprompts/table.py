@@ -7,7 +7,8 @@ Layout of a table directory::
                          "tasks": {NAME: {method, method_config, artifact, num_virtual_tokens, num_parameters,
                                           dtype, tensors, task}}}
     table.safetensors   tensors namespaced ``tasks.<NAME>.<tensor>`` where ``<tensor>`` is the artifact's own
-                        tensor name (``soft_prompt`` [P, hidden]; ``layers.<l>.key`` / ``layers.<l>.value`` [H_l, P, D_l])
+                        tensor name (``soft_prompt`` [P, hidden]; ``layers.<l>.key`` / ``layers.<l>.value``
+                        [H_l, P, D_l])
 
 Tensors are kept exactly as read (dtype, values, CPU) and written back untouched, so adding, replacing or removing a
 task never changes another one bit for bit. Saving is atomic (a temporary sibling directory renamed into place);

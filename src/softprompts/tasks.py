@@ -16,15 +16,13 @@ longest target) are the last ``L`` columns and the LM head runs only there (``lo
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from softprompts.data.datasets import Example
 from softprompts.data.templates import Template
 from softprompts.errors import SoftpromptsError
-
-TASK_KINDS = ("classify", "generate")
 
 
 @dataclass(frozen=True)
@@ -90,10 +88,6 @@ class Encoded:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
-def encode_text(base, text: str) -> list[int]:
-    return base.tokenize(text)
-
-
 def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded], TruncationReport]:
     """Tokenize examples with the spec's truncation; empty targets are an error (nothing to learn from)."""
     report = TruncationReport(examples=len(examples))
@@ -127,7 +121,6 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
-    target_tokens: int = field(default=0)
 
 
 def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
@@ -143,11 +136,11 @@ def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
         mask[i, width - len(seq) :] = 1
         labels[i, span - len(r.target_ids) :] = torch.tensor(r.target_ids)
     positions = torch.arange(width - span - 1, width - 1)  # [L]; width > span since prompts are non-empty
-    count = int((labels != -100).sum())
-    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device), count)
+    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device))
 
 
-def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50) -> list[list[int]]:
+def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  window: int = 50) -> list[list[int]]:
     """The example indices of every batch of one epoch: a pure function of ``(seed, epoch)`` (exact resume).
 
     Shuffle, sort by length inside windows of ``window * batch_size`` examples (batches of similar lengths, little

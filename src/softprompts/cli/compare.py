@@ -95,7 +95,8 @@ def run(args) -> int:
     description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
     config = CompareConfig(
-        model=args.model or DEFAULT_MODEL, methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
+        model=args.model or DEFAULT_MODEL,
+        methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,

@@ -56,7 +56,8 @@ def run(args) -> int:
     from softprompts.evaluate import evaluate
 
     if len(args.data) != 1:
-        raise SoftpromptsError("--data is given once with --adapter (use --table and --data NAME=FILE for several tasks)")
+        raise SoftpromptsError("--data is given once with --adapter (use --table and --data NAME=FILE for several "
+                               "tasks)")
     adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
     if spec is None:
         raise SoftpromptsError(f"{args.adapter} has no task metadata (template, labels): it cannot be evaluated")

@@ -35,7 +35,8 @@ def render(spec, text: str, raw: bool = False) -> str:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SoftpromptsError(f"TEXT looks like JSON but is not valid ({exc.msg}); pass --raw to send it as is") from None
+            raise SoftpromptsError(
+                f"TEXT looks like JSON but is not valid ({exc.msg}); pass --raw to send it as is") from None
         return template.render_prompt(row)
     fields = sorted(template.prompt_fields)
     if len(fields) != 1:
@@ -51,7 +52,8 @@ def run(args) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if sampling.errors() or args.max_new_tokens < 1:
-        raise SoftpromptsError("; ".join(sampling.errors() + (["--max-new-tokens must be >= 1"] if args.max_new_tokens < 1 else [])))
+        tokens = ["--max-new-tokens must be >= 1"] if args.max_new_tokens < 1 else []
+        raise SoftpromptsError("; ".join(sampling.errors() + tokens))
     adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
     prompts = [render(spec, t, args.raw) for t in args.text]
     for out in generate_texts(base, adapter, prompts, spec, args.max_new_tokens, sampling):

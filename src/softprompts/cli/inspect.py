@@ -56,7 +56,8 @@ def run(args) -> int:
     if rec:
         t = rec["timings"]
         lines.append(f"trained      {rec['steps_done']} steps, {rec['trainable_parameters']:,} trainable parameters, "
-                     f"{t['train_seconds']:.1f}s, {t['tokens_per_second']:.0f} tokens/s, lr {rec['train_config']['lr']}")
+                     f"{t['train_seconds']:.1f}s, {t['tokens_per_second']:.0f} tokens/s, "
+                     f"lr {rec['train_config']['lr']}")
         if rec.get("best_dev") is not None:
             base_dev = (rec.get("base_model_dev") or {}).get(rec["metric"].removeprefix("dev_"))
             ref = f" (base model without adapter: {base_dev:.4f})" if base_dev is not None else ""

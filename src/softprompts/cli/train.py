@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--task", default="classify", choices=("classify", "generate"))
     p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .tsv")
     p.add_argument("--eval-data", default=None, help="dev data for evaluation during training and best-adapter keeping")
-    p.add_argument("--template", default=None, help=r'prompt template over row fields, e.g. "Review: {text}\nSentiment:"')
+    p.add_argument("--template", default=None,
+                   help=r'prompt template over row fields, e.g. "Review: {text}\nSentiment:"')
     p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
     p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels found in --data)")
     p.add_argument("--virtual-tokens", type=int, default=None, help="number of virtual tokens (default: per method)")
@@ -48,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the base's decoder layers in "
                    "the backward pass: less activation memory, more time, same gradients (every method)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step's model forward and "
-                   "loss (faster steps after a one-time compilation; not with --gradient-checkpointing; the compiled step uses "
+                   "loss (faster steps after a one-time compilation; not with --gradient-checkpointing; the "
+                   "compiled step uses "
                    "HF's LM head, not the eager step's fused chunked head, so it holds the [labels, vocab] logits)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward passes (CUDA only; "
                    "for an fp32 base model)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "compare.json"
@@ -72,8 +73,6 @@ class CompareData:
 
 def machine_info(device: torch.device) -> dict:
     """Where the numbers were measured: CPU/GPU, core count, library versions, git commit."""
-    import transformers
-
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from softprompts.compare.peft_eval import detect_issues, make_evaluator, train_batch
 from softprompts.errors import SoftpromptsError
@@ -193,8 +194,6 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
 
 def _save(model, directory: Path) -> tuple[int, int]:
     """``save_pretrained`` into ``directory``; returns (parameters, bytes) of PEFT's saved weights file."""
-    from safetensors.torch import load_file
-
     directory.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,4 +207,5 @@ def release(result: PeftResult) -> None:
     result.model = None
 
 
-__all__ = ["PEFT_CONFIG_CLASSES", "peft_config", "PeftMissingError", "PeftResult", "PeftSpec", "import_peft", "release", "run_peft"]
+__all__ = ["PEFT_CONFIG_CLASSES", "PeftMissingError", "PeftResult", "PeftSpec", "import_peft", "peft_config", "release",
+           "run_peft"]

@@ -149,7 +149,8 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     if no_effect == len(prompts):
         issues.append("adapter has no effect: PEFT's forward logits equal the bare model's")
     if len({len(base.tokenize(p)) for p in prompts}) > 1:  # padding check, only where the bare model is exact
-        bare_ok = hf_generate(base.model, base, prompts, 4) == [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
+        alone_bare = [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
+        bare_ok = hf_generate(base.model, base, prompts, 4) == alone_bare
         alone = [hf_generate(peft_model, base, [p], max_new_tokens=4)[0] for p in prompts]
         if bare_ok and hf_generate(peft_model, base, prompts, 4) != alone:
             issues.append("left-padded batched generate() differs from generating each prompt alone "
@@ -157,4 +158,5 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     return issues
 
 
-__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "reference_logprobs", "train_batch"]
+__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "reference_logprobs",
+           "train_batch"]

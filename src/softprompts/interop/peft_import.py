@@ -113,7 +113,8 @@ def read_peft(directory: str | Path) -> PeftAdapter:
 def peft_rows_to_prefix(rows: torch.Tensor, layers: int, heads: int, dim: int) -> KVPrefix:
     """PEFT's ``prompt_embeddings [P, L * 2 * H * D]`` -> per-layer ``keys[l], values[l]: [H, P, D]``."""
     kv = rows.reshape(rows.shape[0], 2 * layers, heads, dim).permute(1, 2, 0, 3)  # [2L, H, P, D]
-    return KVPrefix([kv[2 * i].contiguous() for i in range(layers)], [kv[2 * i + 1].contiguous() for i in range(layers)])
+    keys = [kv[2 * i].contiguous() for i in range(layers)]
+    return KVPrefix(keys, [kv[2 * i + 1].contiguous() for i in range(layers)])
 
 
 def _artifact(peft: PeftAdapter, kind: str, shapes: ModelShapes, where: str) -> Artifact:

@@ -124,7 +124,8 @@ def initial_embeddings(
 
 
 def initial_prefix(
-    base: BaseModel, config: MethodConfig, labels=None, init_text=None, init_artifact: KVPrefix | SoftPrompt | None = None
+    base: BaseModel, config: MethodConfig, labels=None, init_text=None,
+    init_artifact: KVPrefix | SoftPrompt | None = None,
 ) -> KVPrefix:
     """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, scaled random, or a saved artifact
     (a saved soft prompt is converted to the exact KV it produces)."""

@@ -56,7 +56,8 @@ class KVPrefix:
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values):
-            raise ValueError(f"KVPrefix needs as many key as value tensors, got {len(self.keys)} and {len(self.values)}")
+            raise ValueError(
+                f"KVPrefix needs as many key as value tensors, got {len(self.keys)} and {len(self.values)}")
         lengths = {int(k.shape[-2]) for k in self.keys} | {int(v.shape[-2]) for v in self.values}
         if len(lengths) > 1:
             raise ValueError(f"every layer of a KVPrefix must have the same length, got {sorted(lengths)}")
@@ -84,7 +85,8 @@ class KVPrefix:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVPrefix:
         return KVPrefix(
-            [k.to(device=device, dtype=dtype) for k in self.keys], [v.to(device=device, dtype=dtype) for v in self.values]
+            [k.to(device=device, dtype=dtype) for k in self.keys],
+            [v.to(device=device, dtype=dtype) for v in self.values],
         )
 
     def num_parameters(self) -> int:
@@ -107,6 +109,8 @@ def artifact_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Artifa
         n = len(tensors) // 2
         expected = {f"layers.{i}.{part}" for i in range(n) for part in ("key", "value")}
         if set(tensors) != expected:
-            raise ValueError(f"a KV prefix file holds layers.<i>.key/value for i in 0..{n - 1}, found {sorted(tensors)[:6]}...")
-        return KVPrefix([tensors[f"layers.{i}.key"] for i in range(n)], [tensors[f"layers.{i}.value"] for i in range(n)])
+            raise ValueError(
+                f"a KV prefix file holds layers.<i>.key/value for i in 0..{n - 1}, found {sorted(tensors)[:6]}...")
+        keys = [tensors[f"layers.{i}.key"] for i in range(n)]
+        return KVPrefix(keys, [tensors[f"layers.{i}.value"] for i in range(n)])
     raise ValueError(f"unknown artifact kind {kind!r}; expected 'soft_prompt' or 'kv_prefix'")

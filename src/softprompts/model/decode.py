@@ -117,7 +117,8 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 def eos_ids(base) -> set[int]:
     """The model's end-of-sequence ids (generation config, then model config, then tokenizer)."""
-    eos = getattr(base.model.generation_config, "eos_token_id", None) or getattr(base.model.config, "eos_token_id", None)
+    config, generation = base.model.config, base.model.generation_config
+    eos = getattr(generation, "eos_token_id", None) or getattr(config, "eos_token_id", None)
     if eos is None and base.tokenizer is not None:
         eos = base.tokenizer.eos_token_id
     if eos is None:

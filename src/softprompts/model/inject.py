@@ -56,7 +56,9 @@ class VirtualContext:
             ctx.kv_mask = _slot_mask([p.length if p is not None else 0 for p in prefixes], pk, ref.keys[0].device)
             ctx.kv = []
             for layer in range(ref.num_layers):
-                keys = _pad_stack([p.keys[layer] if p is not None else None for p in prefixes], ref.keys[layer], pk, batch)
+                keys = _pad_stack(
+                    [p.keys[layer] if p is not None else None for p in prefixes], ref.keys[layer], pk, batch
+                )
                 values = _pad_stack(
                     [p.values[layer] if p is not None else None for p in prefixes], ref.values[layer], pk, batch
                 )

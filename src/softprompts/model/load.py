@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.base import BaseModel
@@ -36,8 +37,6 @@ def load_base(
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         path = resolve(name)
     except FileNotFoundError as exc:
@@ -50,7 +49,8 @@ def load_base(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        hint = " (no network: only models already in the Hugging Face cache or local directories load)" if local_only else ""
+        offline = " (no network: only models already in the Hugging Face cache or local directories load)"
+        hint = offline if local_only else ""
         raise ModelLoadError(
             f"cannot load model {name!r}{hint}: {str(exc).splitlines()[0]}. "
             f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."

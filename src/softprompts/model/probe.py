@@ -53,7 +53,8 @@ def cache_keyword(model: PreTrainedModel) -> str:
         return "cache"
     if "past_key_values" in params:
         return "past_key_values"
-    raise TypeError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; cannot inject a KV prefix")
+    raise TypeError(
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; cannot inject a KV prefix")
 
 
 def new_cache(model: PreTrainedModel) -> DynamicCache:
@@ -91,7 +92,7 @@ def probe_shapes(model: PreTrainedModel) -> ModelShapes:
 
 @torch.no_grad()
 def probe_plain_head(model: PreTrainedModel) -> bool:
-    """Whether training may project hidden states with the head's weight itself (``model/head_loss.py``).
+    """Whether training may project hidden states with the head's weight itself (``training/head_loss.py``).
 
     True when the head is a plain ``nn.Linear`` (not a quantized subclass) with no forward hooks (accelerate's
     offloading hooks load the weight in the hook: the bare ``weight`` is then a placeholder), its weight is real (not

@@ -110,7 +110,8 @@ class Engine:
         logprobs = logits.float().log_softmax(-1)  # [B, width, V]
         targets = ids[:, total - width :]  # [B, width]
         picked = logprobs.gather(-1, targets[..., None])[..., 0]  # [B, width]
-        keep = torch.arange(width, device=base.device)[None, :] >= (width - torch.tensor(lengths, device=base.device))[:, None]
+        starts = width - torch.tensor(lengths, device=base.device)  # [B]: where each candidate's tokens begin
+        keep = torch.arange(width, device=base.device)[None, :] >= starts[:, None]
         return (picked * keep).sum(1).tolist()
 
 

@@ -126,7 +126,8 @@ def create_app(state: ServerState) -> FastAPI:
         artifact, _ = await resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
-            return error_response(422, "invalid field 'prompt': at least one prompt is required", "invalid_request_error", "prompt")
+            return error_response(422, "invalid field 'prompt': at least one prompt is required",
+                                  "invalid_request_error", "prompt")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stops = [s for s in stops if s]
         sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)

@@ -84,7 +84,8 @@ class Entry:
 
 
 class Registry:
-    """Thread-safe map name -> ``Entry`` over ``directory``; ``prepare`` turns a loaded artifact into its served form."""
+    """Thread-safe map name -> ``Entry`` over ``directory``; ``prepare`` turns a loaded artifact into its served
+    form."""
 
     def __init__(
         self,
@@ -111,7 +112,8 @@ class Registry:
 
     # -- discovery ------------------------------------------------------------------------------------------
     def scan(self) -> list[str]:
-        """Load new or changed adapter directories and table tasks, forget removed ones; returns the names (re)loaded."""
+        """Load new or changed adapter directories and table tasks, forget removed ones; returns the names
+        (re)loaded."""
         changed = []
         present = set()
         for path in sorted(self.directory.iterdir()):

@@ -74,7 +74,8 @@ def head_cross_entropy_sum(
     hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_bytes: int = CHUNK_BYTES,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``labels``; ``hidden [..., H]``, ``labels [...]`` (-100 ignored).
+    """Summed cross-entropy of ``head(hidden)`` against ``labels``; ``hidden [..., H]``, ``labels [...]`` (-100
+    ignored).
 
     Equals ``cross_entropy(head(hidden).float().flatten(0, -2), labels.flatten(), ignore_index=-100,
     reduction="sum")`` in value and in its gradient to ``hidden`` (see the module docstring); the head must be frozen.

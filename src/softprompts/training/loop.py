@@ -149,7 +149,8 @@ def train(
         else:
             state.bad_evals += 1
         if dev:
-            _log(dist, f"step {state.step}: dev {metric} {score:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
+            _log(dist, f"step {state.step}: dev {metric} {score:.4f} "
+                       f"(best {state.best_metric:.4f} at step {state.best_step})")
 
     def save_checkpoint() -> None:
         if ckpt is None:
@@ -169,7 +170,8 @@ def train(
             torch.load(ckpt, map_location="cpu", weights_only=False) if dist.is_main else None
         )
         if resumable(saved["config"]) != resumable(asdict(config)):
-            raise SoftpromptsError(f"{ckpt} was written with another training configuration; resume with the same flags")
+            raise SoftpromptsError(
+                f"{ckpt} was written with another training configuration; resume with the same flags")
         method.load_state_dict(saved["method"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -180,7 +182,8 @@ def train(
     else:
         if dev and base_dev is not None:
             if base_dev.get("n", len(dev)) != len(dev):
-                raise ValueError(f"base_dev was measured on {base_dev['n']} dev examples, training evaluates {len(dev)}")
+                raise ValueError(
+                    f"base_dev was measured on {base_dev['n']} dev examples, training evaluates {len(dev)}")
             state.base_dev = dict(base_dev)
             _log(dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f} (given)")
         elif dev:

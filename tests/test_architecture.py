@@ -1,0 +1,131 @@
+"""The house as docs/ARCHITECTURE.md draws it: imports flow one way, there are no cycles, methods register
+themselves. Read from the source with ``ast`` (every import, also inside functions), nothing is imported."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import softprompts as sp
+
+PACKAGE = Path(sp.__file__).resolve().parent
+
+# ground floor first; a module may import its own floor and those below (docs/ARCHITECTURE.md, "The layers")
+LAYERS = [
+    ("errors", "files"),
+    ("model",),
+    ("methods",),
+    ("adapter", "adapter_io", "table"),
+    ("data", "tasks"),
+    ("metrics", "evaluate", "api"),
+    ("training",),
+    ("interop", "compare", "serve", "demo"),
+    ("cli", "__main__", "__init__"),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``module -> package modules it imports`` (absolute and relative, top level and inside functions)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+                candidates = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for target in candidates:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):  # own package face: ignored
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def floor(module: str) -> int:
+    top = module.removeprefix("softprompts").lstrip(".").split(".")[0] or "__init__"
+    for level, names in enumerate(LAYERS):
+        if top in names:
+            return level
+    raise AssertionError(f"{module} is on no floor of LAYERS: add it here and to docs/ARCHITECTURE.md")
+
+
+def test_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_imports_flow_one_way():
+    upward = [f"{m} (floor {floor(m)}) -> {t} (floor {floor(t)})"
+              for m, targets in import_graph().items() for t in targets if floor(t) > floor(m)]
+    assert upward == []
+
+
+def test_the_architecture_page_names_every_floor():
+    text = (PACKAGE.parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    for names in LAYERS:
+        for name in names:
+            if name not in ("__main__", "__init__"):
+                assert f"`{name}" in text, name
+
+
+@pytest.mark.parametrize("name", list(sp.METHODS))
+def test_a_method_declares_everything_on_its_class(name):
+    cls = sp.METHODS[name]
+    config = cls.config_class()
+    assert not config.errors() and cls.default_lr > 0 and cls.artifact_kind in ("soft_prompt", "kv_prefix")
+    assert all(sp.methods.method_class(alias) is cls for alias in (name, *cls.aliases))
+    source = Path(inspect.getsourcefile(cls))
+    assert source.parent == PACKAGE / "methods" and len(source.read_text().splitlines()) < 200
