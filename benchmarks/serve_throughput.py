@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import softprompts as sp  # noqa: E402
 from softprompts.model.base import BaseModel  # noqa: E402
-from softprompts.serve.engine import Engine, GenerationRequest  # noqa: E402
+from softprompts.model.decode import GenerationRequest  # noqa: E402
+from softprompts.serve.engine import Engine  # noqa: E402
 
 SHAPES = {
     # Llama-3.2-1B: 16 layers, hidden 2048, 32 heads / 8 KV heads (head dim 64), MLP 8192, vocab 128256, tied

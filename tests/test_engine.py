@@ -241,3 +241,34 @@ def test_registry_serves_prompt_table_tasks(tmp_path):
     with pytest.warns(UserWarning, match="already served"):
         reg.scan()
     assert reg.get("tbl.t0").table_task == "t0"
+
+
+def test_pad_id_is_one_rule():
+    """Every batch builder pads with ``BaseModel.pad_id``: the tokenizer's pad, else its EOS, else 0."""
+    from tiny import make_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    with_pad = sp.BaseModel(model=model, tokenizer=make_tokenizer(), name="t")
+    assert with_pad.pad_id == with_pad.tokenizer.pad_token_id == 256
+    no_pad = make_tokenizer()
+    no_pad.pad_token = None
+    assert sp.BaseModel(model=model, tokenizer=no_pad, name="t").pad_id == no_pad.eos_token_id == 257
+    assert sp.BaseModel(model=model, tokenizer=None, name="t").pad_id == 0
+
+
+def test_one_decode_loop_for_the_library_and_the_engine(base):
+    """``sp.generate_ids`` is the engine's loop: same greedy tokens, and a seeded sampled row is what it is alone."""
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    rows = [base.tokenize(p) for p in PROMPTS[:4]]
+    library = sp.generate_ids(base, rows, arts, max_new_tokens=4, stop_ids=set())
+    requests = [GenerationRequest(r, a, 4, stop_ids=frozenset()) for r, a in zip(rows, arts, strict=True)]
+    served = engine.generate(requests)
+    assert library == [s.tokens for s in served]
+    sampling = Sampling(temperature=1.0, top_k=10, seed=3)
+    together = sp.generate_ids(base, rows, arts, max_new_tokens=4, sampling=sampling, stop_ids=set())
+    alone = [sp.generate_ids(base, [r], a, 4, sampling, stop_ids=set())[0] for r, a in zip(rows, arts, strict=True)]
+    assert together == alone
+    assert sp.generate_ids(base, rows, arts, max_new_tokens=0) == [[], [], [], []]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sp.generate_ids(base, rows, arts, max_new_tokens=-1)

@@ -19,7 +19,7 @@ import uvicorn
 from tiny import save_tiny, tiny_base
 
 import softprompts as sp
-from softprompts.serve.engine import GenerationRequest
+from softprompts.model.decode import GenerationRequest
 from softprompts.serve.http import build_state, create_app
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]

@@ -15,7 +15,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompts.serve.engine import Engine, GenerationRequest, ScoreRequest
+from softprompts.model.decode import GenerationRequest
+from softprompts.serve.engine import Engine, ScoreRequest
 from softprompts.serve.metrics import BATCH_BUCKETS, Metrics
 
 

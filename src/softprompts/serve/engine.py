@@ -18,7 +18,6 @@ import torch
 
 from softprompts.model.artifacts import Artifact, SoftPrompt
 from softprompts.model.decode import (
-    ContextLengthError,
     GenerationRequest,
     GenerationResult,
     check_length,
@@ -115,4 +114,4 @@ class Engine:
         return (picked * keep).sum(1).tolist()
 
 
-__all__ = ["ContextLengthError", "Engine", "GenerationRequest", "GenerationResult", "ScoreRequest"]
+__all__ = ["Engine", "ScoreRequest"]

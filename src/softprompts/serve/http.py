@@ -23,9 +23,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import Sampling
+from softprompts.model.decode import GenerationRequest, GenerationResult, Sampling
 from softprompts.serve.batcher import Batcher
-from softprompts.serve.engine import Engine, GenerationRequest, GenerationResult, ScoreRequest
+from softprompts.serve.engine import Engine, ScoreRequest
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.registry import BASE_NAME, Registry
 from softprompts.serve.schemas import ClassifyBody, CompletionBody, error_response, install_error_handlers

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from softprompts.adapter import AdapterError
 from softprompts.errors import SoftpromptsError
-from softprompts.serve.engine import ContextLengthError
+from softprompts.model.decode import ContextLengthError
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter
 
 

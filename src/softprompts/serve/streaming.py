@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from softprompts.serve.engine import GenerationResult
+from softprompts.model.decode import GenerationResult
 from softprompts.serve.text import cut_at_stop, stream_safe_length
 
 
