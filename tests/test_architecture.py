@@ -18,7 +18,7 @@ LAYERS = [
     ("errors", "files"),
     ("model",),
     ("methods",),
-    ("adapter", "adapter_io", "table"),
+    ("schema", "adapter", "adapter_io", "table"),
     ("data", "tasks"),
     ("metrics", "evaluate", "api"),
     ("training",),

@@ -16,9 +16,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.base import BaseModel
 from softprompts.model.probe import ModelShapes
-
-FORMAT_NAME = "softprompts-adapter"
-FORMAT_VERSION = 1
+from softprompts.schema import ADAPTER_FORMAT, ADAPTER_VERSION
 
 
 @dataclass
@@ -55,8 +53,8 @@ class Adapter:
 
     def metadata(self) -> dict:
         return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_VERSION,
             "method": self.method,
             "method_config": self.method_config,
             "artifact": self.artifact.kind,

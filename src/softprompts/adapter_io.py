@@ -11,23 +11,29 @@ import json
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
-from softprompts.adapter import FORMAT_NAME, FORMAT_VERSION, Adapter, AdapterError
-from softprompts.files import atomic_directory, read_json
-from softprompts.model.artifacts import artifact_from_tensors
+from softprompts.adapter import Adapter, AdapterError
+from softprompts.files import atomic_directory, parse_json, read_files, read_json
+from softprompts.model.artifacts import artifact_from_tensors, non_finite
 from softprompts.model.base import BaseModel
 from softprompts.model.probe import ModelShapes
+from softprompts.schema import ADAPTER_FORMAT, AdapterDoc, validated
 
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
 
 def write_adapter_files(adapter: Adapter, directory: str | Path) -> None:
-    """Write the two files into an existing directory (no atomicity: use ``save_adapter`` for that)."""
+    """Write the two files into an existing directory (no atomicity: use ``save_adapter`` for that). An artifact
+    holding NaN or infinity is refused (``AdapterError``): nothing is written."""
     directory = Path(directory)
     tensors = {name: t.detach().cpu().contiguous() for name, t in adapter.artifact.tensors().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterError(f"refusing to save an adapter with non-finite values (NaN or inf) in {', '.join(bad)}: "
+                           "the training that made it diverged; train again with a lower --lr")
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": ADAPTER_FORMAT})
     (directory / CONFIG_FILE).write_text(json.dumps(adapter.metadata(), indent=2) + "\n")
 
 
@@ -44,37 +50,47 @@ def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = Fals
 
 
 def read_metadata(directory: str | Path) -> dict:
+    """``adapter.json`` of an adapter directory, validated as a whole (``schema.AdapterDoc``: every problem listed)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_FILE} is missing")
-    meta = read_json(path, AdapterError)
-    if meta.get("format") != FORMAT_NAME:
-        raise AdapterError(f"{path} is not a softprompts adapter (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(
-            f"{path} has format version {meta['format_version']}, newer than this softprompts supports "
-            f"({FORMAT_VERSION}); upgrade softprompts"
-        )
+    return _checked(read_json(path, AdapterError), path)
+
+
+def _checked(meta, path: Path) -> dict:
+    validated(AdapterDoc, meta, str(path), AdapterError)
     return meta
 
 
 def load_adapter(directory: str | Path, base: BaseModel | None = None) -> Adapter:
-    """Read an adapter directory; with ``base``, refuse it if it was made for another model and move it there."""
+    """Read an adapter directory (both files from one version of it, ``files.read_files``); with ``base``, apply the
+    base-model rule (``adapter.check_base_fits``) and move the artifact to its device and dtype."""
     directory = Path(directory)
-    meta = read_metadata(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{directory} has no {WEIGHTS_FILE}")
+    if not (directory / CONFIG_FILE).is_file():
+        raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_FILE} is missing")
     try:
-        tensors = load_file(str(weights))
+        files = read_files(directory, [CONFIG_FILE, WEIGHTS_FILE])
+    except FileNotFoundError as exc:
+        raise AdapterError(f"{directory} is incomplete: {exc}") from None
+    weights = directory / WEIGHTS_FILE
+    meta = _checked(parse_json(files[CONFIG_FILE], directory / CONFIG_FILE, AdapterError), directory / CONFIG_FILE)
+    try:
+        tensors = load(files[WEIGHTS_FILE])
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights} is truncated or corrupted ({exc}); re-save or re-train the adapter") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterError(f"{weights} holds non-finite values (NaN or inf) in {', '.join(bad)}: the training that "
+                           "wrote it diverged; train it again with a lower --lr")
     try:
         artifact = artifact_from_tensors(meta["artifact"], tensors)
-        shapes = ModelShapes.from_json(meta["base_model"]["shapes"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise AdapterError(f"{directory} is malformed: {exc}") from None
+    shapes = ModelShapes.from_json(meta["base_model"]["shapes"])
     _check_tensor_shapes(artifact, shapes, directory)
+    if artifact.length != meta["num_virtual_tokens"]:
+        raise AdapterError(f"{directory}: {CONFIG_FILE} says {meta['num_virtual_tokens']} virtual tokens, "
+                           f"{WEIGHTS_FILE} holds {artifact.length}")
     adapter = Adapter(
         artifact=artifact,
         method=meta["method"],

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from softprompts.adapter_io import WEIGHTS_FILE
-from softprompts.data.datasets import bundled_path, load_task_data
+from softprompts.data.datasets import bundled_path, label_targets, load_task_data
 from softprompts.data.templates import Template
 from softprompts.evaluate import evaluate, generate_texts, serving_artifact
 from softprompts.methods import build_method, method_class
@@ -51,7 +51,12 @@ def run_demo(model: str = "smollm2-135m", methods=("prompt", "prefix"), steps: i
     data = {s: load_task_data(bundled_path("uci_sentiment", s), template, "classify", LABELS)[0]
             for s in ("train", "dev", "test")}
     test = data["test"][:test_limit]
-    spec = TaskSpec("classify", template.prompt, template.target, LABELS)
+    # prompts keep their last 256 tokens, or fewer where the model's context would not hold them with the largest
+    # method's virtual tokens and the longest label (a small test model)
+    virtual = max(method_class(name).config_class().num_virtual_tokens for name in methods)
+    answer = max(len(base.tokenize(t)) for t in label_targets(template, LABELS))
+    spec = TaskSpec("classify", template.prompt, template.target, LABELS,
+                    max_prompt_tokens=min(256, base.context_limit - virtual - answer))
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="softprompts-demo-"))
     probe = [base.tokenize(ex.prompt) for ex in test[:4]]
 

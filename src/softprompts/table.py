@@ -29,18 +29,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from softprompts.adapter import Adapter, AdapterError, BaseRecord, check_base_fits
 from softprompts.adapter_io import load_adapter, read_metadata
-from softprompts.files import atomic_directory, read_json
-from softprompts.model.artifacts import Artifact, artifact_from_tensors
+from softprompts.files import atomic_directory, parse_json, read_files
+from softprompts.model.artifacts import Artifact, artifact_from_tensors, non_finite
 from softprompts.model.base import BaseModel
 from softprompts.model.inject import VirtualContext
 from softprompts.model.probe import ModelShapes
+from softprompts.schema import TABLE_FORMAT, TABLE_VERSION, TableDoc, validated
 
-TABLE_FORMAT = "softprompts-table"
-TABLE_VERSION = 1
 TABLE_CONFIG = "table.json"
 TABLE_WEIGHTS = "table.safetensors"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -84,17 +83,18 @@ class PromptTable:
             if create and not path.exists():
                 return cls(path, base=base)
             raise TableError(f"{path} is not a prompt table: {TABLE_CONFIG} is missing")
-        meta = read_json(config, TableError)
-        if not isinstance(meta, dict) or meta.get("format") != TABLE_FORMAT:
-            raise TableError(f"{config} is not a softprompts prompt table")
-        if meta.get("format_version", 0) > TABLE_VERSION:
-            raise TableError(f"{config} has format version {meta['format_version']}; upgrade softprompts")
+        try:  # both files from one version of the directory (a concurrent save swaps it whole)
+            files = read_files(path, [TABLE_CONFIG, TABLE_WEIGHTS])
+        except FileNotFoundError:
+            files = read_files(path, [TABLE_CONFIG])  # no weights file: fine for a table without tasks
+        meta = parse_json(files[TABLE_CONFIG], config, TableError)
+        validated(TableDoc, meta, str(config), TableError)
         tasks = meta.get("tasks") or {}
         tensors: dict[str, torch.Tensor] = {}
         if tasks:
             try:
-                tensors = load_file(str(path / TABLE_WEIGHTS))
-            except (SafetensorError, OSError, ValueError) as exc:
+                tensors = load(files[TABLE_WEIGHTS])
+            except (KeyError, SafetensorError, ValueError) as exc:
                 raise TableError(f"{path / TABLE_WEIGHTS} is missing, truncated or corrupted ({exc})") from None
         table = cls(path, base_meta=meta.get("base_model"))
         for name, entry in tasks.items():
@@ -106,6 +106,10 @@ class PromptTable:
                 artifact_from_tensors(entry["artifact"], own)  # validates the tensor set
             except (KeyError, ValueError) as exc:
                 raise TableError(f"{path}: task {name!r} is malformed: {exc}") from None
+            bad = non_finite(own)
+            if bad:
+                raise TableError(f"{path}: task {name!r} holds non-finite values (NaN or inf) in {', '.join(bad)}; "
+                                 "remove it (softprompts table remove) or replace it with a retrained adapter")
             table._entries[name] = entry
             table._tensors[name] = own
         if base is not None:
@@ -175,6 +179,10 @@ class PromptTable:
     def add(self, name: str, adapter: Adapter, replace: bool = False) -> None:
         """Add (or with ``replace``, overwrite) task ``name``; refuses an adapter made for another base model."""
         check_name(name)
+        bad = non_finite(adapter.artifact.tensors())
+        if bad:
+            raise TableError(f"cannot add {name!r}: its artifact holds non-finite values (NaN or inf) in "
+                             f"{', '.join(bad)}; retrain it with a lower --lr")
         if name in self._entries and not replace:
             raise TableError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it")
         meta = adapter.metadata()["base_model"]

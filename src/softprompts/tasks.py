@@ -42,6 +42,14 @@ class TaskSpec:
     max_prompt_tokens: int = 256
     max_target_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be a positive integer, got {value!r}"
+                    for name, value in (("--max-prompt-tokens", self.max_prompt_tokens),
+                                        ("--max-target-tokens", self.max_target_tokens))
+                    if not isinstance(value, int) or value < 1]
+        if problems:
+            raise SoftpromptsError("; ".join(problems))
+
     @property
     def template(self) -> Template:
         return Template(self.prompt, self.target)
@@ -96,6 +104,9 @@ def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded]
         prompt, target = base.tokenize(ex.prompt), base.tokenize(ex.target)
         if not target:
             raise SoftpromptsError(f"example {i + 1}: the target {ex.target!r} has no tokens")
+        if not prompt:
+            raise SoftpromptsError(f"example {i + 1}: the prompt {ex.prompt!r} has no tokens; the first target token "
+                                   "needs at least one real token before it (check the template and the data)")
         report.longest_prompt = max(report.longest_prompt, len(prompt))
         report.longest_target = max(report.longest_target, len(target))
         if len(prompt) > spec.max_prompt_tokens:

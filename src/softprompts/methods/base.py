@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from softprompts.methods.config import MethodConfig
+from softprompts.methods.config import MethodConfig, MethodError
 from softprompts.methods.init import initial_artifact, seeded
 from softprompts.model.artifacts import Artifact
 from softprompts.model.base import BaseModel
@@ -63,6 +63,9 @@ class PromptMethod(nn.Module):
     def __init__(self, base: BaseModel, config: MethodConfig, labels: list[str] | None = None,
                  init_text: str | None = None, init_artifact: Artifact | None = None) -> None:
         super().__init__()
+        if config.num_virtual_tokens >= base.context_limit:  # before anything of that size is allocated
+            raise MethodError(f"num_virtual_tokens {config.num_virtual_tokens} leaves no room for real tokens in the "
+                              f"model's context of {base.context_limit} tokens; use far fewer (20 is typical)")
         self.config = config
         self.base_dtype = base.dtype
         start = initial_artifact(base, config, self.artifact_kind, labels, init_text, init_artifact)

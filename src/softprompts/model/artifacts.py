@@ -96,6 +96,11 @@ class KVPrefix:
 Artifact = SoftPrompt | KVPrefix
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (an artifact that must never be saved or served)."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 def artifact_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Artifact:
     """Inverse of ``artifact.tensors()``; raises ``ValueError`` on a malformed tensor set."""
     if kind == SoftPrompt.kind:

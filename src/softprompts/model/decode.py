@@ -30,7 +30,8 @@ from softprompts.model.inject import Prefill, VirtualContext, decode_step, forwa
 
 
 class ContextLengthError(SoftpromptsError):
-    """A request that does not fit the model's context window (the message names the limit)."""
+    """A request that does not fit the model's context window (the message names the limit), or asks for no
+    tokens at all."""
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,18 @@ def eos_ids(base) -> set[int]:
     return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
 
 
-def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int) -> None:
-    """Raise ``ContextLengthError`` naming ``limit`` when prompt + virtual + new tokens exceed the context."""
+def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
+                 new_what: str = "max_tokens") -> None:
+    """Raise ``ContextLengthError`` naming ``limit`` when prompt + virtual + new tokens exceed the context, or the
+    prompt is empty. ``new_what`` names the third term in the message (``max_tokens``, ``label tokens``)."""
     total = prompt_tokens + virtual_tokens + max_new_tokens
     if prompt_tokens < 1:
         raise ContextLengthError("the prompt must have at least one token")
     if total > limit:
         raise ContextLengthError(
             f"this model's context limit is {limit} tokens; the request needs {total} "
-            f"({prompt_tokens} prompt + {virtual_tokens} virtual + {max_new_tokens} max_tokens): "
-            "shorten the prompt or lower max_tokens"
+            f"({prompt_tokens} prompt + {virtual_tokens} virtual + {max_new_tokens} {new_what}): "
+            f"shorten the prompt or lower {new_what}"
         )
 
 
@@ -172,11 +175,11 @@ def decode_batch(base, requests: list[GenerationRequest], stop_default: frozense
                  ) -> list[GenerationResult]:
     """Decode every request in ONE batch (see the module docstring); ``stop_default``: the stop ids of requests
     that name none (default: the model's EOS, ``eos_ids``)."""
-    for req in requests:
-        if not req.prompt_ids:
-            raise ValueError("every prompt needs at least one token")
+    for req in requests:  # the server's rule, everywhere: prompt + virtual + new tokens within the context
         if req.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
+            raise ContextLengthError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
+        check_length(base.context_limit, len(req.prompt_ids), req.artifact.length if req.artifact else 0,
+                     req.max_new_tokens)
     results = [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(r.prompt_ids)) for r in requests]
     active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]  # request index of each row of `state`
     if not active:

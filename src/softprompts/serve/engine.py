@@ -62,9 +62,10 @@ class Engine:
                 return self.base.soft_prompt_to_kv(artifact)
         return artifact
 
-    def check_length(self, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int) -> None:
+    def check_length(self, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
+                     new_what: str = "max_tokens") -> None:
         """Raise ``ContextLengthError`` naming the limit when prompt + virtual + new tokens exceed the context."""
-        check_length(self.context_limit, prompt_tokens, virtual_tokens, max_new_tokens)
+        check_length(self.context_limit, prompt_tokens, virtual_tokens, max_new_tokens, new_what)
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:

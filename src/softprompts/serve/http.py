@@ -198,7 +198,7 @@ def create_app(state: ServerState) -> FastAPI:
         requests = []
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            state.engine.check_length(len(ids), virtual, max(len(c) for c in candidates))
+            state.engine.check_length(len(ids), virtual, max(len(c) for c in candidates), "label tokens")
             requests.append(ScoreRequest(prompt_ids=ids, candidates=candidates, artifact=artifact))
         scored = await asyncio.gather(*[asyncio.wrap_future(state.batcher.submit(r)) for r in requests])
         results = []

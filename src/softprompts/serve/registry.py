@@ -208,7 +208,7 @@ class Registry:
         with self._lock:
             self._disabled.discard(name)
         entry = self._load(name, *found)
-        if entry.artifact is None:
+        if entry.error is not None:  # also when an older good version keeps serving: this load failed
             raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
         return entry
 

@@ -49,10 +49,18 @@ class TrainConfig:
         problems = []
         if not isinstance(self.steps, int) or self.steps < 1:
             problems.append(f"--steps must be a positive integer, got {self.steps}")
-        if not self.lr > 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            problems.append(f"max_grad_norm must be a finite number >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("--batch-size and --grad-accum must be at least 1")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            problems.append(f"--eval-limit must be at least 1 (or left out for all of dev), got {self.eval_limit}")
+        if self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
         if self.schedule not in SCHEDULES:
             problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.warmup_ratio < 1:

@@ -24,6 +24,7 @@ step (the data order is a pure function of ``(seed, epoch)``), curve and best ad
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,13 +35,16 @@ from tqdm import tqdm
 
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
+from softprompts.data.datasets import label_targets
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
 from softprompts.metrics import PRIMARY_METRIC, score_outputs
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
+from softprompts.tasks import TaskSpec, collate, encode, epoch_batches, truncate_prompt
 from softprompts.training.config import TrainConfig, lr_factor
 from softprompts.training.distributed import Distributed
+from softprompts.training.guards import check_fits_context, check_parameters, check_step
+from softprompts.training.record import environment, environment_changes, training_record
 from softprompts.training.state import (
     TrainState,
     atomic_save,
@@ -120,6 +124,13 @@ def train(
     if report.message(spec, "training data"):
         _log(dist, report.message(spec, "training data"))
     dev = list(dev_examples or [])[: config.eval_limit] if dev_examples else []
+    virtual = method.config.num_virtual_tokens
+    check_fits_context(base.context_limit, virtual, [e.length for e in encoded], "training data")
+    answer = spec.max_target_tokens if spec.task != "classify" else max(
+        len(base.tokenize(t)) for t in label_targets(spec.template, spec.labels))  # decoded, or the longest label
+    dev_lengths = [len(truncate_prompt(base.tokenize(ex.prompt), spec)) + answer for ex in dev]
+    check_fits_context(base.context_limit, virtual, dev_lengths, "dev data")
+    env = environment(base, dist.world_size)
     lengths = [e.length for e in encoded]
     per_epoch = len(epoch_batches(len(encoded), lengths, config.batch_size, config.seed, 0))
     metric = PRIMARY_METRIC[spec.task]
@@ -161,7 +172,7 @@ def train(
         atomic_save(
             {"config": asdict(config), "state": asdict(state), "method": method.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs[0],
-             "rank_rng": rngs, "world_size": dist.world_size},
+             "rank_rng": rngs, "world_size": dist.world_size, "environment": env},
             ckpt,
         )
 
@@ -179,6 +190,11 @@ def train(
         same_world = saved.get("world_size", 1) == dist.world_size and "rank_rng" in saved
         set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
         _log(dist, f"resuming from {ckpt} at step {state.step}")
+        changed = environment_changes(saved.get("environment"), env)
+        if changed:
+            _log(dist, f"warning: resuming in another environment ({'; '.join(changed)}): training continues, but "
+                       "the result is not bitwise the one an uninterrupted run gives (same threads, device, dtype "
+                       "and library versions are needed for that)")
     else:
         if dev and base_dev is not None:
             if base_dev.get("n", len(dev)) != len(dev):
@@ -212,12 +228,14 @@ def train(
             autocast_dtype=torch.bfloat16 if config.autocast_bf16 else None,
             checkpoint_layers=config.gradient_checkpointing, loss_fn=loss_fn,
         )
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(method.parameters(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), config.max_grad_norm or math.inf)
+        totals = dist.all_reduce_sum(torch.tensor([loss_sum, float(step_tokens)], dtype=torch.float64))
+        kept = str(ckpt) if ckpt is not None and ckpt.is_file() else None
+        check_step(state.step + 1, totals[0].item(), grad_norm, config.lr, kept)  # the same on every rank
         optimizer.step()
+        check_parameters(state.step + 1, method, config.lr, kept)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = dist.all_reduce_sum(torch.tensor([loss_sum, float(step_tokens)], dtype=torch.float64))
         loss = totals[0].item() / n_tokens
         state.tokens += int(totals[1].item())  # tokens processed by all ranks
         state.step += 1
@@ -239,9 +257,7 @@ def train(
 
     adapter = Adapter.from_method(method, base, task=spec.to_json())
     adapter.artifact = artifact_from_tensors(kind, state.best_tensors).to(base.device, base.dtype)
-    record = _record(config, state, method, spec, report, metric, len(encoded), len(dev))
-    record["device"] = {"device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
-                        "world_size": dist.world_size}
+    record = training_record(config, state, method, spec, report, metric, len(encoded), len(dev), env)
     if state.base_dev is not None and state.best_metric is not None and state.best_metric < state.base_dev[metric]:
         record["below_base_model"] = True
         _log(dist, f"warning: the best adapter (dev {metric} {state.best_metric:.4f}) is below the base model "
@@ -252,31 +268,6 @@ def train(
         ckpt.unlink(missing_ok=True)
     dist.barrier()
     return TrainResult(adapter=adapter, record=record)
-
-
-def _record(config, state: TrainState, method, spec, report, metric: str, n_train: int, n_dev: int) -> dict:
-    """The training record saved as ``training.json``."""
-    return {
-        "method": method.name,
-        "method_config": method.config.to_json(),
-        "trainable_parameters": method.num_trainable(),
-        "train_config": asdict(config),
-        "task": spec.to_json(),
-        "data": {"train_examples": n_train, "dev_examples": n_dev, "truncation": asdict(report)},
-        "metric": f"dev_{metric}",
-        "base_model_dev": state.base_dev,
-        "best_step": state.best_step,
-        "best_dev": state.best_metric,
-        "steps_done": state.step,
-        "stopped_early": state.stopped_early,
-        "curve": state.curve,
-        "timings": {
-            "train_seconds": round(state.train_seconds, 3),
-            "eval_seconds": round(state.eval_seconds, 3),
-            "tokens": state.tokens,
-            "tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
-        },
-    }
 
 
 __all__ = ["RECORD_FILE", "TrainResult", "train"]
