@@ -148,6 +148,24 @@ def exchange(a: Path, b: Path) -> bool:
                                                _RENAME_EXCHANGE) == 0
 
 
+def check_output(target: str | Path, overwrite: bool = False) -> Path:
+    """Fail early (``SoftpromptsError``) when ``target`` cannot become an output directory: it exists and
+    ``overwrite`` is off, it is a file, or a path component above it is a file. Nothing is created."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise SoftpromptsError(f"{target} already exists; choose another directory or pass --overwrite")
+    if target.is_file():
+        raise SoftpromptsError(f"{target} is a file, not a directory; choose another output path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SoftpromptsError(f"cannot create {target}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise SoftpromptsError(f"cannot create {target}: {parent} is not writable")
+            break
+    return target
+
+
 def atomic_directory(target: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``write(tmp_dir)`` then put ``tmp_dir`` in ``target``'s place. An existing ``target`` needs ``overwrite``.
 
@@ -254,5 +272,6 @@ def read_json_or_none(path: str | Path) -> Any | None:
         return None
 
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "cache_dir", "exchange", "parse_json",
+__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "cache_dir", "check_output",
+           "exchange", "parse_json",
            "read_files", "read_json", "read_json_or_none", "remove_stale"]

@@ -80,10 +80,12 @@ def run(args) -> int:
     from softprompts.compare import CompareConfig, CompareData, run_compare
     from softprompts.data.datasets import load_task_data
     from softprompts.data.templates import Template
+    from softprompts.files import check_output
     from softprompts.methods import METHODS
     from softprompts.model.load import DEFAULT_MODEL
     from softprompts.tasks import TaskSpec
 
+    check_output(args.out, overwrite=True)  # an existing compare is resumed; a path under a file fails now
     inputs = _resolve_inputs(args)
     template = Template(inputs["prompt"], inputs["target"])
     train, labels = load_task_data(inputs["train"], template, inputs["task"], inputs["labels"])

@@ -23,9 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softprompts.files import check_output
     from softprompts.interop import export_peft, to_peft
     from softprompts.table import resolve_adapter
 
+    check_output(args.out, overwrite=args.overwrite)
     adapter = resolve_adapter(args.adapter)
     config, tensors = to_peft(adapter)
     out = export_peft(adapter, args.out, overwrite=args.overwrite)

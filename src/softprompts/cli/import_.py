@@ -23,8 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from softprompts.adapter_io import save_adapter
+    from softprompts.files import check_output
     from softprompts.interop import import_peft, read_peft
     from softprompts.model.load import DEFAULT_MODEL, load_base
+
+    check_output(args.out, overwrite=args.overwrite)  # before the model loads
 
     read_peft(args.peft)  # validate the files before loading a model
     base = load_base(args.model or DEFAULT_MODEL)

@@ -91,8 +91,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from softprompts.adapter_io import save_adapter
+    from softprompts.files import check_output
     from softprompts.table import PromptTable
 
+    check_output(args.out, overwrite=args.overwrite)
     table = PromptTable.load(args.table)
     out = save_adapter(table.adapter(args.name), args.out, overwrite=args.overwrite)
     print(f"wrote task {args.name!r} to {out}")

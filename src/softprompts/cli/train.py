@@ -69,6 +69,7 @@ def run(args) -> int:
     from softprompts.adapter_io import load_adapter, read_metadata
     from softprompts.data.datasets import load_task_data
     from softprompts.data.templates import Template
+    from softprompts.files import check_output
     from softprompts.methods import build_method, method_class
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.tasks import TaskSpec
@@ -87,8 +88,7 @@ def run(args) -> int:
     if args.resume and (out / RECORD_FILE).is_file() and not checkpoint_path(out).is_file():
         print(f"{out} is already finished (nothing to resume)", file=sys.stderr)
         return 0
-    if out.exists() and not args.overwrite and not (args.resume and checkpoint_path(out).is_file()):
-        raise SoftpromptsError(f"{out} already exists; choose another directory or pass --overwrite")
+    check_output(out, overwrite=args.overwrite or (args.resume and checkpoint_path(out).is_file()))
 
     previous = read_metadata(args.init_from) if args.init_from else None
     task = dict(previous["task"]) if previous and previous.get("task") else {}

@@ -109,6 +109,9 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> _Records:
 def load_records(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json / .csv / .tsv file (format chosen by extension) as dicts."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass one data file (.jsonl with one JSON object per line, .json, "
+                        ".csv or .tsv with a header row)")
     suffix = path.suffix.lower()
     readers = {".jsonl": "jsonl", ".jsonlines": "jsonl", ".ndjson": "jsonl", ".json": "json"}
     readers.update({".csv": "csv", ".tsv": "tsv"})
@@ -153,7 +156,9 @@ def label_targets(template: Template, labels: list[str]) -> list[str]:
     return [template.target.format(**{field: label}) for label in labels]
 
 
-def _check_labels(template: Template, labels: list[str], source: str) -> list[str]:
+def check_labels(template: Template, labels: list[str], source: str) -> list[str]:
+    """The one label rule (training, evaluation, the server): at least two, unique, each rendering to its own
+    non-blank target; ``DataError`` naming ``source`` otherwise."""
     labels = [str(label) for label in labels]
     if len(labels) < 2:
         raise DataError(f"classification needs at least two labels, got {labels} (from {source})")
@@ -200,9 +205,9 @@ def build_examples(
     field = _label_field(template)
     if labels is None:
         labels = sorted({str(row[field]) for row in records})
-        labels = _check_labels(template, labels, f"the values of {field!r} in {source}")
+        labels = check_labels(template, labels, f"the values of {field!r} in {source}")
     else:
-        labels = _check_labels(template, list(labels), "the labels given")
+        labels = check_labels(template, list(labels), "the labels given")
     allowed = set(labels)
     examples = []
     for i, row in enumerate(records):

@@ -1,9 +1,19 @@
-"""Load a frozen base model from an embedded name, a Hugging Face model id or a local directory."""
+"""Load a frozen base model from an embedded name, a Hugging Face model id or a local directory.
+
+Everything that can be checked before reading weights is: the device (it must exist: ``cuda:7`` on a machine with
+one GPU is an error naming what is visible), the dtype, and for a hub id that it is in the local Hugging Face cache
+or that the hub answers within a few seconds (``HF_HUB_OFFLINE=1`` or no network: an immediate error saying how to
+pass a local directory, instead of half a minute of retries).
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,6 +35,65 @@ def resolve(name: str) -> str:
     return name
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``None`` (leave the model where it loads), ``"auto"`` (the first CUDA GPU when one is visible, else the CPU) or
+    a torch device that exists here; ``ModelLoadError`` naming what is visible otherwise."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible here; use --device cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise ModelLoadError(f"device {device!r} asked for, but only {count} CUDA GPU(s) are visible "
+                                 f"(cuda:0..cuda:{count - 1})")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return chosen
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name (``"bfloat16"``); float32 by default."""
+    if dtype is None:
+        return torch.float32
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return found
+
+
+def check_reachable(name: str) -> None:
+    """For a name that is not a local directory: fine if the Hugging Face cache holds it, else the hub must answer
+    (a TCP connection within 3 s); ``ModelLoadError`` saying what to do otherwise."""
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a repo id at all (huggingface_hub's validation error)
+        raise ModelLoadError(f"cannot load model {name!r}: it is neither a local directory nor a Hugging Face model "
+                             f"id; pass a directory written by save_pretrained, or the embedded {EMBEDDED_NAME!r}"
+                             ) from None
+    advice = (f"pass a local directory (a model saved with save_pretrained), a model already in the Hugging Face "
+              f"cache, or the embedded default {EMBEDDED_NAME!r}")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"cannot load model {name!r}: it is not in the Hugging Face cache and HF_HUB_OFFLINE is "
+                             f"set; {advice}")
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return  # the hub is reached through a proxy: let huggingface_hub try
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        raise ModelLoadError(f"cannot load model {name!r}: it is not a local directory, not in the Hugging Face "
+                             f"cache, and the hub ({endpoint.hostname}) cannot be reached from here; {advice}"
+                             ) from None
+
+
 def load_base(
     name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
     device_map: str | dict | None = None,
@@ -37,28 +106,25 @@ def load_base(
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.
     """
+    target = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     try:
         path = resolve(name)
     except FileNotFoundError as exc:
         raise ModelLoadError(str(exc)) from None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    local_only = not Path(path).exists()  # hub ids: use what is cached, never hang on a network here
+    if not Path(path).exists():
+        check_reachable(path)
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        offline = " (no network: only models already in the Hugging Face cache or local directories load)"
-        hint = offline if local_only else ""
         raise ModelLoadError(
-            f"cannot load model {name!r}{hint}: {str(exc).splitlines()[0]}. "
+            f"cannot load model {name!r}: {str(exc).splitlines()[0]}. "
             f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
         ) from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device and device_map is None:
-        model.to(device)
+    if target is not None and device_map is None:
+        model.to(target)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=model, tokenizer=tokenizer, name=name)

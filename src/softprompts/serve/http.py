@@ -26,9 +26,10 @@ from softprompts.errors import SoftpromptsError
 from softprompts.model.decode import GenerationRequest, GenerationResult, Sampling
 from softprompts.serve.batcher import Batcher
 from softprompts.serve.engine import Engine, ScoreRequest
+from softprompts.serve.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.registry import BASE_NAME, Registry
-from softprompts.serve.schemas import ClassifyBody, CompletionBody, error_response, install_error_handlers
+from softprompts.serve.schemas import ClassifyBody, CompletionBody
 from softprompts.serve.streaming import stream_completions
 from softprompts.serve.text import classify_prompts, cut_at_stop
 
@@ -80,12 +81,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.inc("softprompts_requests_total", endpoint=endpoint, status=str(response.status_code))
-        metrics.observe("softprompts_request_latency_seconds", time.perf_counter() - started, endpoint=endpoint)
-        return response
+        status = 500  # an exception escaping the routes becomes the 500 of errors.py: count it as one
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            endpoint = getattr(request.scope.get("route"), "path", "other")
+            metrics.inc("softprompts_requests_total", endpoint=endpoint, status=str(status))
+            metrics.observe("softprompts_request_latency_seconds", time.perf_counter() - started, endpoint=endpoint)
 
     async def resolve(name: str):
         """``(artifact, entry)`` for an adapter name; ``base`` is the model alone."""
@@ -103,7 +107,8 @@ def create_app(state: ServerState) -> FastAPI:
             "queued": state.batcher.pending,
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
     async def metrics_text():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -111,17 +116,20 @@ def create_app(state: ServerState) -> FastAPI:
     async def list_adapters():
         return {"object": "list", "data": [e.describe() for e in state.registry.entries()]}
 
-    @app.post("/v1/adapters/{name}/load")
+    @app.post("/v1/adapters/{name}/load", responses=ERROR_RESPONSES)
     async def load_adapter(name: str):
         entry = await run_in_threadpool(state.registry.load, name)
         return entry.describe()
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", responses=ERROR_RESPONSES)
     async def unload_adapter(name: str):
         await run_in_threadpool(state.registry.unload, name)
         return {"id": name, "deleted": True}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={
+        **ERROR_RESPONSES,
+        200: {"description": "A text_completion object, or with `stream: true` server-sent events ending with "
+                             "`data: [DONE]`", "content": {"application/json": {}, "text/event-stream": {}}}})
     async def completions(body: CompletionBody):
         artifact, _ = await resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -187,7 +195,7 @@ def create_app(state: ServerState) -> FastAPI:
             },
         }
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", responses=ERROR_RESPONSES)
     async def classify(body: ClassifyBody):
         if body.model == BASE_NAME:
             raise SoftpromptsError("classification needs an adapter with labels, not the base model")

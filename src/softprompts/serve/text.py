@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from softprompts.data.datasets import label_targets
+from softprompts.data.datasets import check_labels, label_targets
 from softprompts.data.templates import Template, parse_fields
 from softprompts.errors import SoftpromptsError
 
@@ -36,9 +36,11 @@ def _fill(template: str, value: str) -> str:
 
 def label_texts(task: dict, labels: list[str]) -> list[str]:
     """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none)."""
-    target = task.get("target") or " {label}"
-    prompt = task.get("prompt") or "{text}"
-    return label_targets(Template(prompt, target), labels)
+    return label_targets(_template(task), labels)
+
+
+def _template(task: dict) -> Template:
+    return Template(task.get("prompt") or "{text}", task.get("target") or " {label}")
 
 
 def classify_prompts(
@@ -47,13 +49,16 @@ def classify_prompts(
     """``(labels, prompts, label targets)`` for rank classification with an adapter's task metadata.
 
     A text string fills the prompt template's single field; a dict fills its fields by name; without a prompt
-    template the text is the prompt. Labels come from the request or else from ``adapter.json``.
+    template the text is the prompt. Labels come from the request or else from ``adapter.json``, under the label
+    rule training applies (``data.datasets.check_labels``: two or more, unique, distinct non-blank targets).
     """
-    labels = list(labels or task.get("labels") or [])
-    if len(labels) < 2:
+    given = labels is not None
+    labels = list(labels if given else task.get("labels") or [])
+    if not labels:
         raise SoftpromptsError(
             f"adapter {name!r} has no labels (task {task.get('task')!r}); pass 'labels' or use a classification adapter"
         )
+    labels = check_labels(_template(task), labels, "the request's labels" if given else f"adapter {name!r}")
     template = task.get("prompt")
     prompts = []
     for text in texts:
