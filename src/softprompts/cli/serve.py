@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -36,8 +37,15 @@ def run(args: argparse.Namespace) -> int:
         from softprompts.serve.http import build_state, serve
     except ImportError as exc:
         raise SoftpromptsError(f"serving needs fastapi and uvicorn ({exc}); pip install 'softprompts[serve]'") from None
-    if args.max_batch < 1 or args.batch_window_ms < 0:
-        raise SoftpromptsError("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    problems = [msg for bad, msg in [
+        (args.max_batch < 1, f"--max-batch must be >= 1, got {args.max_batch}"),
+        (args.batch_window_ms < 0, f"--batch-window-ms must be >= 0, got {args.batch_window_ms}"),
+        (args.max_adapter_memory_mb <= 0, f"--max-adapter-memory-mb must be > 0, got {args.max_adapter_memory_mb}"),
+        (args.poll_seconds < 0, f"--poll-seconds must be >= 0 (0 = off), got {args.poll_seconds}"),
+        (not Path(args.adapters).is_dir(), f"adapter directory {args.adapters} does not exist (--adapters)"),
+    ] if bad]
+    if problems:  # before the model loads
+        raise SoftpromptsError("; ".join(problems))
     base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     state = build_state(
         base,

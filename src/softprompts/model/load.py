@@ -22,6 +22,7 @@ from softprompts.model.base import BaseModel
 from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
 
 DEFAULT_MODEL = EMBEDDED_NAME
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class ModelLoadError(SoftpromptsError):
@@ -80,7 +81,7 @@ def check_reachable(name: str) -> None:
                              ) from None
     advice = (f"pass a local directory (a model saved with save_pretrained), a model already in the Hugging Face "
               f"cache, or the embedded default {EMBEDDED_NAME!r}")
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
         raise ModelLoadError(f"cannot load model {name!r}: it is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                              f"set; {advice}")
     if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):

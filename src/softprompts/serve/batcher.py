@@ -40,7 +40,9 @@ class Batcher:
         self._stopping = False
 
     def start(self) -> Batcher:
+        """Start the worker (again after ``stop``: an app's lifespan may run more than once in one process)."""
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
             self._thread.start()
         return self

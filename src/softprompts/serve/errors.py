@@ -51,7 +51,7 @@ class FieldProblem(BaseModel):
 
 
 class ValidationErrorBody(ErrorBody):
-    detail: list[FieldProblem]
+    detail: list[FieldProblem] = []  # pydantic's problems, when the body failed its schema
 
 
 def _documented(status: int, description: str, model: type[BaseModel] = ErrorBody) -> dict:

@@ -29,7 +29,7 @@ from softprompts.serve.engine import Engine, ScoreRequest
 from softprompts.serve.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.registry import BASE_NAME, Registry
-from softprompts.serve.schemas import ClassifyBody, CompletionBody
+from softprompts.serve.schemas import AdapterName, ClassifyBody, CompletionBody
 from softprompts.serve.streaming import stream_completions
 from softprompts.serve.text import classify_prompts, cut_at_stop
 
@@ -117,12 +117,12 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [e.describe() for e in state.registry.entries()]}
 
     @app.post("/v1/adapters/{name}/load", responses=ERROR_RESPONSES)
-    async def load_adapter(name: str):
+    async def load_adapter(name: AdapterName):
         entry = await run_in_threadpool(state.registry.load, name)
         return entry.describe()
 
     @app.delete("/v1/adapters/{name}", responses=ERROR_RESPONSES)
-    async def unload_adapter(name: str):
+    async def unload_adapter(name: AdapterName):
         await run_in_threadpool(state.registry.unload, name)
         return {"id": name, "deleted": True}
 
@@ -133,9 +133,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionBody):
         artifact, _ = await resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            return error_response(422, "invalid field 'prompt': at least one prompt is required",
-                                  "invalid_request_error", "prompt")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stops = [s for s in stops if s]
         sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)

@@ -31,7 +31,8 @@ from softprompts.model.artifacts import Artifact
 from softprompts.table import TABLE_CONFIG, TABLE_WEIGHTS, PromptTable
 
 BASE_NAME = "base"  # the model without an adapter
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"  # cannot be "." or "..", holds no path separator
+_NAME = re.compile(NAME_PATTERN)
 
 
 class InvalidAdapterName(SoftpromptsError):
@@ -44,9 +45,10 @@ class UnknownAdapter(SoftpromptsError):
 
 def check_name(name: str) -> str:
     """Return ``name`` if it can only name a direct subdirectory; raise ``InvalidAdapterName`` otherwise."""
-    if not isinstance(name, str) or ".." in name or "/" in name or "\\" in name or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidAdapterName(
-            f"invalid adapter name {name!r}: use letters, digits, '_', '-' and '.', no path separators or '..'"
+            f"invalid adapter name {name!r}: 1-128 letters, digits, '_', '-' and '.', starting with a letter, digit "
+            "or '_' (so no path separators, no '..' and no hidden names)"
         )
     return name
 
@@ -236,6 +238,7 @@ class Registry:
     # -- hot loading ----------------------------------------------------------------------------------------
     def start_polling(self) -> None:
         if self._thread is None and self.poll_s > 0:
+            self._stop.clear()  # started again after stop()
             self._thread = threading.Thread(target=self._poll, name="adapter-poller", daemon=True)
             self._thread.start()
 

@@ -40,6 +40,17 @@ def check_step(step: int, loss_sum: float, grad_norm: torch.Tensor, lr: float, c
         raise _stop(step, f"the gradient norm is {norm}", lr, checkpoint)
 
 
+def step_update(optimizer: torch.optim.Optimizer, step: int, lr: float, checkpoint: str | None) -> None:
+    """``optimizer.step()``; an update too large for the parameters' dtype (torch: "cannot be converted ... without
+    overflow", e.g. lr 1e38) is ``NonFiniteError`` too."""
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise _stop(step, f"the update overflowed ({exc})", lr, checkpoint) from None
+
+
 def check_parameters(step: int, method: torch.nn.Module, lr: float, checkpoint: str | None) -> None:
     """Raise ``NonFiniteError`` when an update left a method parameter NaN or infinite."""
     for name, p in method.named_parameters():
@@ -59,4 +70,4 @@ def check_fits_context(limit: int, virtual: int, lengths: list[int], what: str) 
         )
 
 
-__all__ = ["NonFiniteError", "check_fits_context", "check_parameters", "check_step"]
+__all__ = ["NonFiniteError", "check_fits_context", "check_parameters", "check_step", "step_update"]

@@ -43,7 +43,7 @@ from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches, truncate_prompt
 from softprompts.training.config import TrainConfig, lr_factor
 from softprompts.training.distributed import Distributed
-from softprompts.training.guards import check_fits_context, check_parameters, check_step
+from softprompts.training.guards import check_fits_context, check_parameters, check_step, step_update
 from softprompts.training.record import environment, environment_changes, training_record
 from softprompts.training.state import (
     TrainState,
@@ -232,7 +232,7 @@ def train(
         totals = dist.all_reduce_sum(torch.tensor([loss_sum, float(step_tokens)], dtype=torch.float64))
         kept = str(ckpt) if ckpt is not None and ckpt.is_file() else None
         check_step(state.step + 1, totals[0].item(), grad_norm, config.lr, kept)  # the same on every rank
-        optimizer.step()
+        step_update(optimizer, state.step + 1, config.lr, kept)
         check_parameters(state.step + 1, method, config.lr, kept)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
