@@ -402,3 +402,15 @@ def test_http_errors_are_counted_and_listed(ws, client):
 
 def test_the_suite_is_large_enough():
     assert len(CLI_CASES) + len(API_CASES) + len(HTTP_CASES) >= 100
+
+
+def test_a_server_fault_is_a_json_500_and_counted(client, monkeypatch):
+    """A fault inside the engine answers that request with the JSON error shape, and /metrics counts it."""
+    def broken(requests):
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(client.app.state.serve.engine, "score", broken)
+    response = client.post("/v1/classify", json={"model": "adapter", "texts": ["x"]})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "RuntimeError" in response.json()["error"]["message"]
+    assert 'endpoint="/v1/classify",status="500"' in client.get("/metrics").text
