@@ -22,9 +22,10 @@ import torch
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact, SoftPrompt
-from softprompts.model.decode import GREEDY, Sampling, generate_ids
+from softprompts.model.decode import GREEDY, Sampling, eos_ids, generate_ids
 from softprompts.model.inject import VirtualContext, forward
-from softprompts.tasks import Encoded, TaskSpec, collate, encode, length_sorted_chunks, truncate_prompt
+from softprompts.model.placement import place
+from softprompts.tasks import Encoded, TaskSpec, collate, encode, length_sorted_chunks, prompt_ids, split_prompt
 
 
 def serving_artifact(base, artifact) -> Artifact | None:
@@ -36,15 +37,25 @@ def serving_artifact(base, artifact) -> Artifact | None:
     return base.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
 
 
-def _row_artifacts(base, artifact):
-    """``serving_artifact`` of a shared artifact, or of each entry of a per-row list (each distinct one once)."""
-    if not isinstance(artifact, list):
-        return serving_artifact(base, artifact)
-    done: dict[int, Artifact | None] = {}
-    for a in artifact:
-        if id(a) not in done:
-            done[id(a)] = serving_artifact(base, a)
-    return [done[id(a)] for a in artifact]
+def _row_artifacts(base, artifact, leads=None):
+    """What rows run with: ``serving_artifact`` of a shared artifact, or a list with one per row (``artifact`` a
+    per-row list, or per-row ``leads``): each distinct (artifact, lead) placed after its lead (placement) and put in
+    its serving form once."""
+    if not leads or not any(leads):
+        if not isinstance(artifact, list):
+            return serving_artifact(base, artifact)
+        leads = [()] * len(artifact)
+    rows = artifact if isinstance(artifact, list) else [artifact] * len(leads)
+    done: dict[tuple, Artifact | None] = {}
+    out = []
+    for a, lead in zip(rows, leads, strict=True):
+        key = (id(a), tuple(lead))
+        if key not in done:
+            raw = getattr(a, "artifact", a)
+            raw = raw.to(base.device, base.dtype) if raw is not None else None
+            done[key] = serving_artifact(base, place(base, raw, lead))
+        out.append(done[key])
+    return out
 
 
 def _context(artifacts, rows: list[int]):
@@ -103,20 +114,34 @@ def target_logprobs(base, artifact, prompts: list[list[int]], targets: list[list
     return [(float(s[0]), len(t)) for s, t in zip(scores, targets, strict=True)]
 
 
-def _reference_logprobs(base, artifacts, examples: list[Example], spec: TaskSpec,
+def _reference_logprobs(base, artifact, examples: list[Example], spec: TaskSpec,
                         batch_size: int) -> list[tuple[float, int]]:
     """``target_logprobs`` of the examples' own targets, tokenized and cut as training cuts them."""
     encoded, _ = encode(base, examples, spec)
+    artifacts = _row_artifacts(base, artifact, [e.lead_ids for e in encoded])
     return target_logprobs(base, artifacts, [e.prompt_ids for e in encoded], [e.target_ids for e in encoded],
                            batch_size)
 
 
+def verbalizations(base, spec: TaskSpec) -> list[list[int]]:
+    """The token ids of each label's target, in label order."""
+    return [base.tokenize(t) for t in label_targets(spec.prompt_format(base.tokenizer), spec.labels)]
+
+
 def classify(base, artifact, examples: list[Example], spec: TaskSpec, batch_size: int = 16) -> list[str]:
     """Predicted label of every example (rank classification)."""
-    verbal = [base.tokenize(t) for t in label_targets(spec.template, spec.labels)]
-    prompts = [truncate_prompt(base.tokenize(ex.prompt), spec) for ex in examples]
-    best = label_scores(base, artifact, prompts, verbal, batch_size).argmax(1).tolist()
+    leads, prompts = zip(*[prompt_ids(base, ex.prompt, spec) for ex in examples], strict=True) if examples else ((), ())
+    artifacts = _row_artifacts(base, artifact, list(leads))
+    best = label_scores(base, artifacts, list(prompts), verbalizations(base, spec), batch_size).argmax(1).tolist()
     return [spec.labels[i] for i in best]
+
+
+def stop_tokens(base, spec: TaskSpec | None) -> set[int] | None:
+    """Tokens that end generation: the model's EOS, and for a chat task the template's end-of-turn token."""
+    if spec is None or spec.chat is None:
+        return None
+    end = base.tokenize(spec.prompt_format(base.tokenizer).end_of_turn)
+    return eos_ids(base) | ({end[0]} if len(end) == 1 else set())
 
 
 @torch.no_grad()
@@ -124,19 +149,21 @@ def generate_texts(
     base, artifact, prompts: list[str], spec: TaskSpec | None = None, max_new_tokens: int = 32,
     sampling: Sampling = GREEDY, batch_size: int = 16,
 ) -> list[str]:
-    """Decoded continuations of already-rendered prompts, in input order. ``artifact``: shared or one per prompt."""
-    ids = [base.tokenize(p) for p in prompts]
-    if spec is not None:
-        ids = [truncate_prompt(i, spec) for i in ids]
-    return _generate_rows(base, _row_artifacts(base, artifact), ids, max_new_tokens, sampling, batch_size)
+    """Decoded continuations of already-rendered prompts (placement markers allowed), in input order.
+    ``artifact``: shared or one per prompt."""
+    split = [prompt_ids(base, p, spec) if spec is not None else split_prompt(base, p) for p in prompts]
+    leads, ids = [lead for lead, _ in split], [rest for _, rest in split]
+    artifacts = _row_artifacts(base, artifact, leads)
+    return _generate_rows(base, artifacts, ids, max_new_tokens, sampling, batch_size, stop_tokens(base, spec))
 
 
 def _generate_rows(base, artifacts, ids: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                   batch_size: int) -> list[str]:
+                   batch_size: int, stop_ids: set[int] | None = None) -> list[str]:
     out: list[str] = [""] * len(ids)
     for chunk in length_sorted_chunks([len(i) for i in ids], batch_size):
         rows = [artifacts[i] for i in chunk] if isinstance(artifacts, list) else artifacts
-        new = generate_ids(base, [ids[i] for i in chunk], rows, max_new_tokens=max_new_tokens, sampling=sampling)
+        new = generate_ids(base, [ids[i] for i in chunk], rows, max_new_tokens=max_new_tokens, sampling=sampling,
+                           stop_ids=stop_ids)
         for i, tokens in zip(chunk, new, strict=True):
             out[i] = base.tokenizer.decode(tokens, skip_special_tokens=True)
     return out
@@ -156,10 +183,9 @@ def evaluate(
     if spec.task == "classify":
         pred = classify(base, adapter, examples, spec, batch_size)
     else:
-        artifact = _row_artifacts(base, adapter)
         limit = max_new_tokens or spec.max_target_tokens
-        pred = generate_texts(base, artifact, [ex.prompt for ex in examples], spec, limit, batch_size=batch_size)
-        logprobs = _reference_logprobs(base, artifact, examples, spec, batch_size)
+        pred = generate_texts(base, adapter, [ex.prompt for ex in examples], spec, limit, batch_size=batch_size)
+        logprobs = _reference_logprobs(base, adapter, examples, spec, batch_size)
     result = score_outputs(spec, examples, pred, logprobs)
     if return_outputs:
         result["outputs"] = pred
@@ -175,32 +201,35 @@ def evaluate_tasks(
     ``evaluate``). Rows of different tasks share batches, one artifact per row (a ``VirtualContext``, what
     ``PromptTable.context`` builds); each task's metrics equal ``evaluate`` on it alone. Generation tasks share
     batches with the tasks that have the same decoding limit."""
-    artifacts = _row_artifacts(base, [adapter for adapter, examples, _ in tasks for _ in examples])
     owner = [k for k, (_, examples, _) in enumerate(tasks) for _ in examples]
     flat = [(ex, spec) for _, examples, spec in tasks for ex in examples]
-    prompts = [truncate_prompt(base.tokenize(ex.prompt), spec) for ex, spec in flat]
+    split = [prompt_ids(base, ex.prompt, spec) for ex, spec in flat]
+    prompts = [ids for _, ids in split]
+    artifacts = _row_artifacts(base, [adapter for adapter, examples, _ in tasks for _ in examples],
+                               [lead for lead, _ in split])
     outputs: list[str | None] = [None] * len(flat)
     classify_rows = [i for i, (_, spec) in enumerate(flat) if spec.task == "classify"]
     if classify_rows:
-        verbal = {k: [base.tokenize(t) for t in label_targets(spec.template, spec.labels)]
-                  for k, (_, _, spec) in enumerate(tasks) if spec.task == "classify"}
+        verbal = {k: verbalizations(base, spec) for k, (_, _, spec) in enumerate(tasks) if spec.task == "classify"}
         scores = row_label_scores(base, [artifacts[i] for i in classify_rows], [prompts[i] for i in classify_rows],
                                   [verbal[owner[i]] for i in classify_rows], batch_size)
         for i, row in zip(classify_rows, scores, strict=True):
             outputs[i] = flat[i][1].labels[int(row.argmax())]
-    limits: dict[int, list[int]] = {}
+    limits: dict[tuple, list[int]] = {}  # rows sharing a decoding limit and stop tokens share batches
     for i, (_, spec) in enumerate(flat):
         if spec.task != "classify":
-            limits.setdefault(max_new_tokens or spec.max_target_tokens, []).append(i)
-    for limit, rows in limits.items():
+            stops = stop_tokens(base, spec)
+            key = (max_new_tokens or spec.max_target_tokens, frozenset(stops) if stops is not None else None)
+            limits.setdefault(key, []).append(i)
+    for (limit, stops), rows in limits.items():
         texts = _generate_rows(base, [artifacts[i] for i in rows], [prompts[i] for i in rows], limit, GREEDY,
-                               batch_size)
+                               batch_size, None if stops is None else set(stops))
         for i, text in zip(rows, texts, strict=True):
             outputs[i] = text
     logprobs: list[tuple[float, int] | None] = [None] * len(flat)
     generate_rows = [i for rows in limits.values() for i in rows]
     if generate_rows:
-        encoded = [encode(base, [flat[i][0]], flat[i][1])[0][0] for i in generate_rows]
+        encoded = [encode(base, [flat[i][0]], flat[i][1])[0][0] for i in generate_rows]  # leads as in `artifacts`
         scored = target_logprobs(base, [artifacts[i] for i in generate_rows], [e.prompt_ids for e in encoded],
                                  [e.target_ids for e in encoded], batch_size)
         for i, value in zip(generate_rows, scored, strict=True):

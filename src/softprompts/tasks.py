@@ -11,6 +11,12 @@ tokens. ``encode`` returns a ``TruncationReport`` that callers print.
 
 Batches are left-padded: every row ends at the last column, so the ``L`` label positions of a batch (``L`` = its
 longest target) are the last ``L`` columns and the LM head runs only there (``logits_positions``).
+
+Placement: a rendered prompt may hold the marker ``<|virtual|>`` (``templates.VIRTUAL``; a template's marker, or a
+chat format's placement). The text before it is tokenized on its own as the row's ``lead_ids``: the soft prompt is
+placed after them (``model/placement.py`` folds them into the row's artifact), the tokens after the marker are the
+row's ``prompt_ids``. Without a marker ``lead_ids`` is empty and nothing changes. Truncation cuts ``prompt_ids``
+only (the lead is the fixed part of a template or a chat turn structure).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from softprompts.data.datasets import Example
-from softprompts.data.templates import Template
+from softprompts.data.chat import ChatFormat
+from softprompts.data.datasets import Example, PromptFormat
+from softprompts.data.templates import VIRTUAL, Template
 from softprompts.errors import SoftpromptsError
 
 
@@ -33,6 +40,8 @@ class TaskSpec:
     prompt / target: the template's format strings, e.g. ``"Review: {text}\\nSentiment:"`` and ``" {label}"``.
     labels: class labels (classify only), in order.
     max_prompt_tokens / max_target_tokens: truncation limits (see module docstring).
+    chat: for chat data, ``{"placement", "system"}`` (``data/chat.py``); prompt and target are then unused (the
+        base model's chat template renders the rows).
     """
 
     task: str
@@ -41,6 +50,7 @@ class TaskSpec:
     labels: list[str] | None = None
     max_prompt_tokens: int = 256
     max_target_tokens: int = 64
+    chat: dict | None = None
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {value!r}"
@@ -52,7 +62,21 @@ class TaskSpec:
 
     @property
     def template(self) -> Template:
+        """The prompt template of a template task (a chat task has none: use ``prompt_format``)."""
+        if self.chat is not None:
+            raise SoftpromptsError("this is a chat task: its prompts come from the model's chat template")
         return Template(self.prompt, self.target)
+
+    def prompt_format(self, tokenizer) -> PromptFormat:
+        """What renders this task's rows: its ``Template``, or a ``ChatFormat`` over ``tokenizer``."""
+        if self.chat is None:
+            return Template(self.prompt, self.target)
+        return ChatFormat(tokenizer, self.chat.get("placement", "start"), self.chat.get("system"), self.task)
+
+    @classmethod
+    def for_chat(cls, task: str, labels: list[str] | None, placement: str = "start", system: str | None = None,
+                 **limits) -> TaskSpec:
+        return cls(task, "", "{label}", labels, chat={"placement": placement, "system": system}, **limits)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,10 +114,26 @@ class Encoded:
     prompt_ids: list[int]
     target_ids: list[int]
     label: str | None = None
+    lead_ids: tuple[int, ...] = ()  # the tokens in front of the soft prompt (placement; see the module docstring)
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.target_ids)
+        """All the positions the row takes besides the virtual tokens: lead + prompt + target."""
+        return len(self.lead_ids) + len(self.prompt_ids) + len(self.target_ids)
+
+
+def split_prompt(base, text: str) -> tuple[tuple[int, ...], list[int]]:
+    """``(lead_ids, prompt_ids)`` of a rendered prompt: tokenized on each side of the placement marker."""
+    lead, marker, rest = text.partition(VIRTUAL)
+    if not marker:
+        return (), base.tokenize(text)
+    return tuple(base.tokenize(lead)), base.tokenize(rest)
+
+
+def prompt_ids(base, text: str, spec: TaskSpec) -> tuple[tuple[int, ...], list[int]]:
+    """``split_prompt`` with the spec's truncation of the prompt part (inference)."""
+    lead, ids = split_prompt(base, text)
+    return lead, truncate_prompt(ids, spec)
 
 
 def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded], TruncationReport]:
@@ -101,7 +141,7 @@ def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded]
     report = TruncationReport(examples=len(examples))
     out = []
     for i, ex in enumerate(examples):
-        prompt, target = base.tokenize(ex.prompt), base.tokenize(ex.target)
+        (lead, prompt), target = split_prompt(base, ex.prompt), base.tokenize(ex.target)
         if not target:
             raise SoftpromptsError(f"example {i + 1}: the target {ex.target!r} has no tokens")
         if not prompt:
@@ -115,7 +155,7 @@ def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded]
         if len(target) > spec.max_target_tokens:
             target = target[: spec.max_target_tokens]
             report.targets_truncated += 1
-        out.append(Encoded(prompt, target, ex.label))
+        out.append(Encoded(prompt, target, ex.label, lead))
     return out, report
 
 
@@ -132,11 +172,12 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
+    leads: list[tuple[int, ...]] | None = None  # per row, the tokens in front of the soft prompt (None: none)
 
 
 def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
     """Left-pad ``prompt + target`` rows; the logits at column ``t`` predict the token at column ``t + 1``."""
-    width = max(r.length for r in rows)
+    width = max(len(r.prompt_ids) + len(r.target_ids) for r in rows)
     span = max(len(r.target_ids) for r in rows)  # L
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -147,7 +188,8 @@ def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
         mask[i, width - len(seq) :] = 1
         labels[i, span - len(r.target_ids) :] = torch.tensor(r.target_ids)
     positions = torch.arange(width - span - 1, width - 1)  # [L]; width > span since prompts are non-empty
-    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device))
+    leads = [r.lead_ids for r in rows] if any(r.lead_ids for r in rows) else None
+    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device), leads)
 
 
 def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int,

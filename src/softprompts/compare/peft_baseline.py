@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from softprompts.compare.peft_eval import detect_issues, make_evaluator, train_batch
+from softprompts.compare.peft_eval import detect_issues, make_evaluator, peft_pair, train_batch
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import MethodConfig, method_class
 from softprompts.model.base import BaseModel
@@ -156,7 +156,7 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
         started = time.perf_counter()
         epoch, index = divmod(step - 1, per_epoch)
         rows = [encoded[i] for i in epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, epoch)[index]]
-        batch = train_batch(base, [(r.prompt_ids, r.target_ids) for r in rows], base.device)
+        batch = train_batch(base, [peft_pair(r) for r in rows], base.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss = model(**batch).loss  # token mean over the batch's target tokens, as ours

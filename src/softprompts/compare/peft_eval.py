@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from softprompts.data.datasets import label_targets
+from softprompts.data.templates import VIRTUAL
 from softprompts.metrics import score_outputs
 from softprompts.model.base import BaseModel
 from softprompts.tasks import encode
@@ -80,9 +81,15 @@ def hf_generate(model, base: BaseModel, prompts: Sequence[str], max_new_tokens: 
     return out
 
 
+def peft_pair(row) -> tuple[list[int], list[int]]:
+    """``(prompt ids, target ids)`` of an encoded row as PEFT reads it: the placement's lead is plain text there
+    (PEFT puts its virtual tokens in front of everything)."""
+    return list(row.lead_ids) + row.prompt_ids, row.target_ids
+
+
 def reference_logprobs(model, base: BaseModel, examples: list, spec, batch_size: int = 16) -> list[tuple[float, int]]:
     """Per example ``(log p(target | prompt), target tokens)`` through ``model``'s forward, cut as training cuts."""
-    pairs = [(e.prompt_ids, e.target_ids) for e in encode(base, examples, spec)[0]]
+    pairs = [peft_pair(e) for e in encode(base, examples, spec)[0]]
     sums = [_sequence_logprobs(model, base, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
     return [(float(lp), len(t)) for lp, (_, t) in zip(torch.cat(sums).tolist(), pairs, strict=True)]
 
@@ -100,9 +107,9 @@ def make_evaluator(base: BaseModel, spec) -> EvalFn:
     Same truncation, label verbalizations and metric code as ``softprompts.evaluate`` (``spec``: a ``TaskSpec``).
     """
     def evaluate(model, examples: list) -> dict:
-        prompts = [ex.prompt for ex in examples]
+        prompts = [ex.prompt.replace(VIRTUAL, "") for ex in examples]  # PEFT has no placement: tokens first
         if spec.task == "classify":
-            picks = rank_classify(model, base, prompts, label_targets(spec.template, spec.labels),
+            picks = rank_classify(model, base, prompts, label_targets(spec.prompt_format(base.tokenizer), spec.labels),
                                   spec.max_prompt_tokens)
             return score_outputs(spec, examples, [spec.labels[i] for i in picks])
         texts = hf_generate(model, base, prompts, spec.max_target_tokens, spec.max_prompt_tokens)

@@ -1,4 +1,4 @@
-"""Task data in, examples out: read JSONL/CSV/TSV rows, render them through a template, check labels.
+"""Task data in, examples out: read JSONL/CSV/TSV rows, render them through a template or a chat format, check labels.
 
     records = load_records("train.jsonl")                       # list of dicts, one per row
     examples, labels = build_examples(records, Template("Review: {text}\\nSentiment:", " {label}"), "classify")
@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from softprompts.data.chat import ChatFormat
 from softprompts.data.templates import Template
 from softprompts.errors import DataError
+
+PromptFormat = Template | ChatFormat  # what renders a row (see templates.py)
 
 TASKS = ("classify", "generate")
 SPLITS = ("train", "dev", "test")
@@ -140,23 +143,12 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
-def _label_field(template: Template) -> str:
-    fields = template.target_fields
-    if len(fields) != 1:
-        raise DataError(
-            f"for task 'classify' the target template must have exactly one field, the label (e.g. ' {{label}}'); "
-            f"{template.target!r} has {len(fields)}: {', '.join(sorted(fields))}"
-        )
-    return next(iter(fields))
-
-
-def label_targets(template: Template, labels: list[str]) -> list[str]:
+def label_targets(fmt: PromptFormat, labels: list[str]) -> list[str]:
     """The verbalization of each label (the target rendered with it), in the order of ``labels``."""
-    field = _label_field(template)
-    return [template.target.format(**{field: label}) for label in labels]
+    return [fmt.verbalize(label) for label in labels]
 
 
-def check_labels(template: Template, labels: list[str], source: str) -> list[str]:
+def check_labels(fmt: PromptFormat, labels: list[str], source: str) -> list[str]:
     """The one label rule (training, evaluation, the server): at least two, unique, each rendering to its own
     non-blank target; ``DataError`` naming ``source`` otherwise."""
     labels = [str(label) for label in labels]
@@ -164,7 +156,7 @@ def check_labels(template: Template, labels: list[str], source: str) -> list[str
         raise DataError(f"classification needs at least two labels, got {labels} (from {source})")
     if len(set(labels)) != len(labels):
         raise DataError(f"labels must be unique, got {labels}")
-    targets = label_targets(template, labels)
+    targets = label_targets(fmt, labels)
     if len(set(targets)) != len(targets) or any(not t.strip() for t in targets):
         raise DataError(f"labels must render to distinct, non-blank targets; {labels} render to {targets}")
     return labels
@@ -172,12 +164,13 @@ def check_labels(template: Template, labels: list[str], source: str) -> list[str
 
 def build_examples(
     records: Sequence[dict],
-    template: Template,
+    fmt: PromptFormat,
     task: str,
     labels: list[str] | None = None,
     source: str = "data",
 ) -> tuple[list[Example], list[str] | None]:
-    """Render every row; for ``classify`` also check labels (default: the sorted unique values in the data).
+    """Render every row through ``fmt`` (a ``Template`` or a ``chat.ChatFormat``); for ``classify`` also check
+    labels (default: the sorted unique values in the data).
 
     Returns ``(examples, labels)``; labels is None for ``generate``.
     """
@@ -186,47 +179,44 @@ def build_examples(
     if not records:
         raise DataError(f"{source} has no rows")
     source = getattr(records, "source", source)
-    fields = template.fields()
     for i, row in enumerate(records):
         if not isinstance(row, dict):
             raise DataError(
                 f"{_where(records, i, source)} is a {type(row).__name__}, expected a dict of fields"
             )
-        missing = [f for f in sorted(fields) if row.get(f) is None]
-        if missing:
-            state = "is null" if missing[0] in row else "is missing"
-            raise DataError(
-                f"template field {missing[0]!r} {state} in {_where(records, i, source)}; available fields: "
-                f"{', '.join(sorted(map(str, row))) or '(none)'} (edit the template or the data)"
-            )
+        fmt.check_row(row, _where(records, i, source))
     if task == "generate":
-        return [Example(*template.render(row), label=None) for row in records], None
+        return [Example(*fmt.render(row), label=None) for row in records], None
 
-    field = _label_field(template)
     if labels is None:
-        labels = sorted({str(row[field]) for row in records})
-        labels = check_labels(template, labels, f"the values of {field!r} in {source}")
+        labels = sorted({fmt.label_of(row) for row in records})
+        labels = check_labels(fmt, labels, f"the labels in {source}")
     else:
-        labels = check_labels(template, list(labels), "the labels given")
+        labels = check_labels(fmt, list(labels), "the labels given")
     allowed = set(labels)
     examples = []
     for i, row in enumerate(records):
-        value = str(row[field])
+        value = fmt.label_of(row)
         if value not in allowed:
             raise DataError(
                 f"label {value!r} in {_where(records, i, source)} is not one of the allowed labels "
                 f"{', '.join(map(repr, labels))}; fix the row or pass the full label set"
             )
-        prompt, target = template.render(row)
-        examples.append(Example(prompt, target, value))
+        prompt, _ = fmt.render(row)
+        examples.append(Example(prompt, fmt.verbalize(value), value))
     return examples, labels
 
 
+def is_chat(records: Sequence[dict]) -> bool:
+    """Whether rows are chat examples (their first row holds ``messages``)."""
+    return bool(records) and isinstance(records[0], dict) and "messages" in records[0]
+
+
 def load_task_data(
-    path: str | Path, template: Template, task: str, labels: list[str] | None = None
+    path: str | Path, fmt: PromptFormat, task: str, labels: list[str] | None = None
 ) -> tuple[list[Example], list[str] | None]:
     """``load_records`` + ``build_examples``."""
-    return build_examples(load_records(path), template, task, labels, source=str(path))
+    return build_examples(load_records(path), fmt, task, labels, source=str(path))
 
 
 def bundled_names() -> list[str]:

@@ -2,6 +2,14 @@
 
 Only plain ``{field}`` placeholders are allowed (no ``{0}``, ``{a.b}``, ``{a[0]}``, ``{x!r}`` or ``{x:>5}``);
 write ``{{`` and ``}}`` for literal braces. A row's value is inserted with ``str(value)``.
+
+Placement: the marker ``<|virtual|>`` (``VIRTUAL``), at most once in the prompt template, puts the soft prompt at
+that point of the text, e.g. ``"Classify the review.\\n<|virtual|>Review: {text}\\nSentiment:"``: the model reads
+the text before it, then the virtual tokens, then the rest. Without the marker the virtual tokens come first, as
+always. A row value holding the marker is refused (data must not move the soft prompt).
+
+A template and a chat format (``chat.ChatFormat``) are both "prompt formats": ``check_row``, ``render``,
+``render_prompt``, ``label_of`` and ``verbalize`` are what the data layer asks of either.
 """
 
 from __future__ import annotations
@@ -11,6 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from softprompts.errors import DataError
+
+VIRTUAL = "<|virtual|>"  # where the soft prompt goes in a rendered prompt (see the module docstring)
+
+
+def check_marker_free(value: str, what: str) -> None:
+    """``DataError`` when data (a field value, a message) holds the placement marker."""
+    if VIRTUAL in value:
+        raise DataError(f"{what} contains {VIRTUAL!r}, the soft-prompt placement marker; remove it from the data")
 
 
 def parse_fields(text: str, what: str = "template") -> list[str]:
@@ -55,6 +71,8 @@ class Template:
             raise DataError(
                 f"target template {self.target!r} has no field: it must name the column to predict, e.g. ' {{label}}'"
             )
+        if self.prompt.count(VIRTUAL) > 1 or VIRTUAL in self.target:
+            raise DataError(f"{VIRTUAL!r} places the soft prompt: at most once, in the prompt template only")
 
     @classmethod
     def from_cli(cls, prompt: str, target: str) -> Template:
@@ -77,6 +95,23 @@ class Template:
         """The template fields absent from ``row`` (or null there), sorted."""
         return sorted(f for f in self.fields() if row.get(f) is None)
 
+    def check_row(self, row: dict[str, Any], where: str) -> None:
+        """``DataError`` naming ``where`` when ``row`` lacks (or has null) a field the template reads."""
+        missing = self.missing(row)
+        if missing:
+            state = "is null" if missing[0] in row else "is missing"
+            raise DataError(
+                f"template field {missing[0]!r} {state} in {where}; available fields: "
+                f"{', '.join(sorted(map(str, row))) or '(none)'} (edit the template or the data)"
+            )
+
+    def _values(self, row: dict[str, Any], names: set[str]) -> dict[str, str]:
+        values = {f: str(row[f]) for f in names}
+        if VIRTUAL in self.prompt:
+            for name, value in values.items():
+                check_marker_free(value, f"field {name!r}")
+        return values
+
     def render(self, row: dict[str, Any]) -> tuple[str, str]:
         """(prompt, target) for one row; DataError naming a missing field and the fields the row has."""
         missing = self.missing(row)
@@ -85,7 +120,7 @@ class Template:
                 f"template field {missing[0]!r} is missing from the row; available fields: "
                 f"{', '.join(sorted(map(str, row))) or '(none)'}"
             )
-        values = {f: str(row[f]) for f in self.fields()}
+        values = self._values(row, self.fields())
         return self.prompt.format(**values), self.target.format(**values)
 
     def render_prompt(self, row: dict[str, Any]) -> str:
@@ -96,7 +131,25 @@ class Template:
                 f"prompt field {missing[0]!r} is missing; available fields: "
                 f"{', '.join(sorted(map(str, row))) or '(none)'}"
             )
-        return self.prompt.format(**{f: str(row[f]) for f in self.prompt_fields})
+        return self.prompt.format(**self._values(row, self.prompt_fields))
+
+    @property
+    def label_field(self) -> str:
+        """The target's one field, the label (classification)."""
+        fields = self.target_fields
+        if len(fields) != 1:
+            raise DataError(
+                f"for task 'classify' the target template must have exactly one field, the label (e.g. ' {{label}}'); "
+                f"{self.target!r} has {len(fields)}: {', '.join(sorted(fields))}"
+            )
+        return next(iter(fields))
+
+    def label_of(self, row: dict[str, Any]) -> str:
+        return str(row[self.label_field])
+
+    def verbalize(self, label: str) -> str:
+        """The target rendered with ``label``: what rank classification scores for it."""
+        return self.target.format(**{self.label_field: label})
 
     def to_dict(self) -> dict[str, str]:
         return {"prompt": self.prompt, "target": self.target}

@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
-from softprompts.data.datasets import label_targets
 from softprompts.errors import SoftpromptsError
-from softprompts.evaluate import evaluate
+from softprompts.evaluate import evaluate, verbalizations
 from softprompts.metrics import PRIMARY_METRIC, score_outputs
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.tasks import TaskSpec, collate, encode, epoch_batches, truncate_prompt
+from softprompts.model.placement import PlacementError
+from softprompts.tasks import TaskSpec, collate, encode, epoch_batches, prompt_ids
 from softprompts.training.config import TrainConfig, lr_factor
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_fits_context, check_parameters, check_step, step_update
@@ -125,10 +125,14 @@ def train(
         _log(dist, report.message(spec, "training data"))
     dev = list(dev_examples or [])[: config.eval_limit] if dev_examples else []
     virtual = method.config.num_virtual_tokens
+    if method.artifact_kind == "kv_prefix" and any(e.lead_ids for e in encoded):
+        raise PlacementError(f"{method.name} makes a KV prefix, which sits in front of everything: it cannot be "
+                             "placed after text (the <|virtual|> marker or a chat placement); use prompt tuning or "
+                             "P-tuning for a placement")
     check_fits_context(base.context_limit, virtual, [e.length for e in encoded], "training data")
     answer = spec.max_target_tokens if spec.task != "classify" else max(
-        len(base.tokenize(t)) for t in label_targets(spec.template, spec.labels))  # decoded, or the longest label
-    dev_lengths = [len(truncate_prompt(base.tokenize(ex.prompt), spec)) + answer for ex in dev]
+        len(v) for v in verbalizations(base, spec))  # decoded, or the longest label
+    dev_lengths = [sum(map(len, prompt_ids(base, ex.prompt, spec))) + answer for ex in dev]
     check_fits_context(base.context_limit, virtual, dev_lengths, "dev data")
     env = environment(base, dist.world_size)
     lengths = [e.length for e in encoded]

@@ -29,6 +29,7 @@ from torch import nn
 
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.model.inject import forward, hidden_at
+from softprompts.model.placement import place_rows
 from softprompts.training.grad_checkpoint import checkpointing
 from softprompts.training.head_loss import head_cross_entropy_sum, labelled_rows
 
@@ -44,13 +45,15 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     if not base.plain_head:
         return plain_label_loss_sum(base, artifact, batch)
     keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
-    hidden = hidden_at(base, artifact, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
+    ctx = place_rows(base, artifact, batch.leads)  # placement: the rows' leads in front of the soft prompt
+    hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
     return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep)
 
 
 def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """``label_loss_sum`` through HF's own head (``logits_to_keep`` = the label columns) and ``cross_entropy``."""
-    logits = forward(base, artifact, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
+    ctx = place_rows(base, artifact, batch.leads)
+    logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
     return nn.functional.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
     )  # logits: [B, L, V] -> [B*L, V]
