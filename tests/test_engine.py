@@ -272,3 +272,12 @@ def test_one_decode_loop_for_the_library_and_the_engine(base):
     assert sp.generate_ids(base, rows, arts, max_new_tokens=0) == [[], [], [], []]
     with pytest.raises(ValueError, match="max_new_tokens"):
         sp.generate_ids(base, rows, arts, max_new_tokens=-1)
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    """Found by the schema fuzzer: temperature 8e-119 made every score inf (and the request a 500)."""
+    from softprompts.model.decode import choose_next
+
+    logits = torch.tensor([[0.5, 2.0, -1.0], [3.0, 3.0, 0.0]])
+    chosen = choose_next(logits, Sampling(temperature=8e-119, top_k=409, seed=0), torch.Generator().manual_seed(0))
+    assert chosen[0] == 1 and chosen[1] in (0, 1)

@@ -19,17 +19,24 @@ from softprompts.model.base import BaseModel
 
 SPECIALS = ["<pad>", "<eos>"]
 VOCAB = 256 + len(SPECIALS)
+# a chat template over the byte tokens (role headers are plain text) that ends every turn with <eos>
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<eos>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: one token per UTF-8 byte, plus <pad> and <eos>."""
+    """Byte-level tokenizer: one token per UTF-8 byte, plus <pad> and <eos>; a chat template."""
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # a set: sort for fixed ids
     for i, tok in enumerate(SPECIALS):
         vocab[tok] = 256 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

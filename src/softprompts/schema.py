@@ -58,6 +58,13 @@ class BaseModelDoc(_Document):
     shapes: ShapesDoc
 
 
+class ChatDoc(_Document):
+    """How a chat task's prompts are built: where the soft prompt goes, and a system message for rows without one."""
+
+    placement: Literal["start", "after-system", "user-start"] = "start"
+    system: str | None = None
+
+
 class TaskDoc(_Document):
     """``TaskSpec`` as saved (every field optional: an adapter may carry only part of it, or none)."""
 
@@ -67,6 +74,7 @@ class TaskDoc(_Document):
     labels: list[str] | None = None
     max_prompt_tokens: StrictInt | None = Field(None, ge=1)
     max_target_tokens: StrictInt | None = Field(None, ge=1)
+    chat: ChatDoc | None = None
 
 
 class ArtifactDoc(_Document):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--test-data", default=None, help="test data (final metric)")
     p.add_argument("--template", default=None, help=r'prompt template, e.g. "Review: {text}\nSentiment:"')
     p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
+    add_chat_flags(p)
     p.add_argument("--labels", default=None, help="comma-separated label set")
     p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
     p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT")
@@ -65,39 +67,36 @@ def _resolve_inputs(args) -> dict:
             paths = prepared_paths(args.dataset, progress=not args.no_progress)
             for split in ("train", "dev", "test"):
                 inputs[split] = inputs[split] or paths.get(split)
-    else:
-        inputs["prompt"] = inputs["prompt"].replace("\\n", "\n") if inputs["prompt"] else None
-        inputs["target"] = inputs["target"].replace("\\n", "\n") if inputs["target"] else None
     inputs["task"] = inputs["task"] or "classify"
-    missing = [flag for flag, key in (("--data", "train"), ("--template", "prompt"), ("--target", "target"))
-               if not inputs[key]]
-    if missing:
-        raise SoftpromptsError(f"{', '.join(missing)} required (or --dataset NAME for catalog presets)")
+    if not inputs["train"]:
+        raise SoftpromptsError("--data required (or --dataset NAME for catalog presets)")
     return inputs
 
 
 def run(args) -> int:
     from softprompts.compare import CompareConfig, CompareData, run_compare
-    from softprompts.data.datasets import load_task_data
-    from softprompts.data.templates import Template
     from softprompts.files import check_output
     from softprompts.methods import METHODS
-    from softprompts.model.load import DEFAULT_MODEL
-    from softprompts.tasks import TaskSpec
+    from softprompts.model.load import DEFAULT_MODEL, load_base
 
     check_output(args.out, overwrite=True)  # an existing compare is resumed; a path under a file fails now
     inputs = _resolve_inputs(args)
-    template = Template(inputs["prompt"], inputs["target"])
-    train, labels = load_task_data(inputs["train"], template, inputs["task"], inputs["labels"])
+    model = args.model or DEFAULT_MODEL
+    loaded = []
+
+    def tokenizer():  # chat rows need the model's chat template: the model loads now and the compare reuses it
+        loaded.append(load_base(model, device="auto"))
+        return loaded[0].tokenizer
+
+    spec, train, (dev, test) = load_task(
+        inputs["task"], inputs["train"], [inputs["dev"], inputs["test"]], tokenizer, template=inputs["prompt"],
+        target=inputs["target"], labels=inputs["labels"], placement=args.placement, system=args.system,
+        max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens, optional_devs=True)
     train = train[: args.train_limit] if args.train_limit else train
-    dev = load_task_data(inputs["dev"], template, inputs["task"], labels)[0] if inputs["dev"] else []
-    test = load_task_data(inputs["test"], template, inputs["task"], labels)[0] if inputs["test"] else []
-    spec = TaskSpec(inputs["task"], template.prompt, template.target, labels, args.max_prompt_tokens,
-                    args.max_target_tokens)
     description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
     config = CompareConfig(
-        model=args.model or DEFAULT_MODEL,
+        model=model,
         methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
@@ -105,7 +104,8 @@ def run(args) -> int:
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
         progress=not args.no_progress,
     )
-    results = run_compare(config, CompareData(spec, train, dev, test, description), args.out)
+    results = run_compare(config, CompareData(spec, train, dev, test, description), args.out,
+                          base=loaded[0] if loaded else None)
     resume = results["resume"]
     if resume["skipped"]:
         print(f"skipped {len(resume['skipped'])} finished run(s): {', '.join(resume['skipped'])}", file=sys.stderr)

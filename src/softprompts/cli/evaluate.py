@@ -61,7 +61,7 @@ def run(args) -> int:
     adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
     if spec is None:
         raise SoftpromptsError(f"{args.adapter} has no task metadata (template, labels): it cannot be evaluated")
-    examples, _ = load_task_data(args.data[0], spec.template, spec.task, spec.labels)
+    examples, _ = load_task_data(args.data[0], spec.prompt_format(base.tokenizer), spec.task, spec.labels)
     metrics = evaluate(base, adapter, examples, spec, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print(json.dumps(metrics) if args.json else _format(metrics))
     return 0
@@ -95,7 +95,7 @@ def run_table(args) -> int:
             raise SoftpromptsError(f"task {name!r} of {args.table} has no task metadata (template, labels): it "
                                    "cannot be evaluated")
         spec = TaskSpec.from_json(task)
-        examples, _ = load_task_data(path, spec.template, spec.task, spec.labels)
+        examples, _ = load_task_data(path, spec.prompt_format(base.tokenizer), spec.task, spec.labels)
         tasks.append((table.artifact(name), examples, spec))
     results = evaluate_tasks(base, tasks, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     metrics = {name: result for (name, _), result in zip(pairs, results, strict=True)}

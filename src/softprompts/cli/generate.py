@@ -2,7 +2,8 @@
 
 Each TEXT is rendered through the adapter's prompt template when the template has exactly one field: the TEXT is
 that field's value (``"great film"`` becomes ``"Review: great film\\nSentiment:"``). A TEXT that is a JSON object
-fills a template with several fields. ``--raw`` sends TEXT to the model as is.
+fills a template with several fields. For a chat adapter TEXT is the user's message (or a JSON list of messages),
+rendered with the model's chat template and the adapter's placement. ``--raw`` sends TEXT to the model as is.
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def render(spec, text: str, raw: bool = False) -> str:
+def render(spec, text: str, raw: bool = False, tokenizer=None) -> str:
     """The prompt the model reads for a command-line TEXT (see the module docstring)."""
     if raw or spec is None:
         return text
+    if spec.chat is not None:  # a chat adapter: TEXT is the user's message (or a JSON list of messages)
+        messages = [{"role": "user", "content": text}]
+        if text.lstrip().startswith("["):
+            try:
+                messages = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise SoftpromptsError(f"TEXT looks like a JSON list of messages but is not valid ({exc.msg}); "
+                                       "pass --raw to send it as is") from None
+        return spec.prompt_format(tokenizer).render_prompt({"messages": messages})
     template = spec.template
     if text.lstrip().startswith("{"):
         try:
@@ -55,7 +65,7 @@ def run(args) -> int:
         tokens = ["--max-new-tokens must be >= 1"] if args.max_new_tokens < 1 else []
         raise SoftpromptsError("; ".join(sampling.errors() + tokens))
     adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
-    prompts = [render(spec, t, args.raw) for t in args.text]
+    prompts = [render(spec, t, args.raw, base.tokenizer) for t in args.text]
     for out in generate_texts(base, adapter, prompts, spec, args.max_new_tokens, sampling):
         print(out)
     return 0

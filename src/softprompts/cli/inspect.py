@@ -50,7 +50,13 @@ def run(args) -> int:
         + (f", file {info['file_bytes']:,} bytes" if info["file_bytes"] is not None else ""),
     ]
     if task:
-        lines += [f"task         {task.get('task')}", f"template     {task.get('prompt')!r} -> {task.get('target')!r}"]
+        lines.append(f"task         {task.get('task')}")
+        if task.get("chat") is not None:
+            chat = task["chat"]
+            lines.append(f"prompts      the model's chat template, virtual tokens at {chat.get('placement')!r}"
+                         + (f", system {chat['system']!r}" if chat.get("system") else ""))
+        else:
+            lines.append(f"template     {task.get('prompt')!r} -> {task.get('target')!r}")
         if task.get("labels"):
             lines.append(f"labels       {', '.join(task['labels'])}")
     if rec:

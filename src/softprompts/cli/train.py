@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
 
@@ -18,11 +19,14 @@ def register(sub) -> None:
     p.add_argument("--method", default="prompt", help="prompt (prompt tuning), ptuning (P-tuning), prefix (prefix "
                    "tuning) or deep (deep prompts / P-tuning v2); an unknown name lists the methods installed")
     p.add_argument("--task", default="classify", choices=("classify", "generate"))
-    p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .tsv")
+    p.add_argument("--data", required=True, help="training data: .jsonl, .json, .csv or .tsv; rows holding "
+                   "'messages' (OpenAI/TRL chat form, the assistant's last message the target) are rendered with "
+                   "the model's chat template, no --template needed")
     p.add_argument("--eval-data", default=None, help="dev data for evaluation during training and best-adapter keeping")
     p.add_argument("--template", default=None,
                    help=r'prompt template over row fields, e.g. "Review: {text}\nSentiment:"')
     p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
+    add_chat_flags(p)
     p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels found in --data)")
     p.add_argument("--virtual-tokens", type=int, default=None, help="number of virtual tokens (default: per method)")
     p.add_argument("--init", default=None, help="random, vocab, text or labels (default: per method)")
@@ -67,12 +71,9 @@ def _labels(text: str | None) -> list[str] | None:
 
 def run(args) -> int:
     from softprompts.adapter_io import load_adapter, read_metadata
-    from softprompts.data.datasets import load_task_data
-    from softprompts.data.templates import Template
     from softprompts.files import check_output
     from softprompts.methods import build_method, method_class
     from softprompts.model.load import DEFAULT_MODEL, load_base
-    from softprompts.tasks import TaskSpec
     from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
 
     cls = method_class(args.method)
@@ -92,23 +93,27 @@ def run(args) -> int:
 
     previous = read_metadata(args.init_from) if args.init_from else None
     task = dict(previous["task"]) if previous and previous.get("task") else {}
-    prompt, target = args.template or task.get("prompt"), args.target or task.get("target")
-    if not prompt or not target:
-        raise SoftpromptsError("--template and --target are required (e.g. --template 'Review: {text}\\nSentiment:' "
-                               "--target ' {label}')")
-    template = Template.from_cli(prompt, target) if args.template or args.target else Template(prompt, target)
     labels = _labels(args.labels) or (task.get("labels") if task.get("task") == args.task else None)
-    examples, labels = load_task_data(args.data, template, args.task, labels)
-    dev = load_task_data(args.eval_data, template, args.task, labels)[0] if args.eval_data else None
-    spec = TaskSpec(args.task, template.prompt, template.target, labels, args.max_prompt_tokens, args.max_target_tokens)
-
     model_name = args.model or (previous["base_model"]["name"] if previous else DEFAULT_MODEL)
     dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
     if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "
                                "(torchrun --nproc_per_node 1)")
     device = None if args.device_map else args.device if args.device != "auto" else dist.device or "auto"
-    base = load_base(model_name, device=device, device_map=args.device_map)
+    loaded = []
+
+    def base_model():
+        if not loaded:
+            loaded.append(load_base(model_name, device=device, device_map=args.device_map))
+        return loaded[0]
+
+    # a template's data is checked before the model loads; chat rows need its tokenizer (its chat template)
+    spec, examples, devs = load_task(
+        args.task, args.data, [args.eval_data] if args.eval_data else [], lambda: base_model().tokenizer,
+        template=args.template, target=args.target, labels=labels, placement=args.placement, system=args.system,
+        max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens, previous=task)
+    dev = devs[0] if devs else None
+    base = base_model()
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
     method = build_method(base, cls.name, spec, seed=args.seed, num_virtual_tokens=args.virtual_tokens,
                           init=args.init, init_text=args.init_text, init_artifact=init_artifact)

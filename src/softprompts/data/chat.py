@@ -28,6 +28,7 @@ from softprompts.data.templates import VIRTUAL, check_marker_free
 from softprompts.errors import DataError
 
 PLACEMENTS = ("start", "after-system", "user-start")
+DEFAULT_PLACEMENT = "start"  # docs/RESULTS.md, "Chat and placement": measured on SmolLM2
 ROLES = ("system", "user", "assistant")
 
 
@@ -149,4 +150,4 @@ class ChatFormat:
         return {"placement": self.placement, "system": self.system}
 
 
-__all__ = ["PLACEMENTS", "ROLES", "ChatFormat"]
+__all__ = ["DEFAULT_PLACEMENT", "PLACEMENTS", "ROLES", "ChatFormat"]

@@ -102,7 +102,9 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     """``logits [B, V]`` -> token ids ``[B]``."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    scores = logits.float() / sampling.temperature
+    # float64, shifted so the best is 0: any temperature > 0 (1e-100 too) gives finite scores, never inf - inf
+    scores = logits.double()
+    scores = (scores - scores.max(dim=-1, keepdim=True).values) / sampling.temperature
     if sampling.top_k:
         kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

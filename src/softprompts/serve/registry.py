@@ -62,6 +62,7 @@ class Entry:
     table_task: str | None = None  # the task's name inside a prompt table directory (None: an adapter directory)
     signature: tuple = ()
     artifact: Artifact | None = None
+    source: Artifact | None = None  # the artifact as saved (a soft prompt before its KV): what placement extends
     method: str = ""
     task: dict = field(default_factory=dict)
     num_virtual_tokens: int = 0
@@ -161,6 +162,7 @@ class Registry:
                 table_task=task,
                 signature=signature,
                 artifact=served,
+                source=adapter.artifact,
                 method=adapter.method,
                 task=dict(adapter.task),
                 num_virtual_tokens=served.length,
@@ -177,7 +179,7 @@ class Registry:
     def _evict(self, keep: str) -> None:
         while self.loaded_bytes() > self.max_bytes and len(self._lru) > 1:
             oldest = next(n for n in self._lru if n != keep)
-            self._entries[oldest].artifact = None
+            self._entries[oldest].artifact = self._entries[oldest].source = None
             del self._lru[oldest]
 
     def _drop(self, name: str) -> None:

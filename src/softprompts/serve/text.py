@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import check_labels, label_targets
 from softprompts.data.templates import Template, parse_fields
 from softprompts.errors import SoftpromptsError
@@ -34,9 +35,10 @@ def _fill(template: str, value: str) -> str:
     return template.format(**{fields[0]: value})
 
 
-def label_texts(task: dict, labels: list[str]) -> list[str]:
-    """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none)."""
-    return label_targets(_template(task), labels)
+def label_texts(task: dict, labels: list[str], chat: ChatFormat | None = None) -> list[str]:
+    """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none); a chat
+    task's labels are the assistant's answers themselves."""
+    return label_targets(chat or _template(task), labels)
 
 
 def _template(task: dict) -> Template:
@@ -44,13 +46,15 @@ def _template(task: dict) -> Template:
 
 
 def classify_prompts(
-    task: dict, texts: list, labels: list[str] | None, name: str
+    task: dict, texts: list, labels: list[str] | None, name: str, chat: ChatFormat | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
     """``(labels, prompts, label targets)`` for rank classification with an adapter's task metadata.
 
     A text string fills the prompt template's single field; a dict fills its fields by name; without a prompt
-    template the text is the prompt. Labels come from the request or else from ``adapter.json``, under the label
-    rule training applies (``data.datasets.check_labels``: two or more, unique, distinct non-blank targets).
+    template the text is the prompt. With ``chat`` (a chat adapter) a text is the user's message, rendered with the
+    model's chat template and the adapter's placement. Labels come from the request or else from ``adapter.json``,
+    under the label rule training applies (``data.datasets.check_labels``: two or more, unique, distinct non-blank
+    targets).
     """
     given = labels is not None
     labels = list(labels if given else task.get("labels") or [])
@@ -58,7 +62,13 @@ def classify_prompts(
         raise SoftpromptsError(
             f"adapter {name!r} has no labels (task {task.get('task')!r}); pass 'labels' or use a classification adapter"
         )
-    labels = check_labels(_template(task), labels, "the request's labels" if given else f"adapter {name!r}")
+    fmt = chat or _template(task)
+    labels = check_labels(fmt, labels, "the request's labels" if given else f"adapter {name!r}")
+    if chat is not None:
+        if not all(isinstance(text, str) for text in texts):
+            raise SoftpromptsError(f"adapter {name!r} is a chat adapter: send each text as the user's message string")
+        prompts = [chat.render_prompt({"messages": [{"role": "user", "content": text}]}) for text in texts]
+        return labels, prompts, label_texts(task, labels, chat)
     template = task.get("prompt")
     prompts = []
     for text in texts:
