@@ -60,9 +60,11 @@ def _median_ms(fn: Callable[[], None], repeats: int, device: torch.device) -> fl
 
 
 @torch.no_grad()
-def measure_latency(base: BaseModel, prompt: str, artifact=None, new_tokens: int = 8, repeats: int = 3) -> Latency:
-    """TTFT and per-token latency of our decode loop for one prompt with ``artifact`` (None = bare model)."""
-    ids = torch.tensor([base.tokenize(prompt)], device=base.device)  # [1, T]
+def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new_tokens: int = 8,
+                    repeats: int = 3) -> Latency:
+    """TTFT and per-token latency of our decode loop for one prompt (text or token ids) with ``artifact`` (None =
+    bare model)."""
+    ids = torch.tensor([prompt if isinstance(prompt, list) else base.tokenize(prompt)], device=base.device)  # [1, T]
 
     def prefill():
         state = forward(base, artifact, ids, use_cache=True)

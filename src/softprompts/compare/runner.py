@@ -35,12 +35,15 @@ from softprompts.compare.latency import (
 )
 from softprompts.compare.peft_baseline import PeftSpec, import_peft, release, run_peft
 from softprompts.compare.report import build_results, write_report
+from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate, serving_artifact
 from softprompts.files import atomic_json, read_json_or_none
 from softprompts.methods import PromptMethod, build_method, method_class, task_init_text
 from softprompts.metrics import PRIMARY_METRIC
 from softprompts.model.load import load_base
+from softprompts.model.placement import place
+from softprompts.tasks import split_prompt
 from softprompts.training import RECORD_FILE, TrainConfig, train
 
 
@@ -112,9 +115,20 @@ class Comparison:
 
     # --- runs -----------------------------------------------------------------------------------------------------
 
-    def _latency(self, artifact) -> dict:
-        prompt = (self.test or self.dev or self.data.train)[0].prompt
-        return measure_latency(self.base, prompt, artifact, self.config.latency_tokens,
+    def _prompt(self) -> str:
+        return (self.test or self.dev or self.data.train)[0].prompt
+
+    def _latency(self, adapter=None, at_input: bool = False) -> dict:
+        """Latency of one prompt. The bare model reads it all as text; an adapter runs from its served form (placed
+        after the prompt's lead and turned into its KV once, as the server does), or with ``at_input`` with the soft
+        prompt recomputed in every prefill."""
+        lead, ids = split_prompt(self.base, self._prompt())
+        if adapter is None:
+            return measure_latency(self.base, list(lead) + ids, None, self.config.latency_tokens,
+                                   self.config.latency_repeats).to_json()
+        placed = place(self.base, adapter.artifact, lead)
+        artifact = placed if at_input else serving_artifact(self.base, placed)
+        return measure_latency(self.base, ids, artifact, self.config.latency_tokens,
                                self.config.latency_repeats).to_json()
 
     def _base_run(self) -> dict:
@@ -126,7 +140,7 @@ class Comparison:
                   "dev": evaluate(self.base, None, self.dev, self.data.spec) if self.dev else {},
                   "latency": self._latency(None)}
         if self.config.baseline == "peft":
-            prompt = (self.test or self.dev or self.data.train)[0].prompt
+            prompt = self._prompt().replace(VIRTUAL, "")
             result["latency_hf"] = measure_hf_latency(self.base.model, self.base, prompt,
                                                       self.config.latency_tokens, self.config.latency_repeats).to_json()
         atomic_json(path, result)
@@ -151,8 +165,8 @@ class Comparison:
         peak = peak_memory_bytes(self.base.device)
         metric = record["metric"].removeprefix("dev_")
         bare = self._latency(None)  # timed next to the adapter: the difference survives a drifting machine load
-        latency = self._latency(serving_artifact(self.base, adapter))
-        latency_input = self._latency(adapter.artifact) if adapter.artifact.kind == "soft_prompt" else None
+        latency = self._latency(adapter)
+        latency_input = self._latency(adapter, at_input=True) if adapter.artifact.kind == "soft_prompt" else None
         return {
             "impl": "softprompts", "method": method, "seed": seed, "artifact": adapter.artifact.kind,
             "steps": record["steps_done"], "trainable_params": trainable,
@@ -183,7 +197,7 @@ class Comparison:
         finally:
             bar.close()
         peak = peak_memory_bytes(self.base.device)
-        prompt = (self.test or self.dev or self.data.train)[0].prompt
+        prompt = self._prompt().replace(VIRTUAL, "")  # PEFT has no placement
         bare = measure_hf_latency(self.base.model, self.base, prompt, self.config.latency_tokens,
                                   self.config.latency_repeats).to_json()
         latency = measure_hf_latency(res.model, self.base, prompt, self.config.latency_tokens,
