@@ -29,10 +29,10 @@ from softprompts.data.datasets import bundled_path, load_records
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's own default
 CONFIGS = {
-    "raw template": ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"],
-    "chat, start": ["--placement", "start", "--system", SYSTEM],
-    "chat, after-system": ["--placement", "after-system", "--system", SYSTEM],
-    "chat, user-start": ["--placement", "user-start", "--system", SYSTEM],
+    "raw": ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"],
+    "chat-start": ["--placement", "start", "--system", SYSTEM],
+    "chat-after-system": ["--placement", "after-system", "--system", SYSTEM],
+    "chat-user-start": ["--placement", "user-start", "--system", SYSTEM],
 }
 
 
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
               "--no-progress"]
     rows = []
     for name in args.configs.split(","):
-        splits = raw if name == "raw template" else chat
-        run_dir = out / name.replace(", ", "-").replace(" ", "-")
+        splits = raw if name == "raw" else chat
+        run_dir = out / name
         command = [sys.executable, "-m", "softprompts", "compare", "--data", str(splits["train"]),
                    "--eval-data", str(splits["dev"]), "--test-data", str(splits["test"]), *CONFIGS[name], *budget,
                    "--out", str(run_dir)]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import softprompts as sp  # noqa: E402
 from softprompts.model.base import BaseModel  # noqa: E402
-from softprompts.model.decode import GenerationRequest  # noqa: E402
+from softprompts.model.generation import GenerationRequest  # noqa: E402
 from softprompts.serve.engine import Engine  # noqa: E402
 
 SHAPES = {

@@ -210,8 +210,10 @@ CLI_CASES = [
      "is a file, not a directory"),
     ("data-prepare-unknown", ["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
     ("serve-missing-dir", ["serve", "--adapters", "{ws}/nope", "--model", "{ws}/llama"], "does not exist"),
-    ("serve-max-batch-0", ["serve", "--adapters", "{ws}", "--max-batch", "0", "--model", "{ws}/llama"],
-     "--max-batch must be >= 1"),
+    ("serve-max-running-0", ["serve", "--adapters", "{ws}", "--max-running", "0", "--model", "{ws}/llama"],
+     "--max-running must be >= 1"),
+    ("serve-max-kv-negative", ["serve", "--adapters", "{ws}", "--max-kv-mb", "-1", "--model", "{ws}/llama"],
+     "--max-kv-mb must be > 0"),
 ]
 
 

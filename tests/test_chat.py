@@ -16,7 +16,7 @@ from tiny import save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
-from softprompts.model.decode import GenerationRequest
+from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state, create_app
 from softprompts.tasks import split_prompt
 
@@ -110,7 +110,7 @@ def server(tmp_path_factory):
     task = {"task": "generate", "prompt": "", "target": "{label}", "chat": {"placement": "user-start", "system": "S"}}
     sp.save_adapter(sp.Adapter.from_method(method, base, task=task), root / "helper")
     sp.save_adapter(sp.Adapter.from_method(method, base, task={"task": "generate"}), root / "plain")
-    state = build_state(base, root, window_ms=20, max_batch=8, poll_s=0)
+    state = build_state(base, root, max_running=8, poll_s=0)
     srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -130,7 +130,7 @@ def expected(state, model: str, messages: list[dict], max_tokens: int) -> tuple[
     chat = state.chat_format(entry)
     lead, ids = split_prompt(state.base, chat.render_prompt({"messages": messages}))
     end = state.base.tokenize(chat.end_of_turn)
-    stops = frozenset(sp.model.decode.eos_ids(state.base) | {end[0]})
+    stops = frozenset(sp.model.generation.eos_ids(state.base) | {end[0]})
     result = state.engine.generate([GenerationRequest(ids, state.artifact(entry, lead), max_tokens, stop_ids=stops)])[0]
     return state.base.tokenizer.decode(result.tokens, skip_special_tokens=True), result.finish_reason
 

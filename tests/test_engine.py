@@ -1,4 +1,4 @@
-"""Serving engine, batcher and registry on tiny models: each row of a mixed batch == that adapter alone.
+"""Serving engine and registry on tiny models: each row of a mixed batch == that adapter alone.
 
 Tolerance: logits of a mixed-batch row within ATOL = 1e-4 of the same request alone (float32; padding changes the
 reduction order only), greedy tokens identical.
@@ -7,7 +7,6 @@ reduction order only), greedy tokens identical.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -15,9 +14,9 @@ import torch
 from tiny import tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import Sampling
+from softprompts.model.generation import Sampling
 from softprompts.model.inject import forward
-from softprompts.serve import Batcher, ContextLengthError, Engine, GenerationRequest, Registry, ScoreRequest
+from softprompts.serve import ContextLengthError, Engine, GenerationRequest, Registry, ScoreRequest
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter, check_name
 
 ATOL = 1e-4
@@ -120,28 +119,6 @@ def test_rank_classification_scores(base):
             logp = forward(base, req.artifact, ids).logits[0].log_softmax(-1)
             expected = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cand))
             assert value == pytest.approx(expected, abs=1e-4)
-
-
-def test_batcher_shares_a_forward_and_matches_direct():
-    base = tiny_base("qwen2")
-    engine = Engine(base)
-    arts = [engine.prepare(a) for a in artifacts(base)]
-    batcher = Batcher(engine, window_s=0.2, max_batch=16).start()
-    try:
-        reqs = requests(base, arts)
-        futures = []
-        threads = [threading.Thread(target=lambda r=r: futures.append((r, batcher.submit(r)))) for r in reqs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for req, fut in futures:
-            assert fut.result(timeout=30).tokens == engine.generate([req])[0].tokens
-        assert "softprompts_batch_size_bucket{le=\"4\"} 0" in batcher.metrics.render()  # all 6 in one batch
-        score = batcher.submit(ScoreRequest(base.tokenize("a"), [base.tokenize(" b")], arts[2])).result(timeout=30)
-        assert len(score) == 1 and score[0] < 0
-    finally:
-        batcher.stop()
 
 
 def save(base, directory, method="prefix", n=4, task=None, seed=0):
@@ -276,7 +253,7 @@ def test_one_decode_loop_for_the_library_and_the_engine(base):
 
 def test_a_tiny_temperature_samples_the_best_token():
     """Found by the schema fuzzer: temperature 8e-119 made every score inf (and the request a 500)."""
-    from softprompts.model.decode import choose_next
+    from softprompts.model.generation import choose_next
 
     logits = torch.tensor([[0.5, 2.0, -1.0], [3.0, 3.0, 0.0]])
     chosen = choose_next(logits, Sampling(temperature=8e-119, top_k=409, seed=0), torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ import uvicorn
 from tiny import save_tiny, tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import GenerationRequest
+from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state, create_app
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
@@ -44,7 +44,7 @@ def server(tmp_path_factory):
     for i in range(8):
         save(base, root / f"{METHODS[i % 4]}-{i}", METHODS[i % 4], n=2 + i, seed=i)
     save(base, root / "sentiment", "prompt", n=4, seed=99, task=CLASSIFY)
-    state = build_state(base, root, window_ms=30, max_batch=16, poll_s=0.2)
+    state = build_state(base, root, max_running=16, poll_s=0.2)
     config = uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -21,7 +21,8 @@ from softprompts.errors import SoftpromptsError
 from softprompts.methods import METHODS, build_method, create_method
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
-from softprompts.model.decode import Sampling, generate_ids
+from softprompts.model.decode import generate_ids
+from softprompts.model.generation import Sampling
 from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.load import DEFAULT_MODEL, load_base
 from softprompts.tasks import TaskSpec

@@ -7,7 +7,8 @@ import torch
 from softprompts.adapter import Adapter
 from softprompts.model.artifacts import Artifact
 from softprompts.model.base import BaseModel
-from softprompts.model.decode import GREEDY, Sampling, generate_ids
+from softprompts.model.decode import generate_ids
+from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.inject import forward
 
 

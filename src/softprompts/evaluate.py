@@ -22,7 +22,8 @@ import torch
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact, SoftPrompt
-from softprompts.model.decode import GREEDY, Sampling, eos_ids, generate_ids
+from softprompts.model.decode import generate_ids
+from softprompts.model.generation import GREEDY, Sampling, eos_ids
 from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.placement import place
 from softprompts.tasks import Encoded, TaskSpec, collate, encode, length_sorted_chunks, prompt_ids, split_prompt

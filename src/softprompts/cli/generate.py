@@ -58,7 +58,7 @@ def render(spec, text: str, raw: bool = False, tokenizer=None) -> str:
 def run(args) -> int:
     from softprompts.cli.evaluate import load_adapter_and_base
     from softprompts.evaluate import generate_texts
-    from softprompts.model.decode import Sampling
+    from softprompts.model.generation import Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if sampling.errors() or args.max_new_tokens < 1:

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
         "serve",
         help="serve every adapter in a directory over HTTP (mixed-adapter batches)",
         description="Serve the adapters in DIR (one subdirectory each) from one frozen model: POST /v1/completions "
-        "(model = adapter name or 'base'), POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics. "
+        "and /v1/chat/completions (model = adapter name or 'base'), POST /v1/classify, GET /v1/models, "
+        "GET /v1/adapters, GET /health, GET /metrics (Prometheus). "
         "New or changed adapter directories are picked up while serving.",
     )
     p.add_argument("--adapters", required=True, metavar="DIR", help="directory of adapter subdirectories")
@@ -21,8 +22,13 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="torch device for the model (default auto: the first CUDA GPU "
                    "when one is visible, else cpu)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default float32)")
-    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to gather requests into one batch")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests per forward")
+    p.add_argument("--max-running", type=int, default=32, help="most requests decoding together (continuous "
+                   "batching: requests join and leave the running batch at every step)")
+    p.add_argument("--max-waiting", type=int, default=256, help="most requests queued; beyond it requests get HTTP "
+                   "429 with Retry-After instead of growing memory")
+    p.add_argument("--max-kv-mb", type=float, default=None, help="KV-cache budget of the running requests, counted "
+                   "at their worst case (prompt + max_tokens); a request that alone exceeds it gets 429 "
+                   "(default: no budget beyond --max-running)")
     p.add_argument("--max-adapter-memory-mb", type=float, default=1024.0, help="LRU limit on loaded adapters")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="adapter directory polling interval (0 = off)")
     p.add_argument("--log-level", default="info")
@@ -38,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SoftpromptsError(f"serving needs fastapi and uvicorn ({exc}); pip install 'softprompts[serve]'") from None
     problems = [msg for bad, msg in [
-        (args.max_batch < 1, f"--max-batch must be >= 1, got {args.max_batch}"),
-        (args.batch_window_ms < 0, f"--batch-window-ms must be >= 0, got {args.batch_window_ms}"),
+        (args.max_running < 1, f"--max-running must be >= 1, got {args.max_running}"),
+        (args.max_waiting < 1, f"--max-waiting must be >= 1, got {args.max_waiting}"),
+        (args.max_kv_mb is not None and args.max_kv_mb <= 0, f"--max-kv-mb must be > 0, got {args.max_kv_mb}"),
         (args.max_adapter_memory_mb <= 0, f"--max-adapter-memory-mb must be > 0, got {args.max_adapter_memory_mb}"),
         (args.poll_seconds < 0, f"--poll-seconds must be >= 0 (0 = off), got {args.poll_seconds}"),
         (not Path(args.adapters).is_dir(), f"adapter directory {args.adapters} does not exist (--adapters)"),
@@ -50,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     state = build_state(
         base,
         args.adapters,
-        window_ms=args.batch_window_ms,
-        max_batch=args.max_batch,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_kv_bytes=int(args.max_kv_mb * 2**20) if args.max_kv_mb is not None else None,
         max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
         poll_s=args.poll_seconds,
     )

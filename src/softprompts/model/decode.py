@@ -1,147 +1,44 @@
 """THE decode loop (no HF ``generate``): injected prefill, then one token per row per step from the KV cache.
 
-A batch of ``B`` requests, each with its own prompt ``[T_i]``, artifact (soft prompt, KV prefix or ``None``, of any
-virtual length ``P_i``), sampling parameters and stop rules, runs as::
+A ``DecodeBatch`` holds rows decoding together, each with its own prompt ``[T_i]``, artifact (soft prompt, KV prefix
+or ``None``, of any virtual length ``P_i``), sampling parameters and stop rules::
 
-    prefill : left-padded ids [B, T], VirtualContext.from_rows(artifacts) -> logits of the last column [B, 1, V]
-    decode  : one token per active row per step, from the cache ([B_active, H_l, P + T + t, D_l] per layer)
+    add(requests) : left-padded prefill [b, T] with VirtualContext.from_rows(artifacts) -> logits [b, V]; the new rows
+                    join the running ones (caches and masks left-padded to one length, concatenated on the batch)
+    step()        : one token per row from its logits; rows that end leave; the rest decode one position
+                    ([B, H_l, L + 1, D_l] per layer)
 
 A row ends on a stop token (excluded from its output; the model's EOS unless the request names others), when its
-``stop_check`` says so (stop strings live there) or after ``max_new_tokens``. Rows that end are dropped from the
-cache (``batch_select_indices``), so a long request does not make short ones pay for padding. Each row's tokens equal
-that request run alone: masking hides other rows' virtual slots and padding, every row keeps its own positions (real
-tokens start at its own ``P_i``, see ``inject.py``), and a sampled row draws from its own generator seeded with its
-request's seed.
+``stop_check`` says so (stop strings live there), after ``max_new_tokens``, or when ``cancel`` removes it (a client
+that left). Each row's tokens equal that request run alone, whatever joins or leaves around it: masking hides other
+rows' virtual slots and padding, every row keeps its own positions (real tokens start at its own ``P_i``, see
+``inject.py``), and a sampled row draws from its own generator seeded with its request's seed.
 
-``decode_batch`` is used by the serving engine, by evaluation and by ``generate_ids`` (a thin call for token ids).
+This is what continuous batching needs (the server's scheduler adds arrivals between steps); ``decode_batch`` runs one
+batch to the end (evaluation, ``generate_ids``). One loop for both.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
+from softprompts.model.generation import (
+    GREEDY,
+    ContextLengthError,
+    GenerationRequest,
+    GenerationResult,
+    Sampling,
+    check_length,
+    choose_next,
+    eos_ids,
+    left_pad,
+)
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
-
-
-class ContextLengthError(SoftpromptsError):
-    """A request that does not fit the model's context window (the message names the limit), or asks for no
-    tokens at all."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; seed makes sampling reproducible."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def errors(self) -> list[str]:
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        return problems
-
-
-GREEDY = Sampling()
-
-
-@dataclass
-class GenerationRequest:
-    """One row to decode.
-
-    ``artifact``: what to inject (``None`` = base model); a server turns a soft prompt into its cached KV once per
-    adapter (``Engine.prepare``). ``stop_ids``: tokens that end the row (excluded from the output; ``None`` = the
-    model's EOS). ``stop_check(new_ids) -> bool`` is called after every token (stop strings live there).
-    ``on_token(token_id)`` is called as each token is accepted (streaming).
-    """
-
-    prompt_ids: list[int]
-    artifact: Artifact | None = None
-    max_new_tokens: int = 16
-    sampling: Sampling = GREEDY
-    stop_ids: frozenset[int] | None = None
-    stop_check: Callable[[list[int]], bool] | None = None
-    on_token: Callable[[int], None] | None = None
-    collect_logits: bool = False  # keep each step's logits [V] (tests, debugging)
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    finish_reason: str  # "stop" (stop token or stop_check) or "length"
-    prompt_tokens: int
-    time_to_first_token_s: float = 0.0
-    logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated step when collect_logits
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` -> ``ids [B, T]`` and ``mask [B, T]``, left-padded so every row ends at the last column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """``logits [B, V]`` -> token ids ``[B]``."""
-    if sampling.temperature == 0:
-        return logits.argmax(-1)
-    # float64, shifted so the best is 0: any temperature > 0 (1e-100 too) gives finite scores, never inf - inf
-    scores = logits.double()
-    scores = (scores - scores.max(dim=-1, keepdim=True).values) / sampling.temperature
-    if sampling.top_k:
-        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_scores.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-def eos_ids(base) -> set[int]:
-    """The model's end-of-sequence ids (generation config, then model config, then tokenizer)."""
-    config, generation = base.model.config, base.model.generation_config
-    eos = getattr(generation, "eos_token_id", None) or getattr(config, "eos_token_id", None)
-    if eos is None and base.tokenizer is not None:
-        eos = base.tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
-
-
-def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
-                 new_what: str = "max_tokens") -> None:
-    """Raise ``ContextLengthError`` naming ``limit`` when prompt + virtual + new tokens exceed the context, or the
-    prompt is empty. ``new_what`` names the third term in the message (``max_tokens``, ``label tokens``)."""
-    total = prompt_tokens + virtual_tokens + max_new_tokens
-    if prompt_tokens < 1:
-        raise ContextLengthError("the prompt must have at least one token")
-    if total > limit:
-        raise ContextLengthError(
-            f"this model's context limit is {limit} tokens; the request needs {total} "
-            f"({prompt_tokens} prompt + {virtual_tokens} virtual + {max_new_tokens} {new_what}): "
-            f"shorten the prompt or lower {new_what}"
-        )
+from softprompts.model.probe import new_cache
 
 
 def _generator(sampling: Sampling) -> torch.Generator | None:
@@ -150,62 +47,112 @@ def _generator(sampling: Sampling) -> torch.Generator | None:
     return torch.Generator().manual_seed(int(sampling.seed))
 
 
-def _choose(logits: torch.Tensor, requests: list[GenerationRequest],
-            generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token per row ``[B]``: greedy rows by one argmax, sampled rows each with their own generator."""
-    chosen = logits.argmax(-1)
-    for row, (req, gen) in enumerate(zip(requests, generators, strict=True)):
-        if req.sampling.temperature > 0:
-            chosen[row] = choose_next(logits[row : row + 1], req.sampling, gen)[0]
-    return chosen
+def _left_pad_to(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _select_rows(state: Prefill, index: torch.Tensor) -> Prefill:
-    """Keep rows ``index`` of a decoding state (cache, mask, positions)."""
-    for layer in state.cache.layers:
-        layer.batch_select_indices(index)
-    return Prefill(
-        logits=state.logits[index],
-        cache=state.cache,
-        attention_mask=state.attention_mask[index],
-        next_positions=state.next_positions[index],
-    )
+class DecodeBatch:
+    """Rows decoding together; ``on_finish(request, result)`` is called as each one ends."""
 
+    def __init__(self, base, stop_default: frozenset[int] | None = None,
+                 on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None) -> None:
+        self.base = base
+        self.eos = frozenset(eos_ids(base)) if stop_default is None else stop_default
+        self.on_finish = on_finish or (lambda request, result: None)
+        self.requests: list[GenerationRequest] = []  # one per row of `state`
+        self.results: list[GenerationResult] = []
+        self.generators: list[torch.Generator | None] = []
+        self.started: list[float] = []
+        self.state: Prefill | None = None  # logits [B, 1, V]: the next token of every row is still to choose
 
-@torch.no_grad()
-def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
-                 ) -> list[GenerationResult]:
-    """Decode every request in ONE batch (see the module docstring); ``stop_default``: the stop ids of requests
-    that name none (default: the model's EOS, ``eos_ids``)."""
-    for req in requests:  # the server's rule, everywhere: prompt + virtual + new tokens within the context
-        if req.max_new_tokens < 0:
-            raise ContextLengthError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
-        check_length(base.context_limit, len(req.prompt_ids), req.artifact.length if req.artifact else 0,
-                     req.max_new_tokens)
-    results = [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(r.prompt_ids)) for r in requests]
-    active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]  # request index of each row of `state`
-    if not active:
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def cache_length(self) -> int:
+        """Positions every row's cache spans now (virtual + prompt + generated + left padding)."""
+        return 0 if self.state is None else int(self.state.attention_mask.shape[1])
+
+    # -- joining --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Prefill ``requests`` and make them rows of this batch; returns their results (filled as they decode)."""
+        results = [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(r.prompt_ids))
+                   for r in requests]
+        for req in requests:  # the server's rule, everywhere: prompt + virtual + new tokens within the context
+            if req.max_new_tokens < 0:
+                raise ContextLengthError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
+            check_length(self.base.context_limit, len(req.prompt_ids), req.artifact.length if req.artifact else 0,
+                         req.max_new_tokens)
+        fresh = [(r, res) for r, res in zip(requests, results, strict=True) if r.max_new_tokens > 0]
+        for req, res in zip(requests, results, strict=True):
+            if req.max_new_tokens == 0:
+                self.on_finish(req, res)
+        if not fresh:
+            return results
+        started = time.perf_counter()
+        ids, mask = left_pad([r.prompt_ids for r, _ in fresh], self.base.pad_id, self.base.device)  # [b, T]
+        ctx = VirtualContext.from_rows([r.artifact for r, _ in fresh])
+        last = torch.tensor([ids.shape[1] - 1], device=self.base.device)  # left padding: every row ends here
+        state = forward(self.base, ctx, ids, mask, use_cache=True, logits_positions=last)  # logits [b, 1, V]
+        self.state = state if self.state is None else self._merge(self.state, state)
+        for req, res in fresh:
+            self.requests.append(req)
+            self.results.append(res)
+            self.generators.append(_generator(req.sampling))
+            self.started.append(started)
         return results
-    started = time.perf_counter()
-    eos = frozenset(eos_ids(base)) if stop_default is None else stop_default
-    ids, mask = left_pad([requests[i].prompt_ids for i in active], base.pad_id, base.device)  # [B, T]
-    ctx = VirtualContext.from_rows([requests[i].artifact for i in active])
-    last = torch.tensor([ids.shape[1] - 1], device=base.device)  # left padding: every row ends here
-    state = forward(base, ctx, ids, mask, use_cache=True, logits_positions=last)  # logits [B, 1, V]
-    generators = {i: _generator(requests[i].sampling) for i in active}
-    ttft = 0.0
-    while True:
-        logits = state.logits[:, -1]  # [B_active, V]
-        next_ids = _choose(logits, [requests[i] for i in active], [generators[i] for i in active])
-        ttft = ttft or time.perf_counter() - started
+
+    def can_join(self, length: int) -> bool:
+        """Whether rows whose prefill spans ``length`` positions can join (a sliding-window layer that already
+        dropped positions cannot be aligned with new rows: they wait until this batch ends)."""
+        if self.state is None:
+            return True
+        longest = max(self.cache_length(), length)
+        for layer in self.state.cache.layers:
+            window = getattr(layer, "sliding_window", None)
+            if window is not None and longest >= window - 1:
+                return False
+        return True
+
+    def _merge(self, a: Prefill, b: Prefill) -> Prefill:
+        """Rows of ``a`` then rows of ``b``: caches and masks left-padded to one length (padding is masked)."""
+        length = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
+        cache = new_cache(self.base.model)
+        for index, (x, y) in enumerate(zip(a.cache.layers, b.cache.layers, strict=True)):
+            span = max(x.keys.shape[-2], y.keys.shape[-2])
+            keys = torch.cat([_left_pad_to(x.keys, span, 2), _left_pad_to(y.keys, span, 2)], dim=0)
+            values = torch.cat([_left_pad_to(x.values, span, 2), _left_pad_to(y.values, span, 2)], dim=0)
+            cache.update(keys, values, index)
+        mask = torch.cat([_left_pad_to(a.attention_mask, length, 1), _left_pad_to(b.attention_mask, length, 1)])
+        return Prefill(logits=torch.cat([a.logits, b.logits]), cache=cache, attention_mask=mask,
+                       next_positions=torch.cat([a.next_positions, b.next_positions]))
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Choose every row's next token, let the rows that end leave, decode one position for the others."""
+        if not self.requests:
+            return
+        logits = self.state.logits[:, -1]  # [B, V]
+        next_ids = logits.argmax(-1)
+        for row, (req, gen) in enumerate(zip(self.requests, self.generators, strict=True)):
+            if req.sampling.temperature > 0:
+                next_ids[row] = choose_next(logits[row : row + 1], req.sampling, gen)[0]
+        now = time.perf_counter()
         keep = []
-        for row, (i, tok) in enumerate(zip(active, next_ids.tolist(), strict=True)):
-            req, res = requests[i], results[i]
-            res.time_to_first_token_s = ttft
+        for row, tok in enumerate(next_ids.tolist()):
+            req, res = self.requests[row], self.results[row]
+            if not res.time_to_first_token_s:  # this row's first token
+                res.time_to_first_token_s = now - self.started[row]
             if req.collect_logits:
                 res.logits.append(logits[row].float().cpu())
             reason = None
-            if tok in (req.stop_ids if req.stop_ids is not None else eos):
+            if tok in (req.stop_ids if req.stop_ids is not None else self.eos):
                 reason = "stop"
             else:
                 res.tokens.append(tok)
@@ -219,14 +166,67 @@ def decode_batch(base, requests: list[GenerationRequest], stop_default: frozense
                 keep.append(row)
             else:
                 res.finish_reason = reason
-        if not keep:
-            return results
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=base.device)
-            state = _select_rows(state, index)
-            next_ids = next_ids[index]
-            active = [active[r] for r in keep]
-        state = decode_step(base, state, next_ids)
+                self.on_finish(req, res)
+        if len(keep) < len(next_ids):
+            next_ids = next_ids[torch.tensor(keep, dtype=torch.long, device=next_ids.device)]
+        self._keep(keep)
+        if self.requests:
+            self.state = decode_step(self.base, self.state, next_ids)
+
+    @torch.no_grad()
+    def cancel(self, drop: Callable[[GenerationRequest], bool], reason: str = "cancelled") -> None:
+        """Remove the rows whose request ``drop`` names (between steps)."""
+        keep = [row for row, req in enumerate(self.requests) if not drop(req)]
+        for row, req in enumerate(self.requests):
+            if row not in keep:
+                self.results[row].finish_reason = reason
+                self.on_finish(req, self.results[row])
+        self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.requests):
+            return
+        self.requests = [self.requests[r] for r in rows]
+        self.results = [self.results[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+        self.started = [self.started[r] for r in rows]
+        if not rows:
+            self.state = None
+            return
+        index = torch.tensor(rows, device=self.base.device)
+        for layer in self.state.cache.layers:
+            layer.batch_select_indices(index)
+        mask = self.state.attention_mask[index]
+        self.state = Prefill(logits=self.state.logits[index], cache=self.state.cache, attention_mask=mask,
+                             next_positions=self.state.next_positions[index])
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Drop the leading columns no remaining row attends to (a long row left): the cache shrinks to the longest
+        remaining row. Not with sliding-window layers, whose caches hold only the last window of positions."""
+        mask = self.state.attention_mask
+        first = int(mask.any(0).long().argmax())  # the first column some row attends to
+        layers = self.state.cache.layers
+        if first == 0 or any(getattr(layer, "sliding_window", None) is not None for layer in layers):
+            return
+        for layer in layers:
+            drop = first - (mask.shape[1] - layer.keys.shape[-2])  # a layer's cache may be shorter than the mask
+            if drop > 0:
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        self.state = Prefill(logits=self.state.logits, cache=self.state.cache, attention_mask=mask[:, first:],
+                             next_positions=self.state.next_positions)
+
+
+@torch.no_grad()
+def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
+                 ) -> list[GenerationResult]:
+    """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
+    (default: the model's EOS, ``eos_ids``)."""
+    batch = DecodeBatch(base, stop_default)
+    results = batch.add(requests)
+    while len(batch):
+        batch.step()
+    return results
 
 
 def generate_ids(
@@ -247,5 +247,4 @@ def generate_ids(
     return [result.tokens for result in decode_batch(base, requests)]
 
 
-__all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "check_length",
-           "choose_next", "decode_batch", "eos_ids", "generate_ids", "left_pad"]
+__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]

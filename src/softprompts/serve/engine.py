@@ -17,14 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from softprompts.model.artifacts import Artifact, SoftPrompt
-from softprompts.model.decode import (
-    GenerationRequest,
-    GenerationResult,
-    check_length,
-    decode_batch,
-    eos_ids,
-    left_pad,
-)
+from softprompts.model.decode import decode_batch
+from softprompts.model.generation import GenerationRequest, GenerationResult, check_length, eos_ids, left_pad
 from softprompts.model.inject import VirtualContext, forward
 
 

@@ -10,6 +10,8 @@ Every error is ``{"error": {"message", "type", "param", "code"}}`` with a messag
 | 409 | an adapter that fails validation (malformed files, another base model, non-finite values) |
 | 422 | a body that is not JSON, not a JSON object, or has an invalid field (``param`` names it; pydantic's ``detail``
   list is kept beside the error) |
+| 429 | admission control: the waiting queue is full, or the request alone needs more KV than the server's budget
+  (with ``Retry-After``) |
 | 500 | a server fault (JSON like the rest, and counted by ``/metrics``) |
 
 ``ERROR_RESPONSES`` documents these in the OpenAPI schema, so clients generated from it know every answer.
@@ -27,8 +29,9 @@ from starlette.exceptions import HTTPException
 
 from softprompts.adapter import AdapterError
 from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import ContextLengthError
+from softprompts.model.generation import ContextLengthError
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter
+from softprompts.serve.scheduler import Overloaded
 
 log = logging.getLogger("softprompts.serve")
 
@@ -63,11 +66,13 @@ ERROR_RESPONSES: dict[int, dict] = {
     **_documented(404, "Unknown adapter"),
     **_documented(409, "The adapter fails validation (its error is the message)"),
     **_documented(422, "The body is not a JSON object, or a field is invalid (`param` names it)", ValidationErrorBody),
+    **_documented(429, "The server is at capacity (see Retry-After) or the request exceeds its KV budget"),
     **_documented(500, "Server fault"),
 }
 
 # library error -> (HTTP status, OpenAI error type, the request field it is about)
 ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
+    Overloaded: (429, "rate_limit_error", None),
     UnknownAdapter: (404, "not_found_error", "model"),
     InvalidAdapterName: (400, "invalid_request_error", "model"),
     ContextLengthError: (400, "invalid_request_error", "prompt"),
@@ -132,7 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _handler(status: int, kind: str, param: str | None):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(status, str(exc), kind, param)
+        response = error_response(status, str(exc), kind, param)
+        if getattr(exc, "retry_after", None) is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     return handle
 

@@ -21,6 +21,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompts.serve.errors import ERROR_RESPONSES, install_error_handlers
+from softprompts.serve.metrics import CONTENT_TYPE
 from softprompts.serve.routes import add_generation_routes
 from softprompts.serve.schemas import AdapterName
 from softprompts.serve.state import ServerState, build_state
@@ -31,11 +32,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.batcher.start()
+        state.scheduler.start()
         state.registry.start_polling()
         yield
         state.registry.stop()
-        state.batcher.stop()
+        state.scheduler.stop()
 
     app = FastAPI(title="softprompts", lifespan=lifespan)
     app.state.serve = state
@@ -53,8 +54,8 @@ def create_app(state: ServerState) -> FastAPI:
             return response
         finally:
             endpoint = getattr(request.scope.get("route"), "path", "other")
-            metrics.inc("softprompts_requests_total", endpoint=endpoint, status=str(status))
-            metrics.observe("softprompts_request_latency_seconds", time.perf_counter() - started, endpoint=endpoint)
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     @app.get("/health")
     async def health():
@@ -62,13 +63,14 @@ def create_app(state: ServerState) -> FastAPI:
             "status": "ok",
             "model": state.base.name,
             "adapters": len(state.registry.entries()),
-            "queued": state.batcher.pending,
+            "running": state.scheduler.running,
+            "queued": state.scheduler.pending,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
     async def metrics_text():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/adapters")
     async def list_adapters():

@@ -1,84 +1,59 @@
-"""Prometheus text-format metrics, hand-rolled (~80 lines) rather than a ``prometheus-client`` dependency.
+"""The server's metrics through ``prometheus-client`` (the maintained library for the exposition format), one
+registry per server (no process-global state: tests and several apps in one process stay apart).
 
-The server needs counters and histograms only, exposed on ``GET /metrics`` in the text format
-(https://prometheus.io/docs/instrumenting/exposition_formats/); ``prometheus-client`` is not installed here and
-would add a dependency (and its global registry) for what fits in one small, thread-safe class.
+Every HTTP response is counted by endpoint and status, 5xx included (the app's middleware counts what the error
+handlers answer); per adapter the requests, prompt tokens and generated tokens; the scheduler's running rows,
+waiting requests, the KV cache bytes the running rows hold and the requests admission control refused (by reason);
+histograms of latency, time to first token, queue wait, rows per decode step and distinct adapters per step.
+``GET /metrics`` serves ``render()`` (Prometheus text format 0.0.4).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-HELP = {
-    "softprompts_requests_total": ("counter", "HTTP requests by endpoint and status code"),
-    "softprompts_prompt_tokens_total": ("counter", "Prompt tokens processed"),
-    "softprompts_generated_tokens_total": ("counter", "Tokens generated"),
-    "softprompts_batch_size": ("histogram", "Rows per engine batch (requests sharing a forward)"),
-    "softprompts_batch_adapters": ("histogram", "Distinct adapters per engine batch"),
-    "softprompts_request_latency_seconds": ("histogram", "Request latency by endpoint"),
-    "softprompts_time_to_first_token_seconds": ("histogram", "Time from batch start to the first token"),
-    "softprompts_queue_wait_seconds": ("histogram", "Time a request waited for its batch"),
-}
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in sorted(labels.items()))
-    return "{" + inner + "}"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """Counters and histograms keyed by (name, sorted labels)."""
+    """The metrics of one server (attributes are prometheus-client metrics on ``registry``)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[tuple, float] = defaultdict(float)
-        self._hist: dict[tuple, list] = {}  # key -> [bucket counts..., sum, count]
-        self._buckets: dict[str, tuple] = {}
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("softprompts_requests", "HTTP responses by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("softprompts_request_latency_seconds", "Request latency by endpoint", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_requests = Counter("softprompts_adapter_requests", "Generation and scoring requests per adapter",
+                                        ["adapter"], registry=r)
+        self.prompt_tokens = Counter("softprompts_prompt_tokens", "Prompt tokens processed, per adapter", ["adapter"],
+                                     registry=r)
+        self.generated_tokens = Counter("softprompts_generated_tokens", "Tokens generated, per adapter", ["adapter"],
+                                        registry=r)
+        self.time_to_first_token = Histogram("softprompts_time_to_first_token_seconds",
+                                             "Time from a request's prefill to its first token",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("softprompts_queue_wait_seconds", "Time a request waited to be admitted",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("softprompts_batch_size", "Rows per decode step (requests sharing a forward)",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_adapters = Histogram("softprompts_batch_adapters", "Distinct adapters per decode step",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.running = Gauge("softprompts_running_rows", "Rows being decoded", registry=r)
+        self.waiting = Gauge("softprompts_waiting_requests", "Requests waiting for admission", registry=r)
+        self.kv_bytes = Gauge("softprompts_kv_cache_bytes", "KV cache bytes the running rows hold", registry=r)
+        self.rejected = Counter("softprompts_rejected", "Requests refused by admission control, by reason",
+                                ["reason"], registry=r)
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        with self._lock:
-            self._counters[(name, tuple(sorted(labels.items())))] += value
+    def tokens(self, adapter: str, prompt: int, generated: int) -> None:
+        self.adapter_requests.labels(adapter).inc()
+        self.prompt_tokens.labels(adapter).inc(prompt)
+        self.generated_tokens.labels(adapter).inc(generated)
 
-    def observe(self, name: str, value: float, buckets: tuple = LATENCY_BUCKETS, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._buckets.setdefault(name, buckets)
-            bounds = self._buckets[name]
-            h = self._hist.setdefault(key, [0] * len(bounds) + [0.0, 0])
-            for i, bound in enumerate(bounds):
-                if value <= bound:
-                    h[i] += 1
-            h[-2] += value
-            h[-1] += 1
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
-    def counter(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def render(self) -> str:
-        """The Prometheus text exposition of every metric seen so far."""
-        lines: list[str] = []
-        with self._lock:
-            names = sorted({k[0] for k in self._counters} | {k[0] for k in self._hist})
-            for name in names:
-                kind, text = HELP.get(name, ("untyped", name))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                for (n, labels), value in sorted(self._counters.items()):
-                    if n == name:
-                        lines.append(f"{name}{_labels(dict(labels))} {value:g}")
-                for (n, labels), h in sorted(self._hist.items()):
-                    if n != name:
-                        continue
-                    for bound, count in zip(self._buckets[name], h, strict=False):
-                        lines.append(f"{name}_bucket{_labels({**dict(labels), 'le': f'{bound:g}'})} {count}")
-                    lines.append(f"{name}_bucket{_labels({**dict(labels), 'le': '+Inf'})} {h[-1]}")
-                    lines.append(f"{name}_sum{_labels(dict(labels))} {h[-2]:g}")
-                    lines.append(f"{name}_count{_labels(dict(labels))} {h[-1]}")
-        return "\n".join(lines) + "\n"
+__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import GenerationRequest, GenerationResult, Sampling, eos_ids
+from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling, eos_ids
 from softprompts.serve.engine import ScoreRequest
 from softprompts.serve.errors import ERROR_RESPONSES
 from softprompts.serve.registry import BASE_NAME
@@ -64,7 +64,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.stream:
             return StreamingResponse(stream_completions(state, counted, request, stops, shape),
                                      media_type="text/event-stream")
-        futures = [asyncio.wrap_future(state.batcher.submit(request(i))) for i in range(len(split))]
+        futures = [asyncio.wrap_future(state.scheduler.submit(request(i))) for i in range(len(split))]
         results: list[GenerationResult] = await asyncio.gather(*futures)
         choices = []
         for index, result in enumerate(results):
@@ -72,10 +72,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
             choices.append(answer(index, text, "stop" if stopped else result.finish_reason))
         prompt_tokens = sum(map(len, counted))
         completion_tokens = sum(len(r.tokens) for r in results)
-        metrics.inc("softprompts_prompt_tokens_total", prompt_tokens)
-        metrics.inc("softprompts_generated_tokens_total", completion_tokens)
-        for r in results:
-            metrics.observe("softprompts_time_to_first_token_seconds", r.time_to_first_token_s)
+        metrics.tokens(body.model, prompt_tokens, completion_tokens)
         return {"id": shape.completion_id, "object": "chat.completion" if shape.chat else "text_completion",
                 "created": shape.created, "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -117,7 +114,8 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
             artifact = await run_in_threadpool(state.artifact, entry, lead)
             state.engine.check_length(len(ids), artifact.length, max(len(c) for c in candidates), "label tokens")
             requests.append(ScoreRequest(prompt_ids=ids, candidates=candidates, artifact=artifact))
-        scored = await asyncio.gather(*[asyncio.wrap_future(state.batcher.submit(r)) for r in requests])
+        scored = await asyncio.gather(*[asyncio.wrap_future(state.scheduler.submit(r)) for r in requests])
+        metrics.tokens(body.model, sum(len(r.prompt_ids) for r in requests), 0)
         results = []
         for logprobs in scored:
             top = max(logprobs)

@@ -1,18 +1,19 @@
-"""What a server holds: the engine, the adapter registry, the batching worker, metrics, and the placed artifacts
-(an adapter after a lead: ``placed.py``). Built once by ``build_state``; the HTTP layer only reads it."""
+"""What a server holds: the engine, the adapter registry, the scheduler (continuous batching), metrics, and the
+placed artifacts (an adapter after a lead: ``placed.py``). Built once by ``build_state``; the HTTP layer only reads
+it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompts.data.chat import ChatFormat
+from softprompts.data.chat import DEFAULT_PLACEMENT, ChatFormat
 from softprompts.model.artifacts import Artifact
-from softprompts.serve.batcher import Batcher
 from softprompts.serve.engine import Engine
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.placed import PlacedArtifacts
 from softprompts.serve.registry import Entry, Registry
+from softprompts.serve.scheduler import Scheduler
 
 
 @dataclass
@@ -20,7 +21,7 @@ class ServerState:
     base: object
     engine: Engine
     registry: Registry
-    batcher: Batcher
+    scheduler: Scheduler
     metrics: Metrics
     placed: PlacedArtifacts
 
@@ -37,24 +38,31 @@ class ServerState:
         """How a conversation is rendered for ``entry``: its chat task's placement and system message, else the
         model's chat template with the virtual tokens first."""
         chat = ((entry.task if entry is not None else {}) or {}).get("chat") or {}
-        return ChatFormat(self.base.tokenizer, chat.get("placement", "start"), chat.get("system"), "generate")
+        return ChatFormat(self.base.tokenizer, chat.get("placement", DEFAULT_PLACEMENT), chat.get("system"), "generate")
 
 
 def build_state(
     base,
     adapters: str | Path,
     *,
-    window_ms: float = 10.0,
-    max_batch: int = 32,
+    max_running: int = 32,
+    max_waiting: int = 256,
+    max_kv_bytes: int | None = None,
     max_adapter_bytes: int = 1 << 30,
     poll_s: float = 2.0,
+    window_ms: float | None = None,
 ) -> ServerState:
-    """Engine + registry (soft prompts converted to KV once, on load) + batching worker, not started yet."""
+    """Engine + registry (soft prompts converted to KV once, on load) + scheduler, not started yet.
+
+    ``max_running`` rows decode together, ``max_waiting`` requests queue, ``max_kv_bytes`` bounds the KV the running
+    rows may hold (``None``: only ``max_running``); ``window_ms`` switches continuous batching to window batching
+    (benchmarks)."""
     metrics = Metrics()
-    engine = Engine(base, max_batch=max_batch)
+    engine = Engine(base, max_batch=max_running)
     registry = Registry(base, adapters, prepare=engine.prepare, max_bytes=max_adapter_bytes, poll_s=poll_s)
-    batcher = Batcher(engine, window_s=window_ms / 1000, max_batch=max_batch, metrics=metrics)
-    return ServerState(base=base, engine=engine, registry=registry, batcher=batcher, metrics=metrics,
+    scheduler = Scheduler(engine, max_running=max_running, max_waiting=max_waiting, max_kv_bytes=max_kv_bytes,
+                          metrics=metrics, window_s=window_ms / 1000 if window_ms is not None else None)
+    return ServerState(base=base, engine=engine, registry=registry, scheduler=scheduler, metrics=metrics,
                        placed=PlacedArtifacts(base, engine.prepare))
 
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-from softprompts.model.decode import GenerationResult
+from softprompts.model.generation import GenerationResult
 from softprompts.serve.text import cut_at_stop, stream_safe_length
 
 
@@ -54,7 +54,7 @@ async def stream_completions(state, rows, request, stops, shape: StreamShape):
     events: asyncio.Queue = asyncio.Queue()
     tokenizer = state.base.tokenizer
     for index in range(len(rows)):
-        future = state.batcher.submit(
+        future = state.scheduler.submit(
             request(index, on_token=lambda tok, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, tok, None)))
         )
         future.add_done_callback(lambda f, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, None, f)))
@@ -90,10 +90,8 @@ async def stream_completions(state, rows, request, stops, shape: StreamShape):
         result: GenerationResult = future.result()
         text, hit = cut_at_stop(tokenizer.decode(result.tokens, skip_special_tokens=True), stops)
         yield shape.piece(index, text[sent[index] :], "stop" if hit else result.finish_reason)
-        state.metrics.observe("softprompts_time_to_first_token_seconds", result.time_to_first_token_s)
     prompt_tokens = sum(len(r) for r in rows)
-    state.metrics.inc("softprompts_prompt_tokens_total", prompt_tokens)
-    state.metrics.inc("softprompts_generated_tokens_total", generated)
+    state.metrics.tokens(shape.model, prompt_tokens, generated)
     if shape.include_usage:
         yield shape.chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                                "total_tokens": prompt_tokens + generated})

@@ -1,0 +1,135 @@
+"""The vocabulary of generation: requests and results, sampling, stop and length rules (no loop: ``decode.py``).
+
+``GenerationRequest``: one row to decode (prompt ids, artifact, limits, sampling, stop rules, streaming callback);
+``GenerationResult``: its tokens and why it ended. ``check_length`` is the one context rule (prompt + virtual + new
+tokens within ``BaseModel.context_limit``) that the decode loop, the engine and the server all apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from softprompts.errors import SoftpromptsError
+from softprompts.model.artifacts import Artifact
+
+
+class ContextLengthError(SoftpromptsError):
+    """A request that does not fit the model's context window (the message names the limit), or asks for no
+    tokens at all."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; seed makes sampling reproducible."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def errors(self) -> list[str]:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        return problems
+
+
+GREEDY = Sampling()
+
+
+@dataclass
+class GenerationRequest:
+    """One row to decode.
+
+    ``artifact``: what to inject (``None`` = base model); a server turns a soft prompt into its cached KV once per
+    adapter (``Engine.prepare``). ``stop_ids``: tokens that end the row (excluded from the output; ``None`` = the
+    model's EOS). ``stop_check(new_ids) -> bool`` is called after every token (stop strings live there).
+    ``on_token(token_id)`` is called as each token is accepted (streaming).
+    """
+
+    prompt_ids: list[int]
+    artifact: Artifact | None = None
+    max_new_tokens: int = 16
+    sampling: Sampling = GREEDY
+    stop_ids: frozenset[int] | None = None
+    stop_check: Callable[[list[int]], bool] | None = None
+    on_token: Callable[[int], None] | None = None
+    collect_logits: bool = False  # keep each step's logits [V] (tests, debugging)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: str  # "stop" (stop token or stop_check) or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float = 0.0
+    logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated step when collect_logits
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` -> ``ids [B, T]`` and ``mask [B, T]``, left-padded so every row ends at the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """``logits [B, V]`` -> token ids ``[B]``."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    # float64, shifted so the best is 0: any temperature > 0 (1e-100 too) gives finite scores, never inf - inf
+    scores = logits.double()
+    scores = (scores - scores.max(dim=-1, keepdim=True).values) / sampling.temperature
+    if sampling.top_k:
+        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_scores.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def eos_ids(base) -> set[int]:
+    """The model's end-of-sequence ids (generation config, then model config, then tokenizer)."""
+    config, generation = base.model.config, base.model.generation_config
+    eos = getattr(generation, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+    if eos is None and base.tokenizer is not None:
+        eos = base.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
+
+
+def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
+                 new_what: str = "max_tokens") -> None:
+    """Raise ``ContextLengthError`` naming ``limit`` when prompt + virtual + new tokens exceed the context, or the
+    prompt is empty. ``new_what`` names the third term in the message (``max_tokens``, ``label tokens``)."""
+    total = prompt_tokens + virtual_tokens + max_new_tokens
+    if prompt_tokens < 1:
+        raise ContextLengthError("the prompt must have at least one token")
+    if total > limit:
+        raise ContextLengthError(
+            f"this model's context limit is {limit} tokens; the request needs {total} "
+            f"({prompt_tokens} prompt + {virtual_tokens} virtual + {max_new_tokens} {new_what}): "
+            f"shorten the prompt or lower {new_what}"
+        )
+
+
+__all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "check_length",
+           "choose_next", "eos_ids", "left_pad"]

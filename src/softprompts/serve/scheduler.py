@@ -1,0 +1,266 @@
+"""Iteration-level (continuous) batching on one worker thread that owns the model, with admission control.
+
+Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent.futures.Future``. The worker loops:
+
+    1. scoring requests waiting -> one batched forward (they end in one step)
+    2. admit waiting generation requests, first come first served, while the running rows stay within
+       ``max_running`` and the KV they may hold within ``max_kv_bytes``; prefill them together (at most
+       ``max_prefill_tokens`` prompt tokens per step, so a long prefill does not stall decoding for long) and let them
+       join the running batch (``model/decode.DecodeBatch``)
+    3. one decode step for every running row; rows that end leave at once (their futures resolve)
+    4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
+
+``window_s`` turns this into the time-window batcher it replaced (for comparison in ``benchmarks/load_open_loop.py``):
+a batch is formed from the requests arriving within ``window_s`` of the first and runs to its end before the next
+one starts, so a request arriving meanwhile waits for the longest request in flight.
+
+A request's KV is counted at its worst case, ``(virtual + prompt + max_new_tokens) x bytes per token`` (per-token
+bytes from the probed per-layer key/value heads and head dims). Beyond ``max_waiting`` queued requests, or for a
+request that alone exceeds the KV budget, ``submit`` raises ``Overloaded`` (HTTP 429 with ``Retry-After``) instead
+of letting memory grow. Each row's tokens are what the request gives alone, whatever joins or leaves around it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from softprompts.errors import SoftpromptsError
+from softprompts.model.decode import DecodeBatch
+from softprompts.model.generation import GenerationRequest, GenerationResult
+from softprompts.serve.engine import Engine, ScoreRequest
+from softprompts.serve.metrics import Metrics
+
+
+class Overloaded(SoftpromptsError):
+    """Admission control refused a request; ``retry_after`` seconds is the advice."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest | ScoreRequest
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.perf_counter() by which the row leaves (finish reason "timeout")
+    cancelled: bool = False
+    kv_bytes: int = 0
+
+
+def kv_bytes_per_token(base) -> int:
+    """Bytes one position of every layer's keys and values takes: ``sum_l 2 * H_l * D_l * element size``."""
+    shapes = base.shapes
+    element = base.model.get_input_embeddings().weight.element_size()
+    return sum(2 * h * d * element for h, d in zip(shapes.kv_heads, shapes.head_dims, strict=True))
+
+
+class Scheduler:
+    """``submit(request) -> Future`` of a ``GenerationResult`` (or of ``list[float]`` scores for a ``ScoreRequest``)."""
+
+    def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256, max_kv_bytes: int | None = None,
+                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, window_s: float | None = None) -> None:
+        self.engine = engine
+        self.window_s = window_s
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_kv_bytes, self.max_prefill_tokens = max_kv_bytes, max_prefill_tokens
+        self.metrics = metrics or Metrics()
+        self.per_token = kv_bytes_per_token(engine.base)
+        self._waiting: deque[_Job] = deque()
+        self._jobs: dict[int, _Job] = {}  # id(request) -> job, for the running rows
+        self._batch = DecodeBatch(engine.base, engine.eos_ids, on_finish=self._finished)
+        self._reserved = 0  # worst-case KV bytes of the running rows
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the callers' side ----------------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        """Start the worker (again after ``stop``: an app's lifespan may run more than once in one process)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, request: GenerationRequest | ScoreRequest, timeout_s: float | None = None) -> Future:
+        """Queue ``request``; ``Overloaded`` when the queue is full or it could never fit the KV budget."""
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        job = _Job(request, deadline=time.perf_counter() + timeout_s if timeout_s else None)
+        if isinstance(request, GenerationRequest):
+            virtual = request.artifact.length if request.artifact is not None else 0
+            job.kv_bytes = (virtual + len(request.prompt_ids) + request.max_new_tokens) * self.per_token
+            if self.max_kv_bytes is not None and job.kv_bytes > self.max_kv_bytes:
+                self.metrics.rejected.labels("kv_budget").inc()
+                raise Overloaded(f"the request needs {job.kv_bytes / 2**20:.1f} MiB of KV cache, more than this "
+                                 f"server's budget of {self.max_kv_bytes / 2**20:.1f} MiB; shorten it", retry_after=60)
+        with self._cv:
+            if len(self._waiting) >= self.max_waiting:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly")
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cv.notify()
+        job.future.add_done_callback(lambda f, j=job: self._cancel_if_abandoned(f, j))
+        return job.future
+
+    def cancel(self, future: Future) -> None:
+        """The client left: its row leaves at the next step (or it never starts)."""
+        future.cancel()
+
+    def _cancel_if_abandoned(self, future: Future, job: _Job) -> None:
+        if future.cancelled():
+            job.cancelled = True
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    # -- the worker ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not len(self._batch):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                scoring = [j for j in self._waiting if isinstance(j.request, ScoreRequest)]
+                for job in scoring:
+                    self._waiting.remove(job)
+                arrivals = self._admit()
+                self.metrics.waiting.set(len(self._waiting))
+            if scoring:
+                self._score(scoring)
+            if arrivals:
+                self._join(arrivals)
+            self._drop_abandoned()
+            if len(self._batch):
+                self._step()
+        self._fail_all(RuntimeError("the server shut down before this request finished"))
+
+    def _admit(self) -> list[_Job]:
+        """Waiting generation jobs that fit now, in arrival order (called under the lock)."""
+        admitted, prompt_tokens = [], 0
+        if self.window_s is not None:  # window batching: a new batch only once the last one ended
+            first = next((j for j in self._waiting if isinstance(j.request, GenerationRequest)), None)
+            if len(self._batch) or first is None:
+                return []
+            wait = first.submitted + self.window_s - time.perf_counter()
+            if wait > 0 and len(self._waiting) < self.max_running:
+                self._cv.wait(wait)  # collect the window (the lock is released while waiting), then look again
+                return []
+        for job in list(self._waiting):
+            if not isinstance(job.request, GenerationRequest):
+                continue
+            if job.cancelled:
+                self._waiting.remove(job)
+                continue
+            length = len(job.request.prompt_ids) + (job.request.artifact.length if job.request.artifact else 0)
+            fits = (len(self._batch) + len(admitted) < self.max_running
+                    and (self.max_kv_bytes is None or self._reserved + job.kv_bytes <= self.max_kv_bytes)
+                    and (not admitted or prompt_tokens + len(job.request.prompt_ids) <= self.max_prefill_tokens)
+                    and self._batch.can_join(length))
+            if not fits:
+                break  # first come, first served: later arrivals do not overtake
+            self._waiting.remove(job)
+            admitted.append(job)
+            prompt_tokens += len(job.request.prompt_ids)
+            self._reserved += job.kv_bytes
+        return admitted
+
+    def _join(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_wait.observe(started - job.submitted)
+            self._jobs[id(job.request)] = job
+        try:
+            with self.engine.lock:
+                self._batch.add([job.request for job in jobs])
+        except Exception:  # noqa: BLE001 - find the bad request: the others still run
+            for job in jobs:
+                if id(job.request) not in {id(r) for r in self._batch.requests} and not job.future.done():
+                    try:
+                        with self.engine.lock:
+                            self._batch.add([job.request])
+                    except Exception as exc:  # noqa: BLE001
+                        self._release(job)
+                        job.future.set_exception(exc)
+
+    def _step(self) -> None:
+        self.metrics.batch_size.observe(len(self._batch))
+        self.metrics.batch_adapters.observe(len({id(r.artifact) for r in self._batch.requests}))
+        try:
+            with self.engine.lock:
+                self._batch.step()
+        except Exception as exc:  # noqa: BLE001 - a failing step fails its rows, never the worker
+            self._fail_all(exc, waiting=False)
+        self.metrics.running.set(len(self._batch))
+        self.metrics.kv_bytes.set(len(self._batch) * self._batch.cache_length() * self.per_token)
+
+    def _drop_abandoned(self) -> None:
+        now = time.perf_counter()
+        self._batch.cancel(lambda r: self._jobs[id(r)].cancelled, "cancelled")
+        self._batch.cancel(lambda r: (self._jobs[id(r)].deadline or float("inf")) < now, "timeout")
+
+    def _finished(self, request: GenerationRequest, result: GenerationResult) -> None:
+        job = self._jobs.pop(id(request), None)
+        if job is None:
+            return
+        self._release(job)
+        self.metrics.time_to_first_token.observe(result.time_to_first_token_s)
+        if not job.future.done():
+            job.future.set_result(result)
+
+    def _release(self, job: _Job) -> None:
+        with self._cv:
+            self._reserved -= job.kv_bytes
+            self._jobs.pop(id(job.request), None)
+
+    def _score(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        try:
+            results = self.engine.score([j.request for j in live])
+        except Exception:  # noqa: BLE001 - isolate the failing request
+            for job in live:
+                try:
+                    job.future.set_result(self.engine.score([job.request])[0])
+                except Exception as exc:  # noqa: BLE001
+                    job.future.set_exception(exc)
+            return
+        for job, result in zip(live, results, strict=True):
+            job.future.set_result(result)
+
+    def _fail_all(self, exc: Exception, waiting: bool = True) -> None:
+        for job in list(self._jobs.values()):
+            self._release(job)
+            if not job.future.done():
+                job.future.set_exception(exc)
+        self._batch = DecodeBatch(self.engine.base, self.engine.eos_ids, on_finish=self._finished)
+        if not waiting:
+            return
+        with self._cv:
+            for job in self._waiting:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            self._waiting.clear()
+
+
+__all__ = ["Overloaded", "Scheduler", "kv_bytes_per_token"]
