@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from live_server import live_server
 from tiny import save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
 from softprompts.model.generation import GenerationRequest
-from softprompts.serve.http import build_state, create_app
+from softprompts.serve.http import build_state
 from softprompts.tasks import split_prompt
 
 openai = pytest.importorskip("openai")
@@ -111,17 +110,8 @@ def server(tmp_path_factory):
     sp.save_adapter(sp.Adapter.from_method(method, base, task=task), root / "helper")
     sp.save_adapter(sp.Adapter.from_method(method, base, task={"task": "generate"}), root / "plain")
     state = build_state(base, root, max_running=8, poll_s=0)
-    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    yield client, state, port
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with live_server(state) as port:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), state, port
 
 
 def expected(state, model: str, messages: list[dict], max_tokens: int) -> tuple[str, str]:

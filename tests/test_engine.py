@@ -98,7 +98,8 @@ def test_stops_and_max_tokens():
     )[0]
     assert by_check.tokens == free.tokens[:2] and by_check.finish_reason == "stop"
     streamed = []
-    engine.generate([GenerationRequest(ids, None, 4, stop_ids=frozenset(), on_token=streamed.append)])
+    engine.generate([GenerationRequest(ids, None, 4, stop_ids=frozenset(),
+                                       on_token=lambda tok, lp: streamed.append(tok))])
     assert streamed == free.tokens[:4]
     with pytest.raises(ContextLengthError, match="context limit is 256"):
         engine.check_length(250, 5, 2)

@@ -130,7 +130,7 @@ def test_cancelled_row_leaves_and_others_finish(scheduler_factory):
     sched = scheduler_factory(base).start()
     seen = threading.Event()
     endless = GenerationRequest(base.tokenize("abc"), max_new_tokens=200, stop_ids=frozenset(),
-                                on_token=lambda tok: seen.set())
+                                on_token=lambda tok, lp: seen.set())
     other = GenerationRequest(base.tokenize("xyz"), max_new_tokens=40, stop_ids=frozenset())
     f_endless = sched.submit(endless)
     f_other = sched.submit(other)

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
+from live_server import live_server
 from tiny import save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.model.generation import GenerationRequest
-from softprompts.serve.http import build_state, create_app
+from softprompts.serve.http import build_state
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
 CLASSIFY = {"task": "classify", "prompt": "Review: {text}\nSentiment:", "target": " {label}",
@@ -45,19 +45,8 @@ def server(tmp_path_factory):
         save(base, root / f"{METHODS[i % 4]}-{i}", METHODS[i % 4], n=2 + i, seed=i)
     save(base, root / "sentiment", "prompt", n=4, seed=99, task=CLASSIFY)
     state = build_state(base, root, max_running=16, poll_s=0.2)
-    config = uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with live_server(state) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client, state, root
-    srv.should_exit = True
-    thread.join(timeout=30)
 
 
 def expected_text(state, name, prompt, max_tokens):
@@ -188,7 +177,7 @@ def test_bad_inputs_answer_and_server_stays_up(server):
     r = client.post("/v1/completions", json={"model": "base"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
     for field, value in [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("max_tokens", 0),
-                         ("seed", -1), ("n", 2), ("stream", "maybe")]:
+                         ("seed", -1), ("n", 17), ("logprobs", 21), ("stream", "maybe")]:
         r = complete(client, model="base", prompt="x", **{field: value})
         assert r.status_code == 422, (field, r.text)
         assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]

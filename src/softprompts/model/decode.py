@@ -36,6 +36,7 @@ from softprompts.model.generation import (
     choose_next,
     eos_ids,
     left_pad,
+    token_logprobs,
 )
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
 from softprompts.model.probe import new_cache
@@ -156,8 +157,12 @@ class DecodeBatch:
                 reason = "stop"
             else:
                 res.tokens.append(tok)
+                scored = None
+                if req.logprobs is not None:
+                    scored = token_logprobs(logits[row : row + 1], next_ids[row : row + 1], req.logprobs)[0]
+                    res.logprobs.append(scored)
                 if req.on_token is not None:
-                    req.on_token(tok)
+                    req.on_token(tok, scored)
                 if req.stop_check is not None and req.stop_check(res.tokens):
                     reason = "stop"
                 elif len(res.tokens) >= req.max_new_tokens:

@@ -51,7 +51,8 @@ class GenerationRequest:
     ``artifact``: what to inject (``None`` = base model); a server turns a soft prompt into its cached KV once per
     adapter (``Engine.prepare``). ``stop_ids``: tokens that end the row (excluded from the output; ``None`` = the
     model's EOS). ``stop_check(new_ids) -> bool`` is called after every token (stop strings live there).
-    ``on_token(token_id)`` is called as each token is accepted (streaming).
+    ``on_token(token_id, logprob)`` is called as each token is accepted (streaming; ``logprob`` is its
+    ``TokenLogprob`` when the request asks for ``logprobs``, else ``None``).
     """
 
     prompt_ids: list[int]
@@ -60,17 +61,41 @@ class GenerationRequest:
     sampling: Sampling = GREEDY
     stop_ids: frozenset[int] | None = None
     stop_check: Callable[[list[int]], bool] | None = None
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None
     collect_logits: bool = False  # keep each step's logits [V] (tests, debugging)
+    logprobs: int | None = None  # per generated token: its log-probability and the top `logprobs` alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's distribution at its position (``log_softmax`` of the logits,
+    before temperature or top-k/top-p), with the ``top`` most likely tokens there as ``(id, logprob)``."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """``logits [N, V]`` at N positions and the ``tokens [N]`` that followed -> one ``TokenLogprob`` each."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    best = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else None
+    out = []
+    for i, (tok, value) in enumerate(zip(tokens.tolist(), chosen, strict=True)):
+        alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else ()
+        out.append(TokenLogprob(tok, value, alternatives))
+    return out
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    finish_reason: str  # "stop" (stop token or stop_check) or "length"
+    finish_reason: str  # "stop" (stop token or stop_check), "length", "cancelled" or "timeout"
     prompt_tokens: int
     time_to_first_token_s: float = 0.0
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated step when collect_logits
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token when the request asks
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,5 +156,5 @@ def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_to
         )
 
 
-__all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "check_length",
-           "choose_next", "eos_ids", "left_pad"]
+__all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "TokenLogprob",
+           "check_length", "choose_next", "eos_ids", "left_pad", "token_logprobs"]

@@ -18,7 +18,15 @@ import torch
 
 from softprompts.model.artifacts import Artifact, SoftPrompt
 from softprompts.model.decode import decode_batch
-from softprompts.model.generation import GenerationRequest, GenerationResult, check_length, eos_ids, left_pad
+from softprompts.model.generation import (
+    GenerationRequest,
+    GenerationResult,
+    TokenLogprob,
+    check_length,
+    eos_ids,
+    left_pad,
+    token_logprobs,
+)
 from softprompts.model.inject import VirtualContext, forward
 
 
@@ -29,6 +37,20 @@ class ScoreRequest:
     prompt_ids: list[int]
     candidates: list[list[int]]
     artifact: Artifact | None = None
+
+
+@dataclass
+class PromptLogprobsRequest:
+    """The log-probability of each prompt token after the ones before it (and the virtual tokens), with the ``top``
+    alternatives: what ``echo`` with ``logprobs`` answers (loglikelihood evaluation)."""
+
+    prompt_ids: list[int]
+    artifact: Artifact | None = None
+    top: int = 0
+
+
+OneStepRequest = ScoreRequest | PromptLogprobsRequest
+LOGPROB_TOKENS_PER_FORWARD = 1024  # rows x positions projected to the vocabulary at once (bounds [N, V] logits)
 
 
 class Engine:
@@ -94,6 +116,38 @@ class Engine:
                 scores[owner].append(value)
         return scores
 
+    def one_step(self, requests: list[OneStepRequest]) -> list:
+        """Answer requests that need one forward each (scoring, prompt logprobs), in order."""
+        out: list = [None] * len(requests)
+        for kind, run in ((ScoreRequest, self.score), (PromptLogprobsRequest, self.prompt_logprobs)):
+            picked = [i for i, r in enumerate(requests) if isinstance(r, kind)]
+            for i, result in zip(picked, run([requests[i] for i in picked]) if picked else [], strict=True):
+                out[i] = result
+        return out
+
+    @torch.no_grad()
+    def prompt_logprobs(self, requests: list[PromptLogprobsRequest]) -> list[list[TokenLogprob | None]]:
+        """Per request, ``None`` for the first prompt token (OpenAI's convention) then each later token's
+        ``TokenLogprob``. Rows are batched while rows x width stays within ``LOGPROB_TOKENS_PER_FORWARD``."""
+        out: list[list[TokenLogprob | None]] = []
+        start = 0
+        while start < len(requests):
+            stop = start + 1
+            while (stop < len(requests) and stop - start < self.max_batch and (stop + 1 - start)
+                   * max(len(r.prompt_ids) for r in requests[start : stop + 1]) <= LOGPROB_TOKENS_PER_FORWARD):
+                stop += 1
+            chunk = requests[start:stop]
+            ids, mask = left_pad([r.prompt_ids for r in chunk], self.base.pad_id, self.base.device)  # [b, T]
+            with self.lock:
+                logits = forward(self.base, VirtualContext.from_rows([r.artifact for r in chunk]), ids, mask).logits
+            width = ids.shape[1]
+            for row, req in enumerate(chunk):
+                first = width - len(req.prompt_ids)  # left padding
+                tokens = ids[row, first + 1 :]
+                out.append([None, *token_logprobs(logits[row, first : width - 1], tokens, req.top)])
+            start = stop
+        return out
+
     def _score_rows(self, rows: list[list[int]], artifacts: list, lengths: list[int]) -> list[float]:
         base = self.base
         ids, mask = left_pad(rows, base.pad_id, base.device)  # [B, T]
@@ -109,4 +163,4 @@ class Engine:
         return (picked * keep).sum(1).tolist()
 
 
-__all__ = ["Engine", "ScoreRequest"]
+__all__ = ["Engine", "OneStepRequest", "PromptLogprobsRequest", "ScoreRequest"]

@@ -4,7 +4,8 @@ Every error is ``{"error": {"message", "type", "param", "code"}}`` with a messag
 
 | status | when |
 |---|---|
-| 400 | invalid adapter name, prompt + virtual tokens + ``max_tokens`` over the context (limit named), bad labels |
+| 400 | invalid adapter name, prompt + virtual tokens + ``max_tokens`` over the context (limit named), bad labels, a
+  field this server does not implement (or an OpenAI field at a value it does not implement; all of them named) |
 | 404 | unknown adapter (or route) |
 | 405 | a method the route does not take |
 | 409 | an adapter that fails validation (malformed files, another base model, non-finite values) |
@@ -32,6 +33,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.model.generation import ContextLengthError
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter
 from softprompts.serve.scheduler import Overloaded
+from softprompts.serve.schemas import UNSUPPORTED
 
 log = logging.getLogger("softprompts.serve")
 
@@ -62,7 +64,8 @@ def _documented(status: int, description: str, model: type[BaseModel] = ErrorBod
 
 
 ERROR_RESPONSES: dict[int, dict] = {
-    **_documented(400, "Invalid request: adapter name, context length, labels (the message names the problem)"),
+    **_documented(400, "Invalid request: adapter name, context length, labels, unsupported fields (the message names "
+                       "the problem)"),
     **_documented(404, "Unknown adapter"),
     **_documented(409, "The adapter fails validation (its error is the message)"),
     **_documented(422, "The body is not a JSON object, or a field is invalid (`param` names it)", ValidationErrorBody),
@@ -100,9 +103,24 @@ def _validation_message(request: Request, first: dict) -> tuple[str, str | None]
             return (f"the request body must be a JSON object sent with 'Content-Type: application/json' (the "
                     f"request's content type is {content_type!r})"), None
         return "the request body must be a JSON object with the fields of this endpoint", None
-    field = ".".join(str(p) for p in loc) or None
+    field = ".".join(str(p) for p in loc) or (first.get("ctx") or {}).get("field")  # a whole-body rule names one
     message = first.get("msg", "invalid value")
     return (f"invalid field {field!r}: {message}" if field else message), field
+
+
+def _unsupported_fields(errors: list[dict]) -> str | None:
+    """The message for fields this server does not implement (unknown ones, OpenAI ones at another value than
+    their neutral one), naming all of them; ``None`` when there are none."""
+    unknown = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors
+                      if e.get("type") == "extra_forbidden"})
+    valued = [e.get("msg", "") for e in errors if e.get("type") == UNSUPPORTED]
+    parts = []
+    if unknown:
+        parts.append(f"unsupported field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: this "
+                     f"server does not implement {'them' if len(unknown) > 1 else 'it'} (ignoring a field would "
+                     "change your results without telling you); remove it")
+    parts += valued
+    return "; ".join(parts) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,6 +129,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        unsupported = _unsupported_fields(errors)
+        if unsupported:
+            return error_response(400, unsupported, "invalid_request_error", None)
         message, param = _validation_message(request, errors[0] if errors else {})
         content = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": 422},
                    "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}

@@ -3,7 +3,8 @@
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``model`` = adapter name or ``base``;
 ``stream: true`` -> server-sent events), ``POST /v1/classify`` (rank classification over the adapter's labels),
-``GET /v1/adapters``, ``POST /v1/adapters/{name}/load``, ``DELETE /v1/adapters/{name}``, ``GET /health``,
+``GET /v1/models`` (OpenAI's list), ``GET /v1/adapters``, ``POST /v1/adapters/{name}/load``,
+``DELETE /v1/adapters/{name}``, ``GET /health``,
 ``GET /metrics``.
 
 Request bodies live in ``schemas.py``, error responses (OpenAI's shape, every status documented) in ``errors.py``,
@@ -16,15 +17,44 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompts.serve.errors import ERROR_RESPONSES, install_error_handlers
 from softprompts.serve.metrics import CONTENT_TYPE
+from softprompts.serve.registry import BASE_NAME
 from softprompts.serve.routes import add_generation_routes
 from softprompts.serve.schemas import AdapterName
 from softprompts.serve.state import ServerState, build_state
+
+
+class ResponseCounter:
+    """ASGI middleware counting every response by route and status, with its latency (a pure ASGI wrapper, not
+    ``BaseHTTPMiddleware``: that one hides a client's disconnect from the routes, which cancel on it)."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception escaping the routes becomes the 500 of errors.py: count it as one
+
+        async def send_counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -44,18 +74,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        started = time.perf_counter()
-        status = 500  # an exception escaping the routes becomes the 500 of errors.py: count it as one
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            endpoint = getattr(request.scope.get("route"), "path", "other")
-            metrics.requests.labels(endpoint, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    app.add_middleware(ResponseCounter, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -71,6 +90,18 @@ def create_app(state: ServerState) -> FastAPI:
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
     async def metrics_text():
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models():
+        """OpenAI's model list: ``base`` (the model alone) and every adapter and table task, so clients that list
+        models before they call work."""
+        created = int(state.started)
+        rows = [{"id": BASE_NAME, "object": "model", "created": created, "owned_by": "softprompts",
+                 "root": state.base.name, "parent": None}]
+        rows += [{"id": e.name, "object": "model", "created": int(e.loaded_at) or created, "owned_by": "softprompts",
+                  "root": state.base.name, "parent": BASE_NAME, "method": e.method, "task": e.task.get("task")}
+                 for e in state.registry.entries()]
+        return {"object": "list", "data": rows}
 
     @app.get("/v1/adapters")
     async def list_adapters():

@@ -44,6 +44,8 @@ class Metrics:
         self.running = Gauge("softprompts_running_rows", "Rows being decoded", registry=r)
         self.waiting = Gauge("softprompts_waiting_requests", "Requests waiting for admission", registry=r)
         self.kv_bytes = Gauge("softprompts_kv_cache_bytes", "KV cache bytes the running rows hold", registry=r)
+        self.finished = Counter("softprompts_finished_rows", "Generation rows that ended, by finish reason (stop, "
+                                "length, cancelled: the client left, timeout)", ["reason"], registry=r)
         self.rejected = Counter("softprompts_rejected", "Requests refused by admission control, by reason",
                                 ["reason"], registry=r)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from softprompts.errors import SoftpromptsError
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, GenerationResult
-from softprompts.serve.engine import Engine, ScoreRequest
+from softprompts.serve.engine import Engine, OneStepRequest
 from softprompts.serve.metrics import Metrics
 
 
@@ -45,7 +45,7 @@ class Overloaded(SoftpromptsError):
 
 @dataclass
 class _Job:
-    request: GenerationRequest | ScoreRequest
+    request: GenerationRequest | OneStepRequest
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # time.perf_counter() by which the row leaves (finish reason "timeout")
@@ -61,7 +61,8 @@ def kv_bytes_per_token(base) -> int:
 
 
 class Scheduler:
-    """``submit(request) -> Future`` of a ``GenerationResult`` (or of ``list[float]`` scores for a ``ScoreRequest``)."""
+    """``submit(request) -> Future`` of a ``GenerationResult`` (or of what ``Engine.one_step`` answers for a scoring
+    or prompt-logprobs request)."""
 
     def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256, max_kv_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, metrics: Metrics | None = None, window_s: float | None = None) -> None:
@@ -96,7 +97,7 @@ class Scheduler:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, request: GenerationRequest | ScoreRequest, timeout_s: float | None = None) -> Future:
+    def submit(self, request: GenerationRequest | OneStepRequest, timeout_s: float | None = None) -> Future:
         """Queue ``request``; ``Overloaded`` when the queue is full or it could never fit the KV budget."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
@@ -142,7 +143,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     break
-                scoring = [j for j in self._waiting if isinstance(j.request, ScoreRequest)]
+                scoring = [j for j in self._waiting if not isinstance(j.request, GenerationRequest)]
                 for job in scoring:
                     self._waiting.remove(job)
                 arrivals = self._admit()
@@ -225,7 +226,9 @@ class Scheduler:
         if job is None:
             return
         self._release(job)
-        self.metrics.time_to_first_token.observe(result.time_to_first_token_s)
+        self.metrics.finished.labels(result.finish_reason).inc()
+        if result.tokens:
+            self.metrics.time_to_first_token.observe(result.time_to_first_token_s)
         if not job.future.done():
             job.future.set_result(result)
 
@@ -237,11 +240,11 @@ class Scheduler:
     def _score(self, jobs: list[_Job]) -> None:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         try:
-            results = self.engine.score([j.request for j in live])
+            results = self.engine.one_step([j.request for j in live])
         except Exception:  # noqa: BLE001 - isolate the failing request
             for job in live:
                 try:
-                    job.future.set_result(self.engine.score([job.request])[0])
+                    job.future.set_result(self.engine.one_step([job.request])[0])
                 except Exception as exc:  # noqa: BLE001
                     job.future.set_exception(exc)
             return

@@ -6,17 +6,52 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from softprompts.serve.registry import NAME_PATTERN
 
 # the name rule is documented in the schema; the registry checks it (an invalid name answers 400, not 422)
 _NAMED = {"pattern": NAME_PATTERN, "maxLength": 128}
+
+
 class Body(BaseModel):
     """A request body, validated strictly: a JSON value of another type than the schema says (``"seed": true``,
-    ``"max_tokens": "8"``) is a 422, never coerced."""
+    ``"max_tokens": "8"``) is a 422, never coerced; a field this server does not implement is a 400 that names it
+    (ignoring it would change the client's results without telling it)."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+MAX_CHOICES = 16  # n
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 for completions, 20 for chat)
+UNSUPPORTED = "unsupported_value"  # the error type of an OpenAI field sent with a value we do not implement
+
+
+class OpenAIFields(Body):
+    """OpenAI fields accepted only at their neutral value (what sending nothing means), so clients that always send
+    them work; any other value is refused by name."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def _unsupported(self) -> list[str]:
+        return [name for name, bad in [
+            ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0),
+            ("logit_bias", bool(self.logit_bias)),
+        ] if bad]
+
+    @model_validator(mode="after")
+    def _neutral_only(self):
+        names = self._unsupported()
+        if names:
+            raise PydanticCustomError(UNSUPPORTED, "{fields}: this server does not implement "
+                                      + ("them" if len(names) > 1 else "it") + "; remove or send the neutral value "
+                                      "(what sending nothing means)", {"fields": ", ".join(names), "field": names[0]})
+        return self
 
 
 DEFAULT_CHAT_TOKENS = 256  # a chat answer ends at the end-of-turn token; this only bounds a runaway one
@@ -24,20 +59,48 @@ AdapterName = Annotated[str, Path(description="an adapter directory or TABLE.TAS
 
 
 # -- request bodies ---------------------------------------------------------------------------------------------
-class CompletionBody(Body):
-    """OpenAI ``/v1/completions`` fields we serve (others are ignored); ``top_k`` and ``seed`` are extensions."""
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class CompletionBody(OpenAIFields):
+    """OpenAI ``/v1/completions``; ``top_k`` is an extension. ``logprobs: k``: each token's log-probability and its
+    top ``k`` alternatives; ``echo``: the prompt comes back before the completion (with its own token logprobs when
+    ``logprobs`` is set), and ``max_tokens: 0`` then scores the prompt only (loglikelihood evaluation). ``n``
+    choices per prompt, choice ``j`` sampled with ``seed + j``."""
 
     model: str = Field(min_length=1, description="an adapter name or `base`", json_schema_extra=_NAMED)
     prompt: str | Annotated[list[str], Field(min_length=1)]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    def _unsupported(self) -> list[str]:
+        return [*super()._unsupported(), *[name for name, bad in [
+            ("best_of", self.best_of not in (None, self.n)),
+            ("suffix", bool(self.suffix)),
+        ] if bad]]
+
+    @model_validator(mode="after")
+    def _tokens_to_generate(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("max_tokens_zero", "max_tokens 0 generates nothing: it is only allowed with "
+                                      "echo (the prompt and, with logprobs, its token log-probabilities)",
+                                      {"field": "max_tokens"})
+        if self.stream and self.echo and self.logprobs is not None:
+            raise PydanticCustomError(UNSUPPORTED, "echo with logprobs is not streamed; send stream: false",
+                                      {"field": "stream"})
+        return self
 
 
 class ClassifyBody(Body):
@@ -48,21 +111,20 @@ class ClassifyBody(Body):
     labels: list[str] | None = Field(None, min_length=2)
 
 
-
-
 class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None
 
 
-class StreamOptions(Body):
-    include_usage: bool = False
+class ResponseFormat(Body):
+    type: Literal["text"] = "text"
 
 
-class ChatBody(Body):
-    """OpenAI ``/v1/chat/completions`` fields we serve; the conversation is rendered with the model's chat template
-    (and an adapter's placement). ``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``."""
+class ChatBody(OpenAIFields):
+    """OpenAI ``/v1/chat/completions``; the conversation is rendered with the model's chat template (and an adapter's
+    placement). ``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``; ``logprobs: true`` with
+    ``top_logprobs: k`` gives each answer token's log-probability and top ``k`` alternatives."""
 
     model: str = Field(min_length=1, description="an adapter name or `base`", json_schema_extra=_NAMED)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -75,12 +137,22 @@ class ChatBody(Body):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise PydanticCustomError("top_logprobs_without_logprobs", "top_logprobs needs logprobs: true",
+                                      {"field": "top_logprobs"})
+        return self
 
     @property
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_TOKENS
 
 
-__all__ = ["AdapterName", "ChatBody", "ChatMessage", "ClassifyBody", "CompletionBody"]
+__all__ = ["MAX_CHOICES", "MAX_LOGPROBS", "UNSUPPORTED", "AdapterName", "ChatBody", "ChatMessage", "ClassifyBody",
+           "CompletionBody"]

@@ -4,7 +4,8 @@ it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from softprompts.data.chat import DEFAULT_PLACEMENT, ChatFormat
@@ -24,6 +25,7 @@ class ServerState:
     scheduler: Scheduler
     metrics: Metrics
     placed: PlacedArtifacts
+    started: float = field(default_factory=time.time)
 
     def artifact(self, entry: Entry | None, lead: tuple[int, ...] = ()) -> Artifact | None:
         """What a row runs with: the adapter's served artifact (``None`` = the base model), placed after ``lead``
