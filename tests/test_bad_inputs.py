@@ -112,8 +112,9 @@ def replace(args: list[str], flag: str, value: str) -> list[str]:
 CLI_CASES = [
     ("steps-0", train("--steps", "0"), "--steps must be a positive integer"),
     ("steps-negative", train("--steps", "-4"), "--steps must be a positive integer"),
-    ("lr-inf", train("--lr", "inf"), "--lr must be a positive finite number"),
-    ("lr-nan", train("--lr", "nan"), "--lr must be a positive finite number"),
+    ("lr-inf", train("--lr", "inf"), "--lr: expected a finite number, got 'inf'"),
+    ("lr-nan", train("--lr", "nan"), "--lr: expected a finite number, got 'nan'"),
+    ("lr-word", train("--lr", "fast"), "--lr: expected a number, got 'fast'"),
     ("lr-0", train("--lr", "0"), "--lr must be a positive finite number"),
     ("weight-decay-negative", train("--weight-decay", "-1"), "--weight-decay"),
     ("virtual-0", train("--virtual-tokens", "0"), "num_virtual_tokens must be a positive integer"),
@@ -212,6 +213,10 @@ CLI_CASES = [
     ("serve-missing-dir", ["serve", "--adapters", "{ws}/nope", "--model", "{ws}/llama"], "does not exist"),
     ("serve-max-running-0", ["serve", "--adapters", "{ws}", "--max-running", "0", "--model", "{ws}/llama"],
      "--max-running must be >= 1"),
+    ("serve-timeout-inf", ["serve", "--adapters", "{ws}", "--request-timeout", "inf", "--model", "{ws}/llama"],
+     "--request-timeout: expected a finite number"),
+    ("serve-timeout-0", ["serve", "--adapters", "{ws}", "--request-timeout", "0", "--model", "{ws}/llama"],
+     "--request-timeout must be > 0"),
     ("serve-max-kv-negative", ["serve", "--adapters", "{ws}", "--max-kv-mb", "-1", "--model", "{ws}/llama"],
      "--max-kv-mb must be > 0"),
 ]

@@ -144,12 +144,15 @@ def test_cancelled_row_leaves_and_others_finish(scheduler_factory):
     assert sched.running == 0 and sched._reserved == 0  # the cancelled row released its KV reservation
 
 
-def test_deadline_ends_a_row_with_timeout(scheduler_factory):
+@pytest.mark.parametrize("where", ["request", "scheduler default"])
+def test_deadline_ends_a_row_with_timeout(scheduler_factory, where):
     base = tiny_base("llama")
-    sched = scheduler_factory(base).start()
-    req = GenerationRequest(base.tokenize("abc"), max_new_tokens=250, stop_ids=frozenset())
-    result = sched.submit(req, timeout_s=0.05).result(timeout=60)
-    assert result.finish_reason == "timeout" and 0 < len(result.tokens) < 250
+    sched = scheduler_factory(base, timeout_s=0.05 if where != "request" else None).start()
+    seen = threading.Event()
+    req = GenerationRequest(base.tokenize("abc"), max_new_tokens=250, stop_ids=frozenset(),
+                            on_token=lambda tok, lp: (seen.set(), time.sleep(0.002)))  # at least 0.5 s of decoding
+    result = sched.submit(req, **({"timeout_s": 0.05} if where == "request" else {})).result(timeout=60)
+    assert seen.is_set() and result.finish_reason == "timeout" and 0 < len(result.tokens) < 250
 
 
 def test_full_queue_and_oversized_requests_are_refused(scheduler_factory):

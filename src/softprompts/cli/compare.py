@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from softprompts.cli.arguments import finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
@@ -31,10 +32,10 @@ def register(sub) -> None:
     p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
-    budget.add_argument("--minutes", type=float, default=None, help="training minutes per run (steps estimated)")
+    budget.add_argument("--minutes", type=finite, default=None, help="training minutes per run (steps estimated)")
     p.add_argument("--seeds", type=int, default=1, help="runs per method (mean ± std)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per method)")
+    p.add_argument("--lr", type=finite, default=None, help="one learning rate for all (default: per method)")
     p.add_argument("--virtual-tokens", type=int, default=None, help="virtual tokens (default: per method)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")

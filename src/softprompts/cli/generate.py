@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from softprompts.cli.arguments import finite
 from softprompts.errors import SoftpromptsError
 
 
@@ -19,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--table", default=None, help="prompt table directory for --adapter table:NAME")
     p.add_argument("--model", default=None, help="base model (default: the adapter's own base model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=finite, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--raw", action="store_true", help="do not render TEXT through the adapter's template")
     p.add_argument("text", nargs="+", metavar="TEXT")

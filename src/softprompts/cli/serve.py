@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from softprompts.cli.arguments import finite
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,11 +28,13 @@ def register(subparsers) -> None:
                    "batching: requests join and leave the running batch at every step)")
     p.add_argument("--max-waiting", type=int, default=256, help="most requests queued; beyond it requests get HTTP "
                    "429 with Retry-After instead of growing memory")
-    p.add_argument("--max-kv-mb", type=float, default=None, help="KV-cache budget of the running requests, counted "
+    p.add_argument("--max-kv-mb", type=finite, default=None, help="KV-cache budget of the running requests, counted "
                    "at their worst case (prompt + max_tokens); a request that alone exceeds it gets 429 "
                    "(default: no budget beyond --max-running)")
-    p.add_argument("--max-adapter-memory-mb", type=float, default=1024.0, help="LRU limit on loaded adapters")
-    p.add_argument("--poll-seconds", type=float, default=2.0, help="adapter directory polling interval (0 = off)")
+    p.add_argument("--request-timeout", type=finite, default=None, metavar="SECONDS", help="end a generation still "
+                   "running this long after it arrived (finish_reason 'timeout', with the tokens so far); default none")
+    p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0, help="LRU limit on loaded adapters")
+    p.add_argument("--poll-seconds", type=finite, default=2.0, help="adapter directory polling interval (0 = off)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         (args.max_running < 1, f"--max-running must be >= 1, got {args.max_running}"),
         (args.max_waiting < 1, f"--max-waiting must be >= 1, got {args.max_waiting}"),
         (args.max_kv_mb is not None and args.max_kv_mb <= 0, f"--max-kv-mb must be > 0, got {args.max_kv_mb}"),
+        (args.request_timeout is not None and args.request_timeout <= 0,
+         f"--request-timeout must be > 0 seconds, got {args.request_timeout}"),
         (args.max_adapter_memory_mb <= 0, f"--max-adapter-memory-mb must be > 0, got {args.max_adapter_memory_mb}"),
         (args.poll_seconds < 0, f"--poll-seconds must be >= 0 (0 = off), got {args.poll_seconds}"),
         (not Path(args.adapters).is_dir(), f"adapter directory {args.adapters} does not exist (--adapters)"),
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         max_waiting=args.max_waiting,
         max_kv_bytes=int(args.max_kv_mb * 2**20) if args.max_kv_mb is not None else None,
+        request_timeout_s=args.request_timeout,
         max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
         poll_s=args.poll_seconds,
     )

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from softprompts.cli.arguments import finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
@@ -32,12 +33,12 @@ def register(sub) -> None:
     p.add_argument("--init", default=None, help="random, vocab, text or labels (default: per method)")
     p.add_argument("--init-text", default=None, help="text for --init text (default: derived from the task)")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method, see docs/DEFAULTS.md)")
+    p.add_argument("--lr", type=finite, default=None, help="learning rate (default: per method, see docs/DEFAULTS.md)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--schedule", default="linear", help="linear, cosine or constant (after warmup)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=finite, default=0.1)
+    p.add_argument("--weight-decay", type=finite, default=0.0)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev examples only")
     p.add_argument("--patience", type=int, default=0, help="early stop after N evaluations without improvement")

@@ -65,8 +65,10 @@ class Scheduler:
     or prompt-logprobs request)."""
 
     def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256, max_kv_bytes: int | None = None,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, window_s: float | None = None) -> None:
+                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, window_s: float | None = None,
+                 timeout_s: float | None = None) -> None:
         self.engine = engine
+        self.timeout_s = timeout_s  # the default deadline of a request (None: none)
         self.window_s = window_s
         self.max_running, self.max_waiting = max_running, max_waiting
         self.max_kv_bytes, self.max_prefill_tokens = max_kv_bytes, max_prefill_tokens
@@ -98,9 +100,12 @@ class Scheduler:
             self._thread = None
 
     def submit(self, request: GenerationRequest | OneStepRequest, timeout_s: float | None = None) -> Future:
-        """Queue ``request``; ``Overloaded`` when the queue is full or it could never fit the KV budget."""
+        """Queue ``request``; ``Overloaded`` when the queue is full or it could never fit the KV budget. A row still
+        decoding ``timeout_s`` (default: the scheduler's) after it was submitted ends with finish reason
+        ``timeout`` and the tokens it has."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
+        timeout_s = timeout_s or self.timeout_s
         job = _Job(request, deadline=time.perf_counter() + timeout_s if timeout_s else None)
         if isinstance(request, GenerationRequest):
             virtual = request.artifact.length if request.artifact is not None else 0

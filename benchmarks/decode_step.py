@@ -1,0 +1,195 @@
+"""One decode step: ours vs HF ``generate`` vs the compute floor (the step's matmuls alone), side by side, one run.
+
+    python benchmarks/decode_step.py                          # CPU, embedded SmolLM2-135M fp32, batches 1,4,16,64
+    python benchmarks/decode_step.py --device cuda --model-shape llama-1b --dtype bfloat16
+    python benchmarks/decode_step.py --profile 16             # where a step's time goes at batch 16
+
+Per batch size B (``--batches``), prompts of ``--prompt-tokens`` random ids, greedy, no early stop:
+
+* **ms per decode step** of a path = (time to generate ``--long`` tokens - time to generate ``--short``) /
+  (long - short): prefill and setup cancel out;
+* **ours**: ``Engine.generate`` (the server's decode loop, ``model/decode.DecodeBatch``);
+* **HF**: ``model.generate`` (``min_new_tokens = max_new_tokens``);
+* **floor**: every ``nn.Linear`` of the model (attention projections, MLP, LM head) applied once to a ``[B, in]``
+  input with the model's own weights, back to back: the matmul work one step cannot avoid (at batch 1 it is
+  reading every weight once).
+
+Each figure is the best of ``--repeat`` runs. Prints a Markdown table (ours / floor and HF / floor ratios) and a JSON
+line. ``--profile B``: ``torch.profiler`` over decode steps at batch B, time grouped by kind (matmul, attention, KV
+cache copies, elementwise, Python / other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from serve_throughput import SHAPES, _commit, build_base, sync  # noqa: E402
+
+from softprompts.model.decode import DecodeBatch  # noqa: E402
+from softprompts.model.generation import GenerationRequest  # noqa: E402
+from softprompts.serve.engine import Engine  # noqa: E402
+
+
+def best_of(fn, device: str, repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def per_step(run, short: int, long: int, device: str, repeat: int) -> float:
+    """Seconds per decode step: the difference of a long and a short generation over the extra steps."""
+    return (best_of(lambda: run(long), device, repeat) - best_of(lambda: run(short), device, repeat)) / (long - short)
+
+
+def floor_step(base, batch: int, device: str, repeat: int, steps: int = 20) -> float:
+    """Seconds for every linear layer once at batch ``batch`` (the matmuls of one decode step)."""
+    linears = [m for m in base.model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features, device=base.device, dtype=base.dtype) for m in linears]
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for m, x in zip(linears, inputs, strict=True):
+                    F.linear(x, m.weight, m.bias)
+
+    return best_of(run, device, repeat) / steps
+
+
+def measure(base, batch: int, args) -> dict:
+    device = str(base.device)
+    vocab = base.shapes.vocab_size
+    gen = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(100, vocab - 100, (batch, args.prompt_tokens), generator=gen)
+    engine = Engine(base, max_batch=batch)
+    ids = prompts.to(base.device)
+    mask = torch.ones_like(ids)
+
+    def ours(new: int) -> None:
+        engine.generate([GenerationRequest(p.tolist(), None, new, stop_ids=frozenset()) for p in prompts])
+
+    def hf(new: int) -> None:
+        with torch.no_grad():
+            base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=0)
+
+    floor = floor_step(base, batch, device, args.repeat)
+    row = {"batch": batch, "floor_ms": floor * 1e3}
+    row["ours_ms"] = per_step(ours, args.short, args.long, device, args.repeat) * 1e3
+    if not args.skip_hf:
+        row["hf_ms"] = per_step(hf, args.short, args.long, device, args.repeat) * 1e3
+    row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
+    if "hf_ms" in row:
+        row["hf_over_floor"] = row["hf_ms"] / row["floor_ms"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+
+
+KINDS = [  # (kind, substrings of profiler op names), first match wins
+    ("matmul", ("addmm", "mm", "matmul", "linear", "bmm")),
+    ("attention", ("scaled_dot_product", "flash", "softmax", "_efficient_attention")),
+    ("kv cache copies", ("cat", "index_select", "index_copy", "copy_", "clone", "contiguous", "pad")),
+    ("elementwise", ("mul", "add", "sub", "div", "rsqrt", "pow", "mean", "silu", "neg", "cos", "sin", "exp",
+                     "where", "masked", "argmax", "to", "fill", "zeros", "ones", "arange", "empty")),
+]
+
+
+def profile(base, batch: int, args) -> dict:
+    """Self time per op over decode steps at ``batch``, grouped by kind, with the wall time per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, base.shapes.vocab_size - 100, (batch, args.prompt_tokens), generator=gen)
+    reqs = [GenerationRequest(p.tolist(), None, 10_000, stop_ids=frozenset()) for p in prompts]
+    decode = DecodeBatch(base, frozenset())
+    decode.add(reqs)
+    for _ in range(4):
+        decode.step()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if base.device.type == "cuda" else [])
+    steps = args.long - args.short
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            decode.step()
+        sync(str(base.device))
+        wall = (time.perf_counter() - start) / steps
+    groups: dict[str, float] = defaultdict(float)
+    top = []
+    for event in prof.key_averages():
+        if event.key.startswith("ProfilerStep"):
+            continue
+        self_us = event.self_cpu_time_total
+        name = event.key.removeprefix("aten::")
+        kind = next((k for k, subs in KINDS if any(s in name for s in subs)), "other ops")
+        groups[kind] += self_us
+        top.append((self_us, event.key, event.count))
+    total_ops = sum(groups.values()) / steps / 1e3
+    result = {
+        "batch": batch,
+        "wall_ms_per_step": round(wall * 1e3, 2),
+        "ops_ms_per_step": {k: round(v / steps / 1e3, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "python_and_dispatch_ms_per_step": round(wall * 1e3 - total_ops, 2),
+        "top_ops": [{"op": k, "ms_per_step": round(us / steps / 1e3, 3), "calls_per_step": c // steps}
+                    for us, k, c in sorted(top, reverse=True)[:15]],
+    }
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| batch | floor ms | ours ms | ours / floor | HF generate ms | HF / floor |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['floor_ms']:.1f} | {r['ours_ms']:.1f} | {r['ours_over_floor']:.2f}x | "
+                     f"{r.get('hf_ms', float('nan')):.1f} | {r.get('hf_over_floor', float('nan')):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model-shape", choices=sorted(SHAPES), default=None, help="random-init model of this shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--short", type=int, default=8)
+    p.add_argument("--long", type=int, default=40)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--profile", type=int, default=None, metavar="B", help="profile decode steps at batch B instead")
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base = build_base(args)
+    info = {"model": base.name, "device": str(base.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "prompt_tokens": args.prompt_tokens, "commit": _commit(), "torch": torch.__version__}
+    if args.profile:
+        result = {**info, "profile": profile(base, args.profile, args)}
+        print(json.dumps(result, indent=2))
+    else:
+        rows = [measure(base, int(b), args) for b in args.batches.split(",")]
+        result = {**info, "rows": rows}
+        print(table(rows))
+        print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
