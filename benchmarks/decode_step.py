@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from serve_throughput import SHAPES, _commit, build_base, sync  # noqa: E402
+from serve_throughput import _commit, add_model_args, build_base, sync, write_result  # noqa: E402
 
 from softprompts.model.decode import DecodeBatch  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
@@ -161,10 +161,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--model-shape", choices=sorted(SHAPES), default=None, help="random-init model of this shape")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--short", type=int, default=8)
@@ -172,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--profile", type=int, default=None, metavar="B", help="profile decode steps at batch B instead")
-    p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base = build_base(args)
@@ -186,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {**info, "rows": rows}
         print(table(rows))
         print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
     return 0
 
 

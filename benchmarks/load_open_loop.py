@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from serve_throughput import SHAPES, _commit, build_base  # noqa: E402
+from serve_throughput import _commit, add_model_args, build_base, write_result  # noqa: E402
 
 import softprompts as sp  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
@@ -119,10 +119,7 @@ def drive(scheduler: Scheduler, items: list[dict], arts: list, gaps: list[float]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--model-shape", choices=sorted(SHAPES), default=None, help="random-init model of this shape")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--virtual-tokens", type=int, default=16)
@@ -134,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=float, default=10.0, help="the window batcher's gathering window")
     p.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of the lower capacity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base = build_base(args)
@@ -174,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\np95 TTFT continuous / window: {result['p95_ttft_continuous_over_window']}; same tokens in every run: "
           f"{same}")
     print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
     return 0
 
 

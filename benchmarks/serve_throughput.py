@@ -211,12 +211,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every serving benchmark takes: which model (embedded, or a random-init shape), device, dtype."""
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--model-shape", choices=sorted(SHAPES), default=None, help="random-init model of this shape")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", default=None, help="also write the result here")
+
+
+def write_result(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -225,13 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=["prompt", "prefix"], default="prompt", help="soft prompts or KV prefixes")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best is kept)")
     p.add_argument("--skip-peft", action="store_true")
-    p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     result = run(args)
     print(table(result))
     print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
     return 0
 
 
