@@ -159,6 +159,9 @@ def test_unsupported_fields_are_refused_by_name(server):
     with pytest.raises(openai.BadRequestError, match="'tools'"):
         client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}],
                                        tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
     neutral = client.completions.create(model="base", prompt="x", max_tokens=2, presence_penalty=0, best_of=1)
     assert len(neutral.choices) == 1
 

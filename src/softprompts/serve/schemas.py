@@ -118,7 +118,7 @@ class ChatMessage(Body):
 
 
 class ResponseFormat(Body):
-    type: Literal["text"] = "text"
+    type: str = "text"  # only "text" is served (json_object / json_schema: a 400 naming response_format)
 
 
 class ChatBody(OpenAIFields):
@@ -141,6 +141,10 @@ class ChatBody(OpenAIFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+
+    def _unsupported(self) -> list[str]:
+        wants_json = self.response_format is not None and self.response_format.type != "text"
+        return [*super()._unsupported(), *(["response_format"] if wants_json else [])]
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
