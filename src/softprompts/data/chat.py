@@ -28,7 +28,9 @@ from softprompts.data.templates import VIRTUAL, check_marker_free
 from softprompts.errors import DataError
 
 PLACEMENTS = ("start", "after-system", "user-start")
-DEFAULT_PLACEMENT = "start"  # docs/RESULTS.md, "Chat and placement": measured on SmolLM2
+# docs/RESULTS.md, section 4: on SmolLM2 chat rows the three placements tie within noise (92.8-94.0 test accuracy,
+# 3 seeds); "start" is the one every method supports (KV prefixes sit before everything)
+DEFAULT_PLACEMENT = "start"
 ROLES = ("system", "user", "assistant")
 
 
