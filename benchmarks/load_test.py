@@ -1,10 +1,18 @@
 """Bounded loopback load test for ``softprompts serve``: N completion requests over the served adapters.
 
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8 --max-seconds 60
+    python benchmarks/load_test.py --scenario            # the full scenario below, on a server it starts itself
 
 Loopback only (refuses any other host), a fixed request count and a wall-clock bound. Prints one JSON object:
 requests, errors (must be 0), error samples, latency p50/p95/max, requests/s and generated tokens/s; exits 1 when
 any request failed.
+
+``--scenario`` (``load_scenario.py``): 16 adapters (8 soft prompts, 8 KV prefixes) and ``base`` served by a
+``softprompts serve`` subprocess; 1,000 greedy requests at concurrency 32, mixed completion lengths, every 4th
+streamed; while they run an adapter is added, one's files replaced and one deleted, and bad requests are sent.
+It checks: no error on a valid request, every greedy answer equal to that request sent alone, the deleted adapter
+answering 404 once its deletion is seen (and 200 before), every bad request its documented status, and the
+server's RSS bounded; it prints p50/p95 latency.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -112,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--models", default="", help="comma-separated adapter names (default: every served adapter)")
+    p.add_argument("--scenario", action="store_true", help="the full scenario on a server this script starts "
+                   "(load_scenario.py and its flags: --requests defaults to 1,000 and --concurrency to 32 there)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scenario" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from load_scenario import main as scenario
+
+        return scenario([a for a in argv if a != "--scenario"])
     args = p.parse_args(argv)
     report = run_load(args.url, args.requests, args.concurrency, args.max_seconds,
                       [m for m in args.models.split(",") if m] or None, args.max_tokens)
