@@ -116,7 +116,7 @@ def profile(base, batch: int, args) -> dict:
 
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, base.shapes.vocab_size - 100, (batch, args.prompt_tokens), generator=gen)
-    reqs = [GenerationRequest(p.tolist(), None, 10_000, stop_ids=frozenset()) for p in prompts]
+    reqs = [GenerationRequest(p.tolist(), None, 1_000, stop_ids=frozenset()) for p in prompts]
     decode = DecodeBatch(base, frozenset())
     decode.add(reqs)
     for _ in range(4):

@@ -15,7 +15,8 @@ rows' virtual slots and padding, every row keeps its own positions (real tokens 
 ``inject.py``), and a sampled row draws from its own generator seeded with its request's seed.
 
 This is what continuous batching needs (the server's scheduler adds arrivals between steps); ``decode_batch`` runs one
-batch to the end (evaluation, ``generate_ids``). One loop for both.
+batch to the end (evaluation, ``generate_ids``). One loop for both. The cache appends in place (``kv_cache.py``:
+no copy of the whole cache per step).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from softprompts.model.generation import (
     token_logprobs,
 )
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
+from softprompts.model.kv_cache import GrowingLayer, grow_in_place
 from softprompts.model.probe import new_cache
 
 
@@ -101,6 +103,7 @@ class DecodeBatch:
         last = torch.tensor([ids.shape[1] - 1], device=self.base.device)  # left padding: every row ends here
         state = forward(self.base, ctx, ids, mask, use_cache=True, logits_positions=last)  # logits [b, 1, V]
         self.state = state if self.state is None else self._merge(self.state, state)
+        grow_in_place(self.state.cache)  # decode steps append in place (model/kv_cache.py)
         for req, res in fresh:
             self.requests.append(req)
             self.results.append(res)
@@ -216,7 +219,9 @@ class DecodeBatch:
             return
         for layer in layers:
             drop = first - (mask.shape[1] - layer.keys.shape[-2])  # a layer's cache may be shorter than the mask
-            if drop > 0:
+            if drop > 0 and isinstance(layer, GrowingLayer):
+                layer.drop_front(drop)
+            elif drop > 0:
                 layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
         self.state = Prefill(logits=self.state.logits, cache=self.state.cache, attention_mask=mask[:, first:],
                              next_positions=self.state.next_positions)
