@@ -213,6 +213,8 @@ CLI_CASES = [
     ("serve-missing-dir", ["serve", "--adapters", "{ws}/nope", "--model", "{ws}/llama"], "does not exist"),
     ("serve-max-running-0", ["serve", "--adapters", "{ws}", "--max-running", "0", "--model", "{ws}/llama"],
      "--max-running must be >= 1"),
+    ("serve-prefill-chunk-0", ["serve", "--adapters", "{ws}", "--prefill-chunk", "0", "--model", "{ws}/llama"],
+     "--prefill-chunk must be >= 1"),
     ("serve-timeout-inf", ["serve", "--adapters", "{ws}", "--request-timeout", "inf", "--model", "{ws}/llama"],
      "--request-timeout: expected a finite number"),
     ("serve-timeout-0", ["serve", "--adapters", "{ws}", "--request-timeout", "0", "--model", "{ws}/llama"],

@@ -11,7 +11,7 @@ import torch
 from test_engine import artifacts
 from tiny import tiny_base
 
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decode import ChunkedPrefill, DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve import Engine, Overloaded, Scheduler, ScoreRequest
 from softprompts.serve.scheduler import kv_bytes_per_token
@@ -202,3 +202,61 @@ def test_window_mode_runs_a_batch_to_its_end(scheduler_factory):
     late.result(timeout=60)
     text = sched.metrics.render().decode()
     assert 'softprompts_batch_size_bucket{le="2.0"} 9.0' in text  # 6 steps of the pair, 3 of the late one alone
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_equals_one_shot(base, chunk):
+    """A prompt prefilled a few tokens at a time, interleaved with the running rows' steps, then joined: every row
+    (its own and the running ones) gets exactly the tokens and logits it gets alone."""
+    engine = Engine(base)
+    arts = [engine.prepare(a) for a in artifacts(base)]
+    raw_soft = artifacts(base)[0]  # a soft prompt as embeddings (not served KV): injected by the first chunk
+    reqs = staggered_requests(base, arts)[:3]
+    long = GenerationRequest(base.tokenize("a prompt long enough for a few chunks"), arts[2], 6, stop_ids=frozenset(),
+                             collect_logits=True)
+    soft = GenerationRequest(base.tokenize("another long prompt here"), raw_soft, 5, stop_ids=frozenset(),
+                             collect_logits=True)
+    done = {}
+    batch = DecodeBatch(base, engine.eos_ids, on_finish=lambda r, res: done.__setitem__(id(r), res))
+    batch.add(reqs)
+    for req in (long, soft):
+        prefill = ChunkedPrefill(base, req, chunk)
+        while not prefill.done:
+            prefill.advance()
+            batch.step()  # the running rows go on between chunks
+        batch.join(prefill)
+    while len(batch):
+        batch.step()
+    for req in [*reqs, long, soft]:
+        want, got = alone(engine, req), done[id(req)]
+        assert got.tokens == want.tokens
+        for a, b in zip(got.logits, want.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_scheduler_chunks_long_prompts_and_cancels_them(scheduler_factory):
+    base = tiny_base("llama")
+    sched = scheduler_factory(base, prefill_chunk=4).start()
+    long = [GenerationRequest(base.tokenize(p), max_new_tokens=5, stop_ids=frozenset())
+            for p in ["a long prompt number one", "short", "another rather long prompt"]]
+    futures = [sched.submit(r) for r in long]
+    for r, f in zip(long, futures, strict=True):
+        assert f.result(timeout=60).tokens == alone(sched.engine, r).tokens
+    step = ChunkedPrefill.advance
+
+    def slow_advance(self):
+        time.sleep(0.05)
+        return step(self)
+
+    ChunkedPrefill.advance = slow_advance
+    try:
+        doomed = sched.submit(GenerationRequest(base.tokenize("x" * 120), max_new_tokens=5, stop_ids=frozenset()))
+        time.sleep(0.1)
+        sched.cancel(doomed)
+        deadline = time.time() + 20
+        while sched.running and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        ChunkedPrefill.advance = step
+    assert doomed.cancelled() and sched.running == 0 and sched._reserved == 0
+    assert 'softprompts_finished_rows_total{reason="cancelled"} 1.0' in sched.metrics.render().decode()

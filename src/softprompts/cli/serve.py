@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-kv-mb", type=finite, default=None, help="KV-cache budget of the running requests, counted "
                    "at their worst case (prompt + max_tokens); a request that alone exceeds it gets 429 "
                    "(default: no budget beyond --max-running)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS", help="prompts longer than this are "
+                   "prefilled this many tokens per step, between the running requests' decode steps, so a long "
+                   "prompt never stalls them for its whole prefill (default 512)")
     p.add_argument("--request-timeout", type=finite, default=None, metavar="SECONDS", help="end a generation still "
                    "running this long after it arrived (finish_reason 'timeout', with the tokens so far); default none")
     p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0, help="LRU limit on loaded adapters")
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     problems = [msg for bad, msg in [
         (args.max_running < 1, f"--max-running must be >= 1, got {args.max_running}"),
         (args.max_waiting < 1, f"--max-waiting must be >= 1, got {args.max_waiting}"),
+        (args.prefill_chunk < 1, f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"),
         (args.max_kv_mb is not None and args.max_kv_mb <= 0, f"--max-kv-mb must be > 0, got {args.max_kv_mb}"),
         (args.request_timeout is not None and args.request_timeout <= 0,
          f"--request-timeout must be > 0 seconds, got {args.request_timeout}"),
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_kv_bytes=int(args.max_kv_mb * 2**20) if args.max_kv_mb is not None else None,
         request_timeout_s=args.request_timeout,
+        prefill_chunk=args.prefill_chunk,
         max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
         poll_s=args.poll_seconds,
     )

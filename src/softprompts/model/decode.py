@@ -39,7 +39,7 @@ from softprompts.model.generation import (
     left_pad,
     token_logprobs,
 )
-from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
+from softprompts.model.inject import Prefill, VirtualContext, decode_step, extend, forward
 from softprompts.model.kv_cache import GrowingLayer, grow_in_place
 from softprompts.model.probe import new_cache
 
@@ -86,11 +86,8 @@ class DecodeBatch:
         """Prefill ``requests`` and make them rows of this batch; returns their results (filled as they decode)."""
         results = [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(r.prompt_ids))
                    for r in requests]
-        for req in requests:  # the server's rule, everywhere: prompt + virtual + new tokens within the context
-            if req.max_new_tokens < 0:
-                raise ContextLengthError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
-            check_length(self.base.context_limit, len(req.prompt_ids), req.artifact.length if req.artifact else 0,
-                         req.max_new_tokens)
+        for req in requests:
+            check_request(self.base, req)
         fresh = [(r, res) for r, res in zip(requests, results, strict=True) if r.max_new_tokens > 0]
         for req, res in zip(requests, results, strict=True):
             if req.max_new_tokens == 0:
@@ -102,14 +99,26 @@ class DecodeBatch:
         ctx = VirtualContext.from_rows([r.artifact for r, _ in fresh])
         last = torch.tensor([ids.shape[1] - 1], device=self.base.device)  # left padding: every row ends here
         state = forward(self.base, ctx, ids, mask, use_cache=True, logits_positions=last)  # logits [b, 1, V]
+        self._append(fresh, state, started)
+        return results
+
+    @torch.no_grad()
+    def join(self, prefill: ChunkedPrefill) -> GenerationResult:
+        """Make a finished ``ChunkedPrefill`` a row of this batch; returns its result."""
+        if prefill.request.max_new_tokens == 0:
+            self.on_finish(prefill.request, prefill.result)
+        else:
+            self._append([(prefill.request, prefill.result)], prefill.state, prefill.started)
+        return prefill.result
+
+    def _append(self, rows: list[tuple[GenerationRequest, GenerationResult]], state: Prefill, started: float) -> None:
         self.state = state if self.state is None else self._merge(self.state, state)
         grow_in_place(self.state.cache)  # decode steps append in place (model/kv_cache.py)
-        for req, res in fresh:
+        for req, res in rows:
             self.requests.append(req)
             self.results.append(res)
             self.generators.append(_generator(req.sampling))
             self.started.append(started)
-        return results
 
     def can_join(self, length: int) -> bool:
         """Whether rows whose prefill spans ``length`` positions can join (a sliding-window layer that already
@@ -227,6 +236,48 @@ class DecodeBatch:
                              next_positions=self.state.next_positions)
 
 
+def check_request(base, request: GenerationRequest) -> None:
+    """The server's rule, everywhere: ``max_new_tokens >= 0`` and prompt + virtual + new tokens within the context."""
+    if request.max_new_tokens < 0:
+        raise ContextLengthError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+    check_length(base.context_limit, len(request.prompt_ids), request.artifact.length if request.artifact else 0,
+                 request.max_new_tokens)
+
+
+class ChunkedPrefill:
+    """One request's prompt prefilled ``chunk`` tokens per ``advance()`` into a cache of its own, so that a long
+    prompt delays the running rows by one chunk per step instead of its whole prefill; ``DecodeBatch.join`` makes it
+    a row once ``done``. Chunk ``k`` is ``inject.extend`` over the cache of chunks ``< k`` (the first one injects the
+    artifact): the same state as a one-shot prefill (``tests/test_scheduler.py``)."""
+
+    def __init__(self, base, request: GenerationRequest, chunk: int) -> None:
+        check_request(base, request)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.base, self.request, self.chunk = base, request, chunk
+        self.result = GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(request.prompt_ids))
+        self.state: Prefill | None = None
+        self.position = 0  # prompt tokens prefilled so far
+        self.started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.position == len(self.request.prompt_ids)
+
+    @torch.no_grad()
+    def advance(self) -> int:
+        """Prefill the next chunk; returns how many tokens it held."""
+        end = min(self.position + self.chunk, len(self.request.prompt_ids))
+        ids = torch.tensor([self.request.prompt_ids[self.position : end]], device=self.base.device)  # [1, n]
+        if self.state is None:
+            last = torch.tensor([ids.shape[1] - 1], device=self.base.device)
+            self.state = forward(self.base, self.request.artifact, ids, use_cache=True, logits_positions=last)
+        else:
+            self.state = extend(self.base, self.state, ids)
+        count, self.position = end - self.position, end
+        return count
+
+
 @torch.no_grad()
 def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
                  ) -> list[GenerationResult]:
@@ -257,4 +308,4 @@ def generate_ids(
     return [result.tokens for result in decode_batch(base, requests)]
 
 
-__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]
+__all__ = ["ChunkedPrefill", "DecodeBatch", "check_request", "decode_batch", "generate_ids"]

@@ -214,19 +214,28 @@ def hidden_at(
     return hidden[:, positions + ctx.soft_length]
 
 
-def decode_step(base, state: Prefill, next_ids: torch.Tensor) -> Prefill:
-    """Feed one token per row ``next_ids [B]`` into the cache of ``state``; returns logits ``[B, 1, V]``."""
-    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(next_ids.shape[0], 1)], dim=1)
+def extend(base, state: Prefill, ids: torch.Tensor) -> Prefill:
+    """Feed ``ids [B, T]`` (T more real tokens per row, no padding) into the cache of ``state``; returns the logits
+    of the last one ``[B, 1, V]``. A decode step is ``T = 1``; a long prompt is prefilled in chunks this way."""
+    width = ids.shape[1]
+    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(ids.shape[0], width)], dim=1)
+    positions = state.next_positions[:, None] + torch.arange(width, device=ids.device)[None, :]
     out = base.model(
-        input_ids=next_ids[:, None],
+        input_ids=ids,
         attention_mask=mask,
-        position_ids=state.next_positions[:, None],
+        position_ids=positions,
         use_cache=True,
+        logits_to_keep=1,
         **{base.cache_keyword: state.cache},
     )
     return Prefill(
         logits=out.logits,
         cache=getattr(out, base.cache_keyword),
         attention_mask=mask,
-        next_positions=state.next_positions + 1,
+        next_positions=state.next_positions + width,
     )
+
+
+def decode_step(base, state: Prefill, next_ids: torch.Tensor) -> Prefill:
+    """Feed one token per row ``next_ids [B]`` into the cache of ``state``; returns logits ``[B, 1, V]``."""
+    return extend(base, state, next_ids[:, None])

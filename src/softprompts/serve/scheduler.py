@@ -5,8 +5,9 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
     1. scoring requests waiting -> one batched forward (they end in one step)
     2. admit waiting generation requests, first come first served, while the running rows stay within
        ``max_running`` and the KV they may hold within ``max_kv_bytes``; prefill them together (at most
-       ``max_prefill_tokens`` prompt tokens per step, so a long prefill does not stall decoding for long) and let them
-       join the running batch (``model/decode.DecodeBatch``)
+       ``prefill_chunk`` prompt tokens) and let them join the running batch (``model/decode.DecodeBatch``). A prompt
+       longer than ``prefill_chunk`` is prefilled alone, one chunk per step (``model/decode.ChunkedPrefill``), so
+       the running rows wait one chunk per step, never a whole long prefill (``benchmarks/prefill_stall.py``)
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 
@@ -29,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decode import ChunkedPrefill, DecodeBatch
 from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.serve.engine import Engine, OneStepRequest
 from softprompts.serve.metrics import Metrics
@@ -65,17 +66,18 @@ class Scheduler:
     or prompt-logprobs request)."""
 
     def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256, max_kv_bytes: int | None = None,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, window_s: float | None = None,
+                 prefill_chunk: int = 512, metrics: Metrics | None = None, window_s: float | None = None,
                  timeout_s: float | None = None) -> None:
         self.engine = engine
         self.timeout_s = timeout_s  # the default deadline of a request (None: none)
         self.window_s = window_s
         self.max_running, self.max_waiting = max_running, max_waiting
-        self.max_kv_bytes, self.max_prefill_tokens = max_kv_bytes, max_prefill_tokens
+        self.max_kv_bytes, self.prefill_chunk = max_kv_bytes, prefill_chunk
         self.metrics = metrics or Metrics()
         self.per_token = kv_bytes_per_token(engine.base)
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, _Job] = {}  # id(request) -> job, for the running rows
+        self._prefilling: deque[tuple[_Job, ChunkedPrefill]] = deque()  # long prompts, one chunk per step
         self._batch = DecodeBatch(engine.base, engine.eos_ids, on_finish=self._finished)
         self._reserved = 0  # worst-case KV bytes of the running rows
         self._cv = threading.Condition()
@@ -138,13 +140,14 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._batch)
+        """Rows decoding or being prefilled."""
+        return len(self._batch) + len(self._prefilling)
 
     # -- the worker ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not len(self._batch):
+                while not self._stopping and not self._waiting and not self.running:
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -155,9 +158,15 @@ class Scheduler:
                 self.metrics.waiting.set(len(self._waiting))
             if scoring:
                 self._score(scoring)
-            if arrivals:
-                self._join(arrivals)
+            short = [j for j in arrivals if not self._chunked(j)]
+            if short:
+                self._join(short)
+            for job in arrivals:
+                if self._chunked(job):
+                    self._start_prefill(job)
             self._drop_abandoned()
+            if self._prefilling:
+                self._advance_prefill()
             if len(self._batch):
                 self._step()
         self._fail_all(RuntimeError("the server shut down before this request finished"))
@@ -167,7 +176,7 @@ class Scheduler:
         admitted, prompt_tokens = [], 0
         if self.window_s is not None:  # window batching: a new batch only once the last one ended
             first = next((j for j in self._waiting if isinstance(j.request, GenerationRequest)), None)
-            if len(self._batch) or first is None:
+            if self.running or first is None:
                 return []
             wait = first.submitted + self.window_s - time.perf_counter()
             if wait > 0 and len(self._waiting) < self.max_running:
@@ -180,15 +189,17 @@ class Scheduler:
                 self._waiting.remove(job)
                 continue
             length = len(job.request.prompt_ids) + (job.request.artifact.length if job.request.artifact else 0)
-            fits = (len(self._batch) + len(admitted) < self.max_running
+            batched = not self._chunked(job)
+            fits = (self.running + len(admitted) < self.max_running
                     and (self.max_kv_bytes is None or self._reserved + job.kv_bytes <= self.max_kv_bytes)
-                    and (not admitted or prompt_tokens + len(job.request.prompt_ids) <= self.max_prefill_tokens)
+                    and (not batched or not prompt_tokens or self.window_s is not None
+                         or prompt_tokens + len(job.request.prompt_ids) <= self.prefill_chunk)
                     and self._batch.can_join(length))
             if not fits:
                 break  # first come, first served: later arrivals do not overtake
             self._waiting.remove(job)
             admitted.append(job)
-            prompt_tokens += len(job.request.prompt_ids)
+            prompt_tokens += len(job.request.prompt_ids) if batched else 0
             self._reserved += job.kv_bytes
         return admitted
 
@@ -210,6 +221,39 @@ class Scheduler:
                         self._release(job)
                         job.future.set_exception(exc)
 
+    def _chunked(self, job: _Job) -> bool:
+        """A prompt longer than one chunk is prefilled in chunks, alone (window batching never chunks)."""
+        return self.window_s is None and len(job.request.prompt_ids) > self.prefill_chunk
+
+    def _start_prefill(self, job: _Job) -> None:
+        try:
+            self._prefilling.append((job, ChunkedPrefill(self.engine.base, job.request, self.prefill_chunk)))
+        except Exception as exc:  # noqa: BLE001 - a request that fails its checks fails alone
+            self._release(job)
+            job.future.set_exception(exc)
+
+    def _advance_prefill(self) -> None:
+        """One chunk of the oldest long prompt; it joins the batch when its prompt is in."""
+        job, prefill = self._prefilling[0]
+        try:
+            with self.engine.lock:
+                prefill.advance()
+        except Exception as exc:  # noqa: BLE001
+            self._prefilling.popleft()
+            self._release(job)
+            job.future.set_exception(exc)
+            return
+        if not prefill.done:
+            return
+        length = prefill.state.attention_mask.shape[1]
+        if not self._batch.can_join(length):
+            return  # a sliding-window batch that cannot take it yet: it joins once that batch has ended
+        self._prefilling.popleft()
+        self.metrics.queue_wait.observe(prefill.started - job.submitted)
+        self._jobs[id(job.request)] = job
+        with self.engine.lock:
+            self._batch.join(prefill)
+
     def _step(self) -> None:
         self.metrics.batch_size.observe(len(self._batch))
         self.metrics.batch_adapters.observe(len({id(r.artifact) for r in self._batch.requests}))
@@ -223,6 +267,13 @@ class Scheduler:
 
     def _drop_abandoned(self) -> None:
         now = time.perf_counter()
+        for job, prefill in list(self._prefilling):
+            expired = (job.deadline or float("inf")) < now
+            if job.cancelled or expired:
+                self._prefilling.remove((job, prefill))
+                self._jobs[id(job.request)] = job
+                prefill.result.finish_reason = "cancelled" if job.cancelled else "timeout"
+                self._finished(job.request, prefill.result)
         self._batch.cancel(lambda r: self._jobs[id(r)].cancelled, "cancelled")
         self._batch.cancel(lambda r: (self._jobs[id(r)].deadline or float("inf")) < now, "timeout")
 
@@ -257,6 +308,9 @@ class Scheduler:
             job.future.set_result(result)
 
     def _fail_all(self, exc: Exception, waiting: bool = True) -> None:
+        for job, _ in self._prefilling:
+            self._jobs[id(job.request)] = job
+        self._prefilling.clear()
         for job in list(self._jobs.values()):
             self._release(job)
             if not job.future.done():
