@@ -6,9 +6,12 @@
 #   1b. head_loss anchor: the LM head + CE alone, HF's vs our fused chunked head -> head_loss.json
 #   2. serve_throughput: 64 requests x 128 prompt tokens, 64 new tokens, 1/4/16 adapters, ours vs PEFT
 #      (soft prompts, then KV prefixes)                              -> serve.json, serve_prefix.json
+#   2c. decode_step: ms per decode step, ours / HF generate / the matmul floor, batch 1-64 -> decode_step.json
+#   2d. load_open_loop: Poisson arrivals over 16 adapters, continuous vs window batching -> open_loop.json
+#   2e. prefill_stall: a 3,900-token arrival, one-shot vs chunked prefill          -> prefill_stall.json
 #   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate -> cli.log
 #   4. train_speed with the torch.compile'd loss (compilation time reported per method) -> train_compile.jsonl
-# Everything else a step prints goes to steps.log: 8 files in all, what a device call brings back from $OUT.
+# Everything else a step prints goes to steps.log: 11 files in all, what a device call brings back from $OUT.
 # Each step runs under min(its own cap, what is left of BUDGET seconds, default 540) and is skipped when under 30 s
 # are left, so a slow step cannot take the others' results with it and the whole script ends within BUDGET.
 set -u
@@ -52,6 +55,15 @@ run_step 120 "2 serve_throughput, soft prompts" bash -c "$PY benchmarks/serve_th
 run_step 120 "2b serve_throughput, KV prefixes" bash -c "$PY benchmarks/serve_throughput.py --device cuda \
     --model-shape llama-1b --dtype bfloat16 --requests 64 --new-tokens 64 --prompt-tokens 128 --method prefix \
     --json $OUT/serve_prefix.json >>$OUT/steps.log 2>&1"
+
+run_step 60 "2c decode_step" bash -c "$PY benchmarks/decode_step.py --device cuda --model-shape llama-1b \
+    --dtype bfloat16 --repeat 3 --json $OUT/decode_step.json >>$OUT/steps.log 2>&1"
+
+run_step 90 "2d load_open_loop" bash -c "$PY benchmarks/load_open_loop.py --device cuda --model-shape llama-1b \
+    --dtype bfloat16 --requests 400 --json $OUT/open_loop.json >>$OUT/steps.log 2>&1"
+
+run_step 40 "2e prefill_stall" bash -c "$PY benchmarks/prefill_stall.py --device cuda --model-shape llama-1b \
+    --dtype bfloat16 --long 3900 --chunks 0,1024,256 --json $OUT/prefill_stall.json >>$OUT/steps.log 2>&1"
 
 stamp "3 CLI on CUDA (each command at most 60 s)"
 (
