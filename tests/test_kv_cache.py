@@ -12,7 +12,7 @@ from tiny import tiny_base
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest
 from softprompts.model.inject import forward
-from softprompts.model.kv_cache import MIN_ROOM, GrowingLayer, grow_in_place
+from softprompts.model.kv_cache import MIN_ROOM, GrowingLayer, grow_in_place, merged_layer
 from softprompts.model.probe import new_cache
 
 pytestmark = pytest.mark.injection  # it subclasses HF's cache layer: also run on the second transformers version
@@ -39,6 +39,23 @@ def test_growing_layer_holds_what_concatenation_holds():
     more = torch.randn(2, 2, 3, 4, generator=gen)
     keys, _ = layer.update(more, more)
     assert torch.equal(keys, torch.cat([reference[[2, 0], :, 10:], more], dim=-2))
+
+
+def test_merged_layer_equals_left_padded_concatenation():
+    gen = torch.Generator().manual_seed(1)
+    parts = []
+    for batch, length in [(2, 5), (1, 9), (3, 1)]:
+        layer = GrowingLayer()
+        layer.update(torch.randn(batch, 2, length, 4, generator=gen), torch.randn(batch, 2, length, 4, generator=gen))
+        parts.append(layer)
+    merged = merged_layer(parts)
+
+    def padded(t):
+        return torch.cat([t.new_zeros(t.shape[0], t.shape[1], 9 - t.shape[2], t.shape[3]), t], dim=2)
+
+    assert torch.equal(merged.keys, torch.cat([padded(p.keys) for p in parts]))
+    assert torch.equal(merged.values, torch.cat([padded(p.values) for p in parts]))
+    assert merged.capacity == 9 + MIN_ROOM and merged.get_seq_length() == 9
 
 
 def test_grow_in_place_converts_full_attention_layers_only():

@@ -40,7 +40,7 @@ from softprompts.model.generation import (
     token_logprobs,
 )
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, extend, forward
-from softprompts.model.kv_cache import GrowingLayer, grow_in_place
+from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
 from softprompts.model.probe import new_cache
 
 
@@ -137,6 +137,9 @@ class DecodeBatch:
         length = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
         cache = new_cache(self.base.model)
         for index, (x, y) in enumerate(zip(a.cache.layers, b.cache.layers, strict=True)):
+            if is_full_attention(x) and is_full_attention(y):
+                cache.layers[index] = merged_layer([x, y])  # one copy, with room to append
+                continue
             span = max(x.keys.shape[-2], y.keys.shape[-2])
             keys = torch.cat([_left_pad_to(x.keys, span, 2), _left_pad_to(y.keys, span, 2)], dim=0)
             values = torch.cat([_left_pad_to(x.values, span, 2), _left_pad_to(y.values, span, 2)], dim=0)

@@ -90,6 +90,35 @@ class GrowingLayer(DynamicLayer):
             self._len = length
 
 
+def stack_rows(parts: list[torch.Tensor], room: int = MIN_ROOM) -> torch.Tensor:
+    """States ``[B_i, H, L_i, D]`` -> one buffer ``[sum B_i, H, max L_i + room, D]``, each part's positions ending at
+    column ``max L_i`` (left padding: zeros, which the attention mask hides), written once."""
+    span = max(int(t.shape[-2]) for t in parts)
+    first = parts[0]
+    out = first.new_zeros((sum(int(t.shape[0]) for t in parts), first.shape[1], span + room, first.shape[-1]))
+    row = 0
+    for t in parts:
+        out[row : row + t.shape[0], :, span - t.shape[-2] : span] = t
+        row += int(t.shape[0])
+    return out
+
+
+def merged_layer(layers: list, room: int = MIN_ROOM) -> GrowingLayer:
+    """One ``GrowingLayer`` holding the rows of ``layers`` (full-attention layers) one after the other, left-padded
+    to the longest: a single copy into a buffer with ``room`` (the concatenate-then-grow path copies twice)."""
+    keys = [layer.keys for layer in layers]
+    merged = GrowingLayer()
+    merged.lazy_initialization(keys[0], layers[0].values)
+    merged._k, merged._v = stack_rows(keys, room), stack_rows([layer.values for layer in layers], room)
+    merged._len = max(int(k.shape[-2]) for k in keys)
+    return merged
+
+
+def is_full_attention(layer) -> bool:
+    """A layer that keeps every position (HF's plain ``DynamicLayer`` or ours), not a sliding window."""
+    return type(layer) in (DynamicLayer, GrowingLayer)
+
+
 def grow_in_place(cache, room: int = MIN_ROOM) -> None:
     """Turn every plain ``DynamicLayer`` of ``cache`` into a ``GrowingLayer`` holding the same states, with ``room``
     positions to append before the first reallocation."""
@@ -103,4 +132,4 @@ def grow_in_place(cache, room: int = MIN_ROOM) -> None:
         cache.layers[index] = grown
 
 
-__all__ = ["GrowingLayer", "grow_in_place"]
+__all__ = ["GrowingLayer", "grow_in_place", "is_full_attention", "merged_layer", "stack_rows"]
