@@ -35,8 +35,8 @@ from systems import our_method, peft_model
 
 from softprompts.compare.peft_eval import train_batch
 from softprompts.data.catalog import get_dataset
-from softprompts.data.datasets import load_task_data
 from softprompts.data.prepare import prepared_paths
+from softprompts.data.sources import load_task_data
 from softprompts.tasks import TaskSpec, collate, encode, epoch_batches
 from softprompts.training.step import accumulate_step
 

@@ -11,8 +11,8 @@ from softprompts.data.datasets import (
     bundled_path,
     label_targets,
     load_records,
-    load_task_data,
 )
+from softprompts.data.sources import load_task_data
 from softprompts.data.templates import Template
 from softprompts.errors import SoftpromptsError
 

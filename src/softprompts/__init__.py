@@ -11,6 +11,8 @@
     method = sp.build_method(base, "prompt", spec)         # the measured defaults for a task (a TaskSpec)
     result = sp.train(base, method, examples, spec, sp.TrainConfig(steps=100, lr=method.default_lr))
 
+    model = sp.wrap("smollm2-135m", "prompt", num_virtual_tokens=20)  # an nn.Module for transformers.Trainer / TRL
+
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
 """
 
@@ -18,6 +20,7 @@ from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, Bas
 from softprompts.adapter_io import load_adapter, save_adapter
 from softprompts.api import generate, next_token_logits
 from softprompts.errors import SoftpromptsError
+from softprompts.interop.hf_model import PromptModel, wrap
 from softprompts.methods import METHODS, build_method, create_method
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
@@ -32,8 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL", "KVPrefix",
-    "METHODS",
+    "METHODS", "PromptModel",
     "Sampling", "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
     "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
-    "next_token_logits", "save_adapter", "train",
+    "next_token_logits", "save_adapter", "train", "wrap",
 ]

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from softprompts.adapter_io import WEIGHTS_FILE
-from softprompts.data.datasets import bundled_path, label_targets, load_task_data
+from softprompts.data.datasets import bundled_path, label_targets
+from softprompts.data.sources import load_task_data
 from softprompts.data.templates import Template
 from softprompts.evaluate import evaluate, generate_texts, serving_artifact
 from softprompts.methods import build_method, method_class

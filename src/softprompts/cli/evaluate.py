@@ -52,7 +52,7 @@ def run(args) -> int:
             raise SoftpromptsError("pass --adapter (an adapter directory or TABLE_DIR#NAME) or --table with "
                                    "--data NAME=FILE")
         return run_table(args)
-    from softprompts.data.datasets import load_task_data
+    from softprompts.data.sources import load_task_data
     from softprompts.evaluate import evaluate
 
     if len(args.data) != 1:
@@ -69,7 +69,7 @@ def run(args) -> int:
 
 def run_table(args) -> int:
     """``--table TABLE --data NAME=FILE ...``: several tasks of one table in shared batches."""
-    from softprompts.data.datasets import load_task_data
+    from softprompts.data.sources import load_task_data
     from softprompts.evaluate import evaluate_tasks
     from softprompts.model.load import load_base
     from softprompts.table import PromptTable

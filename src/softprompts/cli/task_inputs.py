@@ -26,12 +26,13 @@ def load_task(task: str, train_path, dev_paths: list, tokenizer: Callable[[], ob
     chat rows rendered with ``tokenizer()``'s chat template (called only then); ``previous``: the task an
     ``--init-from`` adapter records, the defaults for what is not given; ``optional_devs``: a dev path may be
     ``None`` (no examples)."""
-    from softprompts.data.datasets import build_examples, is_chat, load_records, load_task_data
+    from softprompts.data.datasets import build_examples, is_chat
+    from softprompts.data.sources import load_task_data, read_rows
     from softprompts.data.templates import Template
     from softprompts.tasks import TaskSpec  # imports torch: not at --help time
 
     previous = previous or {}
-    records = load_records(train_path)
+    records = read_rows(train_path)
     chat = template is None and target is None and (is_chat(records) or previous.get("chat") is not None)
     limits = {"max_prompt_tokens": max_prompt_tokens, "max_target_tokens": max_target_tokens}
     if chat:

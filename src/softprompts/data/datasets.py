@@ -23,6 +23,9 @@ from softprompts.errors import DataError
 PromptFormat = Template | ChatFormat  # what renders a row (see templates.py)
 
 TASKS = ("classify", "generate")
+# file suffix -> reader (Parquet, datasets directories and hub ids: ``sources.py``)
+FILE_TYPES = {".jsonl": "jsonl", ".jsonlines": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+              ".tsv": "tsv"}
 SPLITS = ("train", "dev", "test")
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
@@ -110,18 +113,18 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> _Records:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Rows of a .jsonl / .json / .csv / .tsv file (format chosen by extension) as dicts."""
+    """Rows of a .jsonl / .json / .csv / .tsv file (format chosen by extension) as dicts (every other form of data:
+    ``sources.read_rows``)."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path} is a directory; pass one data file (.jsonl with one JSON object per line, .json, "
-                        ".csv or .tsv with a header row)")
+        raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk; pass one data file "
+                        "(.jsonl with one JSON object per line, .json, .csv or .tsv with a header row, .parquet)")
     suffix = path.suffix.lower()
-    readers = {".jsonl": "jsonl", ".jsonlines": "jsonl", ".ndjson": "jsonl", ".json": "json"}
-    readers.update({".csv": "csv", ".tsv": "tsv"})
+    readers = FILE_TYPES
     if suffix not in readers:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; use .jsonl (one JSON object per line), "
-            ".csv or .tsv with a header row"
+            ".json, .csv or .tsv with a header row, or .parquet"
         )
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -210,13 +213,6 @@ def build_examples(
 def is_chat(records: Sequence[dict]) -> bool:
     """Whether rows are chat examples (their first row holds ``messages``)."""
     return bool(records) and isinstance(records[0], dict) and "messages" in records[0]
-
-
-def load_task_data(
-    path: str | Path, fmt: PromptFormat, task: str, labels: list[str] | None = None
-) -> tuple[list[Example], list[str] | None]:
-    """``load_records`` + ``build_examples``."""
-    return build_examples(load_records(path), fmt, task, labels, source=str(path))
 
 
 def bundled_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""Interoperability with other prompt-learning libraries (today: Hugging Face PEFT), both ways.
+"""Interoperability with other libraries: Hugging Face PEFT both ways, vLLM (``vllm.py``: soft prompts as
+``prompt_embeds``).
 
 * ``export_peft(adapter, out)``: write ``adapter_config.json`` + ``adapter_model.safetensors`` that
   ``peft.PeftModel.from_pretrained(hf_model, out)`` loads (soft prompts as ``PROMPT_TUNING``, KV prefixes as

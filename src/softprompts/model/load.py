@@ -3,7 +3,7 @@
 Everything that can be checked before reading weights is: the device (it must exist: ``cuda:7`` on a machine with
 one GPU is an error naming what is visible), the dtype, and for a hub id that it is in the local Hugging Face cache
 or that the hub answers within a few seconds (``HF_HUB_OFFLINE=1`` or no network: an immediate error saying how to
-pass a local directory, instead of half a minute of retries).
+pass a local directory, instead of half a minute of retries; ``hub_unreachable``, which hub datasets ask too).
 """
 
 from __future__ import annotations
@@ -69,6 +69,20 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return found
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """The reason the hub cannot be used from here, or ``None``."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+        return "HF_HUB_OFFLINE is set"
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None  # reached through a proxy: let huggingface_hub try
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return f"the hub ({endpoint.hostname}) cannot be reached from here"
+    return None
+
+
 def check_reachable(name: str) -> None:
     """For a name that is not a local directory: fine if the Hugging Face cache holds it, else the hub must answer
     (a TCP connection within 3 s); ``ModelLoadError`` saying what to do otherwise."""
@@ -81,18 +95,10 @@ def check_reachable(name: str) -> None:
                              ) from None
     advice = (f"pass a local directory (a model saved with save_pretrained), a model already in the Hugging Face "
               f"cache, or the embedded default {EMBEDDED_NAME!r}")
-    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
-        raise ModelLoadError(f"cannot load model {name!r}: it is not in the Hugging Face cache and HF_HUB_OFFLINE is "
-                             f"set; {advice}")
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return  # the hub is reached through a proxy: let huggingface_hub try
-    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
-    except OSError:
+    reason = hub_unreachable()
+    if reason is not None:
         raise ModelLoadError(f"cannot load model {name!r}: it is not a local directory, not in the Hugging Face "
-                             f"cache, and the hub ({endpoint.hostname}) cannot be reached from here; {advice}"
-                             ) from None
+                             f"cache, and {reason}; {advice}")
 
 
 def load_base(

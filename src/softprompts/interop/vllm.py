@@ -1,0 +1,126 @@
+"""Soft prompts on vLLM, through ``prompt_embeds`` (vLLM 0.10 removed prompt adapters).
+
+vLLM's ``/v1/completions``, on a server started with ``--enable-prompt-embeds``, takes ``"prompt_embeds"``: the
+base64 text of ``torch.save`` of one ``[seq_len, hidden]`` tensor (loaded with ``weights_only=True``), which
+replaces the embedding layer's output for the whole prompt. No chat template is applied and nothing is added, so the
+client embeds the fully rendered prompt itself:
+
+    embeds = [e(text before the <|virtual|> marker); soft prompt [P, hidden]; e(text after it)]   -> [T, hidden]
+
+with ``e`` the model's input embedding (``get_input_embeddings()``, which already holds any embedding scale, e.g.
+Gemma's) and the soft prompt first when the prompt has no marker: the sequence softprompts feeds the model, at the
+same positions ``0..T-1`` (``model/placement.py``). ``tests/test_vllm.py`` decodes the payload, feeds it to the HF
+model as ``inputs_embeds`` and checks the greedy tokens equal our adapter's.
+
+* ``export_vllm(adapter, out)``: ``soft_prompt.safetensors`` (``[P, hidden]``) and ``vllm.json`` (the base model,
+  the task's prompt template or chat placement, how to build a request) - what a client needs.
+* ``prompt_embeds(model, tokenizer, soft_prompt, prompt)`` -> ``[T, hidden]``; ``encode_prompt_embeds(tensor)`` ->
+  the base64 string; ``completion_request(model_name, embeds, **fields)`` -> the JSON body.
+
+KV-prefix adapters (prefix tuning, deep prompts) have no vLLM input: ``VllmExportError`` says so, and that
+``softprompts serve`` serves them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from softprompts.adapter import Adapter
+from softprompts.data.templates import VIRTUAL
+from softprompts.errors import SoftpromptsError
+from softprompts.files import atomic_directory
+from softprompts.model.artifacts import SoftPrompt
+
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
+CONFIG_FILE = "vllm.json"
+
+
+class VllmExportError(SoftpromptsError):
+    """An adapter vLLM cannot serve."""
+
+
+def _soft_prompt(adapter: Adapter) -> torch.Tensor:
+    if not isinstance(adapter.artifact, SoftPrompt):
+        raise VllmExportError(
+            f"a {adapter.method} adapter is a KV prefix (per-layer keys and values); vLLM takes only input embeddings "
+            "(prompt_embeds), it has no KV-prefix input. Serve it with `softprompts serve`, or train prompt tuning / "
+            "P-tuning for vLLM")
+    return adapter.artifact.embeds.detach().cpu().contiguous()
+
+
+def export_vllm(adapter: Adapter, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the soft prompt and what a vLLM client needs to use it (atomically: all files or none)."""
+    embeds = _soft_prompt(adapter)
+    config = {
+        "format": "softprompts-vllm-prompt-embeds",
+        "base_model": adapter.base_name,
+        "method": adapter.method,
+        "num_virtual_tokens": int(embeds.shape[0]),
+        "hidden_size": int(embeds.shape[1]),
+        "dtype": str(embeds.dtype).removeprefix("torch."),
+        "task": adapter.task,
+        "placement": "at the <|virtual|> marker of the rendered prompt, else before it",
+        "usage": "start vLLM with --enable-prompt-embeds; per request send {'model': ..., 'prompt_embeds': "
+                 "softprompts.interop.vllm.encode_prompt_embeds(prompt_embeds(model, tokenizer, soft_prompt, "
+                 "rendered_prompt)), ...} to /v1/completions (no chat template is applied: render it yourself)",
+    }
+    def write(tmp: Path) -> None:
+        save_file({"soft_prompt": embeds}, str(tmp / SOFT_PROMPT_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return atomic_directory(out, write, overwrite=overwrite)
+
+
+def load_soft_prompt(directory: str | Path) -> torch.Tensor:
+    """The ``[P, hidden]`` soft prompt of an ``export_vllm`` directory."""
+    return load_file(str(Path(directory) / SOFT_PROMPT_FILE))["soft_prompt"]
+
+
+def prompt_embeds(model, tokenizer, soft_prompt: torch.Tensor, prompt: str) -> torch.Tensor:
+    """``[T, hidden]``: the embeddings of ``prompt`` with ``soft_prompt [P, hidden]`` at its ``<|virtual|>`` marker
+    (first when there is none). ``model``: an HF model (or anything with ``get_input_embeddings``)."""
+    lead, marker, rest = prompt.partition(VIRTUAL)
+    if not marker:
+        lead, rest = "", prompt
+    if VIRTUAL in rest:
+        raise SoftpromptsError(f"the prompt has more than one {VIRTUAL} marker")
+    embedding = model.get_input_embeddings()
+    weight = embedding.weight
+    parts = []
+    with torch.no_grad():
+        for text in (lead, None, rest):
+            if text is None:
+                parts.append(soft_prompt.to(device=weight.device, dtype=weight.dtype))
+            elif text:
+                ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=weight.device)
+                parts.append(embedding(ids))
+    return torch.cat(parts, dim=0).cpu()
+
+
+def encode_prompt_embeds(embeds: torch.Tensor) -> str:
+    """What vLLM's ``prompt_embeds`` field takes: base64 of ``torch.save`` of the ``[T, hidden]`` tensor."""
+    if embeds.dim() != 2:
+        raise SoftpromptsError(f"prompt_embeds must be [seq_len, hidden], got shape {tuple(embeds.shape)}")
+    buffer = io.BytesIO()
+    torch.save(embeds.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_prompt_embeds(payload: str) -> torch.Tensor:
+    """The tensor of a ``prompt_embeds`` string, loaded the way vLLM loads it (``weights_only=True``)."""
+    return torch.load(io.BytesIO(base64.b64decode(payload)), weights_only=True)
+
+
+def completion_request(model_name: str, embeds: torch.Tensor, **fields) -> dict:
+    """A ``/v1/completions`` body for vLLM with ``embeds`` as the prompt (``max_tokens``, ``temperature``, ...)."""
+    return {"model": model_name, "prompt_embeds": encode_prompt_embeds(embeds), **fields}
+
+
+__all__ = ["VllmExportError", "completion_request", "decode_prompt_embeds", "encode_prompt_embeds", "export_vllm",
+           "load_soft_prompt", "prompt_embeds"]
