@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import save_tiny
 
 from softprompts.cli import main
@@ -55,7 +56,7 @@ def test_results_json_fields_hold_real_numbers(compared):
     results = json.loads((out / "results.json").read_text())
     assert results["primary_metric"] == "accuracy"
     methods = results["methods"]
-    assert {"prompt", "prefix", "peft:prompt", "peft:prefix"} <= set(methods)
+    assert {"prompt", "prefix", "peft:prompt", "peft:prefix", "peft:lora"} <= set(methods)
     for label, m in methods.items():
         assert m["failed"] == 0, (label, m["issues"])
         assert m["trainable_params"] > 0 and m["adapter_params"] > 0 and m["adapter_bytes"] > 0
@@ -97,7 +98,8 @@ def test_report_and_plots(compared):
     assert len(verdict) == 1 and f"`{winner}`" in verdict[0]
     assert report.index("## Recommendation") > report.index("## Results")
     for needle in ("| no adapter |", "| prompt |", "| peft:prefix |", "Side by side with Hugging Face PEFT",
-                   "**Size:**", "**Latency:**", "KV prefix vs soft prompt"):
+                   "**Size:**", "**Latency:**", "KV prefix vs soft prompt",
+                   "## How far from a weight adapter (PEFT LoRA)", "- LoRA (rank 8 on every linear layer"):
         assert needle in report, needle
     for name in ("learning_curves.png", "quality_vs_size.png", "latency.png"):
         data = (out / name).read_bytes()
@@ -113,10 +115,11 @@ def test_resume_skips_finished_runs_and_redoes_missing(compared, capsys):
     assert main(args + ["--baseline", "peft"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["resume"]["ran"] == ["prefix-seed0"]
-    assert set(results["resume"]["skipped"]) == {"prompt-seed0", "peft-prompt-seed0", "peft-prefix-seed0"}
+    assert set(results["resume"]["skipped"]) == {"prompt-seed0", "peft-prompt-seed0", "peft-prefix-seed0",
+                                                 "peft-lora-seed0"}
     assert finished.stat().st_mtime_ns == before[finished]
     assert redo.is_file()
-    assert "skipped 3 finished run(s)" in capsys.readouterr().err
+    assert "skipped 4 finished run(s)" in capsys.readouterr().err
 
 
 def test_other_settings_refused(compared):
@@ -197,3 +200,30 @@ def test_comparison_leaves_the_callers_config_alone(tmp_path):
     comparison = Comparison(config, CompareData(spec, [], [], []), tmp_path / "out")
     assert comparison.methods == ["ptuning", "prompt"]
     assert config.methods == ["p-tuning", "prompt_tuning"]
+
+
+def test_lora_run_leaves_the_base_model_as_it_was():
+    """LoRA wraps the model's own linear layers; after ``release`` the base is the same model (same modules, same
+    logits, frozen), so every run after it starts from the bare model."""
+    from tiny import tiny_base
+
+    from softprompts.compare.peft_baseline import LORA, PeftSpec, release, run_peft
+    from softprompts.data.datasets import build_examples
+    from softprompts.tasks import TaskSpec
+    from softprompts.training import TrainConfig
+
+    base = tiny_base("llama")
+    spec = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["negative", "positive"])
+    rows = [{"text": f"text {i}", "label": ["negative", "positive"][i % 2]} for i in range(8)]
+    examples, _ = build_examples(rows, spec.template, "classify", spec.labels)
+    ids = torch.tensor([base.tokenize("hello world")])
+    before = base.model(input_ids=ids).logits
+    modules = [type(m).__name__ for m in base.model.modules()]
+    config = TrainConfig(steps=3, lr=1e-2, batch_size=4, eval_every=0, progress=False)
+    result = run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], examples[:4], "accuracy")
+    assert result.trainable_params > 0 and result.steps_done == 3
+    assert any(hasattr(m, "lora_A") for m in base.model.modules())  # LoRA layers were in the model
+    release(result, base)
+    assert [type(m).__name__ for m in base.model.modules()] == modules
+    assert not any(p.requires_grad for p in base.model.parameters()) and not base.model.training
+    torch.testing.assert_close(base.model(input_ids=ids).logits, before)

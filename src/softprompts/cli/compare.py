@@ -29,7 +29,9 @@ def register(sub) -> None:
     add_chat_flags(p)
     p.add_argument("--labels", default=None, help="comma-separated label set")
     p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
-    p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT")
+    p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT, and "
+                   "PEFT LoRA (rank 8 on every linear layer, lr 1e-3) as the weight-adapter ceiling")
+    p.add_argument("--no-lora", action="store_true", help="with --baseline peft: skip the LoRA runs")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
     budget.add_argument("--minutes", type=finite, default=None, help="training minutes per run (steps estimated)")
@@ -99,7 +101,7 @@ def run(args) -> int:
     config = CompareConfig(
         model=model,
         methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
-        seeds=args.seeds, baseline=args.baseline,
+        seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,

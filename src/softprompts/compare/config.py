@@ -31,6 +31,7 @@ class CompareConfig:
     methods: list[str]
     seeds: int = 1
     baseline: str | None = None
+    lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling
     steps: int | None = 100
     minutes: float | None = None
     batch_size: int = 8

@@ -10,6 +10,11 @@ Evaluation goes through PEFT's own paths, as a PEFT user would get them: rank cl
 verbalization with the PEFT model's forward; generation uses ``PeftModel.generate`` (and PEFT's forward for the
 references' perplexity). The metric code is shared with our runs (``metrics.score_outputs``).
 
+LoRA (``LORA``) runs beside them as the ceiling: a weight adapter, PEFT's ``LoraConfig`` with ``LORA_OPTIONS`` (rank 8
+on every linear layer of the decoder: attention and MLP projections), trained the same way on the same batches with
+its own learning rate ``LORA_LR``. LoRA edits the model's modules in place; ``release`` takes them out again
+(``unload``), so the base is the same model for every run after it.
+
 Failures are detected and reported, never hidden: after training, a few dev prompts are decoded greedily by the
 PEFT model and by the bare model; if PEFT's forward changes the logits but its ``generate`` output is identical to
 the bare model's, the run is flagged ``generate ignores the adapter`` (PEFT 0.21 prefix tuning on transformers
@@ -57,6 +62,11 @@ PEFT_CONFIG_CLASSES = {"PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "Promp
                        "PREFIX_TUNING": "PrefixTuningConfig"}
 
 
+LORA = "lora"
+LORA_OPTIONS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+LORA_LR = 1e-3  # docs/RESULTS.md, "LoRA as the ceiling": the best of 3e-4 / 1e-3 / 3e-3 at 60 steps on mr
+
+
 @dataclass
 class PeftSpec:
     """One PEFT run: the method (our name), our method config (size, encoder, init) and the training config shared
@@ -68,14 +78,17 @@ class PeftSpec:
     """
 
     method: str
-    method_config: MethodConfig
+    method_config: MethodConfig | None  # None for LoRA (no method of ours)
     config: TrainConfig
     init_text: str | None = None
     hidden_size: int = 512  # the base model's hidden size (PEFT encoder widths default to it)
 
 
 def peft_config(peft, spec: PeftSpec, tokenizer_path: str | None):
-    """The PEFT config of our method's counterpart (``peft_type`` and ``peft_options`` on the method class)."""
+    """The PEFT config of our method's counterpart (``peft_type`` and ``peft_options`` on the method class), or
+    LoRA's."""
+    if spec.method == LORA:
+        return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, **LORA_OPTIONS)
     cls = method_class(spec.method)
     if cls.peft_type is None:
         raise SoftpromptsError(f"method {spec.method!r} has no PEFT counterpart")
@@ -202,10 +215,23 @@ def _save(model, directory: Path) -> tuple[int, int]:
     return sum(t.numel() for t in load_file(str(weights)).values()), weights.stat().st_size
 
 
-def release(result: PeftResult) -> None:
-    """Drop the PEFT wrapper (prompt-learning PEFT never edits the base model's modules)."""
-    result.model = None
+def _is_lora(model) -> bool:
+    config = model.peft_config.get(model.active_adapter)
+    kind = getattr(config, "peft_type", None)
+    return getattr(kind, "value", kind) == "LORA"
 
 
-__all__ = ["PEFT_CONFIG_CLASSES", "PeftMissingError", "PeftResult", "PeftSpec", "import_peft", "peft_config", "release",
-           "run_peft"]
+def release(result: PeftResult, base: BaseModel | None = None) -> None:
+    """Drop the PEFT wrapper; a LoRA wrapper's layers are taken out of the base model first (``unload``: the
+    original modules back, unmerged), and the base is frozen in eval mode again."""
+    model, result.model = result.model, None
+    if model is not None and _is_lora(model):
+        model.base_model.unload()  # LoraModel.unload: every LoRA layer replaced by the module it wrapped
+    if base is not None:
+        base.model.eval()
+        for p in base.model.parameters():
+            p.requires_grad_(False)
+
+
+__all__ = ["LORA", "LORA_LR", "LORA_OPTIONS", "PEFT_CONFIG_CLASSES", "PeftMissingError", "PeftResult", "PeftSpec",
+           "import_peft", "peft_config", "release", "run_peft"]

@@ -154,11 +154,32 @@ def _by_artifact(ours: dict[str, dict], primary: str) -> dict[str, tuple[str, di
     return kinds
 
 
+def lora_ceiling(methods: dict[str, dict], primary: str) -> list[str]:
+    """How far the best prompt method of ours is from PEFT LoRA (the weight adapter) in quality, size and latency."""
+    lora = methods.get("peft:lora")
+    if not lora or lora["failed"] == lora["seeds"] or not quality(lora, primary):
+        return []
+    ours = {k: v for k, v in methods.items() if v["impl"] == "softprompts" and quality(v, primary)}
+    ql = quality(lora, primary)
+    lines = [f"- LoRA (rank 8 on every linear layer, {lora['adapter_params']:,} parameters, "
+             f"{fmt_bytes(lora['adapter_bytes'])}): {fmt_stat(ql, primary)}."]
+    if ours:
+        best = max(ours, key=lambda k: quality(ours[k], primary)["mean"])
+        qb, m = quality(ours[best], primary), ours[best]
+        gap = (qb["mean"] - ql["mean"]) * SCALES.get(primary, 1.0)
+        size = lora["adapter_params"] / max(m["adapter_params"], 1)
+        lines.append(f"- The best prompt method, `{best}` ({fmt_stat(qb, primary)}), is {abs(gap):.1f}"
+                     f"{' points' if primary in SCALES else ''} {'above' if gap >= 0 else 'below'} LoRA with "
+                     f"{size:.1f}x fewer saved parameters ({m['adapter_params']:,}); unlike LoRA it can share one "
+                     "batch with other tasks' adapters in `softprompts serve`.")
+    return lines
+
+
 def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
     """One line per method run both ways: our quality vs PEFT's, and PEFT's detected failures."""
     lines = []
     for label, entry in methods.items():
-        if entry["impl"] != "peft":
+        if entry["impl"] != "peft" or entry["method"] == "lora":
             continue
         ours = methods.get(entry["method"])
         if entry["failed"] == entry["seeds"]:
@@ -176,4 +197,4 @@ def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
     return lines
 
 
-__all__ = ["SCALES", "fmt_bytes", "fmt_metric", "fmt_stat", "peft_comparison", "quality", "recommend"]
+__all__ = ["SCALES", "fmt_bytes", "fmt_metric", "fmt_stat", "lora_ceiling", "peft_comparison", "quality", "recommend"]

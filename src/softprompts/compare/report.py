@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from softprompts.compare.plots import write_plots
-from softprompts.compare.recommend import fmt_bytes, fmt_metric, fmt_stat, peft_comparison, recommend
+from softprompts.compare.recommend import fmt_bytes, fmt_metric, fmt_stat, lora_ceiling, peft_comparison, recommend
 from softprompts.metrics import PRIMARY_METRIC
 
 
@@ -76,6 +76,7 @@ def build_results(config, settings: dict, base: dict, runs: list[dict], machine:
         "base_model": base, "methods": methods, "runs": runs,
         "recommendation": recommend(methods, base, primary, test_n),
         "peft_comparison": peft_comparison(methods, primary),
+        "lora_ceiling": lora_ceiling(methods, primary),
     }
 
 
@@ -148,6 +149,8 @@ def render_report(results: dict, plots: list[str]) -> str:
     ]
     if results["peft_comparison"]:
         lines += ["## Side by side with Hugging Face PEFT", "", *results["peft_comparison"], ""]
+    if results.get("lora_ceiling"):
+        lines += ["## How far from a weight adapter (PEFT LoRA)", "", *results["lora_ceiling"], ""]
     lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     lines += ["## Recommendation", "", *results["recommendation"]["text"], ""]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from softprompts.compare.latency import (
     peak_memory_bytes,
     reset_peak_memory,
 )
-from softprompts.compare.peft_baseline import PeftSpec, import_peft, release, run_peft
+from softprompts.compare.peft_baseline import LORA, LORA_LR, PeftSpec, import_peft, release, run_peft
 from softprompts.compare.report import build_results, write_report
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
@@ -68,7 +68,8 @@ class Comparison:
     def _settings(self) -> dict:
         c = self.config
         return {
-            "model": c.model, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline, "steps": c.steps,
+            "model": c.model, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline, "lora": c.lora,
+            "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
             "sizes": {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)},
@@ -80,7 +81,7 @@ class Comparison:
         settings = self._settings()
         old = read_json_or_none(path)
         if old is not None:
-            fixed = [k for k in settings if k not in ("methods", "seeds", "baseline")]
+            fixed = [k for k in settings if k not in ("methods", "seeds", "baseline", "lora")]
             changed = [k for k in fixed if json.dumps(old.get(k), default=str) != json.dumps(settings[k], default=str)]
             if changed:
                 raise SoftpromptsError(
@@ -92,7 +93,10 @@ class Comparison:
         return settings
 
     def _train_config(self, method: str, seed: int, steps: int) -> TrainConfig:
-        lr = self.config.lr if self.config.lr is not None else method_class(method).default_lr
+        if method == LORA:  # a weight adapter's own scale: --lr is for the prompt methods
+            lr = LORA_LR
+        else:
+            lr = self.config.lr if self.config.lr is not None else method_class(method).default_lr
         return TrainConfig(steps=steps, lr=lr, batch_size=self.config.batch_size, eval_every=self.config.eval_every,
                            checkpoint_every=max(1, min(25, steps // 4 or 1)), seed=seed,
                            progress=self.config.progress).validate()
@@ -104,6 +108,8 @@ class Comparison:
         """``--steps``, or for ``--minutes`` the steps that fit: time 2 training steps of this method once."""
         if self.config.steps is not None:
             return self.config.steps
+        if method == LORA:  # the budget of the first method's runs (LoRA has no method of ours to time)
+            return self._steps_for(self.methods[0], settings)
         known = settings.setdefault("steps_per_method", {})
         if method not in known:
             probe = replace(self._train_config(method, 0, 2), progress=False, checkpoint_every=0)
@@ -183,11 +189,15 @@ class Comparison:
     def _peft_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
         spec = self.data.spec
         primary = PRIMARY_METRIC[spec.task]
-        m = self._method(method, seed)  # for its config only: PEFT gets the same P, encoder and init text as ours
-        init_text = task_init_text(spec.task, spec.labels) if m.config.init == "text" else None
-        peft_spec = PeftSpec(method, m.config, self._train_config(method, seed, steps), init_text=init_text,
-                             hidden_size=self.base.shapes.hidden_size)
-        del m
+        if method == LORA:
+            peft_spec = PeftSpec(LORA, None, self._train_config(method, seed, steps),
+                                 hidden_size=self.base.shapes.hidden_size)
+        else:
+            m = self._method(method, seed)  # for its config only: PEFT gets the same P, encoder and init text as ours
+            init_text = task_init_text(spec.task, spec.labels) if m.config.init == "text" else None
+            peft_spec = PeftSpec(method, m.config, self._train_config(method, seed, steps), init_text=init_text,
+                                 hidden_size=self.base.shapes.hidden_size)
+            del m
         measure = reset_peak_memory(self.base.device)
         started = time.perf_counter()
         bar = tqdm(total=steps, desc="train (peft)", disable=not self.config.progress, file=sys.stderr)
@@ -202,7 +212,7 @@ class Comparison:
                                   self.config.latency_repeats).to_json()
         latency = measure_hf_latency(res.model, self.base, prompt, self.config.latency_tokens,
                                      self.config.latency_repeats).to_json()
-        release(res)
+        release(res, self.base)
         return {
             "impl": "peft", "method": method, "seed": seed, "artifact": None, "steps": res.steps_done,
             "trainable_params": res.trainable_params, "adapter_params": res.saved_params,
@@ -225,6 +235,8 @@ class Comparison:
         jobs = [("softprompts", m, s) for m in self.methods for s in range(self.config.seeds)]
         if self.config.baseline == "peft":
             jobs += [("peft", m, s) for m in self.methods for s in range(self.config.seeds)]
+            if self.config.lora:  # the weight-adapter ceiling, on the same data, budget and batches
+                jobs += [("peft", LORA, s) for s in range(self.config.seeds)]
         base_result = self._base_run()
         self.base_dev = base_result["dev"] or None
         runs = []
