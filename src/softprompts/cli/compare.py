@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--labels", default=None, help="comma-separated label set")
     p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
     p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT, and "
-                   "PEFT LoRA (rank 8 on every linear layer, lr 1e-3) as the weight-adapter ceiling")
+                   "PEFT LoRA (rank 8 on every linear layer, lr 3e-4) as the weight-adapter ceiling")
     p.add_argument("--no-lora", action="store_true", help="with --baseline peft: skip the LoRA runs")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
