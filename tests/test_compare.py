@@ -86,6 +86,7 @@ def test_peft_prefix_generate_flagged(compared):
     if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24):
         assert "prefix ignored" in issues  # PEFT 0.21 drops the prefix in generate() on transformers >= 5.24
     assert "prefix ignored" not in " ".join(results["methods"]["peft:prompt"]["issues"])
+    assert "no effect" not in " ".join(results["methods"]["peft:lora"]["issues"])  # checked with LoRA switched off
 
 
 def test_report_and_plots(compared):

@@ -9,6 +9,7 @@ model on a few dev prompts.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -118,6 +119,12 @@ def make_evaluator(base: BaseModel, spec) -> EvalFn:
     return evaluate
 
 
+def bare_model(peft_model):
+    """A context in which ``base.model`` is the bare model again: LoRA lives inside the base's own modules, so its
+    layers must be switched off (``disable_adapter``); prompt-learning PEFT never touches them."""
+    return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+
+
 def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     """Check PEFT's ``generate`` against its own forward and the bare model on a few dev prompts.
 
@@ -134,7 +141,8 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
         mask = torch.ones_like(ids)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bare = base.model(input_ids=ids).logits[0, -1].float()
+            with bare_model(peft_model):
+                bare = base.model(input_ids=ids).logits[0, -1].float()
             adapted = peft_model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
             gen = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
                                       output_logits=True, return_dict_in_generate=True,
@@ -156,8 +164,9 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     if no_effect == len(prompts):
         issues.append("adapter has no effect: PEFT's forward logits equal the bare model's")
     if len({len(base.tokenize(p)) for p in prompts}) > 1:  # padding check, only where the bare model is exact
-        alone_bare = [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
-        bare_ok = hf_generate(base.model, base, prompts, 4) == alone_bare
+        with bare_model(peft_model):
+            alone_bare = [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
+            bare_ok = hf_generate(base.model, base, prompts, 4) == alone_bare
         alone = [hf_generate(peft_model, base, [p], max_new_tokens=4)[0] for p in prompts]
         if bare_ok and hf_generate(peft_model, base, prompts, 4) != alone:
             issues.append("left-padded batched generate() differs from generating each prompt alone "
@@ -165,5 +174,5 @@ def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
     return issues
 
 
-__all__ = ["EvalFn", "detect_issues", "hf_generate", "make_evaluator", "rank_classify", "reference_logprobs",
-           "train_batch"]
+__all__ = ["EvalFn", "bare_model", "detect_issues", "hf_generate", "make_evaluator", "rank_classify",
+           "reference_logprobs", "train_batch"]

@@ -34,6 +34,7 @@ from softprompts.compare.latency import (
     reset_peak_memory,
 )
 from softprompts.compare.peft_baseline import LORA, LORA_LR, PeftSpec, import_peft, release, run_peft
+from softprompts.compare.peft_eval import bare_model
 from softprompts.compare.report import build_results, write_report
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
@@ -208,8 +209,9 @@ class Comparison:
             bar.close()
         peak = peak_memory_bytes(self.base.device)
         prompt = self._prompt().replace(VIRTUAL, "")  # PEFT has no placement
-        bare = measure_hf_latency(self.base.model, self.base, prompt, self.config.latency_tokens,
-                                  self.config.latency_repeats).to_json()
+        with bare_model(res.model):  # LoRA sits inside the base's modules: timed switched off
+            bare = measure_hf_latency(self.base.model, self.base, prompt, self.config.latency_tokens,
+                                      self.config.latency_repeats).to_json()
         latency = measure_hf_latency(res.model, self.base, prompt, self.config.latency_tokens,
                                      self.config.latency_repeats).to_json()
         release(res, self.base)
