@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_base
+from tiny import perturb, tiny_base
 
 import softprompts as sp
 from softprompts.model.inject import VirtualContext, decode_step, forward
@@ -35,14 +35,6 @@ def make(base, method, **options):
     options.setdefault("num_virtual_tokens", len(base.tokenize(TEXT)))
     options.setdefault("init_text", TEXT)
     return sp.create_method(base, method, **options)
-
-
-def perturb(method, scale=0.5, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.float().std().item() or 1.0))
-    return method
 
 
 # (1) (2) per method: text init at step 0 == the model run with that text in front.

@@ -8,14 +8,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    T5Config,
 )
 
 from softprompts.model.base import BaseModel
+from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 
 SPECIALS = ["<pad>", "<eos>"]
 VOCAB = 256 + len(SPECIALS)
@@ -61,20 +65,55 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
+_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, pad_token_id=256, eos_token_id=257, decoder_start_token_id=256)
+SEQ2SEQ_CONFIGS = {
+    # T5 v1: relative position bias (no position ids), tied head with the d_model**-0.5 logit scale
+    "t5": lambda: T5Config(**_T5),
+    # T5 v1.1 / flan-T5 style: gated-GELU feed-forward, untied head, 3 decoder layers over 2 encoder layers
+    "t5-gated": lambda: T5Config(**{**_T5, "num_decoder_layers": 3}, feed_forward_proj="gated-gelu",
+                                 tie_word_embeddings=False),
+    # BART: learned absolute positions (offset 2) in both stacks, scaled embeddings, biases, layer norms
+    "bart": lambda: BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=256, eos_token_id=257,
+                               bos_token_id=257, decoder_start_token_id=257, forced_eos_token_id=None,
+                               scale_embedding=True),
+}
+SEQ2SEQ_ARCHS = list(SEQ2SEQ_CONFIGS)
+
+
 def tiny_model(arch: str, seed: int = 0):
+    """A tiny random model of ``arch`` (``ARCHS`` or ``SEQ2SEQ_ARCHS``)."""
     torch.manual_seed(seed)
+    if arch in SEQ2SEQ_CONFIGS:
+        return scaled_up(AutoModelForSeq2SeqLM.from_config(SEQ2SEQ_CONFIGS[arch](), dtype=torch.float32))
     config = CONFIGS[arch]()
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 256, 257, 257
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # random init of some archs is tiny: scale up so prefixes visibly matter
+    return scaled_up(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+def scaled_up(model):
+    """Random init of some archs is tiny: matrices drawn again with std 0.2 so prefixes visibly matter."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     return model
 
 
+def perturb(method, scale=0.5, seed=1):
+    """A method's parameters moved by seeded noise (its artifact then differs from its init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.float().std().item() or 1.0))
+    return method
+
+
 def tiny_base(arch: str, seed: int = 0) -> BaseModel:
-    return BaseModel(model=tiny_model(arch, seed), tokenizer=make_tokenizer(), name=f"tiny-{arch}")
+    kind = EncoderDecoderBase if arch in SEQ2SEQ_CONFIGS else BaseModel
+    return kind(model=tiny_model(arch, seed), tokenizer=make_tokenizer(), name=f"tiny-{arch}")
 
 
 def save_tiny(arch: str, directory: str | Path, seed: int = 0) -> Path:

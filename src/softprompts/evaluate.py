@@ -12,7 +12,10 @@ generate — greedy decoding with the adapter (``model/decode.py``), and the log
 under teacher forcing (the same sum as above with the target's tokens, for the perplexity).
 
 A soft prompt is turned into the exact KV prefix it produces once (``BaseModel.soft_prompt_to_kv``) before
-evaluating: the same outputs, without re-running the P virtual positions in every batch.
+evaluating: the same outputs, without re-running the P virtual positions in every batch. On an encoder-decoder base
+(T5, BART) the encoder reads the prompt and the decoder writes each verbalization / target, its end-of-sequence token
+included (``model/encoder_decoder_score.py``); soft prompts stay soft prompts there (no fixed KV in a bidirectional
+encoder).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
+from softprompts.model import encoder_decoder_score
 from softprompts.model.artifacts import Artifact, SoftPrompt
 from softprompts.model.decode import generate_ids
 from softprompts.model.generation import GREEDY, Sampling, eos_ids
@@ -35,6 +39,8 @@ def serving_artifact(base, artifact) -> Artifact | None:
     if artifact is None:
         return None
     artifact = artifact.to(base.device, base.dtype)
+    if base.is_encoder_decoder:  # a soft prompt in front of a bidirectional encoder has no fixed KV
+        return artifact
     return base.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
 
 
@@ -80,6 +86,8 @@ def row_label_scores(
     """Per prompt ``i`` a ``[C_i]`` tensor: the log-probability of each of ``verbalizations[i]`` (its own label set)
     after ``prompts[i]``. ``artifact``: shared, or one per prompt, so rows of different tasks share batches."""
     artifacts = _row_artifacts(base, artifact)
+    if base.is_encoder_decoder:
+        return _encoder_decoder_scores(base, artifacts, prompts, verbalizations, batch_size)
     scores = [torch.zeros(len(v)) for v in verbalizations]
     pad = base.pad_id
     if all(len(t) == 1 for v in verbalizations for t in v):  # one forward per example scores every label
@@ -104,6 +112,20 @@ def row_label_scores(
         for k, total in zip(chunk, token_lp.sum(1).cpu().tolist(), strict=True):
             i, c = pairs[k]
             scores[i][c] = total
+    return scores
+
+
+def _encoder_decoder_scores(base, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
+                            batch_size: int) -> list[torch.Tensor]:
+    """``row_label_scores`` on an encoder-decoder base: each verbalization written by the decoder, EOS included
+    (``model/encoder_decoder_score.py``)."""
+    pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations[i]))]
+    rows = [artifacts[i] for i, _ in pairs] if isinstance(artifacts, list) else [artifacts] * len(pairs)
+    totals = encoder_decoder_score.target_logprobs(base, rows, [prompts[i] for i, _ in pairs],
+                                                   [verbalizations[i][c] for i, c in pairs], batch_size)
+    scores = [torch.zeros(len(v)) for v in verbalizations]
+    for (i, c), total in zip(pairs, totals, strict=True):
+        scores[i][c] = total
     return scores
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -28,6 +29,7 @@ class BaseModel:
     shapes: ModelShapes = field(init=False)
     cache_keyword: str = field(init=False)
     plain_head: bool = field(init=False)
+    is_encoder_decoder: ClassVar[bool] = False  # EncoderDecoderBase (model/encoder_decoder_base.py) says True
 
     def __post_init__(self) -> None:
         freeze(self.model)

@@ -26,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
+from softprompts.model import encoder_decoder_generate
 from softprompts.model.artifacts import Artifact
+from softprompts.model.encoder_decoder import EncoderDecoderError
 from softprompts.model.generation import (
     GREEDY,
     ContextLengthError,
@@ -64,6 +66,10 @@ class DecodeBatch:
 
     def __init__(self, base, stop_default: frozenset[int] | None = None,
                  on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None) -> None:
+        if base.is_encoder_decoder:
+            raise EncoderDecoderError(
+                f"{base.name}: continuous batching (the server's decode loop) runs decoder-only models; "
+                "generate on an encoder-decoder model with decode_batch / softprompts generate")
         self.base = base
         self.eos = frozenset(eos_ids(base)) if stop_default is None else stop_default
         self.on_finish = on_finish or (lambda request, result: None)
@@ -286,6 +292,8 @@ def decode_batch(base, requests: list[GenerationRequest], stop_default: frozense
                  ) -> list[GenerationResult]:
     """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
     (default: the model's EOS, ``eos_ids``)."""
+    if base.is_encoder_decoder:
+        return encoder_decoder_generate.generate(base, requests, stop_default)
     batch = DecodeBatch(base, stop_default)
     results = batch.add(requests)
     while len(batch):

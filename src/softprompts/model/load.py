@@ -15,11 +15,12 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.base import BaseModel
 from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
+from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 
 DEFAULT_MODEL = EMBEDDED_NAME
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -106,6 +107,7 @@ def load_base(
     device_map: str | dict | None = None,
 ) -> BaseModel:
     """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
+    An encoder-decoder model (``config.is_encoder_decoder``: T5, BART families) loads as ``EncoderDecoderBase``.
 
     ``device``: ``None`` (default) leaves it where ``from_pretrained`` puts it (the CPU), ``"auto"`` puts it on the
     first CUDA GPU when one is visible, else on the CPU (what the command line does), or any torch device.
@@ -123,7 +125,9 @@ def load_base(
         check_reachable(path)
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM  # T5, BART families: the encoder-decoder LM
+        model = auto.from_pretrained(path, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -134,4 +138,4 @@ def load_base(
         model.to(target)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model=model, tokenizer=tokenizer, name=name)
+    return (EncoderDecoderBase if seq2seq else BaseModel)(model=model, tokenizer=tokenizer, name=name)

@@ -31,15 +31,24 @@ class ModelShapes:
     kv_heads: tuple[int, ...]  # H_l per layer
     head_dims: tuple[int, ...]  # D_l per layer
     dtype: str
+    # encoder-decoder models: the first `encoder_layers` KV layers are the encoder's self-attention, then the
+    # decoder's self-attention and cross-attention layers (model/encoder_decoder.py); 0 for decoder-only models
+    encoder_layers: int = 0
+
+    def _data(self) -> dict:
+        data = asdict(self)
+        if not self.encoder_layers:
+            data.pop("encoder_layers")  # decoder-only shapes (and their fingerprints) as before the field existed
+        return data
 
     def fingerprint(self) -> str:
         """Stable hash of the shapes an adapter depends on (dtype excluded: an adapter may run in bf16 or fp32)."""
-        data = asdict(self)
+        data = self._data()
         data.pop("dtype")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {**asdict(self), "kv_heads": list(self.kv_heads), "head_dims": list(self.head_dims)}
+        return {**self._data(), "kv_heads": list(self.kv_heads), "head_dims": list(self.head_dims)}
 
     @classmethod
     def from_json(cls, data: dict) -> ModelShapes:

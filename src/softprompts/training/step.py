@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from softprompts.model import encoder_decoder_score
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.model.inject import forward, hidden_at
-from softprompts.model.placement import place_rows
+from softprompts.model.placement import PlacementError, place, place_rows
 from softprompts.training.grad_checkpoint import checkpointing
 from softprompts.training.head_loss import head_cross_entropy_sum, labelled_rows
 
@@ -42,12 +43,26 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     logits are kept for the backward pass, unlabelled rows are never projected); otherwise HF's head at the label
     columns + ``cross_entropy`` (``plain_label_loss_sum``). Same value and gradients either way.
     """
+    if base.is_encoder_decoder:
+        return encoder_decoder_loss_sum(base, artifact, batch)
     if not base.plain_head:
         return plain_label_loss_sum(base, artifact, batch)
     keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
     ctx = place_rows(base, artifact, batch.leads)  # placement: the rows' leads in front of the soft prompt
     hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
     return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep)
+
+
+def encoder_decoder_loss_sum(base, artifact, batch) -> torch.Tensor:
+    """``label_loss_sum`` on an encoder-decoder base: the encoder reads each row's prompt (its lead placed in front
+    of the soft prompt), the decoder writes its target then EOS (``model/encoder_decoder_score.py``)."""
+    prompts, targets = encoder_decoder_score.rows_of_batch(batch.input_ids, batch.attention_mask, batch.labels)
+    if batch.leads and any(batch.leads):
+        if len({tuple(lead) for lead in batch.leads}) > 1:
+            raise PlacementError("rows of one batch with different text before the soft prompt on an "
+                                 "encoder-decoder model; give them one lead")
+        artifact = place(base, artifact, batch.leads[0])
+    return encoder_decoder_score.loss_sum(base, artifact, prompts, targets)
 
 
 def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
