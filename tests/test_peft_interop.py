@@ -238,6 +238,38 @@ def test_cli_import_and_export(tmp_path, capsys):
     assert torch.equal(exported, load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"])
 
 
+# ---- encoder-decoder: SEQ_2_SEQ_LM soft prompts in front of the encoder ------------------------------------------
+@pytest.mark.injection
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_seq2seq_soft_prompt_export_loads_in_peft_and_imports_back(tmp_path, arch, method):
+    from softprompts.model.encoder_decoder import forward as seq2seq_forward
+
+    base = base_of(arch)
+    adapter = trained_adapter(base, method)
+    out = export_peft(adapter, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["task_type"], config["num_transformer_submodules"]) == ("SEQ_2_SEQ_LM", 1)
+    model = peft.PeftModel.from_pretrained(tiny_model(arch), str(out)).eval()
+    ids, mask = batch(base, "right")
+    decoder = torch.tensor([[base.decoder_start_id, 5, 6]] * 2)
+    ours = seq2seq_forward(base, sp.VirtualContext.broadcast(adapter.artifact, 2), ids, mask, decoder, None).logits
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        plain = base.model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
+    assert (plain - theirs).abs().max() > 1e-2
+    back = import_peft(out, base)
+    assert torch.equal(back.artifact.embeds, adapter.artifact.embeds)
+    with pytest.raises(PeftImportError, match="base model is an encoder-decoder"):
+        import_peft(export_peft(trained_adapter(base_of("llama"), method), tmp_path / "causal"), base)
+
+
+def test_seq2seq_prefix_export_is_refused():
+    with pytest.raises(PeftExportError, match="decoder only"):
+        to_peft(trained_adapter(base_of("t5"), "prefix"))
+
+
 # ---- malformed and unsupported PEFT directories ----------------------------------------------------------------
 def write_peft(directory, config: dict, tensors: dict | None = None):
     directory.mkdir(parents=True, exist_ok=True)
@@ -258,7 +290,11 @@ PROMPT = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_t
         ({**PROMPT, "peft_type": "MULTITASK_PROMPT_TUNING"}, {"prompt_embeddings": torch.zeros(3, 32)},
          "not supported"),
         ({**PROMPT, "task_type": "SEQ_2_SEQ_LM", "num_transformer_submodules": 2},
-         {"prompt_embeddings": torch.zeros(6, 32)}, "decoder-only"),
+         {"prompt_embeddings": torch.zeros(6, 32)}, "encoder only"),
+        ({**PROMPT, "task_type": "SEQ_2_SEQ_LM", "num_transformer_submodules": 1},
+         {"prompt_embeddings": torch.zeros(3, 32)}, "base model is decoder-only"),
+        ({**PROMPT, "task_type": "SEQ_2_SEQ_LM", "peft_type": "PREFIX_TUNING", "num_transformer_submodules": 1},
+         {"prompt_embeddings": torch.zeros(3, 32)}, "decoder only"),
         (PROMPT, {"prompt_embeddings": torch.zeros(3, 48)}, "hidden size 32"),
         (PROMPT, {"prompt_embeddings": torch.zeros(4, 32)}, "num_virtual_tokens is 3"),
         (PROMPT, {"embedding.weight": torch.zeros(3, 32)}, "not 'prompt_embeddings'"),

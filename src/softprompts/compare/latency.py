@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from softprompts.model import encoder_decoder
 from softprompts.model.base import BaseModel
-from softprompts.model.inject import decode_step, forward
+from softprompts.model.inject import VirtualContext, decode_step, forward
 
 
 @dataclass
@@ -65,9 +66,15 @@ def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new
     """TTFT and per-token latency of our decode loop for one prompt (text or token ids) with ``artifact`` (None =
     bare model)."""
     ids = torch.tensor([prompt if isinstance(prompt, list) else base.tokenize(prompt)], device=base.device)  # [1, T]
+    seq2seq = base.is_encoder_decoder  # the encoder reads the prompt, the decoder starts from its start token
+    start = torch.tensor([[base.decoder_start_id]], device=base.device) if seq2seq else None
 
     def prefill():
-        state = forward(base, artifact, ids, use_cache=True)
+        if seq2seq:
+            state = encoder_decoder.forward(base, VirtualContext.broadcast(artifact, 1), ids, None, start, None,
+                                            use_cache=True)
+        else:
+            state = forward(base, artifact, ids, use_cache=True)
         return state, state.logits[:, -1].argmax(-1)
 
     ttft = _median_ms(prefill, repeats, base.device)
@@ -75,7 +82,10 @@ def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new
     def decode_all() -> None:
         state, token = prefill()
         for _ in range(new_tokens - 1):
-            state = decode_step(base, state, token)
+            if seq2seq:
+                state = encoder_decoder.decode_more(base, state, token[:, None])
+            else:
+                state = decode_step(base, state, token)
             token = state.logits[:, -1].argmax(-1)
 
     total = _median_ms(decode_all, repeats, base.device)

@@ -234,6 +234,11 @@ class Comparison:
             import_peft()  # fail before any training if it is missing
         if self.base is None:
             self.base = load_base(self.config.model, device="auto")
+        if self.config.baseline == "peft" and self.base.is_encoder_decoder:
+            raise SoftpromptsError(
+                f"--baseline peft runs on decoder-only models; {self.config.model} is an encoder-decoder model "
+                "(PEFT puts its seq2seq prefixes in the decoder only, and the LoRA ceiling is not wired for it): "
+                "drop --baseline peft")
         jobs = [("softprompts", m, s) for m in self.methods for s in range(self.config.seeds)]
         if self.config.baseline == "peft":
             jobs += [("peft", m, s) for m in self.methods for s in range(self.config.seeds)]

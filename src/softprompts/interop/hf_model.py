@@ -209,6 +209,17 @@ def _refuse(kwargs: dict, where: str) -> None:
 
 
 def _base(model) -> BaseModel:
+    config = getattr(getattr(model, "model", model), "config", None)
+    base = None if getattr(config, "is_encoder_decoder", False) else _any_base(model)
+    if base is None or base.is_encoder_decoder:
+        name = getattr(base, "name", None) or getattr(model, "name_or_path", None) or type(model).__name__
+        raise SoftpromptsError(
+            f"sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
+            "encoder-decoder model: train it with softprompts train / sp.train")
+    return base
+
+
+def _any_base(model) -> BaseModel:
     if isinstance(model, BaseModel):
         return model
     if isinstance(model, str | Path):

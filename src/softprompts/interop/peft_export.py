@@ -63,8 +63,14 @@ def to_peft(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     """PEFT's ``adapter_config.json`` content and tensors (``{"prompt_embeddings": ...}``) for ``adapter``."""
     artifact = adapter.artifact
     shapes = adapter.base_shapes
+    seq2seq = bool(shapes.encoder_layers)  # PEFT's SEQ_2_SEQ_LM: the soft prompt in front of the encoder input only
+    if seq2seq and isinstance(artifact, KVPrefix):
+        raise PeftExportError(
+            "PEFT's SEQ_2_SEQ_LM prefix tuning puts keys/values in the decoder only; this adapter also has the "
+            "encoder's self-attention and the cross-attention prefixes (Li & Liang), which PEFT's format cannot hold. "
+            "Serve it with softprompts, or export a prompt-tuning / P-tuning adapter")
     common = {
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "inference_mode": True,
         "num_virtual_tokens": artifact.length,
         "num_transformer_submodules": 1,

@@ -77,11 +77,18 @@ def read_peft(directory: str | Path) -> PeftAdapter:
             f"({', '.join(PEFT_TYPES)}), not weight adapters such as LoRA"
         )
     task_type = config.get("task_type")
-    if task_type not in (None, "CAUSAL_LM") or config.get("num_transformer_submodules", 1) not in (None, 1):
+    if task_type not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM") or config.get("num_transformer_submodules", 1) not in (
+            None, 1):
         raise PeftImportError(
             f"{directory}: task_type {task_type!r} (num_transformer_submodules="
-            f"{config.get('num_transformer_submodules')}) is not supported; only decoder-only CAUSAL_LM adapters are"
+            f"{config.get('num_transformer_submodules')}) is not supported; CAUSAL_LM adapters and SEQ_2_SEQ_LM "
+            "soft prompts in front of the encoder only (num_transformer_submodules=1) are"
         )
+    if task_type == "SEQ_2_SEQ_LM" and peft_type == "PREFIX_TUNING":
+        raise PeftImportError(
+            f"{directory}: PEFT's SEQ_2_SEQ_LM prefix tuning puts keys/values in the decoder only, which is not "
+            "prefix tuning as softprompts runs it on encoder-decoder models (encoder, decoder and cross-attention); "
+            "train it with softprompts instead")
     weights = directory / PEFT_WEIGHTS_FILE
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle and is never loaded: re-save with safe_serialization=True)" if (
@@ -120,6 +127,12 @@ def peft_rows_to_prefix(rows: torch.Tensor, layers: int, heads: int, dim: int) -
 def _artifact(peft: PeftAdapter, kind: str, shapes: ModelShapes, where: str) -> Artifact:
     """Validate ``peft.embeddings`` against the base model's shapes and convert it to our artifact."""
     rows = peft.embeddings
+    seq2seq_adapter = peft.config.get("task_type") == "SEQ_2_SEQ_LM"
+    if seq2seq_adapter != bool(shapes.encoder_layers):
+        raise PeftImportError(
+            f"{where}: a {peft.config.get('task_type') or 'CAUSAL_LM'} adapter for "
+            f"{'an encoder-decoder' if seq2seq_adapter else 'a decoder-only'} model, but the base model is "
+            f"{'decoder-only' if seq2seq_adapter else 'an encoder-decoder'}; pass its base with --model")
     if kind == SoftPrompt.kind:
         if rows.shape[1] != shapes.hidden_size:
             raise PeftImportError(

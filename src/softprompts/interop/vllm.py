@@ -56,6 +56,10 @@ def _soft_prompt(adapter: Adapter) -> torch.Tensor:
 
 def export_vllm(adapter: Adapter, out: str | Path, overwrite: bool = False) -> Path:
     """Write the soft prompt and what a vLLM client needs to use it (atomically: all files or none)."""
+    if adapter.base_shapes.encoder_layers:
+        raise VllmExportError(
+            f"{adapter.base_name} is an encoder-decoder model; vLLM's prompt_embeds input is for decoder-only "
+            "models. Serve this adapter with softprompts generate / eval or the Python API")
     embeds = _soft_prompt(adapter)
     config = {
         "format": "softprompts-vllm-prompt-embeds",
