@@ -250,3 +250,13 @@ def test_decode_keeps_the_cross_attention_prefix_across_steps(base):
     assert cross.shape[2] == artifact.length + x.shape[1]
     torch.testing.assert_close(cross[0, :, : artifact.length], artifact.keys[base.layout.encoder_layers
                                                                               + base.layout.decoder_layers])
+
+
+def test_text_api_and_the_decoder_only_path(base):
+    art = perturb(make(base, "prefix")).materialize()
+    logits = sp.next_token_logits(base, "the input", art)
+    x, start = ids(base, "the input"), decoder_input(base, "")
+    assert torch.equal(logits, forward(base, VirtualContext.broadcast(art, 1), x, None, start, None).logits[0, -1])
+    assert isinstance(sp.generate(base, "the input", art, max_new_tokens=3), str)
+    with pytest.raises(sp.SoftpromptsError, match="encoder-decoder"):
+        sp.forward(base, art, x)  # the decoder-only injection refuses instead of failing inside the model

@@ -80,11 +80,14 @@ def test_peft_export_of_a_soft_prompt_and_refusals(env, tmp_path, capsys):
         (["compare", "--model", str(env["model"]), "--data", str(env["data"]), *TASK, "--methods", "prompt",
           "--baseline", "peft", "--steps", "1", "--out", str(tmp_path / "c"), "--no-progress"], "--baseline peft"),
     ]
+    for flag in ("--compile", "--gradient-checkpointing"):
+        refusals.append((["train", "--model", str(env["model"]), "--data", str(env["data"]), *TASK, "--steps", "1",
+                          "--out", str(tmp_path / "t"), "--no-progress", flag], f"{flag} runs on decoder-only"))
     for argv, message in refusals:
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
-    assert not (tmp_path / "q").exists() and not (tmp_path / "v").exists()
+    assert not any((tmp_path / name).exists() for name in ("q", "v", "t"))
     with pytest.raises(sp.SoftpromptsError, match="encoder-decoder"):
         sp.wrap(str(env["model"]), "prompt")

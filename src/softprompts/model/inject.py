@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
 from softprompts.model.probe import new_cache
 
@@ -144,6 +145,9 @@ def _model_inputs(
 
     Returns ``(kwargs, ctx, next_positions [B], full_mask [B, Pk + Ps + T])``.
     """
+    if getattr(base, "is_encoder_decoder", False):
+        raise SoftpromptsError(f"{base.name} is an encoder-decoder model: run it through model/encoder_decoder.py "
+                               "(forward with encoder and decoder inputs), not the decoder-only injection")
     model = base.model
     batch = input_ids.shape[0]
     device = input_ids.device

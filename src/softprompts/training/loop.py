@@ -111,6 +111,10 @@ def train(
     config.validate()
     if config.autocast_bf16 and base.device.type != "cuda":
         raise SoftpromptsError(f"--bf16 (bf16 autocast) needs a CUDA device; the base model is on {base.device}")
+    if base.is_encoder_decoder and (config.compile or config.gradient_checkpointing):
+        flag = "--compile" if config.compile else "--gradient-checkpointing"
+        raise SoftpromptsError(f"{flag} runs on decoder-only models; {base.name} is an encoder-decoder model: train "
+                               f"it without {flag}")
     dist = dist or Distributed()
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt = checkpoint_path(out_dir) if out_dir is not None else None
