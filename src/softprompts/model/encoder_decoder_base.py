@@ -1,7 +1,7 @@
 """A frozen encoder-decoder base (``AutoModelForSeq2SeqLM``: T5, BART families) with its probed KV layout.
 
 Shapes are measured, as for decoder-only models: one forward of ``[1, 2]`` encoder and decoder tokens with every
-encoder self-attention handed an empty cache (``encoder_attentions.encoder_prefix(..., capture=)``) reads, per
+encoder self-attention handed an empty cache (``encoder_decoder.encoder_prefix(..., capture=)``) reads, per
 layer, the key/value heads ``H_l`` and head dim ``D_l`` of the encoder's self-attention, the decoder's
 self-attention and its cross-attention, in the ``KVLayout`` order (``encoder_decoder.py``).
 """
