@@ -203,7 +203,7 @@ def test_disconnected_client_frees_its_row(server, stream, monkeypatch):
         time.sleep(0.02)
     assert finished(state, "cancelled") == before + 1
     wait_idle(state)
-    assert state.scheduler.running == 0 and state.scheduler._reserved == 0
+    assert state.scheduler.running == 0 and state.scheduler.admission.reserved == 0
     after = client.completions.create(model="soft", prompt="still here", max_tokens=2, temperature=0)
     assert after.choices[0].finish_reason in ("length", "stop") and math.isfinite(after.usage.total_tokens)
 

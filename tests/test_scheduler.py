@@ -11,10 +11,11 @@ import torch
 from test_engine import artifacts
 from tiny import tiny_base
 
-from softprompts.model.decode import ChunkedPrefill, DecodeBatch
+from softprompts.model.chunked_prefill import ChunkedPrefill
+from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve import Engine, Overloaded, Scheduler, ScoreRequest
-from softprompts.serve.scheduler import kv_bytes_per_token
+from softprompts.serve.admission import kv_bytes_per_token
 
 PROMPTS = ["abc", "hello there", "x", "some longer prompt", "qq", "zz top", "a much longer prompt than the rest"]
 
@@ -141,7 +142,7 @@ def test_cancelled_row_leaves_and_others_finish(scheduler_factory):
     deadline = time.time() + 10
     while sched.running and time.time() < deadline:
         time.sleep(0.01)
-    assert sched.running == 0 and sched._reserved == 0  # the cancelled row released its KV reservation
+    assert sched.running == 0 and sched.admission.reserved == 0  # the cancelled row released its KV reservation
 
 
 @pytest.mark.parametrize("where", ["request", "scheduler default"])
@@ -258,5 +259,5 @@ def test_scheduler_chunks_long_prompts_and_cancels_them(scheduler_factory):
             time.sleep(0.01)
     finally:
         ChunkedPrefill.advance = step
-    assert doomed.cancelled() and sched.running == 0 and sched._reserved == 0
+    assert doomed.cancelled() and sched.running == 0 and sched.admission.reserved == 0
     assert 'softprompts_finished_rows_total{reason="cancelled"} 1.0' in sched.metrics.render().decode()

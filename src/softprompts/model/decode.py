@@ -28,20 +28,20 @@ import torch
 
 from softprompts.model import encoder_decoder_generate
 from softprompts.model.artifacts import Artifact
+from softprompts.model.chunked_prefill import ChunkedPrefill
 from softprompts.model.encoder_decoder import EncoderDecoderError
 from softprompts.model.generation import (
     GREEDY,
-    ContextLengthError,
     GenerationRequest,
     GenerationResult,
     Sampling,
-    check_length,
+    check_request,
     choose_next,
     eos_ids,
     left_pad,
     token_logprobs,
 )
-from softprompts.model.inject import Prefill, VirtualContext, decode_step, extend, forward
+from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
 from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
 from softprompts.model.probe import new_cache
 
@@ -245,48 +245,6 @@ class DecodeBatch:
                              next_positions=self.state.next_positions)
 
 
-def check_request(base, request: GenerationRequest) -> None:
-    """The server's rule, everywhere: ``max_new_tokens >= 0`` and prompt + virtual + new tokens within the context."""
-    if request.max_new_tokens < 0:
-        raise ContextLengthError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
-    check_length(base.context_limit, len(request.prompt_ids), request.artifact.length if request.artifact else 0,
-                 request.max_new_tokens)
-
-
-class ChunkedPrefill:
-    """One request's prompt prefilled ``chunk`` tokens per ``advance()`` into a cache of its own, so that a long
-    prompt delays the running rows by one chunk per step instead of its whole prefill; ``DecodeBatch.join`` makes it
-    a row once ``done``. Chunk ``k`` is ``inject.extend`` over the cache of chunks ``< k`` (the first one injects the
-    artifact): the same state as a one-shot prefill (``tests/test_scheduler.py``)."""
-
-    def __init__(self, base, request: GenerationRequest, chunk: int) -> None:
-        check_request(base, request)
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.base, self.request, self.chunk = base, request, chunk
-        self.result = GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(request.prompt_ids))
-        self.state: Prefill | None = None
-        self.position = 0  # prompt tokens prefilled so far
-        self.started = time.perf_counter()
-
-    @property
-    def done(self) -> bool:
-        return self.position == len(self.request.prompt_ids)
-
-    @torch.no_grad()
-    def advance(self) -> int:
-        """Prefill the next chunk; returns how many tokens it held."""
-        end = min(self.position + self.chunk, len(self.request.prompt_ids))
-        ids = torch.tensor([self.request.prompt_ids[self.position : end]], device=self.base.device)  # [1, n]
-        if self.state is None:
-            last = torch.tensor([ids.shape[1] - 1], device=self.base.device)
-            self.state = forward(self.base, self.request.artifact, ids, use_cache=True, logits_positions=last)
-        else:
-            self.state = extend(self.base, self.state, ids)
-        count, self.position = end - self.position, end
-        return count
-
-
 @torch.no_grad()
 def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
                  ) -> list[GenerationResult]:
@@ -319,4 +277,4 @@ def generate_ids(
     return [result.tokens for result in decode_batch(base, requests)]
 
 
-__all__ = ["ChunkedPrefill", "DecodeBatch", "check_request", "decode_batch", "generate_ids"]
+__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]

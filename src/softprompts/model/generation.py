@@ -156,5 +156,13 @@ def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_to
         )
 
 
+def check_request(base, request: GenerationRequest) -> None:
+    """The server's rule, everywhere: ``max_new_tokens >= 0`` and prompt + virtual + new tokens within the context."""
+    if request.max_new_tokens < 0:
+        raise ContextLengthError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+    check_length(base.context_limit, len(request.prompt_ids), request.artifact.length if request.artifact else 0,
+                 request.max_new_tokens)
+
+
 __all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "TokenLogprob",
-           "check_length", "choose_next", "eos_ids", "left_pad", "token_logprobs"]
+           "check_length", "check_request", "choose_next", "eos_ids", "left_pad", "token_logprobs"]

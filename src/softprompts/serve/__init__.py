@@ -8,10 +8,11 @@ admission control on a worker thread), ``http`` (FastAPI app, imported lazily: t
 """
 
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
+from softprompts.serve.admission import Overloaded
 from softprompts.serve.engine import Engine, ScoreRequest
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.registry import InvalidAdapterName, Registry, UnknownAdapter, check_name
-from softprompts.serve.scheduler import Overloaded, Scheduler
+from softprompts.serve.scheduler import Scheduler
 
 __all__ = [
     "ContextLengthError", "Engine", "GenerationRequest", "GenerationResult", "InvalidAdapterName", "Metrics",

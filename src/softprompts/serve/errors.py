@@ -31,8 +31,8 @@ from starlette.exceptions import HTTPException
 from softprompts.adapter import AdapterError
 from softprompts.errors import SoftpromptsError
 from softprompts.model.generation import ContextLengthError
+from softprompts.serve.admission import Overloaded
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter
-from softprompts.serve.scheduler import Overloaded
 from softprompts.serve.schemas import UNSUPPORTED
 
 log = logging.getLogger("softprompts.serve")

@@ -6,8 +6,8 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
     2. admit waiting generation requests, first come first served, while the running rows stay within
        ``max_running`` and the KV they may hold within ``max_kv_bytes``; prefill them together (at most
        ``prefill_chunk`` prompt tokens) and let them join the running batch (``model/decode.DecodeBatch``). A prompt
-       longer than ``prefill_chunk`` is prefilled alone, one chunk per step (``model/decode.ChunkedPrefill``), so
-       the running rows wait one chunk per step, never a whole long prefill (``benchmarks/prefill_stall.py``)
+       longer than ``prefill_chunk`` is prefilled alone, one chunk per step (``model/chunked_prefill.py``), so the
+       running rows wait one chunk per step, never a whole long prefill (``benchmarks/prefill_stall.py``)
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 
@@ -15,10 +15,8 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
 a batch is formed from the requests arriving within ``window_s`` of the first and runs to its end before the next
 one starts, so a request arriving meanwhile waits for the longest request in flight.
 
-A request's KV is counted at its worst case, ``(virtual + prompt + max_new_tokens) x bytes per token`` (per-token
-bytes from the probed per-layer key/value heads and head dims). Beyond ``max_waiting`` queued requests, or for a
-request that alone exceeds the KV budget, ``submit`` raises ``Overloaded`` (HTTP 429 with ``Retry-After``) instead
-of letting memory grow. Each row's tokens are what the request gives alone, whatever joins or leaves around it.
+Beyond the bounds of ``admission.py`` ``submit`` raises ``Overloaded`` (HTTP 429). Each row's tokens are what the
+request gives alone, whatever joins or leaves around it.
 """
 
 from __future__ import annotations
@@ -29,19 +27,12 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import ChunkedPrefill, DecodeBatch
+from softprompts.model.chunked_prefill import ChunkedPrefill
+from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, GenerationResult
+from softprompts.serve.admission import Admission
 from softprompts.serve.engine import Engine, OneStepRequest
 from softprompts.serve.metrics import Metrics
-
-
-class Overloaded(SoftpromptsError):
-    """Admission control refused a request; ``retry_after`` seconds is the advice."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -54,13 +45,6 @@ class _Job:
     kv_bytes: int = 0
 
 
-def kv_bytes_per_token(base) -> int:
-    """Bytes one position of every layer's keys and values takes: ``sum_l 2 * H_l * D_l * element size``."""
-    shapes = base.shapes
-    element = base.model.get_input_embeddings().weight.element_size()
-    return sum(2 * h * d * element for h, d in zip(shapes.kv_heads, shapes.head_dims, strict=True))
-
-
 class Scheduler:
     """``submit(request) -> Future`` of a ``GenerationResult`` (or of what ``Engine.one_step`` answers for a scoring
     or prompt-logprobs request)."""
@@ -71,15 +55,13 @@ class Scheduler:
         self.engine = engine
         self.timeout_s = timeout_s  # the default deadline of a request (None: none)
         self.window_s = window_s
-        self.max_running, self.max_waiting = max_running, max_waiting
-        self.max_kv_bytes, self.prefill_chunk = max_kv_bytes, prefill_chunk
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
-        self.per_token = kv_bytes_per_token(engine.base)
+        self.admission = Admission(engine.base, max_running, max_waiting, max_kv_bytes, self.metrics)
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, _Job] = {}  # id(request) -> job, for the running rows
         self._prefilling: deque[tuple[_Job, ChunkedPrefill]] = deque()  # long prompts, one chunk per step
         self._batch = DecodeBatch(engine.base, engine.eos_ids, on_finish=self._finished)
-        self._reserved = 0  # worst-case KV bytes of the running rows
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -108,18 +90,10 @@ class Scheduler:
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         timeout_s = timeout_s or self.timeout_s
-        job = _Job(request, deadline=time.perf_counter() + timeout_s if timeout_s else None)
-        if isinstance(request, GenerationRequest):
-            virtual = request.artifact.length if request.artifact is not None else 0
-            job.kv_bytes = (virtual + len(request.prompt_ids) + request.max_new_tokens) * self.per_token
-            if self.max_kv_bytes is not None and job.kv_bytes > self.max_kv_bytes:
-                self.metrics.rejected.labels("kv_budget").inc()
-                raise Overloaded(f"the request needs {job.kv_bytes / 2**20:.1f} MiB of KV cache, more than this "
-                                 f"server's budget of {self.max_kv_bytes / 2**20:.1f} MiB; shorten it", retry_after=60)
+        job = _Job(request, deadline=time.perf_counter() + timeout_s if timeout_s else None,
+                   kv_bytes=self.admission.cost(request))
         with self._cv:
-            if len(self._waiting) >= self.max_waiting:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded(f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly")
+            self.admission.check_queue(len(self._waiting))
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._cv.notify()
@@ -179,7 +153,7 @@ class Scheduler:
             if self.running or first is None:
                 return []
             wait = first.submitted + self.window_s - time.perf_counter()
-            if wait > 0 and len(self._waiting) < self.max_running:
+            if wait > 0 and len(self._waiting) < self.admission.max_running:
                 self._cv.wait(wait)  # collect the window (the lock is released while waiting), then look again
                 return []
         for job in list(self._waiting):
@@ -190,8 +164,7 @@ class Scheduler:
                 continue
             length = len(job.request.prompt_ids) + (job.request.artifact.length if job.request.artifact else 0)
             batched = not self._chunked(job)
-            fits = (self.running + len(admitted) < self.max_running
-                    and (self.max_kv_bytes is None or self._reserved + job.kv_bytes <= self.max_kv_bytes)
+            fits = (self.admission.fits(self.running + len(admitted), job.kv_bytes)
                     and (not batched or not prompt_tokens or self.window_s is not None
                          or prompt_tokens + len(job.request.prompt_ids) <= self.prefill_chunk)
                     and self._batch.can_join(length))
@@ -200,7 +173,7 @@ class Scheduler:
             self._waiting.remove(job)
             admitted.append(job)
             prompt_tokens += len(job.request.prompt_ids) if batched else 0
-            self._reserved += job.kv_bytes
+            self.admission.reserved += job.kv_bytes
         return admitted
 
     def _join(self, jobs: list[_Job]) -> None:
@@ -263,7 +236,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a failing step fails its rows, never the worker
             self._fail_all(exc, waiting=False)
         self.metrics.running.set(len(self._batch))
-        self.metrics.kv_bytes.set(len(self._batch) * self._batch.cache_length() * self.per_token)
+        self.metrics.kv_bytes.set(len(self._batch) * self._batch.cache_length() * self.admission.per_token)
 
     def _drop_abandoned(self) -> None:
         now = time.perf_counter()
@@ -290,7 +263,7 @@ class Scheduler:
 
     def _release(self, job: _Job) -> None:
         with self._cv:
-            self._reserved -= job.kv_bytes
+            self.admission.reserved -= job.kv_bytes
             self._jobs.pop(id(job.request), None)
 
     def _score(self, jobs: list[_Job]) -> None:
@@ -325,4 +298,4 @@ class Scheduler:
             self._waiting.clear()
 
 
-__all__ = ["Overloaded", "Scheduler", "kv_bytes_per_token"]
+__all__ = ["Scheduler"]

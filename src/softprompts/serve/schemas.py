@@ -63,15 +63,11 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class CompletionBody(OpenAIFields):
-    """OpenAI ``/v1/completions``; ``top_k`` is an extension. ``logprobs: k``: each token's log-probability and its
-    top ``k`` alternatives; ``echo``: the prompt comes back before the completion (with its own token logprobs when
-    ``logprobs`` is set), and ``max_tokens: 0`` then scores the prompt only (loglikelihood evaluation). ``n``
-    choices per prompt, choice ``j`` sampled with ``seed + j``."""
+class GenerationFields(OpenAIFields):
+    """What completions and chat completions share: the model to run, sampling, stops, streaming and ``n``
+    choices (choice ``j`` sampled with ``seed + j``)."""
 
     model: str = Field(min_length=1, description="an adapter name or `base`", json_schema_extra=_NAMED)
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -80,6 +76,16 @@ class CompletionBody(OpenAIFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+
+
+class CompletionBody(GenerationFields):
+    """OpenAI ``/v1/completions``; ``top_k`` is an extension. ``logprobs: k``: each token's log-probability and its
+    top ``k`` alternatives; ``echo``: the prompt comes back before the completion (with its own token logprobs when
+    ``logprobs`` is set), and ``max_tokens: 0`` then scores the prompt only (loglikelihood evaluation). ``n``
+    choices per prompt, choice ``j`` sampled with ``seed + j``."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    max_tokens: int = Field(16, ge=0)
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -121,23 +127,14 @@ class ResponseFormat(Body):
     type: str = "text"  # only "text" is served (json_object / json_schema: a 400 naming response_format)
 
 
-class ChatBody(OpenAIFields):
+class ChatBody(GenerationFields):
     """OpenAI ``/v1/chat/completions``; the conversation is rendered with the model's chat template (and an adapter's
     placement). ``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``; ``logprobs: true`` with
     ``top_logprobs: k`` gives each answer token's log-probability and top ``k`` alternatives."""
 
-    model: str = Field(min_length=1, description="an adapter name or `base`", json_schema_extra=_NAMED)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
