@@ -85,8 +85,7 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest | OneStepRequest, timeout_s: float | None = None) -> Future:
         """Queue ``request``; ``Overloaded`` when the queue is full or it could never fit the KV budget. A row still
-        decoding ``timeout_s`` (default: the scheduler's) after it was submitted ends with finish reason
-        ``timeout`` and the tokens it has."""
+        decoding ``timeout_s`` (default: the scheduler's) after submission ends as ``timeout`` with its tokens."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         timeout_s = timeout_s or self.timeout_s
