@@ -1,6 +1,6 @@
 """The command line end to end on tiny local T5 and BART directories: train, eval, generate, tables, compare, PEFT
-export; the surfaces that run decoder-only models only (serve, vLLM export, sp.wrap, the PEFT baseline) refuse an
-encoder-decoder base with one clear error."""
+export; the surfaces that run decoder-only models only (vLLM export, sp.wrap, the PEFT baseline, --compile,
+gradient checkpointing) refuse an encoder-decoder base with one clear error."""
 
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ def test_peft_export_of_a_soft_prompt_and_refusals(env, tmp_path, capsys):
         (["export", "--adapter", str(env["adapters"]["prefix"]), "--out", str(tmp_path / "q")], "decoder only"),
         (["export", "--adapter", str(env["adapters"]["prompt"]), "--format", "vllm", "--out", str(tmp_path / "v")],
          "vLLM's prompt_embeds input is for decoder-only"),
-        (["serve", "--model", str(env["model"]), "--adapters", str(tmp_path)], "runs decoder-only models"),
         (["compare", "--model", str(env["model"]), "--data", str(env["data"]), *TASK, "--methods", "prompt",
           "--baseline", "peft", "--steps", "1", "--out", str(tmp_path / "c"), "--no-progress"], "--baseline peft"),
     ]

@@ -31,6 +31,18 @@ def staggered_requests(base, arts, sampling: Sampling | None = None) -> list[Gen
     return out
 
 
+def decode_with_arrivals(batch, arrivals: dict[int, list[GenerationRequest]]) -> list[int]:
+    """Step ``batch`` to the end, adding ``arrivals[step]`` before each step; the batch size at every step."""
+    sizes, step = [], 0
+    while step <= max(arrivals) or len(batch):
+        if step in arrivals:
+            batch.add(arrivals[step])
+        sizes.append(len(batch))
+        batch.step()
+        step += 1
+    return sizes
+
+
 def alone(engine: Engine, request: GenerationRequest):
     return engine.generate([request])[0]
 
@@ -44,13 +56,7 @@ def test_rows_joining_and_leaving_equal_alone(base, sampled):
     done = {}
     batch = DecodeBatch(base, engine.eos_ids, on_finish=lambda r, res: done.__setitem__(id(r), res))
     arrivals = {0: reqs[:2], 1: [reqs[2]], 2: reqs[3:5], 4: [reqs[5]], 7: [reqs[6]]}  # step -> rows joining
-    sizes, step = [], 0
-    while step <= max(arrivals) or len(batch):
-        if step in arrivals:
-            batch.add(arrivals[step])
-        sizes.append(len(batch))
-        batch.step()
-        step += 1
+    sizes = decode_with_arrivals(batch, arrivals)
     assert max(sizes) >= 3 and len(done) == len(reqs)  # rows really overlapped, and all ended
     for req in reqs:
         want, got = alone(engine, req), done[id(req)]

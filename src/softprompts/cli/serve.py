@@ -64,10 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if problems:  # before the model loads
         raise SoftpromptsError("; ".join(problems))
     base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
-    if base.is_encoder_decoder:
-        raise SoftpromptsError(
-            f"{base.name} is an encoder-decoder model; softprompts serve runs decoder-only models (its continuous "
-            "batching decodes one cache per row). Use softprompts generate / eval or the Python API for it")
     state = build_state(
         base,
         args.adapters,

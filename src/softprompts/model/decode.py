@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from softprompts.model import encoder_decoder_generate
 from softprompts.model.artifacts import Artifact
 from softprompts.model.chunked_prefill import ChunkedPrefill
 from softprompts.model.encoder_decoder import EncoderDecoderError
+from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
 from softprompts.model.generation import (
     GREEDY,
     GenerationRequest,
@@ -39,7 +39,7 @@ from softprompts.model.generation import (
     choose_next,
     eos_ids,
     left_pad,
-    token_logprobs,
+    record_token,
 )
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
 from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
@@ -64,12 +64,13 @@ def _left_pad_to(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     """Rows decoding together; ``on_finish(request, result)`` is called as each one ends."""
 
+    prefills_in_chunks = True  # a long prompt may join through a ChunkedPrefill
+
     def __init__(self, base, stop_default: frozenset[int] | None = None,
                  on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None) -> None:
         if base.is_encoder_decoder:
-            raise EncoderDecoderError(
-                f"{base.name}: continuous batching (the server's decode loop) runs decoder-only models; "
-                "generate on an encoder-decoder model with decode_batch / softprompts generate")
+            raise EncoderDecoderError(f"{base.name} is an encoder-decoder model: its rows decode in an "
+                                      "EncoderDecoderBatch (decode.new_batch picks the loop for a base)")
         self.base = base
         self.eos = frozenset(eos_ids(base)) if stop_default is None else stop_default
         self.on_finish = on_finish or (lambda request, result: None)
@@ -169,25 +170,7 @@ class DecodeBatch:
         keep = []
         for row, tok in enumerate(next_ids.tolist()):
             req, res = self.requests[row], self.results[row]
-            if not res.time_to_first_token_s:  # this row's first token
-                res.time_to_first_token_s = now - self.started[row]
-            if req.collect_logits:
-                res.logits.append(logits[row].float().cpu())
-            reason = None
-            if tok in (req.stop_ids if req.stop_ids is not None else self.eos):
-                reason = "stop"
-            else:
-                res.tokens.append(tok)
-                scored = None
-                if req.logprobs is not None:
-                    scored = token_logprobs(logits[row : row + 1], next_ids[row : row + 1], req.logprobs)[0]
-                    res.logprobs.append(scored)
-                if req.on_token is not None:
-                    req.on_token(tok, scored)
-                if req.stop_check is not None and req.stop_check(res.tokens):
-                    reason = "stop"
-                elif len(res.tokens) >= req.max_new_tokens:
-                    reason = "length"
+            reason = record_token(req, res, logits[row : row + 1], tok, self.eos, now, self.started[row])
             if reason is None:
                 keep.append(row)
             else:
@@ -245,14 +228,21 @@ class DecodeBatch:
                              next_positions=self.state.next_positions)
 
 
+def new_batch(base, stop_default: frozenset[int] | None = None,
+              on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+              ) -> DecodeBatch | EncoderDecoderBatch:
+    """The decode loop for ``base``: ``DecodeBatch``, or ``EncoderDecoderBatch`` on an encoder-decoder base (the same
+    interface: ``add``, ``step``, ``cancel``, ``requests``)."""
+    kind = EncoderDecoderBatch if base.is_encoder_decoder else DecodeBatch
+    return kind(base, stop_default, on_finish)
+
+
 @torch.no_grad()
 def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
                  ) -> list[GenerationResult]:
     """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
     (default: the model's EOS, ``eos_ids``)."""
-    if base.is_encoder_decoder:
-        return encoder_decoder_generate.generate(base, requests, stop_default)
-    batch = DecodeBatch(base, stop_default)
+    batch = new_batch(base, stop_default)
     results = batch.add(requests)
     while len(batch):
         batch.step()
@@ -277,4 +267,4 @@ def generate_ids(
     return [result.tokens for result in decode_batch(base, requests)]
 
 
-__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]
+__all__ = ["DecodeBatch", "decode_batch", "generate_ids", "new_batch"]

@@ -130,6 +130,29 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def record_token(request: GenerationRequest, result: GenerationResult, logits: torch.Tensor, token: int,
+                 default_stop: frozenset[int], now: float, started: float) -> str | None:
+    """Book the token a row chose from its ``logits [1, V]``: first-token time, ``collect_logits``, log-probabilities,
+    ``on_token``. Returns the finish reason when the row ends here (``"stop"``: a stop token, not recorded, or its
+    ``stop_check``; ``"length"``: ``max_new_tokens`` reached), else ``None``. One rule for every decode loop."""
+    if not result.time_to_first_token_s:
+        result.time_to_first_token_s = now - started
+    if request.collect_logits:
+        result.logits.append(logits[0].float().cpu())
+    if token in (request.stop_ids if request.stop_ids is not None else default_stop):
+        return "stop"
+    result.tokens.append(token)
+    scored = None
+    if request.logprobs is not None:
+        scored = token_logprobs(logits, torch.tensor([token], device=logits.device), request.logprobs)[0]
+        result.logprobs.append(scored)
+    if request.on_token is not None:
+        request.on_token(token, scored)
+    if request.stop_check is not None and request.stop_check(result.tokens):
+        return "stop"
+    return "length" if len(result.tokens) >= request.max_new_tokens else None
+
+
 def eos_ids(base) -> set[int]:
     """The model's end-of-sequence ids (generation config, then model config, then tokenizer)."""
     config, generation = base.model.config, base.model.generation_config
@@ -165,4 +188,4 @@ def check_request(base, request: GenerationRequest) -> None:
 
 
 __all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "TokenLogprob",
-           "check_length", "check_request", "choose_next", "eos_ids", "left_pad", "token_logprobs"]
+           "check_length", "check_request", "choose_next", "eos_ids", "left_pad", "record_token", "token_logprobs"]

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompts.model.artifacts import Artifact, SoftPrompt
+from softprompts.errors import SoftpromptsError
+from softprompts.evaluate import row_label_scores, serving_artifact
+from softprompts.model.artifacts import Artifact
 from softprompts.model.decode import decode_batch
 from softprompts.model.generation import (
     GenerationRequest,
@@ -69,14 +71,10 @@ class Engine:
 
     # -- artifacts ------------------------------------------------------------------------------------------
     def prepare(self, artifact: Artifact | None) -> Artifact | None:
-        """The artifact as it is served: a soft prompt becomes its exact KV prefix (computed once, here)."""
-        if artifact is None:
-            return None
-        artifact = artifact.to(device=self.base.device, dtype=self.base.dtype)
-        if isinstance(artifact, SoftPrompt):
-            with self.lock:
-                return self.base.soft_prompt_to_kv(artifact)
-        return artifact
+        """The artifact as it is served (``evaluate.serving_artifact``): a soft prompt becomes its exact KV prefix,
+        computed once, here (on an encoder-decoder base it stays a soft prompt)."""
+        with self.lock:
+            return serving_artifact(self.base, artifact)
 
     def check_length(self, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
                      new_what: str = "max_tokens") -> None:
@@ -100,6 +98,11 @@ class Engine:
         All (prompt + candidate) rows of all requests are batched: ``[sum_i len(candidates_i), T]``, left-padded,
         each with its request's artifact; only the last ``max(len(candidate))`` positions are projected to vocab.
         """
+        if self.base.is_encoder_decoder:  # the decoder writes each candidate, EOS included (evaluate.py)
+            with self.lock:
+                scores = row_label_scores(self.base, [r.artifact for r in requests], [r.prompt_ids for r in requests],
+                                          [r.candidates for r in requests], self.max_batch)
+            return [s.tolist() for s in scores]
         rows, artifacts, lengths, owners = [], [], [], []
         for i, req in enumerate(requests):
             for cand in req.candidates:
@@ -129,6 +132,9 @@ class Engine:
     def prompt_logprobs(self, requests: list[PromptLogprobsRequest]) -> list[list[TokenLogprob | None]]:
         """Per request, ``None`` for the first prompt token (OpenAI's convention) then each later token's
         ``TokenLogprob``. Rows are batched while rows x width stays within ``LOGPROB_TOKENS_PER_FORWARD``."""
+        if self.base.is_encoder_decoder and requests:
+            raise SoftpromptsError("echo with logprobs scores the prompt's own tokens, which an encoder-decoder model "
+                                   "reads with its encoder and never predicts; send echo without logprobs")
         out: list[list[TokenLogprob | None]] = []
         start = 0
         while start < len(requests):

@@ -3,11 +3,10 @@
 Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent.futures.Future``. The worker loops:
 
     1. scoring requests waiting -> one batched forward (they end in one step)
-    2. admit waiting generation requests, first come first served, while the running rows stay within
-       ``max_running`` and the KV they may hold within ``max_kv_bytes``; prefill them together (at most
-       ``prefill_chunk`` prompt tokens) and let them join the running batch (``model/decode.DecodeBatch``). A prompt
-       longer than ``prefill_chunk`` is prefilled alone, one chunk per step (``model/chunked_prefill.py``), so the
-       running rows wait one chunk per step, never a whole long prefill (``benchmarks/prefill_stall.py``)
+    2. admit waiting generation requests, first come first served, within ``admission.py``'s bounds; prefill them
+       together (at most ``prefill_chunk`` prompt tokens) and let them join the running batch (``decode.new_batch``:
+       the decode loop of a decoder-only or an encoder-decoder base). On decoder-only bases a longer prompt is
+       prefilled alone, one chunk per step (``model/chunked_prefill.py``, ``benchmarks/prefill_stall.py``)
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 
@@ -28,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from softprompts.model.chunked_prefill import ChunkedPrefill
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decode import new_batch
 from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.serve.admission import Admission
 from softprompts.serve.engine import Engine, OneStepRequest
@@ -41,7 +40,7 @@ class _Job:
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # time.perf_counter() by which the row leaves (finish reason "timeout")
-    cancelled: bool = False
+    cancelled: bool = False  # the client left
     kv_bytes: int = 0
 
 
@@ -61,7 +60,7 @@ class Scheduler:
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, _Job] = {}  # id(request) -> job, for the running rows
         self._prefilling: deque[tuple[_Job, ChunkedPrefill]] = deque()  # long prompts, one chunk per step
-        self._batch = DecodeBatch(engine.base, engine.eos_ids, on_finish=self._finished)
+        self._batch = new_batch(engine.base, engine.eos_ids, on_finish=self._finished)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -190,19 +189,18 @@ class Scheduler:
                         with self.engine.lock:
                             self._batch.add([job.request])
                     except Exception as exc:  # noqa: BLE001
-                        self._release(job)
-                        job.future.set_exception(exc)
+                        self._fail(job, exc)
 
     def _chunked(self, job: _Job) -> bool:
         """A prompt longer than one chunk is prefilled in chunks, alone (window batching never chunks)."""
-        return self.window_s is None and len(job.request.prompt_ids) > self.prefill_chunk
+        long = len(job.request.prompt_ids) > self.prefill_chunk
+        return long and self.window_s is None and self._batch.prefills_in_chunks
 
     def _start_prefill(self, job: _Job) -> None:
         try:
             self._prefilling.append((job, ChunkedPrefill(self.engine.base, job.request, self.prefill_chunk)))
         except Exception as exc:  # noqa: BLE001 - a request that fails its checks fails alone
-            self._release(job)
-            job.future.set_exception(exc)
+            self._fail(job, exc)
 
     def _advance_prefill(self) -> None:
         """One chunk of the oldest long prompt; it joins the batch when its prompt is in."""
@@ -212,8 +210,7 @@ class Scheduler:
                 prefill.advance()
         except Exception as exc:  # noqa: BLE001
             self._prefilling.popleft()
-            self._release(job)
-            job.future.set_exception(exc)
+            self._fail(job, exc)
             return
         if not prefill.done:
             return
@@ -265,6 +262,11 @@ class Scheduler:
             self.admission.reserved -= job.kv_bytes
             self._jobs.pop(id(job.request), None)
 
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        self._release(job)
+        if not job.future.done():
+            job.future.set_exception(exc)
+
     def _score(self, jobs: list[_Job]) -> None:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         try:
@@ -284,10 +286,8 @@ class Scheduler:
             self._jobs[id(job.request)] = job
         self._prefilling.clear()
         for job in list(self._jobs.values()):
-            self._release(job)
-            if not job.future.done():
-                job.future.set_exception(exc)
-        self._batch = DecodeBatch(self.engine.base, self.engine.eos_ids, on_finish=self._finished)
+            self._fail(job, exc)
+        self._batch = new_batch(self.engine.base, self.engine.eos_ids, on_finish=self._finished)
         if not waiting:
             return
         with self._cv:
