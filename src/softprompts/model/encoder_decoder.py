@@ -221,7 +221,7 @@ def decode(base, ctx: VirtualContext, encoder: EncoderState, decoder_ids: torch.
         decoder_mask = torch.cat([ctx.kv_mask[:, :width], decoder_mask], dim=1)
     out = base.model(encoder_outputs=(encoder.hidden,), attention_mask=encoder.cross_mask,
                      decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
-                     use_cache=use_cache or cache is not None, **({base.cache_keyword: cache} if cache else {}))
+                     use_cache=use_cache or cache is not None, **({base.cache_keyword: cache} if cache is not None else {}))
     return DecoderState(out.logits, getattr(out, base.cache_keyword) if use_cache else None, decoder_mask, encoder)
 
 
