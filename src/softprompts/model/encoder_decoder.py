@@ -219,9 +219,10 @@ def decode(base, ctx: VirtualContext, encoder: EncoderState, decoder_ids: torch.
     if ctx.kv is not None:
         width = int(layout.split(ctx.kv)[1][0][0].shape[2]) if layout.decoder_layers else 0
         decoder_mask = torch.cat([ctx.kv_mask[:, :width], decoder_mask], dim=1)
+    passed = {base.cache_keyword: cache} if cache is not None else {}
     out = base.model(encoder_outputs=(encoder.hidden,), attention_mask=encoder.cross_mask,
                      decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
-                     use_cache=use_cache or cache is not None, **({base.cache_keyword: cache} if cache is not None else {}))
+                     use_cache=use_cache or cache is not None, **passed)
     return DecoderState(out.logits, getattr(out, base.cache_keyword) if use_cache else None, decoder_mask, encoder)
 
 
