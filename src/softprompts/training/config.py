@@ -24,7 +24,8 @@ class TrainConfig:
     time; same gradients, every method). autocast_bf16: run the micro-batches under bf16 ``torch.autocast`` (CUDA
     only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
     ``torch.compile`` the micro-batch loss (``step.compiled_loss``; same gradients, faster steps after a
-    one-time compilation; not together with gradient_checkpointing)."""
+    one-time compilation; not together with gradient_checkpointing: ``errors`` refuses the pair, the one place
+    that checks it; whether the base model supports either is asked of the base, ``base.require``)."""
 
     steps: int = 100
     lr: float = 3e-2
