@@ -1,7 +1,7 @@
 """The LM head + cross-entropy of a training step, alone: HF's head + ``cross_entropy`` vs our fused, chunked head.
 
 Both compute ``sum CE(W h + b, y)`` over ``N`` labelled rows and its gradient to ``h`` (``W`` frozen); see
-``softprompts/training/head_loss.py`` for the math. Each repetition times one loss + backward of each system in
+``softprompts/model/head_loss.py`` for the math. Each repetition times one loss + backward of each system in
 alternating order (median over repetitions, so machine noise hits both alike); peak tensor bytes are measured once
 per system after a warm-up (``peak_memory.peak_bytes``: CUDA allocator peak, or the CPU allocator events).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from peak_memory import peak_bytes
 
-from softprompts.training.head_loss import CHUNK_BYTES, head_cross_entropy_sum
+from softprompts.model.head_loss import CHUNK_BYTES, head_cross_entropy_sum
 
 
 def systems(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> dict[str, Callable[[], None]]:

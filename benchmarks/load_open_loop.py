@@ -16,7 +16,8 @@ ids and uniform ``[--min-new, --max-new]`` new tokens (greedy, no early stop).
    tokens under both (each row's tokens are what it gets alone).
 
 Both are ``serve/scheduler.Scheduler``: continuous (rows join and leave between steps, ``--max-running``) and window
-(``window_s``: a batch formed from the requests arriving within ``--window-ms`` of the first, run to its end).
+(``window_scheduler.WindowScheduler``: a batch formed from the requests arriving within ``--window-ms`` of the first,
+run to its end).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from serve_throughput import _commit, add_model_args, build_base, write_result  # noqa: E402
+from window_scheduler import WindowScheduler  # noqa: E402
 
 import softprompts as sp  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
@@ -137,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(base, max_batch=args.max_running)
     arts = adapters(base, engine, args)
     items = workload(args, base.shapes.vocab_size)
-    modes = {"continuous": {}, "window": {"window_s": args.window_ms / 1000}}
-    schedulers = {name: Scheduler(engine, max_running=args.max_running, **kw).start() for name, kw in modes.items()}
+    schedulers = {"continuous": Scheduler(engine, max_running=args.max_running).start(),
+                  "window": WindowScheduler(engine, args.window_ms / 1000, max_running=args.max_running).start()}
     try:
         capacity = {name: drive(s, items, arts, None) for name, s in schedulers.items()}
         rate = args.load * min(c["requests_per_s"] for c in capacity.values())
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| scheduler | capacity req/s | offered req/s | achieved req/s | tok/s | TTFT p50 s | TTFT p95 s | "
           "latency p50 s | latency p95 s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in modes:
+    for name in schedulers:
         r = loaded[name]
         print(f"| {name} | {capacity[name]['requests_per_s']} | {rate:.2f} | {r['requests_per_s']} | "
               f"{r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} | {r['latency_p50_s']} | "

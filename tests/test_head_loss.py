@@ -10,8 +10,8 @@ from tiny import tiny_base, tiny_model
 
 from softprompts.methods import create_method
 from softprompts.model.base import BaseModel
+from softprompts.model.head_loss import chunk_rows, head_cross_entropy_sum
 from softprompts.tasks import Encoded, collate
-from softprompts.training.head_loss import chunk_rows, head_cross_entropy_sum
 from softprompts.training.step import label_loss_sum, plain_label_loss_sum
 
 METHODS = ["prompt", "ptuning", "prefix", "deep"]

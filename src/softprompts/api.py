@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 
 from softprompts.adapter import Adapter
-from softprompts.model import encoder_decoder
 from softprompts.model.artifacts import Artifact
-from softprompts.model.base import BaseModel
 from softprompts.model.decode import generate_ids
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GREEDY, Sampling
-from softprompts.model.inject import VirtualContext, forward
 
 
 def _artifact(adapter: Adapter | Artifact | None) -> Artifact | None:
@@ -18,19 +16,15 @@ def _artifact(adapter: Adapter | Artifact | None) -> Artifact | None:
 
 
 @torch.no_grad()
-def next_token_logits(base: BaseModel, text: str, adapter: Adapter | Artifact | None = None) -> torch.Tensor:
+def next_token_logits(base: FrozenBase, text: str, adapter: Adapter | Artifact | None = None) -> torch.Tensor:
     """Logits ``[V]`` for the token after ``text`` with the adapter injected (on an encoder-decoder base: the
-    decoder's first token with ``text`` as the encoder input)."""
+    decoder's first token with ``text`` as the encoder input; ``FrozenBase.next_token_logits``)."""
     ids = torch.tensor([base.tokenize(text)], device=base.device)
-    if base.is_encoder_decoder:
-        start = torch.tensor([[base.decoder_start_id]], device=base.device)
-        ctx = VirtualContext.broadcast(_artifact(adapter), 1)
-        return encoder_decoder.forward(base, ctx, ids, None, start, None).logits[0, -1]
-    return forward(base, _artifact(adapter), ids).logits[0, -1]
+    return base.next_token_logits(ids, _artifact(adapter))
 
 
 def generate(
-    base: BaseModel,
+    base: FrozenBase,
     texts: str | list[str],
     adapter: Adapter | Artifact | None = None,
     max_new_tokens: int = 32,

@@ -18,7 +18,7 @@ from softprompts.adapter_io import WEIGHTS_FILE
 from softprompts.data.datasets import bundled_path, label_targets
 from softprompts.data.sources import load_task_data
 from softprompts.data.templates import Template
-from softprompts.evaluate import evaluate, generate_texts, serving_artifact
+from softprompts.evaluate import evaluate, generate_texts
 from softprompts.methods import build_method, method_class
 from softprompts.model.decode import generate_ids
 from softprompts.model.load import load_base
@@ -35,7 +35,7 @@ def _log(message: str) -> None:
 
 def latency_ms_per_token(base, artifact, prompts: list[list[int]], new_tokens: int = 16) -> float:
     """Greedy decoding wall time per generated token (batch of ``prompts``, no early stop)."""
-    artifact = serving_artifact(base, artifact)
+    artifact = base.serving_artifact(artifact)
     started = time.perf_counter()
     out = generate_ids(base, prompts, artifact, max_new_tokens=new_tokens, stop_ids=set())
     return 1000 * (time.perf_counter() - started) / max(1, sum(len(o) for o in out))

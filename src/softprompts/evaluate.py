@@ -11,11 +11,11 @@ cheaper).
 generate — greedy decoding with the adapter (``model/decode.py``), and the log-likelihood of each reference target
 under teacher forcing (the same sum as above with the target's tokens, for the perplexity).
 
-A soft prompt is turned into the exact KV prefix it produces once (``BaseModel.soft_prompt_to_kv``) before
-evaluating: the same outputs, without re-running the P virtual positions in every batch. On an encoder-decoder base
-(T5, BART) the encoder reads the prompt and the decoder writes each verbalization / target, its end-of-sequence token
-included (``model/encoder_decoder_score.py``); soft prompts stay soft prompts there (no fixed KV in a bidirectional
-encoder).
+Each adapter is placed after its rows' lead and put in the form it is served in once (``FrozenBase.served``: on a
+decoder-only base a soft prompt becomes the exact KV prefix it produces, so the P virtual positions are not re-run in
+every batch); the scores are the base model's (``FrozenBase.row_label_scores``: on an encoder-decoder base the
+decoder writes each verbalization / target, its end-of-sequence token included). One path evaluates: ``evaluate`` is
+``evaluate_tasks`` of one task, whose rows of different tasks share batches.
 """
 
 from __future__ import annotations
@@ -24,33 +24,19 @@ import torch
 
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
-from softprompts.model import encoder_decoder_score
-from softprompts.model.artifacts import Artifact, SoftPrompt
+from softprompts.model.artifacts import Artifact
 from softprompts.model.decode import generate_ids
 from softprompts.model.generation import GREEDY, Sampling, eos_ids
-from softprompts.model.inject import VirtualContext, forward
-from softprompts.model.placement import place
-from softprompts.tasks import Encoded, TaskSpec, collate, encode, length_sorted_chunks, prompt_ids, split_prompt
-
-
-def serving_artifact(base, artifact) -> Artifact | None:
-    """Accepts an Adapter, an artifact or None; soft prompts become their (exactly equal) KV prefix."""
-    artifact = getattr(artifact, "artifact", artifact)
-    if artifact is None:
-        return None
-    artifact = artifact.to(base.device, base.dtype)
-    if base.is_encoder_decoder:  # a soft prompt in front of a bidirectional encoder has no fixed KV
-        return artifact
-    return base.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
+from softprompts.model.padding import length_sorted_chunks
+from softprompts.tasks import TaskSpec, encode, prompt_ids, split_prompt
 
 
 def _row_artifacts(base, artifact, leads=None):
-    """What rows run with: ``serving_artifact`` of a shared artifact, or a list with one per row (``artifact`` a
-    per-row list, or per-row ``leads``): each distinct (artifact, lead) placed after its lead (placement) and put in
-    its serving form once."""
+    """What rows run with: the served form of a shared artifact, or a list with one per row (``artifact`` a per-row
+    list, or per-row ``leads``): each distinct (artifact, lead) placed and served once (``FrozenBase.served``)."""
     if not leads or not any(leads):
         if not isinstance(artifact, list):
-            return serving_artifact(base, artifact)
+            return base.served(artifact)
         leads = [()] * len(artifact)
     rows = artifact if isinstance(artifact, list) else [artifact] * len(leads)
     done: dict[tuple, Artifact | None] = {}
@@ -58,16 +44,9 @@ def _row_artifacts(base, artifact, leads=None):
     for a, lead in zip(rows, leads, strict=True):
         key = (id(a), tuple(lead))
         if key not in done:
-            raw = getattr(a, "artifact", a)
-            raw = raw.to(base.device, base.dtype) if raw is not None else None
-            done[key] = serving_artifact(base, place(base, raw, lead))
+            done[key] = base.served(a, lead)
         out.append(done[key])
     return out
-
-
-def _context(artifacts, rows: list[int]):
-    """What ``forward`` takes for batch ``rows``: the shared artifact, or the rows' own ones as a ``VirtualContext``."""
-    return VirtualContext.from_rows([artifacts[i] for i in rows]) if isinstance(artifacts, list) else artifacts
 
 
 @torch.no_grad()
@@ -85,48 +64,7 @@ def row_label_scores(
 ) -> list[torch.Tensor]:
     """Per prompt ``i`` a ``[C_i]`` tensor: the log-probability of each of ``verbalizations[i]`` (its own label set)
     after ``prompts[i]``. ``artifact``: shared, or one per prompt, so rows of different tasks share batches."""
-    artifacts = _row_artifacts(base, artifact)
-    if base.is_encoder_decoder:
-        return _encoder_decoder_scores(base, artifacts, prompts, verbalizations, batch_size)
-    scores = [torch.zeros(len(v)) for v in verbalizations]
-    pad = base.pad_id
-    if all(len(t) == 1 for v in verbalizations for t in v):  # one forward per example scores every label
-        for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
-            batch = collate([Encoded(prompts[i][:-1], prompts[i][-1:]) for i in chunk], pad, base.device)
-            last = batch.positions[-1:] + 1  # the final column: logits after the whole prompt
-            logits = forward(base, _context(artifacts, chunk), batch.input_ids, batch.attention_mask,
-                             logits_positions=last).logits
-            logp = logits[:, -1].float().log_softmax(-1).cpu()  # [B, V]
-            for row, i in enumerate(chunk):
-                scores[i] = logp[row, [t[0] for t in verbalizations[i]]]
-        return scores
-    pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations[i]))]
-    rows = [Encoded(prompts[i], verbalizations[i][c]) for i, c in pairs]
-    for chunk in length_sorted_chunks([r.length for r in rows], batch_size):
-        batch = collate([rows[k] for k in chunk], pad, base.device)
-        ctx = _context(artifacts, [pairs[k][0] for k in chunk])
-        logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
-        logp = logits.float().log_softmax(-1)  # [B, L, V]
-        labels = batch.labels
-        token_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-        for k, total in zip(chunk, token_lp.sum(1).cpu().tolist(), strict=True):
-            i, c = pairs[k]
-            scores[i][c] = total
-    return scores
-
-
-def _encoder_decoder_scores(base, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
-                            batch_size: int) -> list[torch.Tensor]:
-    """``row_label_scores`` on an encoder-decoder base: each verbalization written by the decoder, EOS included
-    (``model/encoder_decoder_score.py``)."""
-    pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations[i]))]
-    rows = [artifacts[i] for i, _ in pairs] if isinstance(artifacts, list) else [artifacts] * len(pairs)
-    totals = encoder_decoder_score.target_logprobs(base, rows, [prompts[i] for i, _ in pairs],
-                                                   [verbalizations[i][c] for i, c in pairs], batch_size)
-    scores = [torch.zeros(len(v)) for v in verbalizations]
-    for (i, c), total in zip(pairs, totals, strict=True):
-        scores[i][c] = total
-    return scores
+    return base.row_label_scores(_row_artifacts(base, artifact), prompts, verbalizations, batch_size)
 
 
 def target_logprobs(base, artifact, prompts: list[list[int]], targets: list[list[int]],
@@ -137,15 +75,6 @@ def target_logprobs(base, artifact, prompts: list[list[int]], targets: list[list
     return [(float(s[0]), len(t)) for s, t in zip(scores, targets, strict=True)]
 
 
-def _reference_logprobs(base, artifact, examples: list[Example], spec: TaskSpec,
-                        batch_size: int) -> list[tuple[float, int]]:
-    """``target_logprobs`` of the examples' own targets, tokenized and cut as training cuts them."""
-    encoded, _ = encode(base, examples, spec)
-    artifacts = _row_artifacts(base, artifact, [e.lead_ids for e in encoded])
-    return target_logprobs(base, artifacts, [e.prompt_ids for e in encoded], [e.target_ids for e in encoded],
-                           batch_size)
-
-
 def verbalizations(base, spec: TaskSpec) -> list[list[int]]:
     """The token ids of each label's target, in label order."""
     return [base.tokenize(t) for t in label_targets(spec.prompt_format(base.tokenizer), spec.labels)]
@@ -153,10 +82,7 @@ def verbalizations(base, spec: TaskSpec) -> list[list[int]]:
 
 def classify(base, artifact, examples: list[Example], spec: TaskSpec, batch_size: int = 16) -> list[str]:
     """Predicted label of every example (rank classification)."""
-    leads, prompts = zip(*[prompt_ids(base, ex.prompt, spec) for ex in examples], strict=True) if examples else ((), ())
-    artifacts = _row_artifacts(base, artifact, list(leads))
-    best = label_scores(base, artifacts, list(prompts), verbalizations(base, spec), batch_size).argmax(1).tolist()
-    return [spec.labels[i] for i in best]
+    return evaluate(base, artifact, examples, spec, batch_size, return_outputs=True)["outputs"]
 
 
 def stop_tokens(base, spec: TaskSpec | None) -> set[int] | None:
@@ -202,66 +128,24 @@ def evaluate(
     (``metrics.METRICS``). ``return_outputs`` adds ``"outputs"`` (predicted labels or generated texts) and for
     generation ``"target_logprobs"`` (per example, the reference's log-likelihood and token count).
     """
-    logprobs = None
-    if spec.task == "classify":
-        pred = classify(base, adapter, examples, spec, batch_size)
-    else:
-        limit = max_new_tokens or spec.max_target_tokens
-        pred = generate_texts(base, adapter, [ex.prompt for ex in examples], spec, limit, batch_size=batch_size)
-        logprobs = _reference_logprobs(base, adapter, examples, spec, batch_size)
-    result = score_outputs(spec, examples, pred, logprobs)
-    if return_outputs:
-        result["outputs"] = pred
-        if logprobs is not None:
-            result["target_logprobs"] = logprobs
-    return result
+    return evaluate_tasks(base, [(adapter, examples, spec)], batch_size, max_new_tokens, return_outputs)[0]
 
 
 def evaluate_tasks(
     base, tasks: list[tuple], batch_size: int = 16, max_new_tokens: int | None = None, return_outputs: bool = False,
 ) -> list[dict]:
     """Several tasks evaluated together: ``tasks`` is a list of ``(adapter, examples, spec)`` (adapter as in
-    ``evaluate``). Rows of different tasks share batches, one artifact per row (a ``VirtualContext``, what
-    ``PromptTable.context`` builds); each task's metrics equal ``evaluate`` on it alone. Generation tasks share
-    batches with the tasks that have the same decoding limit."""
-    owner = [k for k, (_, examples, _) in enumerate(tasks) for _ in examples]
-    flat = [(ex, spec) for _, examples, spec in tasks for ex in examples]
-    split = [prompt_ids(base, ex.prompt, spec) for ex, spec in flat]
-    prompts = [ids for _, ids in split]
-    artifacts = _row_artifacts(base, [adapter for adapter, examples, _ in tasks for _ in examples],
-                               [lead for lead, _ in split])
-    outputs: list[str | None] = [None] * len(flat)
-    classify_rows = [i for i, (_, spec) in enumerate(flat) if spec.task == "classify"]
-    if classify_rows:
-        verbal = {k: verbalizations(base, spec) for k, (_, _, spec) in enumerate(tasks) if spec.task == "classify"}
-        scores = row_label_scores(base, [artifacts[i] for i in classify_rows], [prompts[i] for i in classify_rows],
-                                  [verbal[owner[i]] for i in classify_rows], batch_size)
-        for i, row in zip(classify_rows, scores, strict=True):
-            outputs[i] = flat[i][1].labels[int(row.argmax())]
-    limits: dict[tuple, list[int]] = {}  # rows sharing a decoding limit and stop tokens share batches
-    for i, (_, spec) in enumerate(flat):
-        if spec.task != "classify":
-            stops = stop_tokens(base, spec)
-            key = (max_new_tokens or spec.max_target_tokens, frozenset(stops) if stops is not None else None)
-            limits.setdefault(key, []).append(i)
-    for (limit, stops), rows in limits.items():
-        texts = _generate_rows(base, [artifacts[i] for i in rows], [prompts[i] for i in rows], limit, GREEDY,
-                               batch_size, None if stops is None else set(stops))
-        for i, text in zip(rows, texts, strict=True):
-            outputs[i] = text
-    logprobs: list[tuple[float, int] | None] = [None] * len(flat)
-    generate_rows = [i for rows in limits.values() for i in rows]
-    if generate_rows:
-        encoded = [encode(base, [flat[i][0]], flat[i][1])[0][0] for i in generate_rows]  # leads as in `artifacts`
-        scored = target_logprobs(base, [artifacts[i] for i in generate_rows], [e.prompt_ids for e in encoded],
-                                 [e.target_ids for e in encoded], batch_size)
-        for i, value in zip(generate_rows, scored, strict=True):
-            logprobs[i] = value
+    ``evaluate``). Rows of different tasks share batches, one artifact per row (what ``PromptTable.context`` builds);
+    each task's metrics equal ``evaluate`` on it alone. Generation tasks share batches with the tasks that have the
+    same decoding limit and stop tokens."""
+    rows = _Rows(base, tasks, batch_size)
+    rows.classify()
+    rows.generate(max_new_tokens)
     results = []
     for k, (_, examples, spec) in enumerate(tasks):
-        mine = [i for i in range(len(flat)) if owner[i] == k]
-        texts = [outputs[i] for i in mine]
-        task_logprobs = None if spec.task == "classify" else [logprobs[i] for i in mine]
+        mine = [i for i in range(len(rows.flat)) if rows.owner[i] == k]
+        texts = [rows.outputs[i] for i in mine]
+        task_logprobs = None if spec.task == "classify" else [rows.logprobs[i] for i in mine]
         result = score_outputs(spec, examples, texts, task_logprobs)
         if return_outputs:
             result["outputs"] = texts
@@ -269,3 +153,52 @@ def evaluate_tasks(
                 result["target_logprobs"] = task_logprobs
         results.append(result)
     return results
+
+
+class _Rows:
+    """Every example of every task as one row: its prompt ids, its served artifact and, once run, its output."""
+
+    def __init__(self, base, tasks: list[tuple], batch_size: int) -> None:
+        self.base, self.tasks, self.batch_size = base, tasks, batch_size
+        self.owner = [k for k, (_, examples, _) in enumerate(tasks) for _ in examples]
+        self.flat = [(ex, spec) for _, examples, spec in tasks for ex in examples]
+        split = [prompt_ids(base, ex.prompt, spec) for ex, spec in self.flat]
+        self.prompts = [ids for _, ids in split]
+        self.artifacts = _row_artifacts(base, [adapter for adapter, examples, _ in tasks for _ in examples],
+                                        [lead for lead, _ in split])
+        self.outputs: list[str | None] = [None] * len(self.flat)
+        self.logprobs: list[tuple[float, int] | None] = [None] * len(self.flat)
+
+    def classify(self) -> None:
+        """Rank classification of the classify rows: the label whose verbalization scores highest."""
+        picked = [i for i, (_, spec) in enumerate(self.flat) if spec.task == "classify"]
+        if not picked:
+            return
+        verbal = {k: verbalizations(self.base, spec) for k, (_, _, spec) in enumerate(self.tasks)
+                  if spec.task == "classify"}
+        scores = row_label_scores(self.base, [self.artifacts[i] for i in picked], [self.prompts[i] for i in picked],
+                                  [verbal[self.owner[i]] for i in picked], self.batch_size)
+        for i, row in zip(picked, scores, strict=True):
+            self.outputs[i] = self.flat[i][1].labels[int(row.argmax())]
+
+    def generate(self, max_new_tokens: int | None) -> None:
+        """Greedy decoding of the generate rows (rows sharing a decoding limit and stop tokens share batches), then
+        the log-likelihood of each reference target, tokenized and cut as training cuts it."""
+        limits: dict[tuple, list[int]] = {}
+        for i, (_, spec) in enumerate(self.flat):
+            if spec.task != "classify":
+                stops = stop_tokens(self.base, spec)
+                key = (max_new_tokens or spec.max_target_tokens, frozenset(stops) if stops is not None else None)
+                limits.setdefault(key, []).append(i)
+        for (limit, stops), picked in limits.items():
+            texts = _generate_rows(self.base, [self.artifacts[i] for i in picked], [self.prompts[i] for i in picked],
+                                   limit, GREEDY, self.batch_size, None if stops is None else set(stops))
+            for i, text in zip(picked, texts, strict=True):
+                self.outputs[i] = text
+        picked = [i for rows in limits.values() for i in rows]
+        if picked:
+            encoded = [encode(self.base, [self.flat[i][0]], self.flat[i][1])[0][0] for i in picked]
+            scored = target_logprobs(self.base, [self.artifacts[i] for i in picked], [e.prompt_ids for e in encoded],
+                                     [e.target_ids for e in encoded], self.batch_size)
+            for i, value in zip(picked, scored, strict=True):
+                self.logprobs[i] = value

@@ -22,7 +22,7 @@ only (the lead is the fixed part of a template or a chat turn structure).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import Example, PromptFormat
 from softprompts.data.templates import VIRTUAL, Template
 from softprompts.errors import SoftpromptsError
+from softprompts.model.padding import prompt_target_rows
 
 
 @dataclass(frozen=True)
@@ -166,30 +167,25 @@ def truncate_prompt(ids: list[int], spec: TaskSpec) -> list[int]:
 @dataclass
 class Batch:
     """Left-padded rows. ``input_ids, attention_mask: [B, T]``; ``labels: [B, L]`` target ids of the last L columns
-    (-100 where a column is prompt or padding); ``positions: [L]`` the columns whose logits predict them."""
+    (-100 where a column is prompt or padding); ``positions: [L]`` the columns whose logits predict them;
+    ``prompts`` / ``targets``: each row's token lists (what an encoder-decoder base reads and writes)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
     leads: list[tuple[int, ...]] | None = None  # per row, the tokens in front of the soft prompt (None: none)
+    prompts: list[list[int]] = field(default_factory=list)
+    targets: list[list[int]] = field(default_factory=list)
 
 
 def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
-    """Left-pad ``prompt + target`` rows; the logits at column ``t`` predict the token at column ``t + 1``."""
-    width = max(len(r.prompt_ids) + len(r.target_ids) for r in rows)
-    span = max(len(r.target_ids) for r in rows)  # L
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), span), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        seq = r.prompt_ids + r.target_ids
-        ids[i, width - len(seq) :] = torch.tensor(seq)
-        mask[i, width - len(seq) :] = 1
-        labels[i, span - len(r.target_ids) :] = torch.tensor(r.target_ids)
-    positions = torch.arange(width - span - 1, width - 1)  # [L]; width > span since prompts are non-empty
+    """Left-pad ``prompt + target`` rows (``model/padding.prompt_target_rows``): the logits at column ``t`` predict
+    the token at column ``t + 1``."""
+    prompts, targets = [r.prompt_ids for r in rows], [r.target_ids for r in rows]
+    ids, mask, labels, positions = prompt_target_rows(prompts, targets, pad_id, device)
     leads = [r.lead_ids for r in rows] if any(r.lead_ids for r in rows) else None
-    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device), leads)
+    return Batch(ids, mask, labels, positions, leads, prompts, targets)
 
 
 def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int,
@@ -213,8 +209,3 @@ def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch:
     rng.shuffle(batches)
     return batches
 
-
-def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batching: indices sorted by length, in chunks (results are put back in input order)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

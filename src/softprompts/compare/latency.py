@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from softprompts.model import encoder_decoder
-from softprompts.model.base import BaseModel
-from softprompts.model.inject import VirtualContext, decode_step, forward
+from softprompts.model.frozen import FrozenBase
 
 
 @dataclass
@@ -61,20 +59,14 @@ def _median_ms(fn: Callable[[], None], repeats: int, device: torch.device) -> fl
 
 
 @torch.no_grad()
-def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new_tokens: int = 8,
+def measure_latency(base: FrozenBase, prompt: str | list[int], artifact=None, new_tokens: int = 8,
                     repeats: int = 3) -> Latency:
     """TTFT and per-token latency of our decode loop for one prompt (text or token ids) with ``artifact`` (None =
     bare model)."""
     ids = torch.tensor([prompt if isinstance(prompt, list) else base.tokenize(prompt)], device=base.device)  # [1, T]
-    seq2seq = base.is_encoder_decoder  # the encoder reads the prompt, the decoder starts from its start token
-    start = torch.tensor([[base.decoder_start_id]], device=base.device) if seq2seq else None
 
-    def prefill():
-        if seq2seq:
-            state = encoder_decoder.forward(base, VirtualContext.broadcast(artifact, 1), ids, None, start, None,
-                                            use_cache=True)
-        else:
-            state = forward(base, artifact, ids, use_cache=True)
+    def prefill():  # on an encoder-decoder base the encoder reads the prompt, the decoder its start token
+        state = base.prefill(ids, artifact)
         return state, state.logits[:, -1].argmax(-1)
 
     ttft = _median_ms(prefill, repeats, base.device)
@@ -82,10 +74,7 @@ def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new
     def decode_all() -> None:
         state, token = prefill()
         for _ in range(new_tokens - 1):
-            if seq2seq:
-                state = encoder_decoder.decode_more(base, state, token[:, None])
-            else:
-                state = decode_step(base, state, token)
+            state = base.decode_next(state, token)
             token = state.logits[:, -1].argmax(-1)
 
     total = _median_ms(decode_all, repeats, base.device)
@@ -94,7 +83,7 @@ def measure_latency(base: BaseModel, prompt: str | list[int], artifact=None, new
 
 
 @torch.no_grad()
-def measure_hf_latency(model, base: BaseModel, prompt: str, new_tokens: int = 8, repeats: int = 3) -> Latency:
+def measure_hf_latency(model, base: FrozenBase, prompt: str, new_tokens: int = 8, repeats: int = 3) -> Latency:
     """The same two numbers through Hugging Face ``generate`` of ``model`` (a PEFT model over ``base.model``, or
     ``base.model`` itself beside it)."""
     device = next(model.parameters()).device

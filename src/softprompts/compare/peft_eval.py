@@ -18,28 +18,22 @@ import torch
 from softprompts.data.datasets import label_targets
 from softprompts.data.templates import VIRTUAL
 from softprompts.metrics import score_outputs
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
+from softprompts.model.padding import pad_rows
 from softprompts.tasks import encode
 
 # --- batches ------------------------------------------------------------------------------------------------------
 
 
-def train_batch(base: BaseModel, pairs: Sequence[tuple[list[int], list[int]]], device) -> dict:
+def train_batch(base: FrozenBase, pairs: Sequence[tuple[list[int], list[int]]], device) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding) ``[B, T]``."""
-    width = max(len(p) + len(t) for p, t in pairs)
-    ids = torch.full((len(pairs), width), base.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, t) in enumerate(pairs):
-        n = len(p) + len(t)
-        ids[i, :n] = torch.tensor(p + t)
-        mask[i, :n] = 1
-        labels[i, len(p) : n] = torch.tensor(t)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    ids, mask = pad_rows([p + t for p, t in pairs], base.pad_id, device, side="right")
+    labels, _ = pad_rows([[-100] * len(p) + t for p, t in pairs], -100, device, side="right")
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @torch.no_grad()
-def _sequence_logprobs(model, base: BaseModel, pairs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+def _sequence_logprobs(model, base: FrozenBase, pairs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Sum of log p(target tokens | prompt) per pair ``[N]`` through ``model``'s forward (PEFT or bare)."""
     batch = train_batch(base, pairs, base.device)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -51,7 +45,7 @@ def _sequence_logprobs(model, base: BaseModel, pairs: Sequence[tuple[list[int], 
     return (picked * (labels != -100)).sum(1)
 
 
-def rank_classify(model, base: BaseModel, prompts: Sequence[str], label_targets: Sequence[str],
+def rank_classify(model, base: FrozenBase, prompts: Sequence[str], label_targets: Sequence[str],
                   max_prompt_tokens: int = 256, batch_size: int = 16) -> list[int]:
     """Index of the best-scoring label verbalization per prompt (sum of target-token log-probabilities)."""
     targets = [base.tokenize(t) for t in label_targets]
@@ -64,7 +58,7 @@ def rank_classify(model, base: BaseModel, prompts: Sequence[str], label_targets:
 
 
 @torch.no_grad()
-def hf_generate(model, base: BaseModel, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int = 256,
+def hf_generate(model, base: FrozenBase, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int = 256,
                 batch_size: int = 8) -> list[str]:
     """Greedy continuations through ``model.generate`` (PEFT or bare), left-padded batches."""
     tok, pad = base.tokenizer, base.pad_id
@@ -88,7 +82,7 @@ def peft_pair(row) -> tuple[list[int], list[int]]:
     return list(row.lead_ids) + row.prompt_ids, row.target_ids
 
 
-def reference_logprobs(model, base: BaseModel, examples: list, spec, batch_size: int = 16) -> list[tuple[float, int]]:
+def reference_logprobs(model, base: FrozenBase, examples: list, spec, batch_size: int = 16) -> list[tuple[float, int]]:
     """Per example ``(log p(target | prompt), target tokens)`` through ``model``'s forward, cut as training cuts."""
     pairs = [peft_pair(e) for e in encode(base, examples, spec)[0]]
     sums = [_sequence_logprobs(model, base, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
@@ -101,7 +95,7 @@ def reference_logprobs(model, base: BaseModel, examples: list, spec, batch_size:
 EvalFn = Callable[[object, list], dict]  # (model, examples) -> {metric: value}
 
 
-def make_evaluator(base: BaseModel, spec) -> EvalFn:
+def make_evaluator(base: FrozenBase, spec) -> EvalFn:
     """``(model, examples) -> metrics`` through PEFT's own forward (classify, and the references' perplexity) or
     ``generate`` (generated texts).
 
@@ -125,7 +119,7 @@ def bare_model(peft_model):
     return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
 
 
-def detect_issues(peft_model, base: BaseModel, prompts: list[str]) -> list[str]:
+def detect_issues(peft_model, base: FrozenBase, prompts: list[str]) -> list[str]:
     """Check PEFT's ``generate`` against its own forward and the bare model on a few dev prompts.
 
     For each prompt alone (no padding): the first-step logits of ``generate`` should equal the PEFT forward's last

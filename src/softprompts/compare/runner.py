@@ -38,7 +38,7 @@ from softprompts.compare.peft_eval import bare_model
 from softprompts.compare.report import build_results, write_report
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
-from softprompts.evaluate import evaluate, serving_artifact
+from softprompts.evaluate import evaluate
 from softprompts.files import atomic_json, read_json_or_none
 from softprompts.methods import PromptMethod, build_method, method_class, task_init_text
 from softprompts.metrics import PRIMARY_METRIC
@@ -133,8 +133,7 @@ class Comparison:
         if adapter is None:
             return measure_latency(self.base, list(lead) + ids, None, self.config.latency_tokens,
                                    self.config.latency_repeats).to_json()
-        placed = place(self.base, adapter.artifact, lead)
-        artifact = placed if at_input else serving_artifact(self.base, placed)
+        artifact = place(self.base, adapter.artifact, lead) if at_input else self.base.served(adapter, lead)
         return measure_latency(self.base, ids, artifact, self.config.latency_tokens,
                                self.config.latency_repeats).to_json()
 
@@ -234,11 +233,8 @@ class Comparison:
             import_peft()  # fail before any training if it is missing
         if self.base is None:
             self.base = load_base(self.config.model, device="auto")
-        if self.config.baseline == "peft" and self.base.is_encoder_decoder:
-            raise SoftpromptsError(
-                f"--baseline peft runs on decoder-only models; {self.config.model} is an encoder-decoder model "
-                "(PEFT puts its seq2seq prefixes in the decoder only, and the LoRA ceiling is not wired for it): "
-                "drop --baseline peft")
+        if self.config.baseline == "peft":
+            self.base.require("peft_baseline")
         jobs = [("softprompts", m, s) for m in self.methods for s in range(self.config.seeds)]
         if self.config.baseline == "peft":
             jobs += [("peft", m, s) for m in self.methods for s in range(self.config.seeds)]

@@ -39,11 +39,12 @@ from softprompts.adapter_io import load_adapter, save_adapter
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import create_method
 from softprompts.methods.base import PromptMethod
-from softprompts.model.base import BaseModel
 from softprompts.model.decode import decode_batch
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
 from softprompts.model.inject import forward, hidden_at
-from softprompts.model.load import load_base
+from softprompts.model.load import frozen_base, load_base
+from softprompts.model.padding import pad_rows
 from softprompts.training.grad_checkpoint import checkpointing
 
 # keyword arguments Trainer / TRL may pass that change nothing here; anything else is refused by name
@@ -53,7 +54,7 @@ HARMLESS = {"use_cache", "return_dict", "output_attentions", "output_hidden_stat
 class PromptModel(nn.Module):
     """A frozen base model with a trainable prompt method in front (see the module docstring)."""
 
-    def __init__(self, base: BaseModel, method: PromptMethod) -> None:
+    def __init__(self, base: FrozenBase, method: PromptMethod) -> None:
         super().__init__()
         self.base = base
         self.method = method
@@ -173,12 +174,8 @@ class PromptModel(nn.Module):
         results = decode_batch(self.base, [GenerationRequest(r, artifact, max_new_tokens, sampling, frozenset(stops))
                                            for r in rows])
         new = [r.tokens + ([min(stops)] if r.finish_reason == "stop" and stops else []) for r in results]
-        out = torch.full((input_ids.shape[0], input_ids.shape[1] + max(map(len, new), default=0)), pad,
-                         dtype=input_ids.dtype, device=input_ids.device)
-        out[:, : input_ids.shape[1]] = input_ids
-        for i, tokens in enumerate(new):
-            out[i, input_ids.shape[1] : input_ids.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
-        return out
+        tails, _ = pad_rows(new, pad, input_ids.device, side="right")  # [B, n]
+        return torch.cat([input_ids, tails.to(input_ids.dtype)], dim=1)
 
     # -- our format ---------------------------------------------------------------------------------------------
     def to_adapter(self, task: dict | None = None) -> Adapter:
@@ -208,26 +205,19 @@ def _refuse(kwargs: dict, where: str) -> None:
                         "get without telling you)")
 
 
-def _base(model) -> BaseModel:
-    config = getattr(getattr(model, "model", model), "config", None)
-    base = None if getattr(config, "is_encoder_decoder", False) else _any_base(model)
-    if base is None or base.is_encoder_decoder:
-        name = getattr(base, "name", None) or getattr(model, "name_or_path", None) or type(model).__name__
-        raise SoftpromptsError(
-            f"sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
-            "encoder-decoder model: train it with softprompts train / sp.train")
+def _base(model) -> FrozenBase:
+    """``model`` as a frozen base of its family; refused unless the family supports ``sp.wrap``."""
+    if isinstance(model, FrozenBase):
+        base = model
+    elif isinstance(model, str | Path):
+        base = load_base(str(model))
+    elif isinstance(model, PreTrainedModel):
+        base = frozen_base(model)
+    else:
+        raise SoftpromptsError(f"sp.wrap takes a model name or directory, a PreTrainedModel or a BaseModel, not a "
+                               f"{type(model).__name__}")
+    base.require("wrap")
     return base
-
-
-def _any_base(model) -> BaseModel:
-    if isinstance(model, BaseModel):
-        return model
-    if isinstance(model, str | Path):
-        return load_base(str(model))
-    if isinstance(model, PreTrainedModel):
-        return BaseModel(model=model, tokenizer=None, name=getattr(model, "name_or_path", "") or type(model).__name__)
-    raise SoftpromptsError(f"sp.wrap takes a model name or directory, a PreTrainedModel or a BaseModel, not a "
-                           f"{type(model).__name__}")
 
 
 def wrap(model, method: str | None = None, adapter: str | Path | Adapter | None = None, **options) -> PromptModel:

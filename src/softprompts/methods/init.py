@@ -131,7 +131,10 @@ def initial_prefix(
     (a saved soft prompt is converted to the exact KV it produces)."""
     if init_artifact is not None:
         if isinstance(init_artifact, SoftPrompt):
-            init_artifact = base.soft_prompt_to_kv(init_artifact.to(base.device, base.dtype))
+            init_artifact = base.serving_artifact(init_artifact)  # a decoder-only base's exact KV of it
+        if not isinstance(init_artifact, KVPrefix):
+            raise MethodError(f"a soft prompt on {base.name} ({base.family}) has no KV of its own to start a prefix "
+                              "method from; start it from text (--init text) or from a KV-prefix adapter")
         return KVPrefix([k.detach().float().cpu().clone() for k in init_artifact.keys],
                         [v.detach().float().cpu().clone() for v in init_artifact.values])
     ids = init_token_ids(base, config, labels, init_text)

@@ -1,35 +1,35 @@
-"""A frozen base model: the HF causal LM, its tokenizer, its probed shapes and the primitives methods build on."""
+"""The decoder-only family (``AutoModelForCausalLM``: Llama, Qwen2, GPT-2, Gemma3, ...): ``BaseModel``.
+
+What this family answers its own way (``frozen.FrozenBase`` lists the interface):
+
+- a soft prompt at positions ``0..P-1`` attends only to itself, so its per-layer K/V do not depend on the input: it
+  is served as the exact KV prefix it produces, computed once (``soft_prompt_to_kv``);
+- a row needs ``T + P + N`` positions of one context (prompt, virtual and new tokens);
+- the decode loop is ``decode.DecodeBatch`` (one cache, rows of any virtual length side by side, chunked prefill);
+- loss and scores are teacher-forced on ``prompt + target`` rows (``decoder_score.py``).
+"""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
-from softprompts.model.inject import forward
-from softprompts.model.probe import ModelShapes, cache_keyword, probe_plain_head, probe_shapes
+from softprompts.model import decoder_score
+from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
+from softprompts.model.decode import DecodeBatch
+from softprompts.model.frozen import FrozenBase, freeze
+from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
+from softprompts.model.inject import Prefill, decode_step, forward
+from softprompts.model.probe import cache_keyword, probe_plain_head, probe_shapes
 
 
 @dataclass
-class BaseModel:
-    """A frozen ``AutoModelForCausalLM`` (``requires_grad=False``, eval mode) with what adapters need to know.
+class BaseModel(FrozenBase):
+    """A frozen decoder-only LM (``sp.load_base`` builds it; so may you, from a ``PreTrainedModel``)."""
 
-    ``name`` is what adapters record as their base (an embedded name, HF id or path); ``shapes`` is measured by
-    ``probe_shapes``; ``cache_keyword`` is ``cache`` or ``past_key_values`` depending on the transformers version;
-    ``plain_head``: the logits are the output embedding of the last hidden state, nothing more (``probe_plain_head``).
-    """
-
-    model: PreTrainedModel
-    tokenizer: object | None
-    name: str
-    shapes: ModelShapes = field(init=False)
-    cache_keyword: str = field(init=False)
-    plain_head: bool = field(init=False)
-    is_encoder_decoder: ClassVar[bool] = False  # EncoderDecoderBase (model/encoder_decoder_base.py) says True
+    family = "decoder-only"
 
     def __post_init__(self) -> None:
         freeze(self.model)
@@ -37,74 +37,59 @@ class BaseModel:
         self.shapes = probe_shapes(self.model)
         self.plain_head = probe_plain_head(self.model)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
-
-    @property
-    def pad_id(self) -> int:
-        """The token id that fills padded positions: the tokenizer's pad token, else its end-of-text token, else 0.
-
-        Padded positions are always masked out, so the choice never changes an output; it is one rule so that every
-        batch (training, evaluation, decoding, PEFT's own runs) is built the same way.
-        """
-        tokenizer = self.tokenizer
-        for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-            if candidate is not None:
-                return int(candidate)
-        return 0
-
-    @property
-    def context_limit(self) -> int:
-        """Positions the model was built for (virtual + prompt + generated tokens): ``max_position_embeddings``,
-        ``n_positions`` or ``max_sequence_length`` from its config, 2048 when it names none."""
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(self.model.config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 2048
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of token ids (``[T] -> [T, hidden]``), including any scaling the model applies."""
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError(f"base model {self.name!r} has no tokenizer; pass token ids instead of text")
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
     @torch.no_grad()
     def soft_prompt_to_kv(self, prompt: SoftPrompt) -> KVPrefix:
         """Run a soft prompt through the model once: its per-layer K/V (positions ``0..P-1``) is an exact prefix."""
         empty = torch.zeros(1, 0, dtype=torch.long, device=self.device)
         state = forward(self, prompt.to(self.device), empty, use_cache=True)
-        return _cache_to_prefix(state.cache)
+        keys = [layer.keys[0].clone() for layer in state.cache.layers]  # [H_l, P, D_l]
+        values = [layer.values[0].clone() for layer in state.cache.layers]
+        return KVPrefix(keys, values)
 
-    @torch.no_grad()
     def text_to_kv(self, ids: list[int] | torch.Tensor) -> KVPrefix:
-        """The KV a real text leaves in the cache (a prefix that equals having the text in front)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.soft_prompt_to_kv(SoftPrompt(self.embed(ids)))
 
-    def weights_fingerprint(self) -> str:
-        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart."""
-        weight = self.model.get_input_embeddings().weight.detach()
-        rows = weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
-        return hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    def serving_artifact(self, artifact) -> Artifact | None:
+        artifact = getattr(artifact, "artifact", artifact)
+        if artifact is None:
+            return None
+        artifact = artifact.to(self.device, self.dtype)
+        return self.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
+
+    def check_fits(self, prompt_tokens: int, virtual_tokens: int, new_tokens: int,
+                   new_what: str = "max_tokens") -> None:
+        """Prompt + virtual + new tokens share one context of ``context_limit`` positions."""
+        limit, total = self.context_limit, prompt_tokens + virtual_tokens + new_tokens
+        if prompt_tokens < 1:
+            raise ContextLengthError("the prompt must have at least one token")
+        if total > limit:
+            raise ContextLengthError(
+                f"this model's context limit is {limit} tokens; the request needs {total} "
+                f"({prompt_tokens} prompt + {virtual_tokens} virtual + {new_tokens} {new_what}): "
+                f"shorten the prompt or lower {new_what}"
+            )
+
+    def new_batch(self, stop_default: frozenset[int] | None = None,
+                  on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+                  prefill_chunk: int | None = None) -> DecodeBatch:
+        return DecodeBatch(self, stop_default, on_finish, prefill_chunk)
+
+    def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
+        return decoder_score.label_loss_sum(self, artifact, batch)
+
+    def row_label_scores(self, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
+                         batch_size: int = 16) -> list[torch.Tensor]:
+        return decoder_score.row_label_scores(self, artifacts, prompts, verbalizations, batch_size)
+
+    def prefill(self, ids: torch.Tensor, artifact: Artifact | None) -> Prefill:
+        return forward(self, artifact, ids, use_cache=True)
+
+    def decode_next(self, state: Prefill, tokens: torch.Tensor) -> Prefill:
+        return decode_step(self, state, tokens)
+
+    def next_token_logits(self, ids: torch.Tensor, artifact: Artifact | None) -> torch.Tensor:
+        return forward(self, artifact, ids).logits[0, -1]
 
 
-def _cache_to_prefix(cache) -> KVPrefix:
-    keys = [layer.keys[0].clone() for layer in cache.layers]  # [H_l, P, D_l]
-    values = [layer.values[0].clone() for layer in cache.layers]
-    return KVPrefix(keys, values)
-
-
-def freeze(model: PreTrainedModel) -> PreTrainedModel:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+__all__ = ["BaseModel", "freeze"]

@@ -6,22 +6,21 @@ import time
 
 import torch
 
-from softprompts.model.generation import GenerationRequest, GenerationResult, check_request
+from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.model.inject import Prefill, extend, forward
 
 
 class ChunkedPrefill:
     """One request's prompt prefilled ``chunk`` tokens per ``advance()`` into a cache of its own, so that a long
-    prompt delays the running rows by one chunk per step instead of its whole prefill; ``DecodeBatch.join`` makes it
-    a row once ``done``. Chunk ``k`` is ``inject.extend`` over the cache of chunks ``< k`` (the first one injects the
-    artifact): the same state as a one-shot prefill (``tests/test_scheduler.py``)."""
+    prompt delays the running rows by one chunk per step instead of its whole prefill; ``DecodeBatch`` makes it a row
+    once ``done`` (``RowBatch.advance_prefill``; the batch checked the request when it was added). Chunk ``k`` is
+    ``inject.extend`` over the cache of chunks ``< k`` (the first one injects the artifact): the same state as a
+    one-shot prefill (``tests/test_scheduler.py``)."""
 
-    def __init__(self, base, request: GenerationRequest, chunk: int) -> None:
-        check_request(base, request)
+    def __init__(self, base, request: GenerationRequest, chunk: int, result: GenerationResult) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.base, self.request, self.chunk = base, request, chunk
-        self.result = GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(request.prompt_ids))
+        self.base, self.request, self.chunk, self.result = base, request, chunk, result
         self.state: Prefill | None = None
         self.position = 0  # prompt tokens prefilled so far
         self.started = time.perf_counter()
@@ -29,6 +28,11 @@ class ChunkedPrefill:
     @property
     def done(self) -> bool:
         return self.position == len(self.request.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        """Positions its cache spans (virtual + prompt tokens so far)."""
+        return 0 if self.state is None else int(self.state.attention_mask.shape[1])
 
     @torch.no_grad()
     def advance(self) -> int:

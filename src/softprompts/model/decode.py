@@ -1,7 +1,8 @@
 """THE decode loop (no HF ``generate``): injected prefill, then one token per row per step from the KV cache.
 
-A ``DecodeBatch`` holds rows decoding together, each with its own prompt ``[T_i]``, artifact (soft prompt, KV prefix
-or ``None``, of any virtual length ``P_i``), sampling parameters and stop rules::
+A ``DecodeBatch`` (the decoder-only family's ``decode_loop.RowBatch``) holds rows decoding together, each with its
+own prompt ``[T_i]``, artifact (soft prompt, KV prefix or ``None``, of any virtual length ``P_i``), sampling parameters
+and stop rules::
 
     add(requests) : left-padded prefill [b, T] with VirtualContext.from_rows(artifacts) -> logits [b, V]; the new rows
                     join the running ones (caches and masks left-padded to one length, concatenated on the batch)
@@ -21,35 +22,18 @@ no copy of the whole cache per step).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
 from softprompts.model.artifacts import Artifact
 from softprompts.model.chunked_prefill import ChunkedPrefill
-from softprompts.model.encoder_decoder import EncoderDecoderError
-from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
-from softprompts.model.generation import (
-    GREEDY,
-    GenerationRequest,
-    GenerationResult,
-    Sampling,
-    check_request,
-    choose_next,
-    eos_ids,
-    left_pad,
-    record_token,
-)
+from softprompts.model.decode_loop import Row, RowBatch
+from softprompts.model.generation import GREEDY, GenerationRequest, GenerationResult, Sampling
 from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
 from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
+from softprompts.model.padding import pad_rows
 from softprompts.model.probe import new_cache
-
-
-def _generator(sampling: Sampling) -> torch.Generator | None:
-    if sampling.temperature == 0 or sampling.seed is None:
-        return None
-    return torch.Generator().manual_seed(int(sampling.seed))
 
 
 def _left_pad_to(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -61,71 +45,39 @@ def _left_pad_to(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-class DecodeBatch:
-    """Rows decoding together; ``on_finish(request, result)`` is called as each one ends."""
+class DecodeBatch(RowBatch):
+    """Rows of a decoder-only base decoding together in one cache (``RowBatch`` keeps the rows)."""
 
     prefills_in_chunks = True  # a long prompt may join through a ChunkedPrefill
 
     def __init__(self, base, stop_default: frozenset[int] | None = None,
-                 on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None) -> None:
-        if base.is_encoder_decoder:
-            raise EncoderDecoderError(f"{base.name} is an encoder-decoder model: its rows decode in an "
-                                      "EncoderDecoderBatch (decode.new_batch picks the loop for a base)")
-        self.base = base
-        self.eos = frozenset(eos_ids(base)) if stop_default is None else stop_default
-        self.on_finish = on_finish or (lambda request, result: None)
-        self.requests: list[GenerationRequest] = []  # one per row of `state`
-        self.results: list[GenerationResult] = []
-        self.generators: list[torch.Generator | None] = []
-        self.started: list[float] = []
+                 on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+                 prefill_chunk: int | None = None) -> None:
+        super().__init__(base, stop_default, on_finish, prefill_chunk)
         self.state: Prefill | None = None  # logits [B, 1, V]: the next token of every row is still to choose
-
-    def __len__(self) -> int:
-        return len(self.requests)
 
     def cache_length(self) -> int:
         """Positions every row's cache spans now (virtual + prompt + generated + left padding)."""
         return 0 if self.state is None else int(self.state.attention_mask.shape[1])
 
     # -- joining --------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def add(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Prefill ``requests`` and make them rows of this batch; returns their results (filled as they decode)."""
-        results = [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(r.prompt_ids))
-                   for r in requests]
-        for req in requests:
-            check_request(self.base, req)
-        fresh = [(r, res) for r, res in zip(requests, results, strict=True) if r.max_new_tokens > 0]
-        for req, res in zip(requests, results, strict=True):
-            if req.max_new_tokens == 0:
-                self.on_finish(req, res)
-        if not fresh:
-            return results
-        started = time.perf_counter()
-        ids, mask = left_pad([r.prompt_ids for r, _ in fresh], self.base.pad_id, self.base.device)  # [b, T]
-        ctx = VirtualContext.from_rows([r.artifact for r, _ in fresh])
+    def _prefill(self, rows: list[Row]) -> list[Row]:
+        """Left-padded prefill ``[b, T]`` of ``rows`` with ``VirtualContext.from_rows``; they join the running ones."""
+        ids, mask = pad_rows([r.prompt_ids for r, _ in rows], self.base.pad_id, self.base.device)  # [b, T]
+        ctx = VirtualContext.from_rows([r.artifact for r, _ in rows])
         last = torch.tensor([ids.shape[1] - 1], device=self.base.device)  # left padding: every row ends here
-        state = forward(self.base, ctx, ids, mask, use_cache=True, logits_positions=last)  # logits [b, 1, V]
-        self._append(fresh, state, started)
-        return results
+        self._take(forward(self.base, ctx, ids, mask, use_cache=True, logits_positions=last))  # logits [b, 1, V]
+        return rows
 
-    @torch.no_grad()
-    def join(self, prefill: ChunkedPrefill) -> GenerationResult:
-        """Make a finished ``ChunkedPrefill`` a row of this batch; returns its result."""
-        if prefill.request.max_new_tokens == 0:
-            self.on_finish(prefill.request, prefill.result)
-        else:
-            self._append([(prefill.request, prefill.result)], prefill.state, prefill.started)
-        return prefill.result
+    def _chunked_prefill(self, request: GenerationRequest, result: GenerationResult) -> ChunkedPrefill:
+        return ChunkedPrefill(self.base, request, self.prefill_chunk, result)
 
-    def _append(self, rows: list[tuple[GenerationRequest, GenerationResult]], state: Prefill, started: float) -> None:
+    def _join_prefilled(self, prefill: ChunkedPrefill) -> None:
+        self._take(prefill.state)
+
+    def _take(self, state: Prefill) -> None:
         self.state = state if self.state is None else self._merge(self.state, state)
         grow_in_place(self.state.cache)  # decode steps append in place (model/kv_cache.py)
-        for req, res in rows:
-            self.requests.append(req)
-            self.results.append(res)
-            self.generators.append(_generator(req.sampling))
-            self.started.append(started)
 
     def can_join(self, length: int) -> bool:
         """Whether rows whose prefill spans ``length`` positions can join (a sliding-window layer that already
@@ -156,49 +108,13 @@ class DecodeBatch:
                        next_positions=torch.cat([a.next_positions, b.next_positions]))
 
     # -- decoding -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self) -> None:
-        """Choose every row's next token, let the rows that end leave, decode one position for the others."""
-        if not self.requests:
-            return
-        logits = self.state.logits[:, -1]  # [B, V]
-        next_ids = logits.argmax(-1)
-        for row, (req, gen) in enumerate(zip(self.requests, self.generators, strict=True)):
-            if req.sampling.temperature > 0:
-                next_ids[row] = choose_next(logits[row : row + 1], req.sampling, gen)[0]
-        now = time.perf_counter()
-        keep = []
-        for row, tok in enumerate(next_ids.tolist()):
-            req, res = self.requests[row], self.results[row]
-            reason = record_token(req, res, logits[row : row + 1], tok, self.eos, now, self.started[row])
-            if reason is None:
-                keep.append(row)
-            else:
-                res.finish_reason = reason
-                self.on_finish(req, res)
-        if len(keep) < len(next_ids):
-            next_ids = next_ids[torch.tensor(keep, dtype=torch.long, device=next_ids.device)]
-        self._keep(keep)
-        if self.requests:
-            self.state = decode_step(self.base, self.state, next_ids)
+    def _logits(self) -> torch.Tensor:
+        return self.state.logits[:, -1]  # [B, V]
 
-    @torch.no_grad()
-    def cancel(self, drop: Callable[[GenerationRequest], bool], reason: str = "cancelled") -> None:
-        """Remove the rows whose request ``drop`` names (between steps)."""
-        keep = [row for row, req in enumerate(self.requests) if not drop(req)]
-        for row, req in enumerate(self.requests):
-            if row not in keep:
-                self.results[row].finish_reason = reason
-                self.on_finish(req, self.results[row])
-        self._keep(keep)
+    def _advance(self, tokens: torch.Tensor) -> None:
+        self.state = decode_step(self.base, self.state, tokens)
 
-    def _keep(self, rows: list[int]) -> None:
-        if len(rows) == len(self.requests):
-            return
-        self.requests = [self.requests[r] for r in rows]
-        self.results = [self.results[r] for r in rows]
-        self.generators = [self.generators[r] for r in rows]
-        self.started = [self.started[r] for r in rows]
+    def _select(self, rows: list[int]) -> None:
         if not rows:
             self.state = None
             return
@@ -228,21 +144,12 @@ class DecodeBatch:
                              next_positions=self.state.next_positions)
 
 
-def new_batch(base, stop_default: frozenset[int] | None = None,
-              on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
-              ) -> DecodeBatch | EncoderDecoderBatch:
-    """The decode loop for ``base``: ``DecodeBatch``, or ``EncoderDecoderBatch`` on an encoder-decoder base (the same
-    interface: ``add``, ``step``, ``cancel``, ``requests``)."""
-    kind = EncoderDecoderBatch if base.is_encoder_decoder else DecodeBatch
-    return kind(base, stop_default, on_finish)
-
-
 @torch.no_grad()
 def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
                  ) -> list[GenerationResult]:
     """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
     (default: the model's EOS, ``eos_ids``)."""
-    batch = new_batch(base, stop_default)
+    batch = base.new_batch(stop_default)
     results = batch.add(requests)
     while len(batch):
         batch.step()
@@ -267,4 +174,4 @@ def generate_ids(
     return [result.tokens for result in decode_batch(base, requests)]
 
 
-__all__ = ["DecodeBatch", "decode_batch", "generate_ids", "new_batch"]
+__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]

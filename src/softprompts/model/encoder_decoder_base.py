@@ -8,20 +8,31 @@ self-attention and its cross-attention, in the ``KVLayout`` order (``encoder_dec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
-from softprompts.model.base import BaseModel, freeze
+from softprompts.model import encoder_decoder_score
+from softprompts.model.artifacts import Artifact, KVPrefix
 from softprompts.model.encoder_decoder import (
+    DecoderState,
     EncoderDecoderError,
     KVLayout,
+    decode_more,
     encoder_layer_count,
     encoder_prefix,
+    forward,
 )
+from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
+from softprompts.model.frozen import FrozenBase, freeze
+from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
+from softprompts.model.inject import VirtualContext
+from softprompts.model.placement import PlacementError, place
 from softprompts.model.probe import ModelShapes, cache_keyword
+
+_DECODER_ONLY_TRAINING = ("{flag} runs on decoder-only models; {name} is an encoder-decoder model: train it "
+                          "without {flag}")
 
 
 def _layer_shapes(layers) -> tuple[list[int], list[int]]:
@@ -29,15 +40,30 @@ def _layer_shapes(layers) -> tuple[list[int], list[int]]:
 
 
 @dataclass
-class EncoderDecoderBase(BaseModel):
-    """``BaseModel`` for an encoder-decoder LM: the encoder reads the prompt, the decoder writes the target.
+class EncoderDecoderBase(FrozenBase):
+    """A frozen encoder-decoder LM: the encoder reads the prompt, the decoder writes the target.
 
     ``layout``: how a KV prefix's layers split into encoder self, decoder self and cross-attention parts;
     ``decoder_start_id``: the token every decoder input starts with (the model's ``decoder_start_token_id``).
-    Training and scoring use HF's own head (``plain_head`` is false: T5 scales tied logits).
+    Training and scoring use HF's own head (``plain_head`` is false: T5 scales tied logits). A soft prompt in front
+    of a bidirectional encoder has no input-independent KV (every encoder state depends on the whole input): it is
+    served as it is. The decoder writes every target and candidate with its end-of-sequence token
+    (``encoder_decoder_score.py``).
     """
 
-    is_encoder_decoder: ClassVar[bool] = True
+    family = "encoder-decoder"
+    is_encoder_decoder = True
+    unsupported = {
+        "compile": _DECODER_ONLY_TRAINING,
+        "gradient_checkpointing": _DECODER_ONLY_TRAINING,
+        "prompt_logprobs": ("echo with logprobs scores the prompt's own tokens, which an encoder-decoder model reads "
+                            "with its encoder and never predicts; send echo without logprobs"),
+        "peft_baseline": ("--baseline peft runs on decoder-only models; {name} is an encoder-decoder model (PEFT "
+                          "puts its seq2seq prefixes in the decoder only, and the LoRA ceiling is not wired for it): "
+                          "drop --baseline peft"),
+        "wrap": ("sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
+                 "encoder-decoder model: train it with softprompts train / sp.train"),
+    }
     layout: KVLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,16 +80,62 @@ class EncoderDecoderBase(BaseModel):
                 return int(start)
         return self.pad_id
 
-    @property
-    def context_limit(self) -> int:
-        """Encoder positions (virtual + prompt tokens): BART's ``max_position_embeddings``; T5's relative positions
-        have no hard limit, its ``n_positions`` (512) is what it was trained at."""
-        return super().context_limit
+    def serving_artifact(self, artifact) -> Artifact | None:
+        artifact = getattr(artifact, "artifact", artifact)
+        return None if artifact is None else artifact.to(self.device, self.dtype)
 
-    def soft_prompt_to_kv(self, prompt: SoftPrompt) -> KVPrefix:
-        raise EncoderDecoderError(
-            "a soft prompt in front of a bidirectional encoder has no input-independent KV: every encoder state "
-            "depends on the whole input; soft prompts run as they are on encoder-decoder models")
+    def check_fits(self, prompt_tokens: int, virtual_tokens: int, new_tokens: int,
+                   new_what: str = "max_tokens") -> None:
+        """The encoder reads virtual + prompt tokens, the decoder virtual + new tokens: each within the context
+        (BART's ``max_position_embeddings``; T5's relative positions have no hard limit, its ``n_positions`` is what
+        it was trained at)."""
+        limit = self.context_limit
+        if prompt_tokens < 1:
+            raise ContextLengthError("the prompt must have at least one token")
+        for what, tokens in (("prompt", prompt_tokens), (new_what, new_tokens)):
+            if tokens + virtual_tokens > limit:
+                raise ContextLengthError(f"this model's context limit is {limit} tokens; the {what} side needs "
+                                         f"{tokens + virtual_tokens} ({virtual_tokens} virtual + {tokens} {what}): "
+                                         "lower it")
+
+    def new_batch(self, stop_default: frozenset[int] | None = None,
+                  on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+                  prefill_chunk: int | None = None) -> EncoderDecoderBatch:
+        return EncoderDecoderBatch(self, stop_default, on_finish, prefill_chunk)
+
+    def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
+        """The encoder reads each row's prompt (its lead placed in front of the soft prompt), the decoder writes its
+        target then EOS. ``batch.prompts`` / ``batch.targets``: the rows' token lists (``tasks.collate``)."""
+        if batch.leads and any(batch.leads):
+            if len({tuple(lead) for lead in batch.leads}) > 1:
+                raise PlacementError("rows of one batch with different text before the soft prompt on an "
+                                     "encoder-decoder model; give them one lead")
+            artifact = place(self, artifact, batch.leads[0])
+        return encoder_decoder_score.loss_sum(self, artifact, batch.prompts, batch.targets)
+
+    def row_label_scores(self, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
+                         batch_size: int = 16) -> list[torch.Tensor]:
+        pairs = [(i, c) for i in range(len(prompts)) for c in range(len(verbalizations[i]))]
+        rows = [artifacts[i] for i, _ in pairs] if isinstance(artifacts, list) else [artifacts] * len(pairs)
+        totals = encoder_decoder_score.target_logprobs(self, rows, [prompts[i] for i, _ in pairs],
+                                                       [verbalizations[i][c] for i, c in pairs], batch_size)
+        scores = [torch.zeros(len(v)) for v in verbalizations]
+        for (i, c), total in zip(pairs, totals, strict=True):
+            scores[i][c] = total
+        return scores
+
+    def prefill(self, ids: torch.Tensor, artifact: Artifact | None) -> DecoderState:
+        """The encoder reads ``ids [B, T]``; the decoder reads its start token."""
+        start = torch.full((ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=self.device)
+        return forward(self, VirtualContext.broadcast(artifact, ids.shape[0]), ids, None, start, None,
+                       use_cache=True)
+
+    def decode_next(self, state: DecoderState, tokens: torch.Tensor) -> DecoderState:
+        return decode_more(self, state, tokens[:, None])
+
+    def next_token_logits(self, ids: torch.Tensor, artifact: Artifact | None) -> torch.Tensor:
+        start = torch.tensor([[self.decoder_start_id]], device=self.device)
+        return forward(self, VirtualContext.broadcast(artifact, 1), ids, None, start, None).logits[0, -1]
 
     @torch.no_grad()
     def text_to_kv(self, ids: list[int] | torch.Tensor) -> KVPrefix:

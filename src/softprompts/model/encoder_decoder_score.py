@@ -21,6 +21,7 @@ from softprompts.model.artifacts import Artifact
 from softprompts.model.encoder_decoder import forward, groups_by_length
 from softprompts.model.generation import eos_ids
 from softprompts.model.inject import VirtualContext
+from softprompts.model.padding import pad_rows
 
 
 def with_eos(base, target: list[int]) -> list[int]:
@@ -31,24 +32,13 @@ def with_eos(base, target: list[int]) -> list[int]:
     return [*target, eos[0]]
 
 
-def right_pad(rows: list[list[int]], value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` -> ``(ids [B, W], mask [B, W])`` padded on the right with ``value``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def teacher_forced(base, ctx, prompts: list[list[int]], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits [B, L, V], labels [B, L])`` for full targets (``with_eos`` applied here); -100 labels padding."""
     device = base.device
     full = [with_eos(base, t) for t in targets]
-    enc_ids, enc_mask = right_pad(prompts, base.pad_id, device)
-    dec_ids, dec_mask = right_pad([[base.decoder_start_id, *t[:-1]] for t in full], base.pad_id, device)
-    labels, label_mask = right_pad(full, -100, device)
+    enc_ids, enc_mask = pad_rows(prompts, base.pad_id, device, side="right")
+    dec_ids, dec_mask = pad_rows([[base.decoder_start_id, *t[:-1]] for t in full], base.pad_id, device, side="right")
+    labels, label_mask = pad_rows(full, -100, device, side="right")
     logits = forward(base, ctx, enc_ids, enc_mask, dec_ids, dec_mask).logits
     return logits, labels.masked_fill(label_mask == 0, -100)
 
@@ -58,19 +48,6 @@ def loss_sum(base, artifact: Artifact | None, prompts: list[list[int]], targets:
     logits, labels = teacher_forced(base, VirtualContext.broadcast(artifact, len(prompts)), prompts, targets)
     return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                        reduction="sum")
-
-
-def rows_of_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-    """The ``(prompts, targets)`` of a left-padded decoder-only training batch (``tasks.collate``: each row is
-    ``prompt + target`` ending at the last column; ``labels [B, L]`` hold the target right-aligned, -100 elsewhere)."""
-    prompts, targets = [], []
-    for ids, mask, row_labels in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist(), strict=True):
-        tokens = [t for t, m in zip(ids, mask, strict=True) if m]
-        n = sum(1 for t in row_labels if t != -100)
-        prompts.append(tokens[:-n])
-        targets.append(tokens[-n:])
-    return prompts, targets
 
 
 @torch.no_grad()
@@ -90,4 +67,4 @@ def target_logprobs(base, artifacts: list[Artifact | None], prompts: list[list[i
     return out
 
 
-__all__ = ["loss_sum", "right_pad", "rows_of_batch", "target_logprobs", "teacher_forced", "with_eos"]
+__all__ = ["loss_sum", "target_logprobs", "teacher_forced", "with_eos"]

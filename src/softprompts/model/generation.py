@@ -1,8 +1,8 @@
 """The vocabulary of generation: requests and results, sampling, stop and length rules (no loop: ``decode.py``).
 
 ``GenerationRequest``: one row to decode (prompt ids, artifact, limits, sampling, stop rules, streaming callback);
-``GenerationResult``: its tokens and why it ended. ``check_length`` is the one context rule (prompt + virtual + new
-tokens within ``BaseModel.context_limit``) that the decode loop, the engine and the server all apply.
+``GenerationResult``: its tokens and why it ended. The context rule a request must fit is the base model's
+(``FrozenBase.check_request`` / ``check_fits``: each model family has its own).
 """
 
 from __future__ import annotations
@@ -98,18 +98,6 @@ class GenerationResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token when the request asks
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` -> ``ids [B, T]`` and ``mask [B, T]``, left-padded so every row ends at the last column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """``logits [B, V]`` -> token ids ``[B]``."""
     if sampling.temperature == 0:
@@ -164,28 +152,5 @@ def eos_ids(base) -> set[int]:
     return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
 
 
-def check_length(limit: int, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int,
-                 new_what: str = "max_tokens") -> None:
-    """Raise ``ContextLengthError`` naming ``limit`` when prompt + virtual + new tokens exceed the context, or the
-    prompt is empty. ``new_what`` names the third term in the message (``max_tokens``, ``label tokens``)."""
-    total = prompt_tokens + virtual_tokens + max_new_tokens
-    if prompt_tokens < 1:
-        raise ContextLengthError("the prompt must have at least one token")
-    if total > limit:
-        raise ContextLengthError(
-            f"this model's context limit is {limit} tokens; the request needs {total} "
-            f"({prompt_tokens} prompt + {virtual_tokens} virtual + {max_new_tokens} {new_what}): "
-            f"shorten the prompt or lower {new_what}"
-        )
-
-
-def check_request(base, request: GenerationRequest) -> None:
-    """The server's rule, everywhere: ``max_new_tokens >= 0`` and prompt + virtual + new tokens within the context."""
-    if request.max_new_tokens < 0:
-        raise ContextLengthError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
-    check_length(base.context_limit, len(request.prompt_ids), request.artifact.length if request.artifact else 0,
-                 request.max_new_tokens)
-
-
 __all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "TokenLogprob",
-           "check_length", "check_request", "choose_next", "eos_ids", "left_pad", "record_token", "token_logprobs"]
+           "choose_next", "eos_ids", "record_token", "token_logprobs"]

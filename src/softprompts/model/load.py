@@ -15,12 +15,13 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.base import BaseModel
 from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
 from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+from softprompts.model.frozen import FrozenBase
 
 DEFAULT_MODEL = EMBEDDED_NAME
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -105,9 +106,9 @@ def check_reachable(name: str) -> None:
 def load_base(
     name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
     device_map: str | dict | None = None,
-) -> BaseModel:
-    """A frozen ``BaseModel``: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
-    An encoder-decoder model (``config.is_encoder_decoder``: T5, BART families) loads as ``EncoderDecoderBase``.
+) -> FrozenBase:
+    """A frozen base model: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
+    A decoder-only model loads as ``BaseModel``, an encoder-decoder one (T5, BART families) as ``EncoderDecoderBase``.
 
     ``device``: ``None`` (default) leaves it where ``from_pretrained`` puts it (the CPU), ``"auto"`` puts it on the
     first CUDA GPU when one is visible, else on the CPU (what the command line does), or any torch device.
@@ -125,7 +126,7 @@ def load_base(
         check_reachable(path)
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
-        seq2seq = bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+        seq2seq = family_of(AutoConfig.from_pretrained(path)) is EncoderDecoderBase
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM  # T5, BART families: the encoder-decoder LM
         model = auto.from_pretrained(path, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -138,4 +139,16 @@ def load_base(
         model.to(target)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return (EncoderDecoderBase if seq2seq else BaseModel)(model=model, tokenizer=tokenizer, name=name)
+    return frozen_base(model, tokenizer, name)
+
+
+def family_of(config) -> type[FrozenBase]:
+    """The family class for an HF config: ``EncoderDecoderBase`` for ``is_encoder_decoder`` (T5, BART families),
+    else ``BaseModel`` (decoder-only). The one place a flag picks a family; everything after asks the type."""
+    return EncoderDecoderBase if getattr(config, "is_encoder_decoder", False) else BaseModel
+
+
+def frozen_base(model: PreTrainedModel, tokenizer=None, name: str | None = None) -> FrozenBase:
+    """A loaded HF model as a frozen base of its family (``name``: default the model's ``name_or_path``)."""
+    name = name or getattr(model, "name_or_path", "") or type(model).__name__
+    return family_of(model.config)(model=model, tokenizer=tokenizer, name=name)

@@ -101,7 +101,7 @@ def probe_shapes(model: PreTrainedModel) -> ModelShapes:
 
 @torch.no_grad()
 def probe_plain_head(model: PreTrainedModel) -> bool:
-    """Whether training may project hidden states with the head's weight itself (``training/head_loss.py``).
+    """Whether training may project hidden states with the head's weight itself (``model/head_loss.py``).
 
     True when the head is a plain ``nn.Linear`` (not a quantized subclass) with no forward hooks (accelerate's
     offloading hooks load the weight in the hook: the bare ``weight`` is then a placeholder), its weight is real (not

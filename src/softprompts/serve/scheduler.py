@@ -4,15 +4,15 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
 
     1. scoring requests waiting -> one batched forward (they end in one step)
     2. admit waiting generation requests, first come first served, within ``admission.py``'s bounds; prefill them
-       together (at most ``prefill_chunk`` prompt tokens) and let them join the running batch (``decode.new_batch``:
-       the decode loop of a decoder-only or an encoder-decoder base). On decoder-only bases a longer prompt is
-       prefilled alone, one chunk per step (``model/chunked_prefill.py``, ``benchmarks/prefill_stall.py``)
+       together (at most ``prefill_chunk`` prompt tokens) and let them join the running batch (the base model's
+       decode loop, ``FrozenBase.new_batch``, driven through ``model/decode_loop.DecodeLoop``). A longer prompt the
+       batch prefills alone, one chunk per step, where its family prefills in chunks (decoder-only:
+       ``model/chunked_prefill.py``, ``benchmarks/prefill_stall.py``)
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 
-``window_s`` turns this into the time-window batcher it replaced (for comparison in ``benchmarks/load_open_loop.py``):
-a batch is formed from the requests arriving within ``window_s`` of the first and runs to its end before the next
-one starts, so a request arriving meanwhile waits for the longest request in flight.
+``prefill_chunk=None``: no chunking and no prefill budget (the window batcher of ``benchmarks/window_scheduler.py``,
+which this replaced, builds on that).
 
 Beyond the bounds of ``admission.py`` ``submit`` raises ``Overloaded`` (HTTP 429). Each row's tokens are what the
 request gives alone, whatever joins or leaves around it.
@@ -26,8 +26,6 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompts.model.chunked_prefill import ChunkedPrefill
-from softprompts.model.decode import new_batch
 from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.serve.admission import Admission
 from softprompts.serve.engine import Engine, OneStepRequest
@@ -49,18 +47,16 @@ class Scheduler:
     or prompt-logprobs request)."""
 
     def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256, max_kv_bytes: int | None = None,
-                 prefill_chunk: int = 512, metrics: Metrics | None = None, window_s: float | None = None,
+                 prefill_chunk: int | None = 512, metrics: Metrics | None = None,
                  timeout_s: float | None = None) -> None:
         self.engine = engine
         self.timeout_s = timeout_s  # the default deadline of a request (None: none)
-        self.window_s = window_s
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
         self.admission = Admission(engine.base, max_running, max_waiting, max_kv_bytes, self.metrics)
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, _Job] = {}  # id(request) -> job, for the running rows
-        self._prefilling: deque[tuple[_Job, ChunkedPrefill]] = deque()  # long prompts, one chunk per step
-        self._batch = new_batch(engine.base, engine.eos_ids, on_finish=self._finished)
+        self._batch = self._new_batch()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -113,7 +109,7 @@ class Scheduler:
     @property
     def running(self) -> int:
         """Rows decoding or being prefilled."""
-        return len(self._batch) + len(self._prefilling)
+        return len(self._batch) + len(self._batch.prefilling)
 
     # -- the worker ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -130,14 +126,10 @@ class Scheduler:
                 self.metrics.waiting.set(len(self._waiting))
             if scoring:
                 self._score(scoring)
-            short = [j for j in arrivals if not self._chunked(j)]
-            if short:
-                self._join(short)
-            for job in arrivals:
-                if self._chunked(job):
-                    self._start_prefill(job)
+            if arrivals:
+                self._join(arrivals)
             self._drop_abandoned()
-            if self._prefilling:
+            if self._batch.prefilling:
                 self._advance_prefill()
             if len(self._batch):
                 self._step()
@@ -146,14 +138,6 @@ class Scheduler:
     def _admit(self) -> list[_Job]:
         """Waiting generation jobs that fit now, in arrival order (called under the lock)."""
         admitted, prompt_tokens = [], 0
-        if self.window_s is not None:  # window batching: a new batch only once the last one ended
-            first = next((j for j in self._waiting if isinstance(j.request, GenerationRequest)), None)
-            if self.running or first is None:
-                return []
-            wait = first.submitted + self.window_s - time.perf_counter()
-            if wait > 0 and len(self._waiting) < self.admission.max_running:
-                self._cv.wait(wait)  # collect the window (the lock is released while waiting), then look again
-                return []
         for job in list(self._waiting):
             if not isinstance(job.request, GenerationRequest):
                 continue
@@ -161,9 +145,9 @@ class Scheduler:
                 self._waiting.remove(job)
                 continue
             length = len(job.request.prompt_ids) + (job.request.artifact.length if job.request.artifact else 0)
-            batched = not self._chunked(job)
+            batched = not self._batch.prefills_alone(job.request)
             fits = (self.admission.fits(self.running + len(admitted), job.kv_bytes)
-                    and (not batched or not prompt_tokens or self.window_s is not None
+                    and (not batched or not prompt_tokens or self.prefill_chunk is None
                          or prompt_tokens + len(job.request.prompt_ids) <= self.prefill_chunk)
                     and self._batch.can_join(length))
             if not fits:
@@ -174,7 +158,13 @@ class Scheduler:
             self.admission.reserved += job.kv_bytes
         return admitted
 
+    def _new_batch(self):
+        return self.engine.base.new_batch(self.engine.eos_ids, on_finish=self._finished,
+                                          prefill_chunk=self.prefill_chunk)
+
     def _join(self, jobs: list[_Job]) -> None:
+        """Hand the admitted jobs to the batch (long prompts start prefilling in chunks); a request that fails its
+        checks fails alone."""
         started = time.perf_counter()
         for job in jobs:
             self.metrics.queue_wait.observe(started - job.submitted)
@@ -184,44 +174,26 @@ class Scheduler:
                 self._batch.add([job.request for job in jobs])
         except Exception:  # noqa: BLE001 - find the bad request: the others still run
             for job in jobs:
-                if id(job.request) not in {id(r) for r in self._batch.requests} and not job.future.done():
+                if not self._holds(job.request) and not job.future.done():
                     try:
                         with self.engine.lock:
                             self._batch.add([job.request])
                     except Exception as exc:  # noqa: BLE001
                         self._fail(job, exc)
 
-    def _chunked(self, job: _Job) -> bool:
-        """A prompt longer than one chunk is prefilled in chunks, alone (window batching never chunks)."""
-        long = len(job.request.prompt_ids) > self.prefill_chunk
-        return long and self.window_s is None and self._batch.prefills_in_chunks
-
-    def _start_prefill(self, job: _Job) -> None:
-        try:
-            self._prefilling.append((job, ChunkedPrefill(self.engine.base, job.request, self.prefill_chunk)))
-        except Exception as exc:  # noqa: BLE001 - a request that fails its checks fails alone
-            self._fail(job, exc)
+    def _holds(self, request: GenerationRequest) -> bool:
+        return any(r is request for r in self._batch.requests) or any(
+            p.request is request for p in self._batch.prefilling)
 
     def _advance_prefill(self) -> None:
-        """One chunk of the oldest long prompt; it joins the batch when its prompt is in."""
-        job, prefill = self._prefilling[0]
+        """One chunk of the oldest long prompt (it joins the batch once its prompt is in); a failing chunk fails
+        that request alone."""
+        request = self._batch.prefilling[0].request
         try:
             with self.engine.lock:
-                prefill.advance()
+                self._batch.advance_prefill()
         except Exception as exc:  # noqa: BLE001
-            self._prefilling.popleft()
-            self._fail(job, exc)
-            return
-        if not prefill.done:
-            return
-        length = prefill.state.attention_mask.shape[1]
-        if not self._batch.can_join(length):
-            return  # a sliding-window batch that cannot take it yet: it joins once that batch has ended
-        self._prefilling.popleft()
-        self.metrics.queue_wait.observe(prefill.started - job.submitted)
-        self._jobs[id(job.request)] = job
-        with self.engine.lock:
-            self._batch.join(prefill)
+            self._fail(self._jobs[id(request)], exc)
 
     def _step(self) -> None:
         self.metrics.batch_size.observe(len(self._batch))
@@ -236,13 +208,6 @@ class Scheduler:
 
     def _drop_abandoned(self) -> None:
         now = time.perf_counter()
-        for job, prefill in list(self._prefilling):
-            expired = (job.deadline or float("inf")) < now
-            if job.cancelled or expired:
-                self._prefilling.remove((job, prefill))
-                self._jobs[id(job.request)] = job
-                prefill.result.finish_reason = "cancelled" if job.cancelled else "timeout"
-                self._finished(job.request, prefill.result)
         self._batch.cancel(lambda r: self._jobs[id(r)].cancelled, "cancelled")
         self._batch.cancel(lambda r: (self._jobs[id(r)].deadline or float("inf")) < now, "timeout")
 
@@ -282,12 +247,9 @@ class Scheduler:
             job.future.set_result(result)
 
     def _fail_all(self, exc: Exception, waiting: bool = True) -> None:
-        for job, _ in self._prefilling:
-            self._jobs[id(job.request)] = job
-        self._prefilling.clear()
         for job in list(self._jobs.values()):
             self._fail(job, exc)
-        self._batch = new_batch(self.engine.base, self.engine.eos_ids, on_finish=self._finished)
+        self._batch = self._new_batch()
         if not waiting:
             return
         with self._cv:

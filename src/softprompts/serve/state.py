@@ -52,7 +52,6 @@ def build_state(
     max_kv_bytes: int | None = None,
     max_adapter_bytes: int = 1 << 30,
     poll_s: float = 2.0,
-    window_ms: float | None = None,
     request_timeout_s: float | None = None,
     prefill_chunk: int = 512,
 ) -> ServerState:
@@ -61,13 +60,12 @@ def build_state(
     ``max_running`` rows decode together, ``max_waiting`` requests queue, ``max_kv_bytes`` bounds the KV the running
     rows may hold (``None``: only ``max_running``); ``request_timeout_s`` ends a generation still running after that
     long (finish reason ``timeout``); a prompt longer than ``prefill_chunk`` tokens is prefilled in chunks between
-    decode steps; ``window_ms`` switches continuous batching to window batching (benchmarks)."""
+    decode steps."""
     metrics = Metrics()
     engine = Engine(base, max_batch=max_running)
     registry = Registry(base, adapters, prepare=engine.prepare, max_bytes=max_adapter_bytes, poll_s=poll_s)
     scheduler = Scheduler(engine, max_running=max_running, max_waiting=max_waiting, max_kv_bytes=max_kv_bytes,
-                          metrics=metrics, window_s=window_ms / 1000 if window_ms is not None else None,
-                          timeout_s=request_timeout_s, prefill_chunk=prefill_chunk)
+                          metrics=metrics, timeout_s=request_timeout_s, prefill_chunk=prefill_chunk)
     return ServerState(base=base, engine=engine, registry=registry, scheduler=scheduler, metrics=metrics,
                        placed=PlacedArtifacts(base, engine.prepare))
 

@@ -1,6 +1,6 @@
 """Training: one loop for every method (``loop.py``), its configuration and schedule (``config.py``), resumable
-checkpoints and RNG state (``state.py``), the optimizer step and its loss (``step.py``), the fused head +
-cross-entropy (``head_loss.py``), gradient checkpointing (``grad_checkpoint.py``) and the process-group plumbing for
+checkpoints and RNG state (``state.py``), the optimizer step (``step.py``; the loss is the base model's,
+``FrozenBase.label_loss_sum``), gradient checkpointing (``grad_checkpoint.py``) and the process-group plumbing for
 ``torchrun`` (``distributed.py``).
 
     from softprompts.training import TrainConfig, train

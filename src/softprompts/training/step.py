@@ -7,8 +7,9 @@ One optimizer step (``loop.train`` calls ``accumulate_step``; see its docstring 
     loss_m = CE(LM head at label positions only) / N ;  loss_m.backward()
     A.backward(A'.grad * grad_scale)    # one exact backward through the method
 
-The LM head + cross-entropy run fused and chunked where the head is plain (``head_loss.py``: the gradient to the
-hidden states is formed in the forward pass, so no ``[rows, vocab]`` logits live until the backward pass).
+The loss is the base model's (``FrozenBase.label_loss_sum``): on a decoder-only base the LM head + cross-entropy run
+fused and chunked where the head is plain (``model/head_loss.py``: the gradient to the hidden states is formed in the
+forward pass, so no ``[rows, vocab]`` logits live until the backward pass).
 
 ``torch.compile`` (``compiled_loss``): the micro-batch loss (model forward, HF's LM head at label positions,
 cross-entropy) traces as ONE graph for every method on every tested architecture (a test asserts zero graph breaks
@@ -25,53 +26,17 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
-from softprompts.model import encoder_decoder_score
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.inject import forward, hidden_at
-from softprompts.model.placement import PlacementError, place, place_rows
+from softprompts.model.decoder_score import plain_label_loss_sum
 from softprompts.training.grad_checkpoint import checkpointing
-from softprompts.training.head_loss import head_cross_entropy_sum, labelled_rows
 
 
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
-    """Sum of target-token cross-entropies of one left-padded ``tasks.Batch``; the LM head only at labelled rows.
-
-    Where the model's head is plain (``BaseModel.plain_head``: Llama, Qwen2, GPT-2, Gemma3, ...) the head and the
-    cross-entropy run fused and chunked on the decoder's hidden states (``head_loss.py``: no ``[rows, V]``
-    logits are kept for the backward pass, unlabelled rows are never projected); otherwise HF's head at the label
-    columns + ``cross_entropy`` (``plain_label_loss_sum``). Same value and gradients either way.
-    """
-    if base.is_encoder_decoder:
-        return encoder_decoder_loss_sum(base, artifact, batch)
-    if not base.plain_head:
-        return plain_label_loss_sum(base, artifact, batch)
-    keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
-    ctx = place_rows(base, artifact, batch.leads)  # placement: the rows' leads in front of the soft prompt
-    hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
-    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep)
-
-
-def encoder_decoder_loss_sum(base, artifact, batch) -> torch.Tensor:
-    """``label_loss_sum`` on an encoder-decoder base: the encoder reads each row's prompt (its lead placed in front
-    of the soft prompt), the decoder writes its target then EOS (``model/encoder_decoder_score.py``)."""
-    prompts, targets = encoder_decoder_score.rows_of_batch(batch.input_ids, batch.attention_mask, batch.labels)
-    if batch.leads and any(batch.leads):
-        if len({tuple(lead) for lead in batch.leads}) > 1:
-            raise PlacementError("rows of one batch with different text before the soft prompt on an "
-                                 "encoder-decoder model; give them one lead")
-        artifact = place(base, artifact, batch.leads[0])
-    return encoder_decoder_score.loss_sum(base, artifact, prompts, targets)
-
-
-def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
-    """``label_loss_sum`` through HF's own head (``logits_to_keep`` = the label columns) and ``cross_entropy``."""
-    ctx = place_rows(base, artifact, batch.leads)
-    logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
-    return nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
-    )  # logits: [B, L, V] -> [B*L, V]
+    """The summed target-token loss of one micro-batch: the base model's family answers it (``base.label_loss_sum``:
+    decoder-only ``model/decoder_score.py``, the head fused and chunked where it is plain; encoder-decoder
+    ``model/encoder_decoder_score.py``)."""
+    return base.label_loss_sum(artifact, batch)
 
 
 _COMPILED: dict[tuple[str, bool], Callable] = {}
@@ -118,10 +83,9 @@ def accumulate_step(
     artifact gradient (the world size under DDP, which averages). ``autocast_dtype``: run the micro-batches under
     ``torch.autocast`` (bf16 on GPU for an fp32 base model). ``checkpoint_layers``: recompute decoder layers in the
     backward pass (memory for time), see ``checkpointing``. ``loss_fn``: ``label_loss_sum`` or ``compiled_loss()``
-    (not together with ``checkpoint_layers``: the checkpoint wrappers restore cache state from Python closures).
+    (not together with ``checkpoint_layers``, which ``TrainConfig.validate`` refuses: the checkpoint wrappers restore
+    cache state from Python closures).
     """
-    if checkpoint_layers and loss_fn not in (label_loss_sum, plain_label_loss_sum):
-        raise ValueError("gradient checkpointing and a compiled loss cannot be combined; choose one")
     artifact = make_artifact()
     tensors = artifact.tensors()
     leaves = {k: t.detach().requires_grad_(True) for k, t in tensors.items()}

@@ -1,0 +1,186 @@
+"""What every frozen base answers, whatever its family: the interface the floors above ask instead of branching.
+
+A model family is a type, not a flag. ``FrozenBase`` holds what all families share (the HF model, its tokenizer,
+probed shapes, ``pad_id``, ``context_limit``, embeddings, fingerprint) and declares what each family answers its own
+way; ``BaseModel`` (decoder-only, ``model/base.py``) and ``EncoderDecoderBase`` (T5, BART families,
+``model/encoder_decoder_base.py``) implement every one of them:
+
+    serving_artifact(a)            the form an artifact is served in (a soft prompt -> its exact KV where it has one)
+    check_fits(T, P, N, what)      the context rule: T prompt + P virtual + N new tokens
+    new_batch(stop, on_finish)     the decode loop the scheduler drives (``decode_loop.DecodeLoop``)
+    label_loss_sum(a, batch)       the training loss of a batch (sum over target tokens)
+    row_label_scores(a, x, ys, b)  log p(y | a, x) summed over each candidate's tokens (rank classification)
+    prefill(ids, a) / decode_next  the first forward of a generation and one more token (latency measurement)
+    next_token_logits(ids, a)      the logits ``[V]`` of the first generated token
+    text_to_kv(ids)                the KV prefix a real text leaves (prefix tuning's real-text start)
+
+What a family cannot do is declared, not discovered: ``unsupported`` maps a feature (``"compile"``, ...) to the reason
+the user is told; ``supports(feature)`` asks, ``require(feature, **fields)`` refuses with that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from transformers import PreTrainedModel
+
+from softprompts.errors import SoftpromptsError
+from softprompts.model.artifacts import Artifact, KVPrefix
+from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
+from softprompts.model.placement import place
+from softprompts.model.probe import ModelShapes
+
+FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap")
+
+
+class UnsupportedFeature(SoftpromptsError):
+    """A feature this base model's family does not support (the message says why and what to do instead)."""
+
+
+@dataclass
+class FrozenBase:
+    """A frozen HF model (``requires_grad=False``, eval mode) with what adapters need to know.
+
+    ``name`` is what adapters record as their base (an embedded name, HF id or path); ``shapes`` is measured by the
+    family's probe; ``cache_keyword`` is ``cache`` or ``past_key_values`` depending on the transformers version;
+    ``plain_head``: the logits are the output embedding of the last hidden state, nothing more.
+    """
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    name: str
+    shapes: ModelShapes = field(init=False)
+    cache_keyword: str = field(init=False)
+    plain_head: bool = field(init=False)
+    family: ClassVar[str] = ""
+    unsupported: ClassVar[dict[str, str]] = {}  # feature -> the refusal, formatted with name= and require's fields
+    is_encoder_decoder: ClassVar[bool] = False  # for code that must tell the families apart; prefer the methods
+
+    # -- shared by every family -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def pad_id(self) -> int:
+        """The token id that fills padded positions: the tokenizer's pad token, else its end-of-text token, else 0.
+
+        Padded positions are always masked out, so the choice never changes an output; it is one rule so that every
+        batch (training, evaluation, decoding, PEFT's own runs) is built the same way.
+        """
+        tokenizer = self.tokenizer
+        for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def context_limit(self) -> int:
+        """Positions the model was built for: ``max_position_embeddings``, ``n_positions`` or
+        ``max_sequence_length`` from its config, 2048 when it names none (what counts against it: ``check_fits``)."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.model.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids (``[T] -> [T, hidden]``), including any scaling the model applies."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"base model {self.name!r} has no tokenizer; pass token ids instead of text")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def weights_fingerprint(self) -> str:
+        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart."""
+        weight = self.model.get_input_embeddings().weight.detach()
+        rows = weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
+        return hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    # -- capabilities ---------------------------------------------------------------------------------------------
+    def supports(self, feature: str) -> bool:
+        if feature not in FEATURES:
+            raise ValueError(f"unknown feature {feature!r}; known: {', '.join(FEATURES)}")
+        return feature not in self.unsupported
+
+    def require(self, feature: str, **fields: str) -> None:
+        """Raise ``UnsupportedFeature`` (the family's reason, formatted with ``name`` and ``fields``) unless this
+        base supports ``feature``."""
+        if not self.supports(feature):
+            raise UnsupportedFeature(self.unsupported[feature].format(name=self.name, **fields))
+
+    # -- rules written once on top of the family's answers ------------------------------------------------------
+    def check_request(self, request: GenerationRequest) -> None:
+        """The rule for a generation request, everywhere: ``max_new_tokens >= 0`` and ``check_fits``."""
+        if request.max_new_tokens < 0:
+            raise ContextLengthError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        virtual = request.artifact.length if request.artifact is not None else 0
+        self.check_fits(len(request.prompt_ids), virtual, request.max_new_tokens)
+
+    def served(self, artifact, lead: Sequence[int] = ()) -> Artifact | None:
+        """``artifact`` (an Adapter, an artifact or None) placed after ``lead`` (``placement.place``), in the form it
+        is served in (``serving_artifact``): what a row with that lead runs with. Callers cache it per adapter."""
+        raw = getattr(artifact, "artifact", artifact)
+        raw = raw.to(self.device, self.dtype) if raw is not None else None
+        return self.serving_artifact(place(self, raw, lead))
+
+    # -- what each family answers (model/base.py, model/encoder_decoder_base.py) ---------------------------------
+    def serving_artifact(self, artifact) -> Artifact | None:
+        """An Adapter, artifact or None -> the artifact rows run with (on this device and dtype)."""
+        raise NotImplementedError
+
+    def check_fits(self, prompt_tokens: int, virtual_tokens: int, new_tokens: int,
+                   new_what: str = "max_tokens") -> None:
+        """Raise ``ContextLengthError`` naming the limit when a row does not fit, or the prompt is empty."""
+        raise NotImplementedError
+
+    def new_batch(self, stop_default: frozenset[int] | None = None,
+                  on_finish: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+                  prefill_chunk: int | None = None):
+        """An empty decode loop (``decode_loop.DecodeLoop``) for this base."""
+        raise NotImplementedError
+
+    def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
+        """The summed target-token cross-entropy of a training batch (``tasks.Batch``); keeps the artifact's graph."""
+        raise NotImplementedError
+
+    def row_label_scores(self, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
+                         batch_size: int = 16) -> list[torch.Tensor]:
+        """Per prompt ``[C_i]`` summed log-probabilities of its candidates; ``artifacts`` served, shared or per row."""
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor, artifact: Artifact | None):
+        """The first forward of a generation of ``ids [B, T]``: a state whose ``logits [B, t, V]`` give token one."""
+        raise NotImplementedError
+
+    def decode_next(self, state, tokens: torch.Tensor):
+        """``state`` continued by one token per row (``tokens [B]``)."""
+        raise NotImplementedError
+
+    def next_token_logits(self, ids: torch.Tensor, artifact: Artifact | None) -> torch.Tensor:
+        """Logits ``[V]`` of the first token generated after ``ids [1, T]`` with ``artifact`` injected."""
+        return self.prefill(ids, artifact).logits[0, -1]
+
+    def text_to_kv(self, ids: list[int] | torch.Tensor) -> KVPrefix:
+        """The KV prefix a real text leaves (having the text in front, as a prefix)."""
+        raise NotImplementedError
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+__all__ = ["FEATURES", "FrozenBase", "UnsupportedFeature", "freeze"]
