@@ -16,8 +16,8 @@ forward and backward run anyway (no recomputation); the backward pass only scale
 incoming scalar. Rows without a label are dropped before projecting (ragged targets pad with ``-100``).
 
 Used by the decoder-only training loss (``decoder_score.label_loss_sum``) where ``BaseModel.plain_head`` holds;
-evaluation and decoding keep HF's head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's head would (the weight cast once per
-call); softmax, the loss and the saved gradient are fp32.
+evaluation and decoding keep HF's head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's
+head would (the weight cast once per call); softmax, the loss and the saved gradient are fp32.
 """
 
 from __future__ import annotations
