@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.probe import ModelShapes
 from softprompts.schema import ADAPTER_FORMAT, ADAPTER_VERSION
 
@@ -32,7 +32,7 @@ class Adapter:
     task: dict = field(default_factory=dict)
 
     @classmethod
-    def from_method(cls, method, base: BaseModel, task: dict | None = None) -> Adapter:
+    def from_method(cls, method, base: FrozenBase, task: dict | None = None) -> Adapter:
         return cls(
             artifact=method.materialize(),
             method=method.name,
@@ -74,7 +74,7 @@ class Adapter:
     def base_record(self) -> BaseRecord:
         return BaseRecord(self.base_name, self.base_shapes, self.base_weights_fingerprint)
 
-    def check_base(self, base: BaseModel) -> None:
+    def check_base(self, base: FrozenBase) -> None:
         """``check_base_fits``: refused for a base model of other shapes, a warning for other weights."""
         check_base_fits("adapter", self.base_record, BaseRecord.of(base))
 
@@ -100,7 +100,7 @@ class BaseRecord:
     weights_fingerprint: str = ""  # "" = unknown (files from before it was recorded)
 
     @classmethod
-    def of(cls, base: BaseModel) -> BaseRecord:
+    def of(cls, base: FrozenBase) -> BaseRecord:
         return cls(base.name, base.shapes, base.weights_fingerprint())
 
 

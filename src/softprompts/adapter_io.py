@@ -16,7 +16,7 @@ from safetensors.torch import load, save_file
 from softprompts.adapter import Adapter, AdapterError
 from softprompts.files import atomic_directory, parse_json, read_files, read_json
 from softprompts.model.artifacts import artifact_from_tensors, non_finite
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.probe import ModelShapes
 from softprompts.schema import ADAPTER_FORMAT, AdapterDoc, validated
 
@@ -62,7 +62,7 @@ def _checked(meta, path: Path) -> dict:
     return meta
 
 
-def load_adapter(directory: str | Path, base: BaseModel | None = None) -> Adapter:
+def load_adapter(directory: str | Path, base: FrozenBase | None = None) -> Adapter:
     """Read an adapter directory (both files from one version of it, ``files.read_files``); with ``base``, apply the
     base-model rule (``adapter.check_base_fits``) and move the artifact to its device and dtype."""
     directory = Path(directory)

@@ -35,7 +35,7 @@ from softprompts.adapter import Adapter, AdapterError, BaseRecord, check_base_fi
 from softprompts.adapter_io import load_adapter, read_metadata
 from softprompts.files import atomic_directory, parse_json, read_files
 from softprompts.model.artifacts import Artifact, artifact_from_tensors, non_finite
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.inject import VirtualContext
 from softprompts.model.probe import ModelShapes
 from softprompts.schema import TABLE_FORMAT, TABLE_VERSION, TableDoc, validated
@@ -62,7 +62,7 @@ def check_name(name: str) -> str:
 class PromptTable:
     """Named adapters sharing one base model. ``base`` (optional) sets the device/dtype ``adapter``/``context`` use."""
 
-    def __init__(self, path: str | Path, base_meta: dict | None = None, base: BaseModel | None = None) -> None:
+    def __init__(self, path: str | Path, base_meta: dict | None = None, base: FrozenBase | None = None) -> None:
         self.path = Path(path)
         self.base_meta = base_meta  # None until the first task is added
         self.base = base
@@ -74,7 +74,7 @@ class PromptTable:
 
     # ---- reading -------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, base: BaseModel | None = None, create: bool = False) -> PromptTable:
+    def load(cls, path: str | Path, base: FrozenBase | None = None, create: bool = False) -> PromptTable:
         """Read a table directory; with ``base``, refuse a table made for another model. ``create``: a missing
         directory gives an empty table (written on ``save``)."""
         path = Path(path)
@@ -116,7 +116,7 @@ class PromptTable:
             table.attach(base)
         return table
 
-    def attach(self, base: BaseModel) -> PromptTable:
+    def attach(self, base: FrozenBase) -> PromptTable:
         """Use ``base`` for ``adapter``/``context`` (refused if the table was made for another model)."""
         if self.base_meta is not None:
             self._check_base(base)
@@ -246,7 +246,7 @@ class PromptTable:
         assert self.base_meta is not None
         return BaseRecord(self.base_meta["name"], self.shapes, self.base_meta.get("weights_fingerprint", ""))
 
-    def _check_base(self, base: BaseModel) -> None:
+    def _check_base(self, base: FrozenBase) -> None:
         """The adapter rule (``adapter.check_base_fits``): other shapes refused, other weights warned."""
         check_base_fits(f"prompt table {self.path}", self.base_record, BaseRecord.of(base))
 
@@ -267,7 +267,7 @@ def _table_task(ref: str, table: PromptTable | str | Path | None) -> tuple[Promp
     return None
 
 
-def resolve_adapter(ref: str | Path, base: BaseModel | None = None, table: PromptTable | str | Path | None = None):
+def resolve_adapter(ref: str | Path, base: FrozenBase | None = None, table: PromptTable | str | Path | None = None):
     """Load an adapter from any reference: ``DIR`` (an adapter directory), ``TABLE_DIR#NAME`` (a task of a prompt
     table) or ``table:NAME`` (a task of ``table``, a ``PromptTable`` or its path). ``base`` as in ``load_adapter``.
     """

@@ -25,7 +25,7 @@ from softprompts.files import read_json
 from softprompts.interop.peft_export import METADATA_KEY, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from softprompts.methods import METHODS, PromptMethod
 from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.probe import ModelShapes
 
 
@@ -168,7 +168,7 @@ def _artifact(peft: PeftAdapter, kind: str, shapes: ModelShapes, where: str) -> 
     return KVPrefix(keys, values)
 
 
-def import_peft(directory: str | Path, base: BaseModel) -> Adapter:
+def import_peft(directory: str | Path, base: FrozenBase) -> Adapter:
     """Read a PEFT prompt-learning adapter for ``base`` into an ``Adapter`` (outputs equal PEFT's, see tests).
 
     An adapter written by ``export_peft`` gets its original method and task metadata back; any other gets the

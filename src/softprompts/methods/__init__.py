@@ -14,7 +14,7 @@ from softprompts.methods.base import ALIASES, REGISTRY, PromptMethod
 from softprompts.methods.config import MethodConfig, MethodError
 from softprompts.methods.init import task_init_text
 from softprompts.model.artifacts import Artifact
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 # One line per method; importing a method's file registers it, and the order of these lines is the order of METHODS.
 # isort: off
@@ -36,7 +36,7 @@ def method_class(name: str) -> type[PromptMethod]:
 
 
 def create_method(
-    base: BaseModel, name: str, labels: list[str] | None = None, init_text: str | None = None,
+    base: FrozenBase, name: str, labels: list[str] | None = None, init_text: str | None = None,
     init_artifact: Artifact | None = None, **options,
 ) -> PromptMethod:
     """Build method ``name`` on ``base`` with config ``options`` (validated all at once; unset ones take the
@@ -52,7 +52,7 @@ def create_method(
     return cls(base, config, labels=labels, init_text=init_text, init_artifact=init_artifact).to(base.device)
 
 
-def build_method(base: BaseModel, name: str, spec=None, seed: int = 0, **overrides) -> PromptMethod:
+def build_method(base: FrozenBase, name: str, spec=None, seed: int = 0, **overrides) -> PromptMethod:
     """Method ``name`` with its defaults for a task, what the command line, ``compare`` and the demo train.
 
     ``spec`` (a ``tasks.TaskSpec``, or anything with ``task`` and ``labels``): its labels serve ``init="labels"``

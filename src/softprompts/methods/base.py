@@ -34,7 +34,8 @@ from torch import nn
 from softprompts.methods.config import MethodConfig, MethodError
 from softprompts.methods.init import initial_artifact, seeded
 from softprompts.model.artifacts import Artifact
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
+from softprompts.model.generation import ContextLengthError
 
 REGISTRY: dict[str, type[PromptMethod]] = {}  # name -> class, in definition order
 ALIASES: dict[str, str] = {}  # alias -> name
@@ -60,19 +61,22 @@ class PromptMethod(nn.Module):
         REGISTRY[cls.name] = cls
         ALIASES.update(dict.fromkeys(cls.aliases, cls.name))
 
-    def __init__(self, base: BaseModel, config: MethodConfig, labels: list[str] | None = None,
+    def __init__(self, base: FrozenBase, config: MethodConfig, labels: list[str] | None = None,
                  init_text: str | None = None, init_artifact: Artifact | None = None) -> None:
         super().__init__()
-        if config.num_virtual_tokens >= base.context_limit:  # before anything of that size is allocated
+        try:  # before anything of that size is allocated: one real token must still fit
+            base.check_fits(1, config.num_virtual_tokens, 0)
+        except ContextLengthError:
             raise MethodError(f"num_virtual_tokens {config.num_virtual_tokens} leaves no room for real tokens in the "
-                              f"model's context of {base.context_limit} tokens; use far fewer (20 is typical)")
+                              f"model's context of {base.context_limit} tokens; use far fewer (20 is typical)"
+                              ) from None
         self.config = config
         self.base_dtype = base.dtype
         start = initial_artifact(base, config, self.artifact_kind, labels, init_text, init_artifact)
         with seeded(config.seed):
             self.init_parameters(base, start, from_values=config.init != "random" or init_artifact is not None)
 
-    def init_parameters(self, base: BaseModel, start: Artifact, from_values: bool) -> None:  # pragma: no cover
+    def init_parameters(self, base: FrozenBase, start: Artifact, from_values: bool) -> None:  # pragma: no cover
         """Create the trainable tensors so that ``forward()`` starts at (or, for a reparameterized random start,
         from) ``start`` (float32, CPU). ``from_values``: ``start`` holds real values (a text's embeddings or KV, a
         saved artifact) rather than random ones."""

@@ -16,7 +16,7 @@ from torch import nn
 from softprompts.methods.base import PromptMethod
 from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import KVPrefix
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DeepPrompt(PromptMethod):
     default_lr = 3e-3
     peft_type = "PREFIX_TUNING"
 
-    def init_parameters(self, base: BaseModel, start: KVPrefix, from_values: bool) -> None:
+    def init_parameters(self, base: FrozenBase, start: KVPrefix, from_values: bool) -> None:
         self.keys = nn.ParameterList(nn.Parameter(k) for k in start.keys)  # each [H_l, P, D_l]
         self.values = nn.ParameterList(nn.Parameter(v) for v in start.values)
 

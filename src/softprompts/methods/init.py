@@ -14,7 +14,7 @@ import torch
 
 from softprompts.methods.config import MethodConfig, MethodError
 from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single best word."
 SAMPLED_VOCAB_SIZE = 5000  # Lester et al. sample from the 5,000 most common tokens; BPE ids rank roughly by frequency
@@ -57,7 +57,7 @@ def fit_to(ids: list[int], length: int, filler: int | None = None) -> list[int]:
     return [filler] * (length - len(ids)) + ids
 
 
-def sampled_vocab_ids(base: BaseModel, length: int, seed: int) -> list[int]:
+def sampled_vocab_ids(base: FrozenBase, length: int, seed: int) -> list[int]:
     special = set(getattr(base.tokenizer, "all_special_ids", []) or [])
     high = min(base.shapes.vocab_size, SAMPLED_VOCAB_SIZE)
     ids = torch.randint(0, high, (length * 2 + len(special),), generator=make_generator(seed)).tolist()
@@ -65,7 +65,7 @@ def sampled_vocab_ids(base: BaseModel, length: int, seed: int) -> list[int]:
 
 
 def init_token_ids(
-    base: BaseModel, config: MethodConfig, labels: list[str] | None = None, init_text: str | None = None
+    base: FrozenBase, config: MethodConfig, labels: list[str] | None = None, init_text: str | None = None
 ) -> list[int] | None:
     """Token ids whose embeddings (or KV) start the virtual tokens; ``None`` for ``init="random"``."""
     length = config.num_virtual_tokens
@@ -83,13 +83,13 @@ def init_token_ids(
     return fit_to(base.tokenize(text), length, filler)
 
 
-def random_like_embeddings(base: BaseModel, length: int, seed: int) -> torch.Tensor:
+def random_like_embeddings(base: FrozenBase, length: int, seed: int) -> torch.Tensor:
     """``[P, hidden]`` normal values with the embedding matrix's own standard deviation."""
     std = base.model.get_input_embeddings().weight.float().std().item()
     return torch.randn(length, base.shapes.hidden_size, generator=make_generator(seed)) * std
 
 
-def random_prefix(base: BaseModel, length: int, seed: int) -> KVPrefix:
+def random_prefix(base: FrozenBase, length: int, seed: int) -> KVPrefix:
     """Random per-layer KV scaled like the KV of a real text (per layer, keys and values separately)."""
     reference = base.text_to_kv(base.tokenize(DEFAULT_INIT_TEXT) if base.tokenizer is not None else [1, 2, 3, 4])
     gen = make_generator(seed)
@@ -101,7 +101,7 @@ def random_prefix(base: BaseModel, length: int, seed: int) -> KVPrefix:
     return KVPrefix(keys, values)
 
 
-def initial_artifact(base: BaseModel, config: MethodConfig, kind: str, labels=None, init_text=None,
+def initial_artifact(base: FrozenBase, config: MethodConfig, kind: str, labels=None, init_text=None,
                      init_artifact: Artifact | None = None) -> Artifact:
     """The starting artifact of kind ``kind`` (``SoftPrompt.kind`` or ``KVPrefix.kind``), float32 on the CPU."""
     if kind == SoftPrompt.kind:
@@ -110,7 +110,7 @@ def initial_artifact(base: BaseModel, config: MethodConfig, kind: str, labels=No
 
 
 def initial_embeddings(
-    base: BaseModel, config: MethodConfig, labels=None, init_text=None, init_artifact: SoftPrompt | None = None
+    base: FrozenBase, config: MethodConfig, labels=None, init_text=None, init_artifact: SoftPrompt | None = None
 ) -> torch.Tensor:
     """``[P, hidden]`` float32 starting embeddings for soft-prompt methods (``init_artifact``: continue a saved one)."""
     if init_artifact is not None:
@@ -124,7 +124,7 @@ def initial_embeddings(
 
 
 def initial_prefix(
-    base: BaseModel, config: MethodConfig, labels=None, init_text=None,
+    base: FrozenBase, config: MethodConfig, labels=None, init_text=None,
     init_artifact: KVPrefix | SoftPrompt | None = None,
 ) -> KVPrefix:
     """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, scaled random, or a saved artifact

@@ -19,7 +19,7 @@ from torch import nn
 from softprompts.methods.base import PromptMethod
 from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import SoftPrompt
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PTuning(PromptMethod):
     default_lr = 3e-3
     peft_type = "P_TUNING"
 
-    def init_parameters(self, base: BaseModel, start: SoftPrompt, from_values: bool) -> None:
+    def init_parameters(self, base: FrozenBase, start: SoftPrompt, from_values: bool) -> None:
         d = base.shapes.hidden_size
         h = self.config.encoder_hidden or d
         self.inputs = nn.Parameter(start.embeds)  # H: [P, d]

@@ -24,7 +24,7 @@ from torch import nn
 from softprompts.methods.base import PromptMethod
 from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import KVPrefix
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class PrefixTuning(PromptMethod):
     default_lr = 3e-4
     peft_type = "PREFIX_TUNING"
 
-    def init_parameters(self, base: BaseModel, start: KVPrefix, from_values: bool) -> None:
+    def init_parameters(self, base: FrozenBase, start: KVPrefix, from_values: bool) -> None:
         config = self.config
         self.kv_heads, self.head_dims = base.shapes.kv_heads, base.shapes.head_dims
         flat = flatten_prefix(start)  # [P, S]

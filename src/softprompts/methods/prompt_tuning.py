@@ -18,7 +18,7 @@ from torch import nn
 from softprompts.methods.base import PromptMethod
 from softprompts.methods.config import MethodConfig
 from softprompts.model.artifacts import SoftPrompt
-from softprompts.model.base import BaseModel
+from softprompts.model.frozen import FrozenBase
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PromptTuning(PromptMethod):
     default_lr = 3e-2
     peft_type = "PROMPT_TUNING"
 
-    def init_parameters(self, base: BaseModel, start: SoftPrompt, from_values: bool) -> None:
+    def init_parameters(self, base: FrozenBase, start: SoftPrompt, from_values: bool) -> None:
         self.embeds = nn.Parameter(start.embeds)  # E: [P, d]
 
     def forward(self) -> SoftPrompt:

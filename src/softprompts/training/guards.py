@@ -17,6 +17,7 @@ import math
 import torch
 
 from softprompts.errors import SoftpromptsError
+from softprompts.model.generation import ContextLengthError
 
 
 class NonFiniteError(SoftpromptsError):
@@ -58,16 +59,21 @@ def check_parameters(step: int, method: torch.nn.Module, lr: float, checkpoint: 
             raise _stop(step, f"the update made parameter {name!r} non-finite", lr, checkpoint)
 
 
-def check_fits_context(limit: int, virtual: int, lengths: list[int], what: str) -> None:
-    """Raise ``SoftpromptsError`` when ``virtual`` + the longest of ``lengths`` exceeds the context ``limit``."""
-    if not lengths:
+def check_fits_context(base, virtual: int, rows: list[tuple[int, int]], what: str) -> None:
+    """Raise ``SoftpromptsError`` when a row ``(prompt tokens, answer tokens)`` with ``virtual`` virtual tokens does
+    not fit the base model's context (its family's rule, ``FrozenBase.check_fits``). The rows that bind are checked:
+    the longest in all, the longest prompt and the longest answer."""
+    if not rows:
         return
-    longest = max(lengths)
-    if virtual + longest > limit:
-        raise SoftpromptsError(
-            f"{what}: {virtual} virtual tokens + the longest example ({longest} tokens) exceed the model's context "
-            f"limit of {limit} tokens; use fewer --virtual-tokens or lower --max-prompt-tokens / --max-target-tokens"
-        )
+    binding = {max(rows, key=sum), max(rows, key=lambda r: r[0]), max(rows, key=lambda r: r[1])}
+    for prompt, answer in sorted(binding):
+        try:
+            base.check_fits(prompt, virtual, answer, "answer tokens")
+        except ContextLengthError as exc:
+            raise SoftpromptsError(
+                f"{what}: {virtual} virtual tokens and the longest example ({prompt} prompt + {answer} answer tokens) "
+                f"exceed the model's context limit of {base.context_limit} tokens ({exc}); use fewer "
+                "--virtual-tokens or lower --max-prompt-tokens / --max-target-tokens") from None
 
 
 __all__ = ["NonFiniteError", "check_fits_context", "check_parameters", "check_step", "step_update"]

@@ -92,11 +92,12 @@ def check_fits(base, method, spec: TaskSpec, encoded: list, dev: list) -> None:
         raise PlacementError(f"{method.name} makes a KV prefix, which sits in front of everything: it cannot be "
                              "placed after text (the <|virtual|> marker or a chat placement); use prompt tuning or "
                              "P-tuning for a placement")
-    check_fits_context(base.context_limit, virtual, [e.length for e in encoded], "training data")
+    check_fits_context(base, virtual, [(len(e.lead_ids) + len(e.prompt_ids), len(e.target_ids)) for e in encoded],
+                       "training data")
     answer = spec.max_target_tokens if spec.task != "classify" else max(
         len(v) for v in verbalizations(base, spec))  # decoded, or the longest label
-    dev_lengths = [sum(map(len, prompt_ids(base, ex.prompt, spec))) + answer for ex in dev]
-    check_fits_context(base.context_limit, virtual, dev_lengths, "dev data")
+    dev_rows = [(sum(map(len, prompt_ids(base, ex.prompt, spec))), answer) for ex in dev]
+    check_fits_context(base, virtual, dev_rows, "dev data")
 
 
 __all__ = ["TrainData", "check_fits", "check_options", "log", "output_paths", "prepare_data"]
