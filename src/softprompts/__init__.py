@@ -24,6 +24,8 @@ from softprompts.interop.hf_model import PromptModel, wrap
 from softprompts.methods import METHODS, build_method, create_method
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
+from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+from softprompts.model.frozen import FrozenBase
 from softprompts.model.decode import generate_ids
 from softprompts.model.generation import Sampling
 from softprompts.model.inject import VirtualContext, forward
@@ -34,8 +36,8 @@ from softprompts.training import TrainConfig, TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL", "KVPrefix",
-    "METHODS", "PromptModel",
+    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
+    "EncoderDecoderBase", "FrozenBase", "KVPrefix", "METHODS", "PromptModel",
     "Sampling", "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
     "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
     "next_token_logits", "save_adapter", "train", "wrap",
