@@ -24,9 +24,9 @@ from softprompts.interop.hf_model import PromptModel, wrap
 from softprompts.methods import METHODS, build_method, create_method
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.base import BaseModel
+from softprompts.model.decode import generate_ids
 from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 from softprompts.model.frozen import FrozenBase
-from softprompts.model.decode import generate_ids
 from softprompts.model.generation import Sampling
 from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.load import DEFAULT_MODEL, load_base
