@@ -15,6 +15,7 @@ from tiny import save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
+from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state
 from softprompts.tasks import split_prompt
@@ -121,7 +122,9 @@ def expected(state, model: str, messages: list[dict], max_tokens: int) -> tuple[
     lead, ids = split_prompt(state.base, chat.render_prompt({"messages": messages}))
     end = state.base.tokenize(chat.end_of_turn)
     stops = frozenset(sp.model.generation.eos_ids(state.base) | {end[0]})
-    result = state.engine.generate([GenerationRequest(ids, state.artifact(entry, lead), max_tokens, stop_ids=stops)])[0]
+    result = decode_batch(state.engine.base,
+                          [GenerationRequest(ids, state.artifact(entry, lead), max_tokens, stop_ids=stops)],
+                          state.engine.eos_ids)[0]
     return state.base.tokenizer.decode(result.tokens, skip_special_tokens=True), result.finish_reason
 
 

@@ -17,6 +17,7 @@ from tiny import perturb, tiny_base
 import softprompts as sp
 import softprompts.data.datasets
 import softprompts.evaluate
+from softprompts.model.decode import decode_batch
 from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve import Engine, Scheduler, ScoreRequest
@@ -59,7 +60,7 @@ def test_rows_joining_and_leaving_equal_alone(base, sampled):
     sizes = decode_with_arrivals(batch, {0: reqs[:2], 1: [reqs[2]], 2: reqs[3:5], 4: [reqs[5]], 7: [reqs[6]]})
     assert max(sizes) >= 3 and len(done) == len(reqs)
     for req in reqs:
-        want, got = engine.generate([req])[0], done[id(req)]
+        want, got = decode_batch(engine.base, [req], engine.eos_ids)[0], done[id(req)]
         assert got.tokens == want.tokens and len(got.tokens) == req.max_new_tokens
         for a, b in zip(got.logits, want.logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -72,7 +73,7 @@ def test_scheduler_serves_and_cancels(base):
         reqs = staggered(base, arts, sampled=True)
         futures = [sched.submit(r) for r in reqs]
         for r, f in zip(reqs, futures, strict=True):
-            assert f.result(timeout=60).tokens == sched.engine.generate([r])[0].tokens
+            assert f.result(timeout=60).tokens == decode_batch(sched.engine.base, [r], sched.engine.eos_ids)[0].tokens
         seen = threading.Event()
         endless = GenerationRequest(base.tokenize("abc"), arts[1], max_new_tokens=200, stop_ids=frozenset(),
                                     on_token=lambda tok, lp: seen.set())
@@ -116,7 +117,8 @@ def test_http_completions_classify_and_refusals(base, tmp_path):
             t.join()
         for name in names:
             artifact = None if name == "base" else state.registry.get(name).artifact
-            alone = state.engine.generate([GenerationRequest(base.tokenize(f"hi {name}"), artifact, 5)])[0]
+            alone = decode_batch(state.engine.base,
+                                 [GenerationRequest(base.tokenize(f"hi {name}"), artifact, 5)], state.engine.eos_ids)[0]
             assert answers[name].status_code == 200, answers[name].text
             assert answers[name].json()["choices"][0]["text"] == base.tokenizer.decode(alone.tokens,
                                                                                         skip_special_tokens=True)

@@ -15,7 +15,7 @@ from live_server import live_server
 from tiny import tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decode import DecodeBatch, decode_batch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve.engine import ScoreRequest
 from softprompts.serve.http import build_state
@@ -56,7 +56,7 @@ def alone(state, model: str, prompt: str, max_tokens: int, **kw):
     entry = None if model == "base" else state.registry.get(model)
     req = GenerationRequest(state.base.tokenize(prompt), entry.artifact if entry else None, max_tokens,
                             stop_ids=None, **kw)
-    return state.engine.generate([req])[0]
+    return decode_batch(state.engine.base, [req], state.engine.eos_ids)[0]
 
 
 def test_models_lists_base_and_every_adapter(server):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from test_engine import artifacts
 from tiny import tiny_base
+from window_scheduler import WindowScheduler
 
 from softprompts.model.chunked_prefill import ChunkedPrefill
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decode import DecodeBatch, decode_batch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve import Engine, Overloaded, Scheduler, ScoreRequest
 from softprompts.serve.admission import kv_bytes_per_token
@@ -44,7 +45,7 @@ def decode_with_arrivals(batch, arrivals: dict[int, list[GenerationRequest]]) ->
 
 
 def alone(engine: Engine, request: GenerationRequest):
-    return engine.generate([request])[0]
+    return decode_batch(engine.base, [request], engine.eos_ids)[0]
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
@@ -80,7 +81,7 @@ def test_cache_shrinks_when_the_longest_row_leaves():
     while len(batch):
         batch.step()
     ref = GenerationRequest(short.prompt_ids, max_new_tokens=6, stop_ids=frozenset())
-    assert Engine(base).generate([ref])[0].tokens == batch_results(base, [long, short])[1]
+    assert decode_batch(base, [ref])[0].tokens == batch_results(base, [long, short])[1]
 
 
 def batch_results(base, reqs):
@@ -97,8 +98,8 @@ def batch_results(base, reqs):
 def scheduler_factory():
     made = []
 
-    def make(base, **kw):
-        s = Scheduler(Engine(base), **kw)
+    def make(base, window_s=None, **kw):
+        s = WindowScheduler(Engine(base), window_s, **kw) if window_s is not None else Scheduler(Engine(base), **kw)
         made.append(s)
         return s
 
@@ -194,7 +195,8 @@ def test_kv_budget_limits_rows_running_together(scheduler_factory):
 
 
 def test_window_mode_runs_a_batch_to_its_end(scheduler_factory):
-    """``window_s``: the requests arriving together share one batch; one arriving later waits for it to end."""
+    """``benchmarks/window_scheduler.py``: the requests arriving together share one batch; one arriving later waits for
+    it to end."""
     base = tiny_base("llama")
     sched = scheduler_factory(base, window_s=0.2)
     first = [GenerationRequest(base.tokenize(p), max_new_tokens=6, stop_ids=frozenset()) for p in ["ab", "cd"]]
@@ -224,14 +226,15 @@ def test_chunked_prefill_equals_one_shot(base, chunk):
     soft = GenerationRequest(base.tokenize("another long prompt here"), raw_soft, 5, stop_ids=frozenset(),
                              collect_logits=True)
     done = {}
-    batch = DecodeBatch(base, engine.eos_ids, on_finish=lambda r, res: done.__setitem__(id(r), res))
+    batch = DecodeBatch(base, engine.eos_ids, on_finish=lambda r, res: done.__setitem__(id(r), res),
+                        prefill_chunk=chunk)
     batch.add(reqs)
     for req in (long, soft):
-        prefill = ChunkedPrefill(base, req, chunk)
-        while not prefill.done:
-            prefill.advance()
+        assert batch.prefills_alone(req)
+        batch.add([req])
+        while batch.prefilling:
+            batch.advance_prefill()  # joins the batch once its prompt is in
             batch.step()  # the running rows go on between chunks
-        batch.join(prefill)
     while len(batch):
         batch.step()
     for req in [*reqs, long, soft]:

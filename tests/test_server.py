@@ -19,6 +19,7 @@ from live_server import live_server
 from tiny import save_tiny, tiny_base
 
 import softprompts as sp
+from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state
 
@@ -53,7 +54,7 @@ def expected_text(state, name, prompt, max_tokens):
     """What the engine alone produces for one greedy request (the reference for every HTTP answer)."""
     artifact = None if name == "base" else state.registry.get(name).artifact
     ids = state.base.tokenize(prompt)
-    result = state.engine.generate([GenerationRequest(ids, artifact, max_tokens)])[0]
+    result = decode_batch(state.engine.base, [GenerationRequest(ids, artifact, max_tokens)], state.engine.eos_ids)[0]
     return state.base.tokenizer.decode(result.tokens, skip_special_tokens=True)
 
 

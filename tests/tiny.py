@@ -1,7 +1,13 @@
-"""Tiny random models of real architectures (built from configs, no downloads) and a byte-level tokenizer."""
+"""Tiny random models of real architectures (built from configs, no downloads), a byte-level tokenizer, and the
+helpers many test files share: seeded perturbed methods, decoding a batch the way the engine does, calls run in
+threads at once."""
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +24,9 @@ from transformers import (
     T5Config,
 )
 
+import softprompts as sp
 from softprompts.model.base import BaseModel
+from softprompts.model.decode import decode_batch
 from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 
 SPECIALS = ["<pad>", "<eos>"]
@@ -62,7 +70,7 @@ CONFIGS = {
         max_position_embeddings=256,
     ),
 }
-ARCHS = list(CONFIGS)
+ARCHS = list(CONFIGS)  # decoder-only
 
 
 _T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -80,7 +88,8 @@ SEQ2SEQ_CONFIGS = {
                                bos_token_id=257, decoder_start_token_id=257, forced_eos_token_id=None,
                                scale_embedding=True),
 }
-SEQ2SEQ_ARCHS = list(SEQ2SEQ_CONFIGS)
+SEQ2SEQ_ARCHS = list(SEQ2SEQ_CONFIGS)  # encoder-decoder
+ALL_ARCHS = ARCHS + SEQ2SEQ_ARCHS
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -102,6 +111,19 @@ def scaled_up(model):
     return model
 
 
+def tiny_base(arch: str, seed: int = 0) -> BaseModel:
+    """A fresh tiny base of either family (``ARCHS``: ``BaseModel``; ``SEQ2SEQ_ARCHS``: ``EncoderDecoderBase``)."""
+    kind = EncoderDecoderBase if arch in SEQ2SEQ_CONFIGS else BaseModel
+    return kind(model=tiny_model(arch, seed), tokenizer=make_tokenizer(), name=f"tiny-{arch}")
+
+
+@functools.cache
+def cached_base(arch: str) -> BaseModel:
+    """``tiny_base(arch)`` built once per session and shared by every test file (a frozen base: tests never change
+    it; a test that does builds its own with ``tiny_base``)."""
+    return tiny_base(arch)
+
+
 def perturb(method, scale=0.5, seed=1):
     """A method's parameters moved by seeded noise (its artifact then differs from its init)."""
     gen = torch.Generator().manual_seed(seed)
@@ -111,9 +133,43 @@ def perturb(method, scale=0.5, seed=1):
     return method
 
 
-def tiny_base(arch: str, seed: int = 0) -> BaseModel:
-    kind = EncoderDecoderBase if arch in SEQ2SEQ_CONFIGS else BaseModel
-    return kind(model=tiny_model(arch, seed), tokenizer=make_tokenizer(), name=f"tiny-{arch}")
+def perturbed(base, method: str, n: int, init_text: str, scale: float = 0.5, seed: int = 1):
+    """``method`` with ``n`` virtual tokens started from ``init_text``, then ``perturb``-ed (not its init)."""
+    return perturb(sp.create_method(base, method, num_virtual_tokens=n, init_text=init_text), scale, seed)
+
+
+def decode_alone(engine, requests: list) -> list:
+    """The requests decoded in one batch with the engine's stop ids, under its model lock (a scheduler may be
+    running on the same model): the reference "alone" answer serving is checked against."""
+    with engine.lock:
+        return decode_batch(engine.base, requests, engine.eos_ids)
+
+
+def concurrently(calls: list[Callable[[], object]], stagger_s: float = 0.0,
+                 while_running: Callable[[], object] | None = None) -> list:
+    """Run every call in a thread of its own, all at once (call ``i`` waits ``i * stagger_s`` first), and
+    ``while_running()`` meanwhile; each call's result, in order. A call that raised raises here."""
+    results, errors = [None] * len(calls), []
+
+    def run(i, call):
+        try:
+            time.sleep(i * stagger_s)
+            results[i] = call()
+        except BaseException as err:  # handed to the caller's thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    try:
+        if while_running is not None:
+            while_running()
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def save_tiny(arch: str, directory: str | Path, seed: int = 0) -> Path:

@@ -1,5 +1,6 @@
-"""The HTTP layer (FastAPI): the app, its lifespan, the adapter and health routes; generation routes are
-``routes.py``.
+"""The HTTP layer (FastAPI): the app, its lifespan, the response counter, and the adapter and health routes
+(module-level functions on ``router``, reading what the server holds from the app); the generation routes are
+``routes.py``'s ``router``.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``model`` = adapter name or ``base``;
 ``stream: true`` -> server-sent events), ``POST /v1/classify`` (rank classification over the adapter's labels),
@@ -17,14 +18,15 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompts.serve.errors import ERROR_RESPONSES, install_error_handlers
 from softprompts.serve.metrics import CONTENT_TYPE
 from softprompts.serve.registry import BASE_NAME
-from softprompts.serve.routes import add_generation_routes
+from softprompts.serve.routes import router as generation_router
+from softprompts.serve.routes import served
 from softprompts.serve.schemas import AdapterName
 from softprompts.serve.state import ServerState, build_state
 
@@ -57,6 +59,58 @@ class ResponseCounter:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(http: Request):
+    state = served(http)
+    return {
+        "status": "ok",
+        "model": state.base.name,
+        "adapters": len(state.registry.entries()),
+        "running": state.scheduler.running,
+        "queued": state.scheduler.pending,
+    }
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
+async def metrics_text(http: Request):
+    return PlainTextResponse(served(http).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models")
+async def list_models(http: Request):
+    """OpenAI's model list: ``base`` (the model alone) and every adapter and table task, so clients that list
+    models before they call work."""
+    state = served(http)
+    created = int(state.started)
+    rows = [{"id": BASE_NAME, "object": "model", "created": created, "owned_by": "softprompts",
+             "root": state.base.name, "parent": None}]
+    rows += [{"id": e.name, "object": "model", "created": int(e.loaded_at) or created, "owned_by": "softprompts",
+              "root": state.base.name, "parent": BASE_NAME, "method": e.method, "task": e.task.get("task")}
+             for e in state.registry.entries()]
+    return {"object": "list", "data": rows}
+
+
+@router.get("/v1/adapters")
+async def list_adapters(http: Request):
+    return {"object": "list", "data": [e.describe() for e in served(http).registry.entries()]}
+
+
+@router.post("/v1/adapters/{name}/load", responses=ERROR_RESPONSES)
+async def load_adapter(name: AdapterName, http: Request):
+    entry = await run_in_threadpool(served(http).registry.load, name)
+    return entry.describe()
+
+
+@router.delete("/v1/adapters/{name}", responses=ERROR_RESPONSES)
+async def unload_adapter(name: AdapterName, http: Request):
+    await run_in_threadpool(served(http).registry.unload, name)
+    return {"id": name, "deleted": True}
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app over ``state``; its lifespan starts and stops the batching worker and the adapter poller."""
 
@@ -69,55 +123,11 @@ def create_app(state: ServerState) -> FastAPI:
         state.scheduler.stop()
 
     app = FastAPI(title="softprompts", lifespan=lifespan)
-    app.state.serve = state
-    metrics = state.metrics
-
+    app.state.serve = state  # what the routes read (``routes.served``)
     install_error_handlers(app)
-
-    app.add_middleware(ResponseCounter, metrics=metrics)
-
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "model": state.base.name,
-            "adapters": len(state.registry.entries()),
-            "running": state.scheduler.running,
-            "queued": state.scheduler.pending,
-        }
-
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
-    async def metrics_text():
-        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def list_models():
-        """OpenAI's model list: ``base`` (the model alone) and every adapter and table task, so clients that list
-        models before they call work."""
-        created = int(state.started)
-        rows = [{"id": BASE_NAME, "object": "model", "created": created, "owned_by": "softprompts",
-                 "root": state.base.name, "parent": None}]
-        rows += [{"id": e.name, "object": "model", "created": int(e.loaded_at) or created, "owned_by": "softprompts",
-                  "root": state.base.name, "parent": BASE_NAME, "method": e.method, "task": e.task.get("task")}
-                 for e in state.registry.entries()]
-        return {"object": "list", "data": rows}
-
-    @app.get("/v1/adapters")
-    async def list_adapters():
-        return {"object": "list", "data": [e.describe() for e in state.registry.entries()]}
-
-    @app.post("/v1/adapters/{name}/load", responses=ERROR_RESPONSES)
-    async def load_adapter(name: AdapterName):
-        entry = await run_in_threadpool(state.registry.load, name)
-        return entry.describe()
-
-    @app.delete("/v1/adapters/{name}", responses=ERROR_RESPONSES)
-    async def unload_adapter(name: AdapterName):
-        await run_in_threadpool(state.registry.unload, name)
-        return {"id": name, "deleted": True}
-
-    add_generation_routes(app, state)
+    app.add_middleware(ResponseCounter, metrics=state.metrics)
+    app.include_router(router)
+    app.include_router(generation_router)
     return app
 
 

@@ -1,6 +1,9 @@
-"""Text-side helpers of the server: stop strings, streaming hold-back, classification prompts and label targets."""
+"""Text-side helpers of the server: stop strings (a body's, where a text ends, when a generation stops), streaming
+hold-back, classification prompts and label targets."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import check_labels, label_targets
@@ -12,6 +15,27 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string (excluded) and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """A body's ``stop`` as a list of its non-empty strings."""
+    return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
+
+
+def decode_until_stop(tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
+    """The text of ``tokens`` up to the earliest stop string (excluded) and whether one was found."""
+    return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+
+
+def stop_check(tokenizer, stops: list[str]) -> Callable[[list[int]], bool] | None:
+    """What ends a generation early: whether its tokens' text holds a stop string (``None`` without stops)."""
+    if not stops:
+        return None
+
+    def stopped(ids: list[int]) -> bool:
+        return any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stops)
+
+    return stopped
 
 
 def stream_safe_length(text: str, stops: list[str]) -> int:

@@ -1,0 +1,126 @@
+"""What a request body asks of the engine: token ids and artifacts, checked against the context rule.
+
+A completions or chat body becomes a ``Generation``: its prompts split at their placement markers (a ``<|virtual|>``
+marker places the soft prompt there; chat renders the conversation with the model's chat template and the adapter's
+placement, ``data/chat.py``), the artifact each prompt runs with, and ``n`` engine requests per prompt. A classify
+body becomes one ``ScoreRequest`` per text over the adapter's label targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+
+from softprompts.errors import SoftpromptsError
+from softprompts.model.artifacts import Artifact
+from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling, eos_ids
+from softprompts.serve.engine import PromptLogprobsRequest, ScoreRequest
+from softprompts.serve.registry import Entry
+from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
+from softprompts.serve.state import ServerState
+from softprompts.serve.text import classify_prompts, stop_check, stop_strings
+from softprompts.tasks import split_prompt
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``body.n`` choices of every prompt: choice ``j`` of prompt ``p`` is index ``p * n + j`` (``rows[index]``)
+    and samples with ``seed + j``. ``echo``: each choice's text starts with its prompt (with the prompt's token
+    logprobs when ``logprobs`` is set)."""
+
+    body: GenerationFields
+    texts: list[str]
+    split: list[tuple[tuple[int, ...], list[int]]]  # (lead, prompt ids) of each text
+    artifacts: list[Artifact | None]
+    max_tokens: int
+    stop_ids: frozenset[int] | None
+    logprobs: int | None
+    echo: bool
+    stops: list[str]
+    stop_check: Callable[[list[int]], bool] | None
+    rows: list[tuple[int, int]]  # (prompt, choice) of each index
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What usage counts as the prompt: every prompt's tokens, the lead's too."""
+        return sum(len(lead) + len(ids) for lead, ids in self.split)
+
+    @property
+    def echoed(self) -> list[str]:
+        """The text each choice starts with: its prompt with ``echo``, else ""."""
+        return [self.texts[p] if self.echo else "" for p, _ in self.rows]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompts' own token logprobs come back (``echo`` with ``logprobs``)."""
+        return self.echo and self.logprobs is not None
+
+    def request(self, index: int, on_token=None) -> GenerationRequest:
+        """Choice ``index``'s engine request (``on_token``: called with each token as it is chosen)."""
+        p, j = self.rows[index]
+        body = self.body
+        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                            seed=body.seed + j if body.seed is not None else None)
+        return GenerationRequest(prompt_ids=self.split[p][1], artifact=self.artifacts[p],
+                                 max_new_tokens=self.max_tokens, sampling=sampling, stop_ids=self.stop_ids,
+                                 stop_check=self.stop_check, on_token=on_token, logprobs=self.logprobs)
+
+    def prompt_requests(self) -> list[PromptLogprobsRequest]:
+        """The requests for the prompts' token logprobs (none unless ``scores_prompt``)."""
+        if not self.scores_prompt:
+            return []
+        return [PromptLogprobsRequest(ids, artifact, self.logprobs)
+                for (_, ids), artifact in zip(self.split, self.artifacts, strict=True)]
+
+    def nothing_generated(self) -> list[GenerationResult]:
+        """Every choice's result when ``max_tokens`` is 0 (the prompt is only echoed or scored)."""
+        return [GenerationResult(tokens=[], finish_reason="length", prompt_tokens=len(self.split[p][1]))
+                for p, _ in self.rows]
+
+
+async def to_generation(state: ServerState, body: GenerationFields, entry: Entry | None, texts: list[str],
+                        max_tokens: int, stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
+                        echo: bool = False) -> Generation:
+    """The ``Generation`` of ``texts`` with ``entry``'s adapter (``None``: the base model); every prompt must fit
+    the context with its virtual tokens and ``max_tokens``."""
+    split = [split_prompt(state.base, text) for text in texts]
+    artifacts = [await run_in_threadpool(state.artifact, entry, lead) for lead, _ in split]
+    for (_, ids), artifact in zip(split, artifacts, strict=True):
+        state.base.check_fits(len(ids), artifact.length if artifact is not None else 0, max_tokens)
+    if echo and logprobs is not None and any(lead for lead, _ in split):
+        raise SoftpromptsError("echo with logprobs scores the prompt's tokens after the virtual tokens; a prompt "
+                               "with a <|virtual|> marker has tokens before them: send it without the marker")
+    stops = stop_strings(body.stop)
+    rows = [(p, j) for p in range(len(texts)) for j in range(body.n)]
+    return Generation(body=body, texts=texts, split=split, artifacts=artifacts, max_tokens=max_tokens,
+                      stop_ids=stop_ids, logprobs=logprobs, echo=echo, stops=stops,
+                      stop_check=stop_check(state.base.tokenizer, stops), rows=rows)
+
+
+def chat_prompt(state: ServerState, entry: Entry | None, body: ChatBody) -> tuple[str, frozenset[int]]:
+    """The conversation rendered with the model's chat template and ``entry``'s placement, and the tokens that end
+    the answer: end of sequence, and the template's end of turn when it is one token."""
+    chat = state.chat_format(entry)
+    prompt = chat.render_prompt({"messages": [m.model_dump(exclude_none=True) for m in body.messages]})
+    end = state.base.tokenizer(chat.end_of_turn, add_special_tokens=False)["input_ids"]
+    return prompt, frozenset(eos_ids(state.base) | ({end[0]} if len(end) == 1 else set()))
+
+
+async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -> tuple[list[str], list[ScoreRequest]]:
+    """``(labels, one ScoreRequest per text)``: each text's prompt scored on every label's target tokens."""
+    task = entry.task
+    labels, prompts, targets = classify_prompts(task, body.texts, body.labels, entry.name,
+                                                state.chat_format(entry) if task.get("chat") else None)
+    candidates = [state.base.tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    requests = []
+    for prompt in prompts:
+        lead, ids = split_prompt(state.base, prompt)
+        artifact = await run_in_threadpool(state.artifact, entry, lead)
+        state.base.check_fits(len(ids), artifact.length, max(len(c) for c in candidates), "label tokens")
+        requests.append(ScoreRequest(prompt_ids=ids, candidates=candidates, artifact=artifact))
+    return labels, requests
+
+
+__all__ = ["Generation", "chat_prompt", "score_requests", "to_generation"]
