@@ -47,9 +47,9 @@ def decoder_input(base, text):
     return torch.tensor([[base.decoder_start_id, *base.tokenize(text)]])
 
 
-def made(base, method, scale=0.5, seed=1, n=4):
-    """A perturbed ``method`` of ``n`` virtual tokens started from "task", materialized."""
-    return perturbed(base, method, n, "task", scale, seed).materialize()
+def made(base, method, scale=0.5, seed=1):
+    """A perturbed ``method`` of 4 virtual tokens started from "task", materialized."""
+    return perturbed(base, method, 4, "task", scale, seed).materialize()
 
 
 def parts_context(base, enc=None, dec=None, cross=None) -> VirtualContext:

@@ -6,49 +6,41 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
 import torch
 from live_server import live_server
-from test_scheduler import PROMPTS, decode_with_arrivals
-from tiny import perturb, tiny_base
+from test_scheduler import decode_with_arrivals, staggered_requests
+from tiny import cached_base, concurrently, decode_alone, perturbed
 
 import softprompts as sp
 import softprompts.data.datasets
 import softprompts.evaluate
-from softprompts.model.decode import decode_batch
 from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
-from softprompts.model.generation import GenerationRequest, Sampling
+from softprompts.model.generation import GenerationRequest
 from softprompts.serve import Engine, Scheduler, ScoreRequest
 from softprompts.serve.http import build_state
 
 pytestmark = pytest.mark.injection
 
 CLASSIFY = {"task": "classify", "prompt": "Review: {text}", "target": "{label}", "labels": ["pos", "neg"]}
-_BASES: dict = {}
+MADE = [("prompt", 3), ("prefix", 4), ("ptuning", 3), ("deep", 2), ("prefix", 2)]  # two lengths of prefix
 
 
 @pytest.fixture(params=["t5", "bart"])
 def base(request):
-    if request.param not in _BASES:
-        _BASES[request.param] = tiny_base(request.param)
-    return _BASES[request.param]
+    return cached_base(request.param)
 
 
 def adapters(base) -> list:
-    """Materialized artifacts of every method, two lengths of prefix among them."""
-    made = [("prompt", 3), ("prefix", 4), ("ptuning", 3), ("deep", 2), ("prefix", 2)]
-    return [perturb(sp.create_method(base, m, num_virtual_tokens=n, init_text="task"), seed=n).materialize()
-            for m, n in made]
+    """Materialized artifacts of every method (``MADE``)."""
+    return [perturbed(base, m, n, "task", seed=n).materialize() for m, n in MADE]
 
 
 def staggered(base, arts, sampled: bool) -> list[GenerationRequest]:
-    rows = [None, *arts, arts[1]]
-    return [GenerationRequest(base.tokenize(p), a, max_new_tokens=2 + (5 * i) % 9, stop_ids=frozenset(),
-                              collect_logits=True, **({"sampling": Sampling(0.9, 20, 0.9, seed=100 + i)}
-                                                      if sampled else {}))
-            for i, (p, a) in enumerate(zip(PROMPTS, rows, strict=True))]
+    return staggered_requests(base, arts, sampled, rows=[None, *arts, arts[1]])
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
@@ -60,7 +52,7 @@ def test_rows_joining_and_leaving_equal_alone(base, sampled):
     sizes = decode_with_arrivals(batch, {0: reqs[:2], 1: [reqs[2]], 2: reqs[3:5], 4: [reqs[5]], 7: [reqs[6]]})
     assert max(sizes) >= 3 and len(done) == len(reqs)
     for req in reqs:
-        want, got = decode_batch(engine.base, [req], engine.eos_ids)[0], done[id(req)]
+        want, got = decode_alone(engine, [req])[0], done[id(req)]
         assert got.tokens == want.tokens and len(got.tokens) == req.max_new_tokens
         for a, b in zip(got.logits, want.logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -73,7 +65,7 @@ def test_scheduler_serves_and_cancels(base):
         reqs = staggered(base, arts, sampled=True)
         futures = [sched.submit(r) for r in reqs]
         for r, f in zip(reqs, futures, strict=True):
-            assert f.result(timeout=60).tokens == decode_batch(sched.engine.base, [r], sched.engine.eos_ids)[0].tokens
+            assert f.result(timeout=60).tokens == decode_alone(sched.engine, [r])[0].tokens
         seen = threading.Event()
         endless = GenerationRequest(base.tokenize("abc"), arts[1], max_new_tokens=200, stop_ids=frozenset(),
                                     on_token=lambda tok, lp: seen.set())
@@ -95,33 +87,19 @@ def test_scheduler_serves_and_cancels(base):
 
 
 def test_http_completions_classify_and_refusals(base, tmp_path):
-    arts = adapters(base)
-    for i, art in enumerate(arts[:3]):
-        method = ["prompt", "prefix", "ptuning"][i]
-        module = perturb(sp.create_method(base, method, num_virtual_tokens=art.length, init_text="task"),
-                         seed=art.length)
+    for i, (method, n) in enumerate(MADE[:3]):  # prompt, prefix, ptuning
+        module = perturbed(base, method, n, "task", seed=n)
         sp.save_adapter(sp.Adapter.from_method(module, base, task=CLASSIFY if i == 0 else None), tmp_path / method)
     state = build_state(base, tmp_path, max_running=8, poll_s=0)
     with live_server(state) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         names = ["prompt", "prefix", "ptuning", "base"]
-        answers = {}
-
-        def call(name):
-            answers[name] = client.post("/v1/completions", json={"model": name, "prompt": f"hi {name}",
-                                                                  "max_tokens": 5, "temperature": 0})
-
-        threads = [threading.Thread(target=call, args=(n,)) for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for name in names:
+        answers = concurrently([partial(client.post, "/v1/completions", json={
+            "model": name, "prompt": f"hi {name}", "max_tokens": 5, "temperature": 0}) for name in names])
+        for name, answer in zip(names, answers, strict=True):
             artifact = None if name == "base" else state.registry.get(name).artifact
-            alone = decode_batch(state.engine.base,
-                                 [GenerationRequest(base.tokenize(f"hi {name}"), artifact, 5)], state.engine.eos_ids)[0]
-            assert answers[name].status_code == 200, answers[name].text
-            assert answers[name].json()["choices"][0]["text"] == base.tokenizer.decode(alone.tokens,
-                                                                                        skip_special_tokens=True)
+            alone = decode_alone(state.engine, [GenerationRequest(base.tokenize(f"hi {name}"), artifact, 5)])[0]
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["text"] == base.tokenizer.decode(alone.tokens, skip_special_tokens=True)
         texts = ["good stuff", "bad stuff"]
         got = client.post("/v1/classify", json={"model": "prompt", "texts": texts})
         assert got.status_code == 200, got.text

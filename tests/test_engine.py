@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
-from tiny import tiny_base
+from tiny import decode_alone, perturbed, tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import decode_batch
 from softprompts.model.generation import Sampling
 from softprompts.model.inject import forward
 from softprompts.serve import ContextLengthError, Engine, GenerationRequest, Registry, ScoreRequest
@@ -27,15 +26,8 @@ PROMPTS = ["abc", "hello there", "x", "some longer prompt", "qq", "zz top"]
 
 def artifacts(base, lengths=(3, 5, 7, 4)):
     """One materialized (perturbed) artifact per method, of different virtual lengths."""
-    out = []
-    for i, (method, n) in enumerate(zip(METHODS, lengths, strict=True)):
-        m = sp.create_method(base, method, num_virtual_tokens=n, init_text="serving text"[:n])
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3 * (p.float().std().item() or 1.0))
-        out.append(m.materialize())
-    return out
+    return [perturbed(base, method, n, "serving text"[:n], scale=0.3, seed=i).materialize()
+            for i, (method, n) in enumerate(zip(METHODS, lengths, strict=True))]
 
 
 def requests(base, arts, **kw):
@@ -50,9 +42,9 @@ def test_mixed_batch_rows_equal_alone(base):
     engine = Engine(base)
     arts = [engine.prepare(a) for a in artifacts(base)]
     reqs = requests(base, arts, collect_logits=True)
-    mixed = decode_batch(engine.base, reqs, engine.eos_ids)
+    mixed = decode_alone(engine, reqs)
     for req, got in zip(reqs, mixed, strict=True):
-        alone = decode_batch(engine.base, [req], engine.eos_ids)[0]
+        alone = decode_alone(engine, [req])[0]
         assert got.tokens == alone.tokens and len(got.tokens) == req.max_new_tokens
         for a, b in zip(got.logits, alone.logits, strict=True):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
@@ -65,8 +57,8 @@ def test_sampled_rows_are_reproducible_in_any_batch():
     arts = [engine.prepare(a) for a in artifacts(base)]
     sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=7)
     reqs = requests(base, arts, sampling=sampling)
-    mixed = decode_batch(engine.base, reqs, engine.eos_ids)
-    assert [decode_batch(engine.base, [r], engine.eos_ids)[0].tokens for r in reqs] == [m.tokens for m in mixed]
+    mixed = decode_alone(engine, reqs)
+    assert [decode_alone(engine, [r])[0].tokens for r in reqs] == [m.tokens for m in mixed]
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
@@ -79,12 +71,8 @@ def test_cached_soft_prompt_kv_equals_recompute(base, method):
     assert engine.prepare(kv) is not soft and engine.prepare(None) is None
     ids = torch.tensor([base.tokenize("cached or not")])
     torch.testing.assert_close(forward(base, kv, ids).logits, forward(base, soft, ids).logits, atol=ATOL, rtol=1e-4)
-    cached = decode_batch(engine.base,
-                          [GenerationRequest(ids[0].tolist(), kv, 5, collect_logits=True, stop_ids=frozenset())],
-                          engine.eos_ids)
-    again = decode_batch(engine.base,
-                         [GenerationRequest(ids[0].tolist(), soft, 5, collect_logits=True, stop_ids=frozenset())],
-                         engine.eos_ids)
+    cached, again = (decode_alone(engine, [GenerationRequest(ids[0].tolist(), art, 5, collect_logits=True,
+                                                             stop_ids=frozenset())]) for art in (kv, soft))
     assert cached[0].tokens == again[0].tokens
     for a, b in zip(cached[0].logits, again[0].logits, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
@@ -94,17 +82,16 @@ def test_stops_and_max_tokens():
     base = tiny_base("llama")
     engine = Engine(base)
     ids = base.tokenize("stop here")
-    free = decode_batch(engine.base, [GenerationRequest(ids, None, 6, stop_ids=frozenset())], engine.eos_ids)[0]
+    free = decode_alone(engine, [GenerationRequest(ids, None, 6, stop_ids=frozenset())])[0]
     assert len(free.tokens) == 6 and free.finish_reason == "length"
-    by_token = decode_batch(engine.base,
-                            [GenerationRequest(ids, None, 6, stop_ids=frozenset({free.tokens[2]}))], engine.eos_ids)[0]
+    by_token = decode_alone(engine, [GenerationRequest(ids, None, 6, stop_ids=frozenset({free.tokens[2]}))])[0]
     assert by_token.tokens == free.tokens[: free.tokens.index(free.tokens[2])] and by_token.finish_reason == "stop"
-    by_check = decode_batch(engine.base, [GenerationRequest(ids, None, 6, stop_ids=frozenset(),
-                                                            stop_check=lambda out: len(out) >= 2)], engine.eos_ids)[0]
+    by_check = decode_alone(engine, [GenerationRequest(ids, None, 6, stop_ids=frozenset(),
+                                                       stop_check=lambda out: len(out) >= 2)])[0]
     assert by_check.tokens == free.tokens[:2] and by_check.finish_reason == "stop"
     streamed = []
-    decode_batch(engine.base, [GenerationRequest(ids, None, 4, stop_ids=frozenset(),
-                                                 on_token=lambda tok, lp: streamed.append(tok))], engine.eos_ids)
+    decode_alone(engine, [GenerationRequest(ids, None, 4, stop_ids=frozenset(),
+                                            on_token=lambda tok, lp: streamed.append(tok))])
     assert streamed == free.tokens[:4]
     with pytest.raises(ContextLengthError, match="context limit is 256"):
         engine.base.check_fits(250, 5, 2)
@@ -128,11 +115,7 @@ def test_rank_classification_scores(base):
 
 
 def save(base, directory, method="prefix", n=4, task=None, seed=0):
-    m = sp.create_method(base, method, num_virtual_tokens=n, init_text="abcdefgh"[:n])
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape) * 0.1)
+    m = perturbed(base, method, n, "abcdefgh"[:n], scale=0.1, seed=seed)
     return sp.save_adapter(sp.Adapter.from_method(m, base, task=task), directory, overwrite=True)
 
 
@@ -194,12 +177,8 @@ def test_registry_serves_prompt_table_tasks(tmp_path):
         for key, tensor in expected.tensors().items():
             torch.testing.assert_close(served.tensors()[key], tensor, rtol=0, atol=0)
     prompt = base.tokenize("hello there")
-    mixed = decode_batch(engine.base,
-                         [GenerationRequest(prompt, reg.get(f"tbl.t{i}").artifact, 4) for i in range(4)],
-                         engine.eos_ids)
-    alone = [decode_batch(engine.base,
-                          [GenerationRequest(prompt, engine.prepare(table.adapter(f"t{i}").artifact), 4)],
-                          engine.eos_ids)[0]
+    mixed = decode_alone(engine, [GenerationRequest(prompt, reg.get(f"tbl.t{i}").artifact, 4) for i in range(4)])
+    alone = [decode_alone(engine, [GenerationRequest(prompt, engine.prepare(table.adapter(f"t{i}").artifact), 4)])[0]
              for i in range(4)]
     assert [r.tokens for r in mixed] == [r.tokens for r in alone]
 
@@ -250,7 +229,7 @@ def test_one_decode_loop_for_the_library_and_the_engine(base):
     rows = [base.tokenize(p) for p in PROMPTS[:4]]
     library = sp.generate_ids(base, rows, arts, max_new_tokens=4, stop_ids=set())
     requests = [GenerationRequest(r, a, 4, stop_ids=frozenset()) for r, a in zip(rows, arts, strict=True)]
-    served = decode_batch(engine.base, requests, engine.eos_ids)
+    served = decode_alone(engine, requests)
     assert library == [s.tokens for s in served]
     sampling = Sampling(temperature=1.0, top_k=10, seed=3)
     together = sp.generate_ids(base, rows, arts, max_new_tokens=4, sampling=sampling, stop_ids=set())

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from test_engine import artifacts
-from tiny import tiny_base
+from tiny import concurrently, decode_alone, tiny_base
 from window_scheduler import WindowScheduler
 
 from softprompts.model.chunked_prefill import ChunkedPrefill
@@ -21,9 +21,11 @@ from softprompts.serve.admission import kv_bytes_per_token
 PROMPTS = ["abc", "hello there", "x", "some longer prompt", "qq", "zz top", "a much longer prompt than the rest"]
 
 
-def staggered_requests(base, arts, sampling: Sampling | None = None) -> list[GenerationRequest]:
-    """Rows of different adapters, prompt lengths and lengths to generate (so rows leave at different steps)."""
-    rows = [None, *arts, arts[0], arts[2]]
+def staggered_requests(base, arts, sampling: bool = False, rows=None) -> list[GenerationRequest]:
+    """Rows of different adapters (``rows``, one per prompt of ``PROMPTS``; default: none, each of ``arts``, the first
+    and third again), prompt lengths and lengths to generate (so rows leave at different steps); seeded sampling or
+    greedy."""
+    rows = [None, *arts, arts[0], arts[2]] if rows is None else rows
     out = []
     for i, (prompt, art) in enumerate(zip(PROMPTS, rows, strict=True)):
         kw = {"sampling": Sampling(0.9, 20, 0.9, seed=100 + i)} if sampling else {}
@@ -45,7 +47,7 @@ def decode_with_arrivals(batch, arrivals: dict[int, list[GenerationRequest]]) ->
 
 
 def alone(engine: Engine, request: GenerationRequest):
-    return decode_batch(engine.base, [request], engine.eos_ids)[0]
+    return decode_alone(engine, [request])[0]
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
@@ -114,19 +116,9 @@ def test_scheduler_continuous_batching_equals_alone(scheduler_factory):
     sched = scheduler_factory(base, max_running=16).start()
     arts = [sched.engine.prepare(a) for a in artifacts(base)]
     reqs = staggered_requests(base, arts, sampling=True)
-    futures = {}
-
-    def submit(r, delay):
-        time.sleep(delay)
-        futures[id(r)] = sched.submit(r)
-
-    threads = [threading.Thread(target=submit, args=(r, 0.01 * i)) for i, r in enumerate(reqs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in reqs:
-        assert futures[id(r)].result(timeout=60).tokens == alone(sched.engine, r).tokens
+    futures = concurrently([lambda r=r: sched.submit(r) for r in reqs], stagger_s=0.01)
+    for r, f in zip(reqs, futures, strict=True):
+        assert f.result(timeout=60).tokens == alone(sched.engine, r).tokens
     text = sched.metrics.render().decode()
     assert "softprompts_batch_size_count" in text and sched.running == 0 and sched.pending == 0
     score = sched.submit(ScoreRequest(base.tokenize("a"), [base.tokenize(" b")], arts[2])).result(timeout=30)
