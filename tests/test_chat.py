@@ -5,17 +5,15 @@ its answers equal to the engine's own."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 from live_server import live_server
-from tiny import save_tiny, tiny_base
+from tiny import concurrently, decode_alone, save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
-from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state
 from softprompts.tasks import split_prompt
@@ -122,9 +120,8 @@ def expected(state, model: str, messages: list[dict], max_tokens: int) -> tuple[
     lead, ids = split_prompt(state.base, chat.render_prompt({"messages": messages}))
     end = state.base.tokenize(chat.end_of_turn)
     stops = frozenset(sp.model.generation.eos_ids(state.base) | {end[0]})
-    result = decode_batch(state.engine.base,
-                          [GenerationRequest(ids, state.artifact(entry, lead), max_tokens, stop_ids=stops)],
-                          state.engine.eos_ids)[0]
+    result = decode_alone(state.engine, [GenerationRequest(ids, state.artifact(entry, lead), max_tokens,
+                                                           stop_ids=stops)])[0]
     return state.base.tokenizer.decode(result.tokens, skip_special_tokens=True), result.finish_reason
 
 
@@ -151,24 +148,19 @@ def test_openai_client_chat_plain_and_streamed(server, model):
 def test_chat_and_completion_requests_share_a_batch(server):
     client, state, port = server
     messages = [{"role": "user", "content": "hi"}]
-    results: dict = {}
 
     def chat():
-        results["chat"] = client.chat.completions.create(model="helper", messages=messages, max_tokens=5,
-                                                         temperature=0).choices[0].message.content
+        return client.chat.completions.create(model="helper", messages=messages, max_tokens=5,
+                                              temperature=0).choices[0].message.content
 
     def complete():
         with httpx.Client(timeout=60) as c:
-            results["text"] = c.post(f"http://127.0.0.1:{port}/v1/completions", json={
+            return c.post(f"http://127.0.0.1:{port}/v1/completions", json={
                 "model": "plain", "prompt": "plain text", "max_tokens": 5, "temperature": 0}).json()
 
-    threads = [threading.Thread(target=f) for f in (chat, complete, chat)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results["chat"] == expected(state, "helper", messages, 5)[0]
-    assert results["text"]["choices"][0]["finish_reason"] in ("stop", "length")
+    first, text, second = concurrently([chat, complete, chat])
+    assert first == second == expected(state, "helper", messages, 5)[0]
+    assert text["choices"][0]["finish_reason"] in ("stop", "length")
     assert state.placed.misses >= 1 and state.placed.hits >= 1  # the fixed lead's KV was computed once, reused
 
 

@@ -10,12 +10,11 @@ import time
 
 import httpx
 import pytest
-import torch
 from live_server import live_server
-from tiny import tiny_base
+from tiny import decode_alone, perturbed, tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import DecodeBatch, decode_batch
+from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve.engine import ScoreRequest
 from softprompts.serve.http import build_state
@@ -24,21 +23,17 @@ openai = pytest.importorskip("openai")
 ATOL = 1e-4
 
 
-def perturbed(base, method: str, n: int, seed: int):
-    m = sp.create_method(base, method, num_virtual_tokens=n, init_text="surface"[:n])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3 * (p.float().std().item() or 1.0))
-    return sp.Adapter.from_method(m, base, task={"task": "generate"})
+def adapter(base, method: str, n: int, seed: int):
+    return sp.Adapter.from_method(perturbed(base, method, n, "surface"[:n], scale=0.3, seed=seed), base,
+                                  task={"task": "generate"})
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tiny_base("llama")
     root = tmp_path_factory.mktemp("surface")
-    sp.save_adapter(perturbed(base, "prompt", 3, 1), root / "soft")
-    sp.save_adapter(perturbed(base, "prefix", 4, 2), root / "pre")
+    sp.save_adapter(adapter(base, "prompt", 3, 1), root / "soft")
+    sp.save_adapter(adapter(base, "prefix", 4, 2), root / "pre")
     state = build_state(base, root, max_running=8, poll_s=0)
     with live_server(state) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -56,7 +51,7 @@ def alone(state, model: str, prompt: str, max_tokens: int, **kw):
     entry = None if model == "base" else state.registry.get(model)
     req = GenerationRequest(state.base.tokenize(prompt), entry.artifact if entry else None, max_tokens,
                             stop_ids=None, **kw)
-    return decode_batch(state.engine.base, [req], state.engine.eos_ids)[0]
+    return decode_alone(state.engine, [req])[0]
 
 
 def test_models_lists_base_and_every_adapter(server):

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny, tiny_base, tiny_model
+from tiny import cached_base, perturbed, save_tiny, tiny_model
 
 import softprompts as sp
 from softprompts.cli import main
@@ -28,7 +28,6 @@ peft = pytest.importorskip("peft")
 
 ATOL = 1e-5
 METHODS = ["prompt", "ptuning", "prefix", "deep"]
-_BASES: dict[str, sp.BaseModel] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +35,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers 5.24 deprecates `past_key_values`, which PEFT passes
         yield
-
-
-def base_of(arch: str) -> sp.BaseModel:
-    if arch not in _BASES:
-        _BASES[arch] = tiny_base(arch)
-    return _BASES[arch]
 
 
 def batch(base, padding: str = "right"):
@@ -58,12 +51,8 @@ def batch(base, padding: str = "right"):
 
 def trained_adapter(base, method: str, seed: int = 1) -> sp.Adapter:
     """An adapter with clearly non-initial values (perturbed parameters), materialized."""
-    m = sp.create_method(base, method, num_virtual_tokens=5, init_text="abcde")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.5 * (p.float().std().item() or 1.0))
-    return sp.Adapter.from_method(m, base, task={"task": "generate", "prompt": "{text}", "target": " {label}"})
+    return sp.Adapter.from_method(perturbed(base, method, 5, "abcde", seed=seed), base,
+                                  task={"task": "generate", "prompt": "{text}", "target": " {label}"})
 
 
 def peft_logits(model, ids, mask, num_virtual: int, soft: bool, **kwargs) -> torch.Tensor:
@@ -88,7 +77,7 @@ def assert_changes(base, logits, ids, mask):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", METHODS)
 def test_export_loads_in_peft_with_same_logits(tmp_path, arch, method):
-    base = base_of(arch)
+    base = cached_base(arch)
     adapter = trained_adapter(base, method)
     out = export_peft(adapter, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -108,7 +97,7 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, arch, method):
 
 def test_export_gqa_layout(tmp_path):
     """Tiny llama has 4 query heads and 2 KV heads: PEFT's GQA convention is num_attention_heads = KV heads."""
-    base = base_of("llama")
+    base = cached_base("llama")
     adapter = trained_adapter(base, "deep")
     config, tensors = to_peft(adapter)
     heads, dim = base.shapes.kv_heads[0], base.shapes.head_dims[0]
@@ -124,7 +113,7 @@ def test_export_gqa_layout(tmp_path):
 @pytest.mark.injection  # PEFT's prefix path depends on the transformers version: runs on both
 def test_left_padding_conventions(tmp_path):
     """Measured PEFT behaviour with left padding (documented in README and peft_export)."""
-    base = base_of("llama")
+    base = cached_base("llama")
     ids, mask = batch(base, "left")
     for method, soft in (("prompt", True), ("prefix", False)):
         adapter = trained_adapter(base, method)
@@ -138,7 +127,7 @@ def test_left_padding_conventions(tmp_path):
 
 
 def test_export_refuses_per_layer_head_sizes():
-    base = base_of("llama")
+    base = cached_base("llama")
     adapter = trained_adapter(base, "deep")
     art = adapter.artifact
     adapter.artifact = sp.KVPrefix([art.keys[0], art.keys[1][:1]], [art.values[0], art.values[1][:1]])
@@ -147,7 +136,7 @@ def test_export_refuses_per_layer_head_sizes():
 
 
 def test_export_refuses_existing_output(tmp_path):
-    adapter = trained_adapter(base_of("llama"), "prompt")
+    adapter = trained_adapter(cached_base("llama"), "prompt")
     export_peft(adapter, tmp_path / "out")
     with pytest.raises(FileExistsError):
         export_peft(adapter, tmp_path / "out")
@@ -194,7 +183,7 @@ def peft_trained(arch: str, kind: str, directory, steps: int = 2):
 def test_peft_trained_adapter_imports_with_same_logits(tmp_path, arch, kind):
     if arch in ("qwen2", "gemma3") and kind in ("ptuning-lstm", "prefix-projection"):
         pytest.skip("covered on llama/gpt2; keeps the matrix fast")
-    base = base_of(arch)
+    base = cached_base(arch)
     trained = peft_trained(arch, kind, tmp_path / "peft")
     adapter = import_peft(tmp_path / "peft", base)
     soft = adapter.artifact.kind == "soft_prompt"
@@ -211,7 +200,7 @@ def test_peft_trained_adapter_imports_with_same_logits(tmp_path, arch, kind):
 
 
 def test_export_import_round_trip_keeps_method_and_task(tmp_path):
-    base = base_of("llama")
+    base = cached_base("llama")
     for method in METHODS:
         adapter = trained_adapter(base, method)
         back = import_peft(export_peft(adapter, tmp_path / method), base)
@@ -245,7 +234,7 @@ def test_cli_import_and_export(tmp_path, capsys):
 def test_seq2seq_soft_prompt_export_loads_in_peft_and_imports_back(tmp_path, arch, method):
     from softprompts.model.encoder_decoder import forward as seq2seq_forward
 
-    base = base_of(arch)
+    base = cached_base(arch)
     adapter = trained_adapter(base, method)
     out = export_peft(adapter, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -262,12 +251,12 @@ def test_seq2seq_soft_prompt_export_loads_in_peft_and_imports_back(tmp_path, arc
     back = import_peft(out, base)
     assert torch.equal(back.artifact.embeds, adapter.artifact.embeds)
     with pytest.raises(PeftImportError, match="base model is an encoder-decoder"):
-        import_peft(export_peft(trained_adapter(base_of("llama"), method), tmp_path / "causal"), base)
+        import_peft(export_peft(trained_adapter(cached_base("llama"), method), tmp_path / "causal"), base)
 
 
 def test_seq2seq_prefix_export_is_refused():
     with pytest.raises(PeftExportError, match="decoder only"):
-        to_peft(trained_adapter(base_of("t5"), "prefix"))
+        to_peft(trained_adapter(cached_base("t5"), "prefix"))
 
 
 # ---- malformed and unsupported PEFT directories ----------------------------------------------------------------
@@ -310,11 +299,11 @@ PROMPT = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_t
 def test_bad_peft_directories(tmp_path, config, tensors, match):
     directory = write_peft(tmp_path / "bad", config, tensors)
     with pytest.raises(PeftImportError, match=match):
-        import_peft(directory, base_of("llama"))
+        import_peft(directory, cached_base("llama"))
 
 
 def test_missing_files_and_bad_json(tmp_path):
-    base = base_of("llama")
+    base = cached_base("llama")
     with pytest.raises(PeftImportError, match="not a directory"):
         read_peft(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import decode_alone
 
 import softprompts as sp
 from softprompts.data.chat import PLACEMENTS, ChatFormat
 from softprompts.data.datasets import build_examples
 from softprompts.data.templates import VIRTUAL, Template
 from softprompts.errors import DataError
-from softprompts.model.decode import decode_batch
 from softprompts.model.placement import PlacementError, place, place_rows
 from softprompts.tasks import TaskSpec, collate, encode
 from softprompts.training.step import label_loss_sum, plain_label_loss_sum
@@ -120,10 +120,9 @@ def test_the_served_kv_of_lead_and_soft_prompt_equals_recomputing_it(base):
     cached = engine.prepare(place(base, soft, lead))
     assert isinstance(cached, sp.KVPrefix) and cached.length == len(lead) + 3
     rows = [base.tokenize(t) for t in ("<|user|>\nhi<eos>\n<|assistant|>\n", "<|user|>\nwho?<eos>\n")]
-    with_cache = decode_batch(engine.base, [GenerationRequest(r, cached, 5, stop_ids=frozenset(), collect_logits=True)
-                                  for r in rows], engine.eos_ids)
-    recomputed = decode_batch(engine.base, [GenerationRequest(r, place(base, soft, lead), 5, stop_ids=frozenset(),
-                                                    collect_logits=True) for r in rows], engine.eos_ids)
+    with_cache, recomputed = (decode_alone(engine, [GenerationRequest(r, art, 5, stop_ids=frozenset(),
+                                                                      collect_logits=True) for r in rows])
+                              for art in (cached, place(base, soft, lead)))
     for a, b in zip(with_cache, recomputed, strict=True):
         assert a.tokens == b.tokens
         for x, y in zip(a.logits, b.logits, strict=True):
@@ -143,8 +142,8 @@ def test_mixed_batch_of_placements_and_plain_rows_equals_each_alone(base):
         GenerationRequest(base.tokenize("<|user|>\nq<eos>\n"), prefix, 4, stop_ids=frozenset()),
         GenerationRequest(base.tokenize("base row"), None, 4, stop_ids=frozenset()),
     ]
-    together = decode_batch(engine.base, requests, engine.eos_ids)
-    assert [decode_batch(engine.base, [r], engine.eos_ids)[0].tokens for r in requests] == [t.tokens for t in together]
+    together = decode_alone(engine, requests)
+    assert [decode_alone(engine, [r])[0].tokens for r in requests] == [t.tokens for t in together]
 
 
 @pytest.mark.parametrize("row, needle", [

@@ -8,18 +8,16 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from live_server import live_server
-from tiny import save_tiny, tiny_base
+from tiny import concurrently, decode_alone, perturbed, save_tiny, tiny_base
 
 import softprompts as sp
-from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest
 from softprompts.serve.http import build_state
 
@@ -30,11 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def save(base, directory, method, n, seed, task=None):
-    m = sp.create_method(base, method, num_virtual_tokens=n, init_text="virtual tokens"[:n])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2 * (p.float().std().item() or 1.0))
+    m = perturbed(base, method, n, "virtual tokens"[:n], scale=0.2, seed=seed)
     return sp.save_adapter(sp.Adapter.from_method(m, base, task=task), directory, overwrite=True)
 
 
@@ -54,7 +48,7 @@ def expected_text(state, name, prompt, max_tokens):
     """What the engine alone produces for one greedy request (the reference for every HTTP answer)."""
     artifact = None if name == "base" else state.registry.get(name).artifact
     ids = state.base.tokenize(prompt)
-    result = decode_batch(state.engine.base, [GenerationRequest(ids, artifact, max_tokens)], state.engine.eos_ids)[0]
+    result = decode_alone(state.engine, [GenerationRequest(ids, artifact, max_tokens)])[0]
     return state.base.tokenizer.decode(result.tokens, skip_special_tokens=True)
 
 
@@ -73,20 +67,14 @@ def test_health_and_adapter_list(server):
 def test_concurrent_clients_over_eight_adapters_match_engine(server):
     client, state, _ = server
     names = [f"{METHODS[i % 4]}-{i}" for i in range(8)] + ["base"]
-    answers: dict[str, httpx.Response] = {}
 
     def call(name):
         with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
-            answers[name] = complete(c, model=name, prompt=f"hi {name}")
+            return complete(c, model=name, prompt=f"hi {name}")
 
-    threads = [threading.Thread(target=call, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = concurrently([partial(call, n) for n in names])
     texts = set()
-    for name in names:
-        r = answers[name]
+    for name, r in zip(names, answers, strict=True):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "text_completion" and body["model"] == name
@@ -147,20 +135,15 @@ def test_hot_load_change_delete_and_reload(server):
         time.sleep(0.1)
     assert complete(client, model="fresh", prompt="new").status_code == 200
     # change an adapter while requests to it are in flight: none is dropped, the new version is served after
-    results = []
-
     def call():
         with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
-            results.append(complete(c, model="prompt-0", prompt="during reload", max_tokens=12).status_code)
+            return complete(c, model="prompt-0", prompt="during reload", max_tokens=12).status_code
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-    save(base, root / "prompt-0", "prefix", n=7, seed=7)
-    assert client.post("/v1/adapters/prompt-0/load").json()["num_virtual_tokens"] == 7
-    for t in threads:
-        t.join()
-    assert results == [200] * 4
+    def reload():
+        save(base, root / "prompt-0", "prefix", n=7, seed=7)
+        assert client.post("/v1/adapters/prompt-0/load").json()["num_virtual_tokens"] == 7
+
+    assert concurrently([call] * 4, while_running=reload) == [200] * 4
     assert client.delete("/v1/adapters/fresh").status_code == 200
     assert complete(client, model="fresh", prompt="gone").status_code == 404
     assert client.post("/v1/adapters/fresh/load").status_code == 200

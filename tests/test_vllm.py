@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny import save_tiny, tiny_base
+from tiny import perturbed, save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
@@ -25,13 +25,9 @@ from softprompts.model.placement import place
 from softprompts.tasks import split_prompt
 
 
-def perturbed(base, method="prompt", n=4):
-    m = sp.create_method(base, method, num_virtual_tokens=n, init_text="vllm"[:n])
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.5 * (p.float().std().item() or 1.0))
-    return sp.Adapter.from_method(m, base, task={"task": "generate", "prompt": "{text}"})
+def adapter_of(base, method="prompt", n=4):
+    return sp.Adapter.from_method(perturbed(base, method, n, "vllm"[:n], seed=3), base,
+                                  task={"task": "generate", "prompt": "{text}"})
 
 
 @pytest.mark.parametrize("prompt", ["Review: a fine film\nSentiment:", "Classify.\n<|virtual|>Review: dull\nAnswer:"],
@@ -39,7 +35,7 @@ def perturbed(base, method="prompt", n=4):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: a scaled embedding layer
 def test_payload_gives_our_greedy_tokens(tmp_path, arch, prompt):
     base = tiny_base(arch)
-    adapter = perturbed(base)
+    adapter = adapter_of(base)
     out = export_vllm(adapter, tmp_path / "vllm")
     soft = load_soft_prompt(out)
     assert torch.equal(soft, adapter.artifact.embeds)
@@ -60,15 +56,15 @@ def test_payload_gives_our_greedy_tokens(tmp_path, arch, prompt):
 def test_kv_prefix_adapters_are_refused(tmp_path):
     base = tiny_base("llama")
     with pytest.raises(VllmExportError, match="no KV-prefix input.*softprompts serve"):
-        export_vllm(perturbed(base, "prefix"), tmp_path / "out")
+        export_vllm(adapter_of(base, "prefix"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_export_vllm(tmp_path, capsys):
     model = save_tiny("llama", tmp_path / "model")
     base = sp.load_base(str(model))
-    sp.save_adapter(perturbed(base), tmp_path / "soft")
-    sp.save_adapter(perturbed(base, "prefix"), tmp_path / "kv")
+    sp.save_adapter(adapter_of(base), tmp_path / "soft")
+    sp.save_adapter(adapter_of(base, "prefix"), tmp_path / "kv")
     assert main(["export", "--adapter", str(tmp_path / "soft"), "--format", "vllm", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "soft_prompt.safetensors").is_file() and "prompt_embeds" in capsys.readouterr().out
     assert main(["export", "--adapter", str(tmp_path / "kv"), "--format", "vllm", "--out", str(tmp_path / "p")]) == 2
