@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import save_tiny, tiny_base
+from tiny import cached_base, perturb, save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
@@ -17,21 +17,14 @@ from softprompts.table import PromptTable, TableError, adapter_base_name, resolv
 ATOL = 2e-4
 # different methods, artifact kinds and lengths
 SPECS = {"sentiment": ("prompt", 3), "topic": ("deep", 5), "translate": ("prefix", 7), "qa": ("ptuning", 4)}
-_BASES: dict[str, sp.BaseModel] = {}
 
 
 def llama() -> sp.BaseModel:
-    if "llama" not in _BASES:
-        _BASES["llama"] = tiny_base("llama")
-    return _BASES["llama"]
+    return cached_base("llama")
 
 
 def make_adapter(base, method: str, length: int, seed: int = 0) -> sp.Adapter:
-    m = sp.create_method(base, method, num_virtual_tokens=length, init="random", seed=seed)
-    gen = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.5 * (p.float().std().item() or 1.0))
+    m = perturb(sp.create_method(base, method, num_virtual_tokens=length, init="random", seed=seed), seed=seed + 7)
     return sp.Adapter.from_method(m, base, task={"task": "generate", "prompt": "{text}", "target": " {label}"})
 
 
