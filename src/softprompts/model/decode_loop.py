@@ -31,6 +31,7 @@ from softprompts.model.generation import (
     Sampling,
     choose_next,
     eos_ids,
+    hold_stops,
     record_token,
 )
 
@@ -141,10 +142,11 @@ class RowBatch:
         if not self._requests:
             return
         logits = self._logits()  # [B, V]
-        next_ids = logits.argmax(-1)
+        choosable = hold_stops(logits, self._requests, self.results, self.eos)
+        next_ids = choosable.argmax(-1)
         for row, (request, generator) in enumerate(zip(self._requests, self.generators, strict=True)):
             if request.sampling.temperature > 0:
-                next_ids[row] = choose_next(logits[row : row + 1], request.sampling, generator)[0]
+                next_ids[row] = choose_next(choosable[row : row + 1], request.sampling, generator)[0]
         now = time.perf_counter()
         keep = []
         for row, token in enumerate(next_ids.tolist()):

@@ -92,6 +92,21 @@ class FrozenBase:
                 return value
         return 2048
 
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids a request may send: the embedding's rows, and no more than the tokenizer knows
+        (an id past it could not be decoded back to text)."""
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        return min(rows, len(self.tokenizer)) if self.tokenizer is not None else rows
+
+    def check_token_ids(self, ids: Sequence[int], where: str) -> None:
+        """Token ids a client sent must be in ``vocab_size``; the error names the first that is not
+        (``where[i]``)."""
+        for i, token in enumerate(ids):
+            if not 0 <= token < self.vocab_size:
+                raise SoftpromptsError(f"{where}[{i}]: token id {token} is outside the model's vocabulary (0 to "
+                                       f"{self.vocab_size - 1})")
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids (``[T] -> [T, hidden]``), including any scaling the model applies."""
         return self.model.get_input_embeddings()(ids.to(self.device))

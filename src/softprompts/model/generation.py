@@ -52,7 +52,9 @@ class GenerationRequest:
     adapter (``Engine.prepare``). ``stop_ids``: tokens that end the row (excluded from the output; ``None`` = the
     model's EOS). ``stop_check(new_ids) -> bool`` is called after every token (stop strings live there).
     ``on_token(token_id, logprob)`` is called as each token is accepted (streaming; ``logprob`` is its
-    ``TokenLogprob`` when the request asks for ``logprobs``, else ``None``).
+    ``TokenLogprob`` when the request asks for ``logprobs``, else ``None``). ``min_new_tokens``: until that many
+    tokens, the stop tokens are masked out of the choice (their logits set to -inf; logprobs stay the model's) and
+    ``stop_check`` is not asked.
     """
 
     prompt_ids: list[int]
@@ -64,6 +66,11 @@ class GenerationRequest:
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
     collect_logits: bool = False  # keep each step's logits [V] (tests, debugging)
     logprobs: int | None = None  # per generated token: its log-probability and the top `logprobs` alternatives
+    min_new_tokens: int = 0
+
+    def stops(self, default: frozenset[int]) -> frozenset[int]:
+        """The tokens that end this row: its ``stop_ids``, else ``default`` (the model's end of sequence)."""
+        return self.stop_ids if self.stop_ids is not None else default
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,12 @@ class GenerationResult:
     time_to_first_token_s: float = 0.0
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated step when collect_logits
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token when the request asks
+    stop_token: int | None = None  # the stop token that ended the row (chosen, not in ``tokens``)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Every token the model chose: ``tokens`` and the stop token that ended them (what the decode cost)."""
+        return len(self.tokens) + (self.stop_token is not None)
 
 
 def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -118,6 +131,20 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def hold_stops(logits: torch.Tensor, requests: list[GenerationRequest], results: list[GenerationResult],
+               default_stop: frozenset[int]) -> torch.Tensor:
+    """``logits [B, V]`` to choose from: a row still under its ``min_new_tokens`` has its stop tokens at -inf (the
+    same tensor when no row is)."""
+    held = [(row, sorted(r.stops(default_stop))) for row, (r, res) in enumerate(zip(requests, results, strict=True))
+            if len(res.tokens) < r.min_new_tokens and r.stops(default_stop)]
+    if not held:
+        return logits
+    logits = logits.clone()
+    for row, stops in held:
+        logits[row, torch.tensor(stops, device=logits.device)] = float("-inf")
+    return logits
+
+
 def record_token(request: GenerationRequest, result: GenerationResult, logits: torch.Tensor, token: int,
                  default_stop: frozenset[int], now: float, started: float) -> str | None:
     """Book the token a row chose from its ``logits [1, V]``: first-token time, ``collect_logits``, log-probabilities,
@@ -127,7 +154,8 @@ def record_token(request: GenerationRequest, result: GenerationResult, logits: t
         result.time_to_first_token_s = now - started
     if request.collect_logits:
         result.logits.append(logits[0].float().cpu())
-    if token in (request.stop_ids if request.stop_ids is not None else default_stop):
+    if token in request.stops(default_stop):
+        result.stop_token = token
         return "stop"
     result.tokens.append(token)
     scored = None
@@ -136,7 +164,8 @@ def record_token(request: GenerationRequest, result: GenerationResult, logits: t
         result.logprobs.append(scored)
     if request.on_token is not None:
         request.on_token(token, scored)
-    if request.stop_check is not None and request.stop_check(result.tokens):
+    if (request.stop_check is not None and len(result.tokens) >= request.min_new_tokens
+            and request.stop_check(result.tokens)):
         return "stop"
     return "length" if len(result.tokens) >= request.max_new_tokens else None
 
@@ -153,4 +182,4 @@ def eos_ids(base) -> set[int]:
 
 
 __all__ = ["GREEDY", "ContextLengthError", "GenerationRequest", "GenerationResult", "Sampling", "TokenLogprob",
-           "choose_next", "eos_ids", "record_token", "token_logprobs"]
+           "choose_next", "eos_ids", "hold_stops", "record_token", "token_logprobs"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from softprompts.model.generation import GenerationResult, TokenLogprob
 from softprompts.serve.logprobs import chat_logprobs, completion_logprobs, join_completion_logprobs, token_texts, within
 from softprompts.serve.schemas import GenerationFields
-from softprompts.serve.text import decode_until_stop
+from softprompts.serve.text import StopStrings
 from softprompts.serve.translate import Generation
 
 
@@ -88,11 +88,11 @@ def kept_tokens(tokenizer, tokens: list[int], length: int) -> int:
     return within(token_texts(tokenizer, tokens), length)
 
 
-def finish(tokenizer, result: GenerationResult, stops: list[str], logprobs: bool) -> tuple[str, str, list]:
+def finish(tokenizer, result: GenerationResult, stops: StopStrings, logprobs: bool) -> tuple[str, str, list]:
     """A finished choice: ``(text up to the first stop string, finish reason, logprobs of the tokens it keeps)``;
     the reason is ``stop`` when a stop string cut the text, else the engine's (the kept logprobs: ``[]`` unless
     ``logprobs``)."""
-    text, hit = decode_until_stop(tokenizer, result.tokens, stops)
+    text, hit = stops.cut(tokenizer, result.tokens)
     kept = result.logprobs[: kept_tokens(tokenizer, result.tokens, len(text))] if logprobs else []
     return text, "stop" if hit else result.finish_reason, kept
 
@@ -110,7 +110,7 @@ def whole_answer(tokenizer, shape: AnswerShape, generation: Generation, results:
         if logprobs is not None and not shape.chat:
             logprobs = join_completion_logprobs([*(prompt_logprobs[p] if prompt_logprobs else []), logprobs])
         choices.append(shape.choice(index, echoed + text, reason, logprobs))
-    return shape.answer(choices, usage(generation.prompt_tokens, sum(len(r.tokens) for r in results)))
+    return shape.answer(choices, usage(generation.prompt_tokens, sum(r.generated_tokens for r in results)))
 
 
 def label_scores(labels: list[str], logprobs: list[float]) -> dict:

@@ -29,6 +29,7 @@ from softprompts.serve.routes import router as generation_router
 from softprompts.serve.routes import served
 from softprompts.serve.schemas import AdapterName
 from softprompts.serve.state import ServerState, build_state
+from softprompts.serve.tokens import router as tokenizer_router
 
 
 class ResponseCounter:
@@ -128,6 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(ResponseCounter, metrics=state.metrics)
     app.include_router(router)
     app.include_router(generation_router)
+    app.include_router(tokenizer_router)
     return app
 
 

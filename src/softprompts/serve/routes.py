@@ -88,9 +88,8 @@ async def answer(http: Request, state: ServerState, generation: Generation, shap
 async def completions(body: CompletionBody, http: Request):
     state = served(http)
     entry = await resolve(state, body.model)
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     shape = AnswerShape.of(body)
-    generation = await to_generation(state, body, entry, texts, body.max_tokens, logprobs=body.logprobs,
+    generation = await to_generation(state, body, entry, body.prompts, body.max_tokens, logprobs=body.logprobs,
                                      echo=body.echo)
     return await answer(http, state, generation, shape)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from softprompts.serve.registry import NAME_PATTERN
@@ -76,6 +76,28 @@ class GenerationFields(OpenAIFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    ignore_eos: bool = Field(False, description="vLLM's extension: the end-of-sequence (and chat end-of-turn) "
+                             "tokens do not end the answer; it runs to its token limit or a stop string")
+    min_tokens: int = Field(0, ge=0, description="vLLM's extension: no stop token or stop string ends the answer "
+                            "before this many tokens (stop tokens are masked until then)")
+
+    def _min_within(self, limit: int) -> None:
+        if self.min_tokens > limit:
+            raise PydanticCustomError("min_tokens_over_max", "min_tokens ({min_tokens}) is more than the token "
+                                      "limit ({limit})", {"field": "min_tokens", "min_tokens": self.min_tokens,
+                                                          "limit": limit})
+
+
+TokenIds = Annotated[list[int], Field(min_length=1)]
+PROMPT_FORMS = ("a string, a list of strings, a list of token ids or a list of lists of token ids (each non-empty); "
+                "token ids are integers")
+
+
+def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a ``prompt`` field: each a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    return [prompt] if isinstance(prompt[0], int) else list(prompt)
 
 
 class CompletionBody(GenerationFields):
@@ -84,7 +106,7 @@ class CompletionBody(GenerationFields):
     ``logprobs`` is set), and ``max_tokens: 0`` then scores the prompt only (loglikelihood evaluation). ``n``
     choices per prompt, choice ``j`` sampled with ``seed + j``."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int = Field(16, ge=0)
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -97,8 +119,22 @@ class CompletionBody(GenerationFields):
             ("suffix", bool(self.suffix)),
         ] if bad]]
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_forms(cls, value, handler):
+        """One message naming the four forms, instead of one error per form of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("prompt_form", "prompt must be " + PROMPT_FORMS) from None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        return prompts_of(self.prompt)
+
     @model_validator(mode="after")
     def _tokens_to_generate(self):
+        self._min_within(self.max_tokens)
         if self.max_tokens == 0 and not self.echo:
             raise PydanticCustomError("max_tokens_zero", "max_tokens 0 generates nothing: it is only allowed with "
                                       "echo (the prompt and, with logprobs, its token log-probabilities)",
@@ -117,10 +153,52 @@ class ClassifyBody(Body):
     labels: list[str] | None = Field(None, min_length=2)
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content. Only text parts are served; a part of another type (``image_url``,
+    ``input_audio``, ...) is refused by name, so it may carry that type's fields."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise PydanticCustomError(UNSUPPORTED, "content parts of type '{kind}': this server serves a text "
+                                      'model; send text parts only ({"type": "text", "text": "..."})',
+                                      {"kind": self.type, "field": "content"})
+        if self.text is None:
+            raise PydanticCustomError("missing_text", "a text content part needs 'text'", {"field": "text"})
+        return self
+
+
 class ChatMessage(Body):
+    """A message; ``content`` is a string or a list of text parts (joined by newlines, as vLLM joins them)."""
+
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
     name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content_forms(cls, value, handler):
+        """A list's own problem (a part's, named by its index), not the string branch's of the union."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if not isinstance(value, list):
+                raise PydanticCustomError("content_form", "content must be a string or a list of text parts") from None
+            first = next(e for e in exc.errors() if str(e["loc"][0]).startswith("list["))
+            where = f"part {first['loc'][1]}: " if len(first["loc"]) > 1 else ""
+            raise PydanticCustomError(first["type"], where + first["msg"]) from None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+    def rendered(self) -> dict:
+        """The message as the chat template takes it: content as one string."""
+        return {**self.model_dump(exclude_none=True, exclude={"content"}), "content": self.text}
 
 
 class ResponseFormat(Body):
@@ -145,6 +223,7 @@ class ChatBody(GenerationFields):
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
+        self._min_within(self.limit)
         if self.top_logprobs is not None and not self.logprobs:
             raise PydanticCustomError("top_logprobs_without_logprobs", "top_logprobs needs logprobs: true",
                                       {"field": "top_logprobs"})
@@ -155,5 +234,21 @@ class ChatBody(GenerationFields):
         return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_TOKENS
 
 
+class TokenizeBody(Body):
+    """vLLM's ``/tokenize``: a text's token ids as ``/v1/completions`` would use them (without special tokens,
+    unless ``add_special_tokens``)."""
+
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = False
+
+
+class DetokenizeBody(Body):
+    """vLLM's ``/detokenize``: the text of token ids."""
+
+    tokens: list[int]
+    model: str | None = None
+
+
 __all__ = ["MAX_CHOICES", "MAX_LOGPROBS", "UNSUPPORTED", "AdapterName", "ChatBody", "ChatMessage", "ClassifyBody",
-           "CompletionBody"]
+           "CompletionBody", "ContentPart", "DetokenizeBody", "TokenizeBody", "prompts_of"]

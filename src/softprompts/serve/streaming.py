@@ -17,7 +17,7 @@ import json
 from softprompts.model.generation import GenerationResult, TokenLogprob
 from softprompts.serve.answers import AnswerShape, finish, kept_tokens, usage
 from softprompts.serve.state import ServerState
-from softprompts.serve.text import decode_until_stop, stream_safe_length
+from softprompts.serve.text import StopStrings, stream_safe_length
 from softprompts.serve.translate import Generation
 
 
@@ -67,14 +67,15 @@ async def stream_completions(state: ServerState, generation: Generation, shape: 
     finally:  # the client left (the generator is closed) or every choice ended: no row outlives the stream
         for future in futures:
             state.scheduler.cancel(future)
-    generated = sum(len(f.result().tokens) for f in futures if f.done() and not f.cancelled() and not f.exception())
+    ended = [f for f in futures if f.done() and not f.cancelled() and not f.exception()]
+    generated = sum(f.result().generated_tokens for f in ended)
     state.metrics.tokens(shape.model, generation.prompt_tokens, generated)
     if shape.include_usage:
         yield shape.chunk([], usage(generation.prompt_tokens, generated))
     yield "data: [DONE]\n\n"
 
 
-async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: list[str], shape: AnswerShape):
+async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: StopStrings, shape: AnswerShape):
     """The chunks of every choice from the token events, text held back where a stop string may begin."""
     tokens: dict[int, list[int]] = {i: [] for i in range(len(echoed))}
     scored: dict[int, list[TokenLogprob]] = {i: [] for i in tokens}
@@ -90,8 +91,8 @@ async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: l
             tokens[index].append(tok)
             if lp is not None:
                 scored[index].append(lp)
-            text, hit = decode_until_stop(tokenizer, tokens[index], stops)
-            safe = len(text) if hit else stream_safe_length(text, stops)
+            text, hit = stops.cut(tokenizer, tokens[index])
+            safe = len(text) if hit else stream_safe_length(text, stops.stops)
             if safe > sent[index]:
                 upto = kept_tokens(tokenizer, tokens[index], safe) if shape.logprobs else 0
                 fresh, at = scored[index][reported[index] : upto], len(echoed[index]) + sent[index]

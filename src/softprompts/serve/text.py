@@ -4,6 +4,7 @@ hold-back, classification prompts and label targets."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import check_labels, label_targets
@@ -11,34 +12,37 @@ from softprompts.data.templates import Template, parse_fields
 from softprompts.errors import SoftpromptsError
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string (excluded) and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+@dataclass(frozen=True)
+class StopStrings:
+    """A body's stop strings (the non-empty ones): the answer's text ends before the earliest one. With
+    ``min_tokens``, only a stop string that ends after the text of the first ``min_tokens`` tokens counts."""
+
+    stops: tuple[str, ...] = ()
+    min_tokens: int = 0
+
+    @classmethod
+    def of(cls, stop: str | list[str] | None, min_tokens: int = 0) -> StopStrings:
+        given = [stop] if isinstance(stop, str) else list(stop or [])
+        return cls(tuple(s for s in given if s), min_tokens)
+
+    def cut(self, tokenizer, tokens: list[int]) -> tuple[str, bool]:
+        """The text of ``tokens`` up to the earliest stop string that counts (excluded), and whether one did."""
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not self.stops or len(tokens) < self.min_tokens:
+            return text, False
+        held = len(tokenizer.decode(tokens[: self.min_tokens], skip_special_tokens=True)) if self.min_tokens else 0
+        found = [i for i in (text.find(s, max(0, held - len(s) + 1)) for s in self.stops) if i >= 0]
+        return (text[: min(found)], True) if found else (text, False)
+
+    def check(self, tokenizer) -> Callable[[list[int]], bool] | None:
+        """What ends a generation early: whether its tokens' text holds a stop string that counts (``None``
+        without stops)."""
+        if not self.stops:
+            return None
+        return lambda ids: self.cut(tokenizer, ids)[1]
 
 
-def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """A body's ``stop`` as a list of its non-empty strings."""
-    return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
-
-
-def decode_until_stop(tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
-    """The text of ``tokens`` up to the earliest stop string (excluded) and whether one was found."""
-    return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-
-
-def stop_check(tokenizer, stops: list[str]) -> Callable[[list[int]], bool] | None:
-    """What ends a generation early: whether its tokens' text holds a stop string (``None`` without stops)."""
-    if not stops:
-        return None
-
-    def stopped(ids: list[int]) -> bool:
-        return any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stops)
-
-    return stopped
-
-
-def stream_safe_length(text: str, stops: list[str]) -> int:
+def stream_safe_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of ``text`` can be streamed now: hold back a tail that may start a stop string, or an
     incomplete UTF-8 character (decoded as U+FFFD)."""
     safe = len(text)

@@ -2,8 +2,9 @@
 
 A completions or chat body becomes a ``Generation``: its prompts split at their placement markers (a ``<|virtual|>``
 marker places the soft prompt there; chat renders the conversation with the model's chat template and the adapter's
-placement, ``data/chat.py``), the artifact each prompt runs with, and ``n`` engine requests per prompt. A classify
-body becomes one ``ScoreRequest`` per text over the adapter's label targets.
+placement, ``data/chat.py``), the artifact each prompt runs with, and ``n`` engine requests per prompt. A prompt sent
+as token ids is used as it is (checked against the vocabulary; the soft prompt goes before it). A classify body
+becomes one ``ScoreRequest`` per text over the adapter's label targets.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from softprompts.serve.engine import PromptLogprobsRequest, ScoreRequest
 from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
 from softprompts.serve.state import ServerState
-from softprompts.serve.text import classify_prompts, stop_check, stop_strings
+from softprompts.serve.text import StopStrings, classify_prompts
 from softprompts.tasks import split_prompt
 
 
@@ -38,7 +39,7 @@ class Generation:
     stop_ids: frozenset[int] | None
     logprobs: int | None
     echo: bool
-    stops: list[str]
+    stops: StopStrings
     stop_check: Callable[[list[int]], bool] | None
     rows: list[tuple[int, int]]  # (prompt, choice) of each index
 
@@ -65,7 +66,8 @@ class Generation:
                             seed=body.seed + j if body.seed is not None else None)
         return GenerationRequest(prompt_ids=self.split[p][1], artifact=self.artifacts[p],
                                  max_new_tokens=self.max_tokens, sampling=sampling, stop_ids=self.stop_ids,
-                                 stop_check=self.stop_check, on_token=on_token, logprobs=self.logprobs)
+                                 stop_check=self.stop_check, on_token=on_token, logprobs=self.logprobs,
+                                 min_new_tokens=body.min_tokens)
 
     def prompt_requests(self) -> list[PromptLogprobsRequest]:
         """The requests for the prompts' token logprobs (none unless ``scores_prompt``)."""
@@ -80,30 +82,42 @@ class Generation:
                 for p, _ in self.rows]
 
 
-async def to_generation(state: ServerState, body: GenerationFields, entry: Entry | None, texts: list[str],
-                        max_tokens: int, stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
-                        echo: bool = False) -> Generation:
-    """The ``Generation`` of ``texts`` with ``entry``'s adapter (``None``: the base model); every prompt must fit
-    the context with its virtual tokens and ``max_tokens``."""
-    split = [split_prompt(state.base, text) for text in texts]
+def split_request_prompt(base, prompt: str | list[int], where: str) -> tuple[tuple[int, ...], list[int]]:
+    """``(lead, prompt ids)`` of one prompt: a text split at its placement marker, or token ids as they are (each
+    must be in the vocabulary; ``where`` names the prompt in the error)."""
+    if isinstance(prompt, str):
+        return split_prompt(base, prompt)
+    base.check_token_ids(prompt, where)
+    return (), list(prompt)
+
+
+async def to_generation(state: ServerState, body: GenerationFields, entry: Entry | None,
+                        prompts: list[str | list[int]], max_tokens: int, stop_ids: frozenset[int] | None = None,
+                        logprobs: int | None = None, echo: bool = False) -> Generation:
+    """The ``Generation`` of ``prompts`` (texts or token ids) with ``entry``'s adapter (``None``: the base model);
+    every prompt must fit the context with its virtual tokens and ``max_tokens``. ``ignore_eos``: no stop token
+    (the model's end of sequence, ``stop_ids``) ends an answer; ``min_tokens``: none does before that many."""
+    split = [split_request_prompt(state.base, prompt, "prompt" if len(prompts) == 1 else f"prompt[{p}]")
+             for p, prompt in enumerate(prompts)]
     artifacts = [await run_in_threadpool(state.artifact, entry, lead) for lead, _ in split]
     for (_, ids), artifact in zip(split, artifacts, strict=True):
         state.base.check_fits(len(ids), artifact.length if artifact is not None else 0, max_tokens)
     if echo and logprobs is not None and any(lead for lead, _ in split):
         raise SoftpromptsError("echo with logprobs scores the prompt's tokens after the virtual tokens; a prompt "
                                "with a <|virtual|> marker has tokens before them: send it without the marker")
-    stops = stop_strings(body.stop)
-    rows = [(p, j) for p in range(len(texts)) for j in range(body.n)]
+    stops = StopStrings.of(body.stop, body.min_tokens)
+    texts = [p if isinstance(p, str) else state.base.tokenizer.decode(p) for p in prompts]
+    rows = [(p, j) for p in range(len(prompts)) for j in range(body.n)]
     return Generation(body=body, texts=texts, split=split, artifacts=artifacts, max_tokens=max_tokens,
-                      stop_ids=stop_ids, logprobs=logprobs, echo=echo, stops=stops,
-                      stop_check=stop_check(state.base.tokenizer, stops), rows=rows)
+                      stop_ids=frozenset() if body.ignore_eos else stop_ids, logprobs=logprobs, echo=echo,
+                      stops=stops, stop_check=stops.check(state.base.tokenizer), rows=rows)
 
 
 def chat_prompt(state: ServerState, entry: Entry | None, body: ChatBody) -> tuple[str, frozenset[int]]:
     """The conversation rendered with the model's chat template and ``entry``'s placement, and the tokens that end
     the answer: end of sequence, and the template's end of turn when it is one token."""
     chat = state.chat_format(entry)
-    prompt = chat.render_prompt({"messages": [m.model_dump(exclude_none=True) for m in body.messages]})
+    prompt = chat.render_prompt({"messages": [m.rendered() for m in body.messages]})
     end = state.base.tokenizer(chat.end_of_turn, add_special_tokens=False)["input_ids"]
     return prompt, frozenset(eos_ids(state.base) | ({end[0]} if len(end) == 1 else set()))
 
@@ -123,4 +137,4 @@ async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -
     return labels, requests
 
 
-__all__ = ["Generation", "chat_prompt", "score_requests", "to_generation"]
+__all__ = ["Generation", "chat_prompt", "score_requests", "split_request_prompt", "to_generation"]
