@@ -15,7 +15,7 @@ PACKAGE = Path(sp.__file__).resolve().parent
 
 # ground floor first; a module may import its own floor and those below (docs/ARCHITECTURE.md, "The layers")
 LAYERS = [
-    ("errors", "files"),
+    ("errors", "files", "third_party_logs"),
     ("model",),
     ("methods",),
     ("schema", "adapter", "adapter_io", "table"),

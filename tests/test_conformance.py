@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ALL_ARCHS, perturb, tiny_base
+from tiny import ALL_ARCHS, ARCHS, QUANTIZED_ARCHS, QUANTIZED_DECODERS, cached_base, perturb, tiny_base
 
 import softprompts as sp
 import softprompts.evaluate
@@ -32,7 +32,14 @@ ATOL = 2e-4
 TEXT = "prefix!"  # 7 byte tokens
 INPUT = "the input"
 OUT = "out"  # what an encoder-decoder's decoder writes after its start token
-BOTH_FAMILIES = pytest.mark.parametrize("base", ALL_ARCHS, indirect=True)
+BOTH_FAMILIES = pytest.mark.parametrize("base", ALL_ARCHS + QUANTIZED_ARCHS, indirect=True)
+
+
+@pytest.fixture(params=ARCHS + QUANTIZED_DECODERS)
+def base(request):
+    """Every decoder-only tiny architecture, and the quantized bases (``--quantize``): the equivalences hold on a
+    quantized base as they do on a full-precision one."""
+    return cached_base(request.param)
 
 
 def ids_of(base, text):
@@ -193,7 +200,7 @@ def test_adapter_changes_output(base, method):
 @BOTH_FAMILIES
 @pytest.mark.parametrize("method", METHODS)
 def test_only_adapter_trains_and_loss_drops(base, method):
-    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    before = {k: plain(v).clone() for k, v in base.model.state_dict().items()}
     module = make(base, method, num_virtual_tokens=4)
     x = ids_of(base, INPUT)
     if isinstance(base, EncoderDecoderBase):
@@ -219,7 +226,12 @@ def test_only_adapter_trains_and_loss_drops(base, method):
         losses.append(loss.item())
     assert losses[-1] < bar * losses[0]
     for k, v in base.model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        assert torch.equal(plain(v), before[k]), k
+
+
+def plain(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain tensor: a torchao quantized weight's int8 values (its subclass has no ``equal``)."""
+    return weight.qdata if hasattr(weight, "qdata") else weight
 
 
 # (9) left- and right-padded batches == unpadded single rows.

@@ -5,6 +5,7 @@ threads at once."""
 from __future__ import annotations
 
 import functools
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -112,9 +113,27 @@ def scaled_up(model):
 
 
 def tiny_base(arch: str, seed: int = 0) -> BaseModel:
-    """A fresh tiny base of either family (``ARCHS``: ``BaseModel``; ``SEQ2SEQ_ARCHS``: ``EncoderDecoderBase``)."""
+    """A fresh tiny base of either family (``ARCHS``: ``BaseModel``; ``SEQ2SEQ_ARCHS``: ``EncoderDecoderBase``), or
+    ``ARCH-QUANTIZATION`` (``QUANTIZED_ARCHS``): that model loaded quantized."""
+    if arch in QUANTIZED_ARCHS:
+        return quantized_base(arch, seed)
     kind = EncoderDecoderBase if arch in SEQ2SEQ_CONFIGS else BaseModel
     return kind(model=tiny_model(arch, seed), tokenizer=make_tokenizer(), name=f"tiny-{arch}")
+
+
+# tiny models loaded with --quantize (both families, both backends)
+QUANTIZED_ARCHS = ["llama-nf4", "llama-int8", "t5-nf4"]
+QUANTIZED_DECODERS = [a for a in QUANTIZED_ARCHS if a.split("-")[0] in CONFIGS]
+
+
+def quantized_base(name: str, seed: int = 0):
+    """``tiny_model(ARCH, seed)`` saved and loaded back with ``load_base(..., quantize=QUANTIZATION)``."""
+    arch, quantization = name.rsplit("-", 1)
+    with tempfile.TemporaryDirectory(prefix=f"tiny-{name}-") as directory:
+        save_tiny(arch, directory, seed)
+        base = sp.load_base(directory, quantize=quantization)
+    base.name = f"tiny-{name}"
+    return base
 
 
 @functools.cache

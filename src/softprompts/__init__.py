@@ -16,6 +16,7 @@
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
 """
 
+import softprompts.third_party_logs  # noqa: F401  (first: before transformers imports torchao)
 from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, BaseWeightsWarning
 from softprompts.adapter_io import load_adapter, save_adapter
 from softprompts.api import generate, next_token_logits

@@ -63,6 +63,7 @@ class Adapter:
             "dtype": str(next(iter(self.artifact.tensors().values())).dtype).removeprefix("torch."),
             "base_model": {
                 "name": self.base_name,
+                "quantization": self.base_weights_fingerprint.partition("-")[2] or None,
                 "fingerprint": self.base_shapes.fingerprint(),
                 "weights_fingerprint": self.base_weights_fingerprint,
                 "shapes": self.base_shapes.to_json(),
@@ -114,12 +115,24 @@ def check_base_fits(what: str, made_for: BaseRecord, used_with: BaseRecord,
             f"{used_with.name!r} ({describe(used_with.shapes)}); load it with --model {made_for.name}"
         )
     a, b = made_for.weights_fingerprint, used_with.weights_fingerprint
-    if a and b and a != b:
+    if a and b and a.split("-")[0] == b.split("-")[0] and a != b:
+        warnings.warn(
+            f"{what} was made on base model {made_for.name!r} {precision(a)} and {where} is {used_with.name!r} "
+            f"{precision(b)}: the same checkpoint, other weights after rounding, so it loads but its outputs may "
+            f"differ a little from training (docs/RESULTS.md measures how much)", BaseWeightsWarning, stacklevel=3,
+        )
+    elif a and b and a != b:
         warnings.warn(
             f"{what} was made for base model {made_for.name!r} (weights {a}) and {where} is {used_with.name!r} "
             f"(weights {b}): same shapes, other weights, so it loads but its outputs may differ from training "
             f"(use --model {made_for.name} for the checkpoint it was trained on)", BaseWeightsWarning, stacklevel=3,
         )
+
+
+def precision(weights_fingerprint: str) -> str:
+    """How a recorded base's weights were stored: ``quantized nf4`` or ``in full precision``."""
+    _, _, quantization = weights_fingerprint.partition("-")
+    return f"quantized {quantization}" if quantization else "in full precision"
 
 
 def describe(shapes: ModelShapes) -> str:

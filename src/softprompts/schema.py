@@ -54,7 +54,8 @@ class BaseModelDoc(_Document):
 
     name: str = Field(min_length=1)
     fingerprint: str = Field(min_length=1)
-    weights_fingerprint: str = ""
+    weights_fingerprint: str = ""  # ends with -QUANTIZATION for a quantized base
+    quantization: str | None = None  # nf4, int8, ... (model/quantize.py); None: full precision or not recorded
     shapes: ShapesDoc
 
 

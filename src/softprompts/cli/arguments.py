@@ -18,4 +18,14 @@ def finite(text: str) -> float:
     return value
 
 
-__all__ = ["finite"]
+def add_quantize_flag(p) -> None:
+    """``--quantize``: load the frozen base's linear layers quantized (``model/quantize.py``)."""
+    from softprompts.model.quantize import QUANTIZATIONS
+
+    choices = ", ".join(f"{name} ({backend}: {what})" for name, (backend, what) in QUANTIZATIONS.items())
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS), metavar="KIND",
+                   help=f"load the frozen base quantized: {choices}; needs pip install 'softprompts[quantize]' "
+                        "(default: full precision)")
+
+
+__all__ = ["add_quantize_flag", "finite"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from softprompts.cli.arguments import finite
+from softprompts.cli.arguments import add_quantize_flag, finite
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="torch device for the model (default auto: the first CUDA GPU "
                    "when one is visible, else cpu)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default float32)")
+    add_quantize_flag(p)
     p.add_argument("--max-running", type=int, default=32, help="most requests decoding together (continuous "
                    "batching: requests join and leave the running batch at every step)")
     p.add_argument("--max-waiting", type=int, default=256, help="most requests queued; beyond it requests get HTTP "
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     ] if bad]
     if problems:  # before the model loads
         raise SoftpromptsError("; ".join(problems))
-    base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, quantize=args.quantize)
     state = build_state(
         base,
         args.adapters,

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from softprompts.cli.arguments import finite
+from softprompts.cli.arguments import add_quantize_flag, finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
@@ -63,6 +63,7 @@ def register(sub) -> None:
                    "the first CUDA GPU when one is visible, else cpu; under torchrun each rank's own GPU)")
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
+    add_quantize_flag(p)
     p.set_defaults(func=run)
 
 
@@ -105,7 +106,7 @@ def run(args) -> int:
 
     def base_model():
         if not loaded:
-            loaded.append(load_base(model_name, device=device, device_map=args.device_map))
+            loaded.append(load_base(model_name, device=device, device_map=args.device_map, quantize=args.quantize))
         return loaded[0]
 
     # a template's data is checked before the model loads; chat rows need its tokenizer (its chat template)

@@ -33,6 +33,7 @@ from softprompts.model.artifacts import Artifact, KVPrefix
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
 from softprompts.model.placement import place
 from softprompts.model.probe import ModelShapes
+from softprompts.model.quantize import quantization_of
 
 FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap")
 
@@ -116,11 +117,18 @@ class FrozenBase:
             raise ValueError(f"base model {self.name!r} has no tokenizer; pass token ids instead of text")
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    @property
+    def quantization(self) -> str | None:
+        """How the frozen weights are quantized (``nf4``, ``int8``, ...; ``model/quantize.py``), ``None`` if not."""
+        return quantization_of(self.model)
+
     def weights_fingerprint(self) -> str:
-        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart."""
+        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart. A
+        quantized base adds its quantization (``...-nf4``): its other weights differ from the checkpoint's."""
         weight = self.model.get_input_embeddings().weight.detach()
         rows = weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
-        return hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        return f"{digest}-{self.quantization}" if self.quantization else digest
 
     # -- capabilities ---------------------------------------------------------------------------------------------
     def supports(self, feature: str) -> bool:

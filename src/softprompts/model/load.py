@@ -22,6 +22,7 @@ from softprompts.model.base import BaseModel
 from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
 from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 from softprompts.model.frozen import FrozenBase
+from softprompts.model.quantize import quantization_config
 
 DEFAULT_MODEL = EMBEDDED_NAME
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -105,7 +106,7 @@ def check_reachable(name: str) -> None:
 
 def load_base(
     name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-    device_map: str | dict | None = None,
+    device_map: str | dict | None = None, quantize: str | None = None,
 ) -> FrozenBase:
     """A frozen base model: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
     A decoder-only model loads as ``BaseModel``, an encoder-decoder one (T5, BART families) as ``EncoderDecoderBase``.
@@ -115,9 +116,13 @@ def load_base(
 
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.
+
+    ``quantize`` (``nf4``, ``int8``: ``model/quantize.py``) loads the linear layers' weights quantized, straight onto
+    ``device`` (the CPU by default); the embedding and output head stay in ``dtype``, which is also the compute dtype.
     """
     target = resolve_device(device)
     dtype = resolve_dtype(dtype)
+    quantized = quantization_config(quantize, dtype) if quantize is not None else None  # a missing backend: here
     try:
         path = resolve(name)
     except FileNotFoundError as exc:
@@ -126,6 +131,8 @@ def load_base(
         check_reachable(path)
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
+        if quantized is not None:  # quantized weights are placed as they load, never moved after
+            extra = {"device_map": device_map or str(target or "cpu"), "quantization_config": quantized}
         seq2seq = family_of(AutoConfig.from_pretrained(path)) is EncoderDecoderBase
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM  # T5, BART families: the encoder-decoder LM
         model = auto.from_pretrained(path, dtype=dtype, **extra)
@@ -135,7 +142,7 @@ def load_base(
             f"cannot load model {name!r}: {str(exc).splitlines()[0]}. "
             f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
         ) from None
-    if target is not None and device_map is None:
+    if target is not None and device_map is None and quantize is None:
         model.to(target)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
