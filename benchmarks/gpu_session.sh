@@ -9,7 +9,8 @@
 #   2c. decode_step: ms per decode step, ours / HF generate / the matmul floor, batch 1-64 -> decode_step.json
 #   2d. load_open_loop: Poisson arrivals over 16 adapters, continuous vs window batching -> open_loop.json
 #   2e. prefill_stall: a 3,900-token arrival, one-shot vs chunked prefill          -> prefill_stall.json
-#   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate -> cli.log
+#   3. the CLI on CUDA with a tiny saved model: train --bf16, train --compile, eval, generate, and train + eval on a
+#      quantized base (--quantize nf4: bitsandbytes' CUDA kernels; needs bitsandbytes installed) -> cli.log
 #   4. train_speed with the torch.compile'd loss (compilation time reported per method) -> train_compile.jsonl
 # Everything else a step prints goes to steps.log: 11 files in all, what a device call brings back from $OUT.
 # Each step runs under min(its own cap, what is left of BUDGET seconds, default 540) and is skipped when under 30 s
@@ -78,6 +79,8 @@ stamp "3 CLI on CUDA (each command at most 60 s)"
   head -64 $D/test.jsonl >"$work/test64.jsonl"
   limited 60 $PY -m softprompts eval --adapter "$work/prefix-bf16" --data "$work/test64.jsonl" --json
   limited 60 $PY -m softprompts generate --adapter "$work/prompt-compiled" "A fine film."
+  limited 60 $PY -m softprompts train --method prefix "${common[@]}" --quantize nf4 --out "$work/prefix-nf4"
+  limited 60 $PY -m softprompts eval --adapter "$work/prefix-nf4" --quantize nf4 --data "$work/test64.jsonl" --json
   $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('device check:', r['device'], r['train_config']['autocast_bf16'], r['timings'])" "$work/prefix-bf16/training.json"
 ) >"$OUT/cli.log" 2>&1
 stamp "3 rc=$?"
