@@ -94,9 +94,11 @@ def pad_collator(pad_id: int):
     return collate
 
 
-@pytest.mark.parametrize("method, checkpointing", [("prompt", False), ("deep", True), ("ptuning", True)])
-def test_trainer_trains_the_adapter_our_loop_trains(tmp_path, method, checkpointing):
-    base = tiny_base("llama")
+@pytest.mark.parametrize("method, checkpointing, arch", [("prompt", False, "llama"), ("deep", True, "llama"),
+                                                         ("ptuning", True, "llama"), ("deep", True, "llama-nf4")])
+def test_trainer_trains_the_adapter_our_loop_trains(tmp_path, method, checkpointing, arch):
+    """``arch`` ``llama-nf4``: the wrapper on a quantized base (``load_base(..., quantize="nf4")``)."""
+    base = tiny_base(arch)
     examples, _ = build_examples(rows(), SPEC.template, "classify", SPEC.labels)
     steps, batch, accum = 4, 4, 2
     config = sp.TrainConfig(steps=steps, batch_size=batch, grad_accum=accum, lr=0.05, warmup_ratio=0.0,
