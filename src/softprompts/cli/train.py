@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from softprompts.cli.arguments import add_quantize_flag, finite
-from softprompts.cli.task_inputs import add_chat_flags, load_task
+from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
 from softprompts.errors import SoftpromptsError
 
 
@@ -67,10 +67,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _labels(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-
 def run(args) -> int:
     from softprompts.adapter_io import load_adapter, read_metadata
     from softprompts.files import check_output
@@ -95,7 +91,7 @@ def run(args) -> int:
 
     previous = read_metadata(args.init_from) if args.init_from else None
     task = dict(previous["task"]) if previous and previous.get("task") else {}
-    labels = _labels(args.labels) or (task.get("labels") if task.get("task") == args.task else None)
+    labels = task_labels(args.labels, args.task, task)
     model_name = args.model or (previous["base_model"]["name"] if previous else DEFAULT_MODEL)
     dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
     if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:

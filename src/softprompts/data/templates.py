@@ -52,6 +52,11 @@ def parse_fields(text: str, what: str = "template") -> list[str]:
     return names
 
 
+def from_shell(text: str) -> str:
+    """A template part typed in a shell: the two characters backslash-n are a newline."""
+    return text.replace("\\n", "\n")
+
+
 @dataclass(frozen=True)
 class Template:
     """How a row becomes an example: ``prompt`` is what the model reads, ``target`` what it must produce.
@@ -77,7 +82,7 @@ class Template:
     @classmethod
     def from_cli(cls, prompt: str, target: str) -> Template:
         """Build from shell arguments, where a newline is typically typed as the two characters backslash-n."""
-        return cls(prompt.replace("\\n", "\n"), target.replace("\\n", "\n"))
+        return cls(from_shell(prompt), from_shell(target))
 
     @property
     def prompt_fields(self) -> set[str]:
