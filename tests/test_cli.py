@@ -236,3 +236,152 @@ def test_virtual_tokens_must_be_positive(env, tmp_path, capsys, count):
     assert main(train_args(env, out, None, "--virtual-tokens", count)) == 2  # the last flag wins
     assert "num_virtual_tokens must be a positive integer" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- eval of any task, with or without an adapter; generate with the bare model ------------------------------------
+SENTIMENT = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
+
+
+def cli_json(capsys, *args) -> dict:
+    """``main([*args, "--json"])`` must succeed; its JSON line."""
+    assert main([str(a) for a in args] + ["--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bundled(env):
+    """The first 16 short rows of the bundled uci_sentiment test split (the tiny model holds 256 byte tokens)."""
+    from softprompts.data.datasets import bundled_path
+    from softprompts.data.sources import read_rows
+
+    rows = [r for r in read_rows(bundled_path("uci_sentiment", "test")) if len(r["text"]) < 100][:16]
+    path = env["root"] / "bundled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(env):
+    import softprompts as sp
+
+    return sp.load_base(str(env["llama"]))
+
+
+def api_metrics(base, adapter, path, spec) -> dict:
+    """The Python API's metrics for ``adapter`` (None: the bare model) on the rows of ``path``."""
+    from softprompts.data.sources import load_task_data
+    from softprompts.evaluate import evaluate
+
+    examples, _ = load_task_data(path, spec.prompt_format(base.tokenizer), spec.task, spec.labels)
+    return evaluate(base, adapter, examples, spec)
+
+
+def test_eval_without_adapter_scores_the_bare_model_as_the_api_and_compare_do(env, bundled, llama, tmp_path,
+                                                                                capsys):
+    from softprompts.tasks import TaskSpec
+
+    got = cli_json(capsys, "eval", "--model", env["llama"], "--data", bundled, *SENTIMENT)
+    spec = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["negative", "positive"])
+    assert got == api_metrics(llama, None, bundled, spec) and got["n"] == 16
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(env["llama"]), "--data", str(bundled), "--test-data", str(bundled),
+                 *SENTIMENT, "--methods", "prompt", "--steps", "1", "--virtual-tokens", "2", "--latency-tokens", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["base_model"]["test"] == got
+    generated = cli_json(capsys, "eval", "--model", env["llama"], "--data", bundled, *SENTIMENT, "--task", "generate",
+                         "--max-new-tokens", "2")
+    want = api_metrics(llama, None, bundled, TaskSpec("generate", "Review: {text}\nSentiment:", " {label}"))
+    assert generated["n"] == 16 and set(generated) == set(want)  # max_new_tokens differs: the API decodes 64
+    assert generated["perplexity"] == pytest.approx(want["perplexity"])
+
+
+def test_eval_scores_an_adapter_on_another_task(env, bundled, llama, capsys):
+    """Task flags replace the adapter's recorded task: its artifact evaluated on that task through the API."""
+    import softprompts as sp
+    from softprompts.tasks import TaskSpec
+
+    adapter = sp.load_adapter(env["adapter"], llama)
+    other = ["--template", "Text: {text}\\nLabel:", "--target", " {label}"]
+    got = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", bundled, *other)
+    spec = TaskSpec("classify", "Text: {text}\nLabel:", " {label}", ["negative", "positive"])
+    assert got == api_metrics(llama, adapter, bundled, spec)
+    as_generation = ["--task", "generate", "--max-new-tokens", "2"]
+    with_adapter = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", bundled, *other, *as_generation)
+    bare = cli_json(capsys, "eval", "--model", env["llama"], "--data", bundled, *other, *as_generation)
+    assert with_adapter["perplexity"] != bare["perplexity"]  # the adapter acts (reference log-likelihoods)
+    flipped = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", bundled, *other, "--labels",
+                       "positive,negative")
+    assert flipped == api_metrics(llama, adapter, bundled, spec.__class__(**{**spec.to_json(),
+                                                                             "labels": ["positive", "negative"]}))
+    generated = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", env["data"], "--task", "generate",
+                         "--max-new-tokens", "2")  # the recorded template, as a generation task
+    assert generated["n"] == 12 and "perplexity" in generated
+    same = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", env["data"])  # nothing given: as recorded
+    assert same == api_metrics(llama, adapter, env["data"], TaskSpec.from_json(adapter.task))
+
+
+def test_eval_on_chat_rows_with_and_without_an_adapter(env, llama, tmp_path, capsys):
+    """Rows holding ``messages`` are rendered with the model's chat template, as ``train`` renders them."""
+    import softprompts as sp
+    from softprompts.tasks import TaskSpec
+
+    rows = [{"messages": [{"role": "user", "content": ("nice " if i % 2 else "poor ") + "y" * (i % 4)},
+                          {"role": "assistant", "content": "pos" if i % 2 else "neg"}]} for i in range(10)]
+    chat = write(tmp_path / "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    spec = TaskSpec.for_chat("classify", ["neg", "pos"], "start", "Classify.")
+    bare = cli_json(capsys, "eval", "--model", env["llama"], "--data", chat, "--system", "Classify.")
+    assert bare == api_metrics(llama, None, chat, spec) and bare["n"] == 10
+    adapter = sp.load_adapter(env["adapter"], llama)  # a template adapter (prefix tuning) on chat rows
+    got = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", chat, "--system", "Classify.")
+    assert got == api_metrics(llama, adapter, chat, spec)
+    bad(env, capsys, ["eval", "--adapter", str(env["adapter"]), "--data", str(chat), "--placement", "user-start"],
+        "a KV prefix", "cannot be placed after text")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["eval", "--model", "{llama}", "--data", "{data}"], ["--template and --target are required", "without --adapter"]),
+    (["eval", "--model", "{llama}", "--data", "{data}", *SENTIMENT, "--task", "generate", "--labels", "pos,neg"],
+     ["--labels is for --task classify"]),
+    (["eval", "--model", "{llama}", "--data", "{data}", "--template", "Review: {text}"],
+     ["--template and --target are required"]),
+    (["eval", "--model", "{llama}", "--data", "{data}", *SENTIMENT, "--labels", "pos,meh"], ["'neg'", "not one of"]),
+    (["eval", "--adapter", "{adapter}", "--data", "{data}", "--system", "S"], ["--placement and --system are for"]),
+    (["eval", "--model", "{llama}", "--data", "{data}", "--data", "{data}", *SENTIMENT], ["--data is given once"]),
+    (["eval", "--table", "{root}/none", "--data", "a={data}", "--template", "{text}"], ["--template", "--adapter"]),
+    (["generate", "--model", "{llama}", "--raw", "--chat", "hi"], ["--raw sends TEXT as is"]),
+    (["generate", "--model", "{llama}", "--template", "Q: {q}", "--system", "S", "hi"], ["not both"]),
+    (["generate", "--model", "{llama}", "--template", "Q: {q} {r}", "hi"], ["has fields q, r"]),
+])
+def test_eval_and_generate_task_flag_errors(env, capsys, args, needles):
+    for key in ("llama", "data", "adapter", "root"):
+        args = [a.replace("{" + key + "}", str(env[key])) for a in args]
+    bad(env, capsys, args, *needles)
+
+
+def test_eval_refuses_an_unknown_task(env, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", str(env["llama"]), "--data", str(env["data"]), "--task", "summarize", *SENTIMENT])
+    assert exit_.value.code == 2 and "invalid choice: 'summarize'" in capsys.readouterr().err
+
+
+def test_generate_without_adapter_runs_the_bare_model(env, llama, capsys):
+    from softprompts.data.chat import ChatFormat
+    from softprompts.evaluate import generate_texts
+    from softprompts.tasks import TaskSpec
+
+    def generated(*args) -> str:
+        assert main(["generate", "--model", str(env["llama"]), "--max-new-tokens", "4", *args]) == 0
+        return capsys.readouterr().out
+
+    assert generated("nice day") == generate_texts(llama, None, ["nice day"], None, 4)[0] + "\n"
+    spec = TaskSpec("generate", "Review: {text}\nSentiment:", "{target}")
+    want = generate_texts(llama, None, ["Review: nice day\nSentiment:"], spec, 4)[0]
+    assert generated("--template", "Review: {text}\\nSentiment:", "nice day") == want + "\n"
+    chat = TaskSpec.for_chat("generate", None, "start", "Be brief.")
+    prompt = ChatFormat(llama.tokenizer, "start", "Be brief.").render_prompt(
+        {"messages": [{"role": "user", "content": "say one"}]})
+    assert generated("--chat", "--system", "Be brief.", "say one") == generate_texts(llama, None, [prompt], chat,
+                                                                                      4)[0] + "\n"
+    adapter_out = main(["generate", "--adapter", str(env["adapter"]), "--max-new-tokens", "4", "--template",
+                        "Review: {text}\\nSentiment:", "nice day"])
+    assert adapter_out == 0 and capsys.readouterr().out != want + "\n"  # the adapter's prefix acts
