@@ -1,7 +1,8 @@
 """``softprompts compare`` end to end on a tiny random model and a tiny slice of the bundled sentiment data.
 
-One compare (2 methods + the PEFT baseline for one of them) is shared by the tests through a module fixture; a
-second invocation of the same command must skip every finished run and a run with a missing result is redone.
+One compare (2 methods + the PEFT baseline for both, and the few-shot baseline beside them: ``--baseline
+peft,fewshot``) is shared by the tests through a module fixture; a second invocation of the same command must skip
+every finished run and a run with a missing result is redone.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compared(tmp_path_factory):
     model = save_tiny("llama", root / "model")
     out = root / "out"
     args = _compare_args(model, out)
-    assert main(args + ["--baseline", "peft"]) == 0
+    assert main(args + ["--baseline", "peft,fewshot"]) == 0
     # a second PEFT method only for the baseline part is not needed: prompt+prefix ours, both through PEFT too
     return out, args
 
@@ -56,8 +57,11 @@ def test_results_json_fields_hold_real_numbers(compared):
     results = json.loads((out / "results.json").read_text())
     assert results["primary_metric"] == "accuracy"
     methods = results["methods"]
-    assert {"prompt", "prefix", "peft:prompt", "peft:prefix", "peft:lora"} <= set(methods)
+    assert {"prompt", "prefix", "peft:prompt", "peft:prefix", "peft:lora", "fewshot"} <= set(methods)
+    assert methods["fewshot"]["trainable_params"] == 0 and methods["fewshot"]["fewshot"]["shots"]  # test_fewshot.py
     for label, m in methods.items():
+        if label == "fewshot":
+            continue
         assert m["failed"] == 0, (label, m["issues"])
         assert m["trainable_params"] > 0 and m["adapter_params"] > 0 and m["adapter_bytes"] > 0
         assert 0.0 <= m["test"]["accuracy"]["mean"] <= 1.0 and 0.0 <= m["best_dev"]["mean"] <= 1.0
@@ -100,9 +104,10 @@ def test_report_and_plots(compared):
     assert report.index("## Recommendation") > report.index("## Results")
     for needle in ("| no adapter |", "| prompt |", "| peft:prefix |", "Side by side with Hugging Face PEFT",
                    "**Size:**", "**Latency:**", "KV prefix vs soft prompt",
-                   "## How far from a weight adapter (PEFT LoRA)", "- LoRA (rank 8 on every linear layer"):
+                   "## How far from a weight adapter (PEFT LoRA)", "- LoRA (rank 8 on every linear layer",
+                   "## Few-shot in the prompt (no training)", "| fewshot (k=", "**Train at all?**"):
         assert needle in report, needle
-    for name in ("learning_curves.png", "quality_vs_size.png", "latency.png"):
+    for name in ("learning_curves.png", "quality_vs_size.png", "latency.png", "quality_vs_context.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
 
@@ -113,14 +118,14 @@ def test_resume_skips_finished_runs_and_redoes_missing(compared, capsys):
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
     redo = out / "runs" / "prefix-seed0" / "result.json"
     os.remove(redo)
-    assert main(args + ["--baseline", "peft"]) == 0
+    assert main(args + ["--baseline", "peft,fewshot"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["resume"]["ran"] == ["prefix-seed0"]
     assert set(results["resume"]["skipped"]) == {"prompt-seed0", "peft-prompt-seed0", "peft-prefix-seed0",
-                                                 "peft-lora-seed0"}
+                                                 "peft-lora-seed0", "fewshot-seed0"}
     assert finished.stat().st_mtime_ns == before[finished]
     assert redo.is_file()
-    assert "skipped 4 finished run(s)" in capsys.readouterr().err
+    assert "skipped 5 finished run(s)" in capsys.readouterr().err
 
 
 def test_other_settings_refused(compared):

@@ -29,9 +29,14 @@ def register(sub) -> None:
     add_chat_flags(p)
     p.add_argument("--labels", default=None, help="comma-separated label set")
     p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
-    p.add_argument("--baseline", default=None, choices=("peft",), help="also run each method through HF PEFT, and "
-                   "PEFT LoRA (rank 8 on every linear layer, lr 3e-4) as the weight-adapter ceiling")
+    p.add_argument("--baseline", default=None, type=_baselines, metavar="peft,fewshot",
+                   help="comma-separated: 'peft' also runs each method through HF PEFT, and PEFT LoRA (rank 8 on every "
+                   "linear layer, lr 3e-4) as the weight-adapter ceiling; 'fewshot' puts k demonstrations from the "
+                   "training data in the prompt (no training) and measures what they cost per request, in the "
+                   "prompt and cached as a KV prefix")
     p.add_argument("--no-lora", action="store_true", help="with --baseline peft: skip the LoRA runs")
+    p.add_argument("--shots", type=int, default=None, help="with --baseline fewshot: k demonstrations (default: "
+                   "chosen on dev among 0, 1, 2, 4, 8)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100)")
     budget.add_argument("--minutes", type=finite, default=None, help="training minutes per run (steps estimated)")
@@ -49,6 +54,26 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     p.set_defaults(func=run)
+
+
+def _baselines(text: str) -> str:
+    """``--baseline``: one or more of peft, fewshot, comma-separated (normalized, no repeats)."""
+    names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    unknown = [b for b in names if b not in ("peft", "fewshot")]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"takes peft and/or fewshot, comma-separated; got {text!r}")
+    return ",".join(names)
+
+
+def _task_rows(spec, inputs: dict, train_limit: int | None) -> dict | None:
+    """Chat rows for the few-shot baseline (it writes demonstrations as turns): each split's rows, as its examples."""
+    from softprompts.data.sources import read_rows
+
+    if spec.chat is None:
+        return None
+    rows = {split: read_rows(inputs[split]) if inputs[split] else [] for split in ("train", "dev", "test")}
+    rows["train"] = rows["train"][:train_limit] if train_limit else rows["train"]
+    return rows
 
 
 def _resolve_inputs(args) -> dict:
@@ -96,18 +121,20 @@ def run(args) -> int:
         target=inputs["target"], labels=inputs["labels"], placement=args.placement, system=args.system,
         max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens, optional_devs=True)
     train = train[: args.train_limit] if args.train_limit else train
+    fewshot = "fewshot" in (args.baseline or "").split(",")
+    rows = _task_rows(spec, inputs, args.train_limit) if fewshot else None
     description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
     config = CompareConfig(
         model=model,
         methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
-        seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora,
+        seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
         progress=not args.no_progress,
     )
-    results = run_compare(config, CompareData(spec, train, dev, test, description), args.out,
+    results = run_compare(config, CompareData(spec, train, dev, test, description, rows), args.out,
                           base=loaded[0] if loaded else None)
     resume = results["resume"]
     if resume["skipped"]:

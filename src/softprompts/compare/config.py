@@ -16,6 +16,8 @@ import transformers
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "compare.json"
+BASELINES = ("peft", "fewshot")  # what --baseline may name, comma-separated
+SHOT_CANDIDATES = (0, 1, 2, 4, 8)  # the k few-shot chooses among on dev (those that fit the context and the data)
 
 
 @dataclass
@@ -25,6 +27,9 @@ class CompareConfig:
     lr / virtual_tokens: None = each method's measured default (its class's ``default_lr``, its config's
     ``num_virtual_tokens``), used for PEFT too.
     eval_limit / test_limit: first N dev / test examples. latency_*: decode length and repeats of the timing.
+    baseline: comma-separated ``peft`` (each method through HF PEFT, + LoRA) and / or ``fewshot`` (k demonstrations
+    from the training data in the prompt, no training: ``compare/fewshot.py``); shots: fixes that k (None: chosen
+    on dev among ``SHOT_CANDIDATES``).
     """
 
     model: str
@@ -32,6 +37,7 @@ class CompareConfig:
     seeds: int = 1
     baseline: str | None = None
     lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling
+    shots: int | None = None  # with baseline "fewshot": k demonstrations (None: chosen on dev)
     steps: int | None = 100
     minutes: float | None = None
     batch_size: int = 8
@@ -56,20 +62,32 @@ class CompareConfig:
             problems.append(f"--seeds must be at least 1, got {self.seeds}")
         if not self.methods:
             problems.append("--methods is empty")
-        if self.baseline not in (None, "peft"):
-            problems.append(f"--baseline must be 'peft', got {self.baseline!r}")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            problems.append(f"--baseline takes {' and/or '.join(BASELINES)} (comma-separated), got {self.baseline!r}")
+        if self.shots is not None and self.shots < 0:
+            problems.append(f"--shots must be 0 or more, got {self.shots}")
+        if self.shots is not None and "fewshot" not in self.baselines:
+            problems.append("--shots sets the few-shot baseline's k: add --baseline fewshot")
         return problems
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        """The baselines asked for: ``"peft,fewshot"`` -> ``("peft", "fewshot")``."""
+        return tuple(b.strip() for b in (self.baseline or "").split(",") if b.strip())
 
 
 @dataclass
 class CompareData:
-    """The task and its three splits (test may be empty: the report then uses dev numbers)."""
+    """The task and its three splits (test may be empty: the report then uses dev numbers). ``rows``: the raw rows
+    of each split, row i of a split being example i (chat few-shot renders demonstrations as turns from them)."""
 
     spec: object  # TaskSpec
     train: list
     dev: list
     test: list
     description: dict = field(default_factory=dict)  # dataset name / paths, for the report
+    rows: dict | None = None  # chat tasks with --baseline fewshot: {"train"|"dev"|"test": the rows, as the examples}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -102,4 +120,5 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-__all__ = ["RESULT_FILE", "SETTINGS_FILE", "CompareConfig", "CompareData", "machine_info"]
+__all__ = ["BASELINES", "RESULT_FILE", "SETTINGS_FILE", "SHOT_CANDIDATES", "CompareConfig", "CompareData",
+           "machine_info"]

@@ -100,6 +100,14 @@ def measure_hf_latency(model, base: FrozenBase, prompt: str, new_tokens: int = 8
     return Latency(ttft, per_token, ids.shape[1], new_tokens, repeats)
 
 
+def kv_bytes_per_position(base: FrozenBase) -> int:
+    """Bytes one position of every layer's keys and values takes in a decode cache, ``sum_l 2 * H_l * D_l *
+    element size`` over the probed KV layers (the count ``serve/admission.py`` reserves per token; on an
+    encoder-decoder base it counts every layer of its KV layout, an upper bound)."""
+    element = base.model.get_input_embeddings().weight.element_size()
+    return sum(2 * h * d * element for h, d in zip(base.shapes.kv_heads, base.shapes.head_dims, strict=True))
+
+
 # --- peak memory ------------------------------------------------------------------------------------------------
 
 

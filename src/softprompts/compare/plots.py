@@ -2,7 +2,10 @@
 
 learning_curves.png: dev metric and training loss against steps and against training seconds (one line per run).
 quality_vs_size.png: test (or best dev) metric against saved adapter bytes (log scale), ± seed std, no-adapter line.
-latency.png: time to first token and per further token, without and with each adapter.
+latency.png: time to first token and per further token, without and with each adapter (few-shot: demonstrations in
+the prompt, and cached as a KV prefix).
+quality_vs_context.png: test (or best dev) metric against the positions each request carries besides its own prompt
+(a method's virtual tokens, the few-shot demonstrations' tokens): what "no training" costs per request.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def quality_vs_size(results: dict, path: Path) -> None:
         q = m["test"].get(primary) or m["best_dev"]
         if not q or not m.get("adapter_bytes"):
             continue
-        marker = "s" if m["impl"] == "peft" else "o"
+        marker = {"peft": "s", "fewshot": "^"}.get(m["impl"], "o")
+        label = f"{label} (KV of k={m['fewshot']['shots_text']})" if m["impl"] == "fewshot" else label
         ax.errorbar(m["adapter_bytes"], q["mean"] * scale, yerr=q["std"] * scale, fmt=marker, capsize=3, label=label)
         ax.annotate(label, (m["adapter_bytes"], q["mean"] * scale), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
@@ -94,9 +98,13 @@ def latency(results: dict, path: Path) -> None:
         per_token.append(base["latency_hf"]["per_token_ms"])
     for label, m in results["methods"].items():
         if m.get("ttft_ms"):
-            names.append(label)
+            names.append(f"{label} (in the prompt)" if m.get("fewshot") else label)
             ttft.append(m["ttft_ms"]["mean"])
             per_token.append(m["per_token_ms"]["mean"])
+        if (m.get("fewshot") or {}).get("cached_ttft_ms"):
+            names.append(f"{label} (cached KV)")
+            ttft.append(m["fewshot"]["cached_ttft_ms"]["mean"])
+            per_token.append(m["fewshot"]["cached_per_token_ms"]["mean"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     panels = ((axes[0], ttft, "time to first token (ms)"), (axes[1], per_token, "per further token (ms)"))
     for ax, values, title in panels:
@@ -108,7 +116,39 @@ def latency(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-PLOTS = {"learning_curves.png": learning_curves, "quality_vs_size.png": quality_vs_size, "latency.png": latency}
+def _extra_positions(m: dict) -> float | None:
+    """Positions a request carries for this entry: its virtual tokens, or the few-shot demonstrations' tokens."""
+    if m.get("fewshot"):
+        return m["fewshot"]["demo_tokens"]["mean"] if m["fewshot"]["demo_tokens"] else None
+    return m.get("virtual_tokens")
+
+
+def quality_vs_context(results: dict, path: Path) -> None:
+    plt = _plt()
+    primary = results["primary_metric"]
+    scale = SCALES.get(primary, 1.0)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, m in results["methods"].items():
+        q, x = m["test"].get(primary) or m["best_dev"], _extra_positions(m)
+        if not q or x is None:
+            continue
+        marker = {"peft": "s", "fewshot": "^"}.get(m["impl"], "o")
+        ax.errorbar(x, q["mean"] * scale, yerr=q["std"] * scale, fmt=marker, capsize=3, label=label)
+        ax.annotate(label, (x, q["mean"] * scale), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    base = (results["base_model"].get("test") or results["base_model"].get("dev") or {}).get(primary)
+    if base is not None:
+        ax.axhline(base * scale, color="gray", ls=":", label="no adapter")
+    ax.set(xlabel="extra positions per request (virtual tokens / demonstration tokens)", ylabel=primary,
+           title=f"{primary} vs what each request carries")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+PLOTS = {"learning_curves.png": learning_curves, "quality_vs_size.png": quality_vs_size, "latency.png": latency,
+         "quality_vs_context.png": quality_vs_context}
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:

@@ -12,8 +12,18 @@ anything less a tie, and then the smaller adapter is recommended.
 from __future__ import annotations
 
 import math
+import statistics
 
 SCALES = {"accuracy": 100.0, "macro_f1": 100.0}  # shown as percentages; generation metrics are already 0-100
+
+
+def stats(values: list) -> dict | None:
+    """Mean, sample std, count and the values of the finite numbers among ``values`` (None when there are none)."""
+    values = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
 
 
 def quality(entry: dict, primary: str) -> dict | None:
@@ -77,22 +87,9 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
     where = "test" if ours[best]["test"].get(primary) else "best dev"
     lines.append(f"**Quality:** `{best}` is best on {where} {primary} ({fmt_stat(qb, primary)}).")
     winner = best
+    tie = len(ranked) > 1 and _within_noise(qb, quality(ours[ranked[1]], primary), primary, test_n)
     if len(ranked) > 1:
-        second = ranked[1]
-        qs = quality(ours[second], primary)
-        gap = (qb["mean"] - qs["mean"]) * scale
-        se, how = _difference_se(qb, qs, primary, test_n)
-        if se is None:
-            verdict = "no seed spread to compare it with (run --seeds 3 to tell)"
-        else:
-            z = gap / max(se * scale, 1e-12)
-            verdict = (f"{z:.1f} standard errors of the difference ({how}; SE {se * scale:.1f}): "
-                       + ("a real difference" if z >= REAL_DIFFERENCE_SE else
-                          f"under {REAL_DIFFERENCE_SE:.0f}, a tie on this data"))
-        lines.append(f"It leads `{second}` by {gap:.1f}{unit}, {verdict}.")
-        tie = _within_noise(qb, qs, primary, test_n)
-    else:
-        tie = False
+        lines.append(_lead_line(ours, best, ranked[1], primary, test_n))
     base_q = (base.get("test") or base.get("dev") or {}).get(primary)
     if base_q is not None:
         gain = (qb["mean"] - base_q) * scale
@@ -116,25 +113,94 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
             f"({lat['ttft_overhead_ms']['mean']:+.1f} ms vs the bare model timed beside it) and each further token "
             f"{lat['per_token_ms']['mean']:.1f} ms ({lat['per_token_overhead_ms']['mean']:+.1f} ms)."
         )
-    kinds = _by_artifact(ours, primary)
-    if len(kinds) == 2:
-        (kp, p), (ks, s) = kinds["kv_prefix"], kinds["soft_prompt"]
-        dq = (quality(p, primary)["mean"] - quality(s, primary)["mean"]) * scale
-        lines.append(
-            f"**KV prefix vs soft prompt** (best of each): `{kp}` vs `{ks}`: {dq:+.1f}{unit} quality, "
-            f"{(p['adapter_bytes'] or 0) / max(s['adapter_bytes'] or 1, 1):.1f}x the size, "
-            f"{_delta(p, s, 'ttft')} ms first token, {_delta(p, s, 'per_token')} ms per token (adapter overheads)."
-        )
+    lines += _kinds_line(ours, primary)
     if winner == best:
         why = "it has the best quality" + (" (though not by more than the noise)" if tie else "")
     else:
         why = f"it is within noise of `{best}` at {bb / sb:.1f}x smaller"
+    few_lines, few_wins = weigh_fewshot(methods, best, primary, test_n)
+    lines += few_lines
+    if few_wins:
+        winner, why = "fewshot", (f"demonstrations in the prompt match or beat the best trained method, `{best}`, "
+                                  "with no training and no more positions per request (serve them as a KV prefix "
+                                  "made from their text)")
     lines.append(f"**Recommendation: `{winner}`** — {why}.")
-    if base_q is not None and base_q >= quality(ours[winner], primary)["mean"]:
+    if base_q is not None and base_q >= quality(methods[winner], primary)["mean"]:
         lines.append(f"**But:** the bare model without any adapter scores {fmt_metric(base_q, primary)}, at least as "
                      f"well as `{winner}`: with this budget no method pays off here (train longer, on more data, or "
                      "check the learning rate before adopting one).")
     return {"text": lines, "winner": winner, "best_quality": best, "smallest": smallest}
+
+
+def _lead_line(ours: dict[str, dict], best: str, second: str, primary: str, test_n: int) -> str:
+    """How far ``best`` leads ``second``, in standard errors of the difference."""
+    scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
+    qb, qs = quality(ours[best], primary), quality(ours[second], primary)
+    gap = (qb["mean"] - qs["mean"]) * scale
+    se, how = _difference_se(qb, qs, primary, test_n)
+    if se is None:
+        verdict = "no seed spread to compare it with (run --seeds 3 to tell)"
+    else:
+        z = gap / max(se * scale, 1e-12)
+        verdict = (f"{z:.1f} standard errors of the difference ({how}; SE {se * scale:.1f}): "
+                   + ("a real difference" if z >= REAL_DIFFERENCE_SE else
+                      f"under {REAL_DIFFERENCE_SE:.0f}, a tie on this data"))
+    return f"It leads `{second}` by {gap:.1f}{unit}, {verdict}."
+
+
+def _kinds_line(ours: dict[str, dict], primary: str) -> list[str]:
+    """The best KV prefix against the best soft prompt, when both kinds ran."""
+    kinds = _by_artifact(ours, primary)
+    if len(kinds) != 2:
+        return []
+    scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
+    (kp, p), (ks, s) = kinds["kv_prefix"], kinds["soft_prompt"]
+    dq = (quality(p, primary)["mean"] - quality(s, primary)["mean"]) * scale
+    return [f"**KV prefix vs soft prompt** (best of each): `{kp}` vs `{ks}`: {dq:+.1f}{unit} quality, "
+            f"{(p['adapter_bytes'] or 0) / max(s['adapter_bytes'] or 1, 1):.1f}x the size, "
+            f"{_delta(p, s, 'ttft')} ms first token, {_delta(p, s, 'per_token')} ms per token (adapter overheads)."]
+
+
+def weigh_fewshot(methods: dict[str, dict], best: str, primary: str, test_n: int) -> tuple[list[str], bool]:
+    """Is training worth it here? ``best`` (our best trained method) against k demonstrations in the prompt
+    (``methods["fewshot"]``): quality by the same noise rule, and what every request carries for it (demonstration
+    tokens vs ``P`` virtual tokens). Returns the lines and whether the demonstrations win by a real difference."""
+    few = methods.get("fewshot")
+    if not few or not few.get("fewshot") or not quality(few, primary):
+        return [], False
+    f, trained = few["fewshot"], methods[best]
+    if not any(f["shots"]):
+        return ["**Train at all?** Demonstrations in the prompt did not help: on dev no k beat k = 0, the bare model "
+                "above."], False
+    qf, qt = quality(few, primary), quality(trained, primary)
+    scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
+    tokens = f["demo_tokens"]["mean"] if f["demo_tokens"] else 0.0
+    virtual = trained.get("virtual_tokens") or 0
+    cached = (f", {f['cached_ttft_overhead_ms']['mean']:+.1f} ms with their KV cached"
+              if f.get("cached_ttft_overhead_ms") else "")
+    overhead = few["ttft_overhead_ms"]["mean"] if few.get("ttft_overhead_ms") else math.nan
+    chosen = ", k chosen on dev" if f["chosen_by"] == "dev" else ""
+    line = (f"**Train at all?** {f['shots_text']}-shot (no training{chosen}) reaches {fmt_stat(qf, primary)} at "
+            f"+{tokens:.0f} prompt tokens per request (first token "
+            f"{overhead:+.1f} ms over the bare model with the demonstrations in the prompt{cached}); `{best}` reaches "
+            f"{fmt_stat(qt, primary)} at {virtual or 'its'} virtual tokens")
+    gap = (qt["mean"] - qf["mean"]) * scale
+    se, how = _difference_se(qt, qf, primary, test_n)
+    if se is None:
+        return [line + ": no noise estimate to weigh them by (run --seeds 3)."], False
+    z = gap / max(se * scale, 1e-12)
+    if z >= REAL_DIFFERENCE_SE:
+        verdict = f"training pays off, {gap:.1f}{unit} better ({z:.1f} SE, {how})"
+    elif z <= -REAL_DIFFERENCE_SE:
+        verdict = f"the demonstrations win by {-gap:.1f}{unit} ({-z:.1f} SE, {how}): no training needed"
+    elif tokens > virtual:
+        verdict = (f"a tie ({z:+.1f} SE, {how}): what training buys is {tokens - virtual:.0f} fewer positions per "
+                   "request, not quality")
+    else:
+        verdict = (f"a tie ({z:+.1f} SE, {how}), and the demonstrations take no more positions than its virtual "
+                   "tokens: no training needed")
+    tie = abs(z) < REAL_DIFFERENCE_SE
+    return [f"{line}: {verdict}."], z <= -REAL_DIFFERENCE_SE or (tie and tokens <= virtual)
 
 
 def _delta(a: dict, b: dict, key: str) -> str:
@@ -197,4 +263,5 @@ def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
     return lines
 
 
-__all__ = ["SCALES", "fmt_bytes", "fmt_metric", "fmt_stat", "lora_ceiling", "peft_comparison", "quality", "recommend"]
+__all__ = ["SCALES", "fmt_bytes", "fmt_metric", "fmt_stat", "lora_ceiling", "peft_comparison", "quality", "recommend",
+           "stats", "weigh_fewshot"]

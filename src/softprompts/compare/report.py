@@ -7,24 +7,24 @@ the aggregated numbers.
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
+from softprompts.compare import fewshot_report
 from softprompts.compare.plots import write_plots
-from softprompts.compare.recommend import fmt_bytes, fmt_metric, fmt_stat, lora_ceiling, peft_comparison, recommend
+from softprompts.compare.recommend import (
+    fmt_bytes,
+    fmt_metric,
+    fmt_stat,
+    lora_ceiling,
+    peft_comparison,
+    recommend,
+)
+from softprompts.compare.recommend import stats as _stats
 from softprompts.metrics import PRIMARY_METRIC
 
 
-def _stats(values: list[float]) -> dict | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
-
-
 def _label(impl: str, method: str) -> str:
-    return method if impl == "softprompts" else f"peft:{method}"
+    return {"softprompts": method, "fewshot": "fewshot"}.get(impl, f"{impl}:{method}")
 
 
 def _overhead(run: dict, key: str) -> float | None:
@@ -60,7 +60,10 @@ def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
             "per_token_overhead_ms": _stats([_overhead(r, "per_token_ms") for r in ok]),
             "latency_via": first.get("latency_via", "softprompts decode loop"),
             "issues": sorted({i for r in rs for i in r.get("issues", [])}),
+            "virtual_tokens": first.get("virtual_tokens"),
         }
+        if first["impl"] == "fewshot" and ok:
+            out[label]["fewshot"] = fewshot_report.summarize(ok)
     return out
 
 
@@ -95,6 +98,9 @@ def _table(results: dict) -> list[str]:
     for label, m in results["methods"].items():
         if m["failed"] == m["seeds"]:
             rows.append(f"| {label} | failed |" + " |" * (len(head) - 2))
+            continue
+        if m["impl"] == "fewshot":
+            rows += ["| " + " | ".join(row) + " |" for row in fewshot_report.table_rows(label, m, metrics, primary)]
             continue
 
         def mean(key: str, fmt: str = "{:.1f}", m=m) -> str:
@@ -151,6 +157,7 @@ def render_report(results: dict, plots: list[str]) -> str:
         lines += ["## Side by side with Hugging Face PEFT", "", *results["peft_comparison"], ""]
     if results.get("lora_ceiling"):
         lines += ["## How far from a weight adapter (PEFT LoRA)", "", *results["lora_ceiling"], ""]
+    lines += fewshot_report.section(results)
     lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     lines += ["## Recommendation", "", *results["recommendation"]["text"], ""]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ Layout of ``OUT``::
     runs/<method>-seed<k>/       one of our runs: adapter/ (+ training.json), adapter.checkpoint.pt while training,
                                  result.json when finished
     runs/peft-<method>-seed<k>/  a PEFT run: peft_adapter/, result.json
+    runs/fewshot-seed<k>/        the few-shot baseline (k demonstrations in the prompt, no training): result.json
     results.json, report.md, *.png
 
 A run is finished when its ``result.json`` exists (written atomically, last). Re-running the same command skips
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from softprompts.adapter_io import WEIGHTS_FILE, load_adapter
 from softprompts.compare.config import RESULT_FILE, SETTINGS_FILE, CompareConfig, CompareData, machine_info
+from softprompts.compare.fewshot_run import FewShotRun
 from softprompts.compare.latency import (
     measure_hf_latency,
     measure_latency,
@@ -70,7 +72,7 @@ class Comparison:
         c = self.config
         return {
             "model": c.model, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline, "lora": c.lora,
-            "steps": c.steps,
+            "shots": c.shots, "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
             "sizes": {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)},
@@ -82,7 +84,7 @@ class Comparison:
         settings = self._settings()
         old = read_json_or_none(path)
         if old is not None:
-            fixed = [k for k in settings if k not in ("methods", "seeds", "baseline", "lora")]
+            fixed = [k for k in settings if k not in ("methods", "seeds", "baseline", "lora", "shots")]
             changed = [k for k in fixed if json.dumps(old.get(k), default=str) != json.dumps(settings[k], default=str)]
             if changed:
                 raise SoftpromptsError(
@@ -140,12 +142,13 @@ class Comparison:
     def _base_run(self) -> dict:
         path = self.out / "runs" / "base" / RESULT_FILE
         done = read_json_or_none(path)
-        if done is not None and (self.config.baseline is None or "latency_hf" in done):
+        peft = "peft" in self.config.baselines
+        if done is not None and (not peft or "latency_hf" in done):
             return done
         result = {"test": evaluate(self.base, None, self.test, self.data.spec) if self.test else {},
                   "dev": evaluate(self.base, None, self.dev, self.data.spec) if self.dev else {},
                   "latency": self._latency(None)}
-        if self.config.baseline == "peft":
+        if peft:
             prompt = self._prompt().replace(VIRTUAL, "")
             result["latency_hf"] = measure_hf_latency(self.base.model, self.base, prompt,
                                                       self.config.latency_tokens, self.config.latency_repeats).to_json()
@@ -175,7 +178,7 @@ class Comparison:
         latency_input = self._latency(adapter, at_input=True) if adapter.artifact.kind == "soft_prompt" else None
         return {
             "impl": "softprompts", "method": method, "seed": seed, "artifact": adapter.artifact.kind,
-            "steps": record["steps_done"], "trainable_params": trainable,
+            "virtual_tokens": adapter.artifact.length, "steps": record["steps_done"], "trainable_params": trainable,
             "adapter_params": adapter.num_parameters, "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size,
             "best_dev": {metric: record["best_dev"]}, "best_step": record["best_step"], "test": test,
             "base_model_dev": record.get("base_model_dev"),
@@ -225,21 +228,67 @@ class Comparison:
             "curve": res.curve, "issues": res.issues, "wall_seconds": round(time.perf_counter() - started, 1),
         }
 
-    def run(self) -> dict:
-        """Do every unfinished run, then write results.json, the plots and report.md; returns the results."""
+    def _fewshot_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
+        """The few-shot baseline (``compare/fewshot_run.py``), the bare model timed beside it."""
+        bare = self._latency(None)
+        return FewShotRun(self.base, self.data, self.dev, self.test, self.config).run(seed, self.base_dev, bare)
+
+    # --- the compare --------------------------------------------------------------------------------------------
+
+    def _jobs(self) -> list[tuple[str, str, int]]:
+        """``(impl, method, seed)`` of every run: ours, then PEFT's (+ LoRA), then the few-shot baseline."""
+        seeds = range(self.config.seeds)
+        jobs = [("softprompts", m, s) for m in self.methods for s in seeds]
+        if "peft" in self.config.baselines:
+            jobs += [("peft", m, s) for m in self.methods for s in seeds]
+            if self.config.lora:  # the weight-adapter ceiling, on the same data, budget and batches
+                jobs += [("peft", LORA, s) for s in seeds]
+        if "fewshot" in self.config.baselines:
+            jobs += [("fewshot", "fewshot", s) for s in seeds]
+        return jobs
+
+    def _finished(self, impl: str, run_dir: Path) -> dict | None:
+        """The run's result when it is done (a few-shot run only for the same ``--shots``)."""
+        done = read_json_or_none(run_dir / RESULT_FILE)
+        if done is not None and impl == "fewshot" and done.get("shots_setting") != self.config.shots:
+            return None
+        return done
+
+    def _run_one(self, impl: str, method: str, seed: int, run_dir: Path, settings: dict) -> dict:
+        """One run; a failing PEFT run is reported in its result, any other failure raises."""
+        steps = 0 if impl == "fewshot" else self._steps_for(method, settings)
+        runner = {"peft": self._peft_run, "fewshot": self._fewshot_run}.get(impl, self._our_run)
+        try:
+            result = runner(method, seed, steps, run_dir)
+        except SoftpromptsError:
+            raise
+        except Exception as exc:  # a failing run is reported, not fatal (PEFT breaks across versions)
+            if impl != "peft":
+                raise
+            result = {"impl": impl, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
+                      "issues": [f"PEFT run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
+        result["load_average_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_json(run_dir / RESULT_FILE, result)
+        return result
+
+    def _prepare(self) -> dict:
+        """Settings checked, optional packages and the base model ready (fail before any training)."""
         self.out.mkdir(parents=True, exist_ok=True)
         settings = self._check_settings()
-        if self.config.baseline == "peft":
-            import_peft()  # fail before any training if it is missing
+        peft = "peft" in self.config.baselines
+        if peft:
+            import_peft()
         if self.base is None:
             self.base = load_base(self.config.model, device="auto")
-        if self.config.baseline == "peft":
+        if peft:
             self.base.require("peft_baseline")
-        jobs = [("softprompts", m, s) for m in self.methods for s in range(self.config.seeds)]
-        if self.config.baseline == "peft":
-            jobs += [("peft", m, s) for m in self.methods for s in range(self.config.seeds)]
-            if self.config.lora:  # the weight-adapter ceiling, on the same data, budget and batches
-                jobs += [("peft", LORA, s) for s in range(self.config.seeds)]
+        return settings
+
+    def run(self) -> dict:
+        """Do every unfinished run, then write results.json, the plots and report.md; returns the results."""
+        settings = self._prepare()
+        jobs = self._jobs()
         base_result = self._base_run()
         self.base_dev = base_result["dev"] or None
         runs = []
@@ -247,7 +296,7 @@ class Comparison:
         for index, (impl, method, seed) in enumerate(overall, start=1):
             name = f"{'peft-' if impl == 'peft' else ''}{method}-seed{seed}"
             run_dir = self.out / "runs" / name
-            done = read_json_or_none(run_dir / RESULT_FILE)
+            done = self._finished(impl, run_dir)
             if done is not None:
                 self.skipped.append(name)
                 overall.set_description(f"compare: {name} done already")
@@ -255,22 +304,13 @@ class Comparison:
                 continue
             overall.set_description(f"compare: run {index}/{len(jobs)} {name}")
             tqdm.write(f"compare: run {index}/{len(jobs)}: {name}", file=sys.stderr)
-            steps = self._steps_for(method, settings)
-            runner = self._peft_run if impl == "peft" else self._our_run
-            try:
-                result = runner(method, seed, steps, run_dir)
-            except SoftpromptsError:
-                raise
-            except Exception as exc:  # a failing run is reported, not fatal (PEFT breaks across versions)
-                if impl != "peft":
-                    raise
-                result = {"impl": impl, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
-                          "issues": [f"PEFT run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
-            result["load_average_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-            atomic_json(run_dir / RESULT_FILE, result)
+            runs.append(self._run_one(impl, method, seed, run_dir, settings))
             self.ran.append(name)
-            runs.append(result)
         overall.close()
+        return self._finish(settings, base_result, runs)
+
+    def _finish(self, settings: dict, base_result: dict, runs: list[dict]) -> dict:
+        """results.json, the plots and report.md from every run."""
         results = build_results(self.config, settings, base_result, runs, machine_info(self.base.device),
                                 {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)})
         results["resume"] = {"skipped": self.skipped, "ran": self.ran}
