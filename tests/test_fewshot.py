@@ -196,10 +196,13 @@ def test_compare_with_fewshot_end_to_end(tmp_path, capsys):
         assert f["demo_tokens"] > 0 and f["latency_cached"]["ttft_ms"] > 0 and run["artifact"] == "kv_prefix"
         assert f["prompt_tokens"] == pytest.approx(f["bare_prompt_tokens"] + 2 + f["demo_tokens"])  # + "\n\n"
         assert f["kv_bytes_per_request"] > f["bare_kv_bytes_per_request"]
+    assert set(f["dev_predictions"]) == {"1", "2", "4"} and sum(f["dev_predictions"]["4"].values()) == 4  # k=0: base
+    assert sum(f["test_predictions"].values()) == 5 and set(f["test_predictions"]) <= {"good", "bad"}
     entry = results["methods"]["fewshot"]
     assert entry["impl"] == "fewshot" and 0 <= entry["test"]["accuracy"]["mean"] <= 1
     report = (out / "report.md").read_text()
     assert "## Few-shot in the prompt (no training)" in report and "**Train at all?**" in report
+    assert "- Predicted labels (seed 0), dev per k: k=1: " in report
     assert (out / "quality_vs_context.png").read_bytes()[:4] == b"\x89PNG"
     # resumed with the same flags: skipped; with another --shots: redone with that k
     assert main(_args(model, paths, out)) == 0

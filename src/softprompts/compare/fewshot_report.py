@@ -21,6 +21,8 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "shots": shots, "shots_text": " / ".join(dict.fromkeys(map(str, shots))), "chosen_by": first["chosen_by"],
         "dev_by_shots": [f["dev_by_shots"] for f in fs], "skipped": first["skipped"],
+        "dev_predictions": [f.get("dev_predictions") or {} for f in fs],
+        "test_predictions": [f.get("test_predictions") for f in fs],
         "label_counts": first["label_counts"], "eligible_rows": first["eligible_rows"],
         "left_out_repeats": first["left_out_repeats"],
         **{key: _stats([f[key] for f in fs]) for key in ("demo_tokens", "prompt_tokens", "bare_prompt_tokens",
@@ -68,6 +70,21 @@ def _dev_line(f: dict, primary: str) -> str:
             "to fewer shots.")
 
 
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{label} {n}" for label, n in counts.items())
+
+
+def _predictions_line(f: dict) -> list[str]:
+    """Classification: how often each label was predicted, per k on dev and at the chosen k on test (seed 0).
+    Demonstrations can pull almost every answer to one label (in-context learning's majority / recency bias)."""
+    dev, test = f["dev_predictions"][0], f["test_predictions"][0]
+    if not dev and not test:
+        return []
+    parts = [f"k={k}: {_counts(c)}" for k, c in dev.items()]
+    chosen = f"; test at k={f['shots'][0]}: {_counts(test)}" if test else ""
+    return [f"- Predicted labels (seed 0), dev per k: {'; '.join(parts) or 'n/a'}{chosen}."]
+
+
 def section(results: dict) -> list[str]:
     """report.md's few-shot section (empty without the baseline)."""
     m = results["methods"].get("fewshot")
@@ -76,6 +93,7 @@ def section(results: dict) -> list[str]:
     f, primary = m["fewshot"], results["primary_metric"]
     lines = ["## Few-shot in the prompt (no training)", "", _dev_line(f, primary)]
     lines += [f"- Skipped k={k}: {why}" for k, why in f["skipped"].items()]
+    lines += _predictions_line(f)
     counts = f" (labels {f['label_counts']})" if f["label_counts"] else ""
     lines.append(f"- Demonstrations from the training split only{counts}: {f['eligible_rows']} rows could be drawn, "
                  f"{f['left_out_repeats']} left out because their prompt repeats a dev or test prompt; dev rows only "

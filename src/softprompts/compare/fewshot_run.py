@@ -79,8 +79,11 @@ class FewShotRun:
         return lead_ids, (self.base.served(None, lead_ids) if lead_ids else None)
 
     def score(self, shots: tuple[int, ...], split: str) -> dict:
+        """The split's metrics (and ``outputs``) with ``shots`` in front of every row."""
         prompts = self.prompts(shots, split)
-        return evaluate(self.base, self.served(prompts)[1], prompts.examples, self.spec) if prompts.examples else {}
+        if not prompts.examples:
+            return {}
+        return evaluate(self.base, self.served(prompts)[1], prompts.examples, self.spec, return_outputs=True)
 
     def fit(self, shots: tuple[int, ...]) -> str | None:
         """Why these demonstrations overflow the context on a dev or test row, or None."""
@@ -92,15 +95,16 @@ class FewShotRun:
         return None
 
     # --- choosing k --------------------------------------------------------------------------------------------
-    def choose(self, seed: int, base_dev: dict | None) -> tuple[tuple[int, ...], dict, dict]:
-        """``(shots, dev score per k, why each skipped k was skipped)``."""
+    def choose(self, seed: int, base_dev: dict | None) -> tuple[tuple[int, ...], dict]:
+        """``(shots, {"dev_by_shots": dev score per k, "skipped": why each skipped k was, "dev_predictions": per k
+        how often each label was predicted on dev (classification)})``."""
         labels = self.spec.labels if self.spec.task == "classify" else None
         order = shot_order(self.task.train, self.candidates, labels, seed)
         fixed = self.config.shots is not None
         if not fixed and not self.splits["dev"][0]:
             raise FewShotError("choosing k for --baseline fewshot needs dev rows (--eval-data, or a --dataset with a "
                                "dev split); or fix it with --shots K")
-        scores, skipped, picked = {}, {}, {}
+        scores, skipped, picked, predicted = {}, {}, {}, {}
         for k in (self.config.shots,) if fixed else SHOT_CANDIDATES:
             try:
                 picked[k] = pick(order, k, self.task.train, labels, seed)
@@ -112,10 +116,13 @@ class FewShotRun:
                     raise
                 skipped[str(k)] = str(exc)
                 continue
-            zero = not k and base_dev and self.primary in base_dev
-            scores[k] = base_dev[self.primary] if zero else self.score(picked[k], "dev").get(self.primary)
-        best = max(scores, key=lambda k: (scores[k] if scores[k] is not None else float("-inf"), -k))
-        return picked[best], {str(k): v for k, v in scores.items()}, skipped
+            dev = {self.primary: base_dev[self.primary]} if not k and self.primary in (base_dev or {}) else \
+                self.score(picked[k], "dev")
+            scores[str(k)] = dev.get(self.primary)
+            if labels and "outputs" in dev:
+                predicted[str(k)] = dict(Counter(dev["outputs"]).most_common())
+        best = max(scores, key=lambda k: (scores[k] if scores[k] is not None else float("-inf"), -int(k)))
+        return picked[int(best)], {"dev_by_shots": scores, "skipped": skipped, "dev_predictions": predicted}
 
     # --- cost --------------------------------------------------------------------------------------------------
     def cost(self, prompts: FewShotPrompts, lead_ids: list[int], artifact, bare_rows: list[Example]) -> dict:
@@ -160,25 +167,31 @@ class FewShotRun:
         if not self.splits[split][0]:
             raise FewShotError("--baseline fewshot scores dev or test rows: give --eval-data and/or --test-data")
         measure = reset_peak_memory(self.base.device)
-        shots, dev_by_k, skipped = self.choose(seed, base_dev)
+        shots, chosen = self.choose(seed, base_dev)
         prompts = self.prompts(shots, split)
         lead_ids, artifact = self.served(prompts)
-        test = evaluate(self.base, artifact, prompts.examples, self.spec) if split == "test" else {}
+        test = evaluate(self.base, artifact, prompts.examples, self.spec, return_outputs=True) if split == "test" \
+            else {}
+        outputs, _ = test.pop("outputs", None), test.pop("target_logprobs", None)
         peak = peak_memory_bytes(self.base.device)
         cost = self.cost(prompts, lead_ids, artifact, self.splits[split][0])
-        labels = Counter(self.task.train[i].label for i in shots) if self.spec.task == "classify" else None
+        classify = self.spec.task == "classify"
+        labels = Counter(self.task.train[i].label for i in shots) if classify else None
+        predicted = dict(Counter(outputs).most_common()) if classify and outputs else None
         tensors = list(artifact.tensors().values()) if artifact is not None else []
         return {
             "impl": "fewshot", "method": "fewshot", "seed": seed, "artifact": getattr(artifact, "kind", None),
             "steps": 0, "trainable_params": 0, "adapter_params": sum(t.numel() for t in tensors),
             "adapter_bytes": sum(t.numel() * t.element_size() for t in tensors),
-            "best_dev": {self.primary: dev_by_k.get(str(len(shots)))}, "best_step": None, "test": test,
+            "best_dev": {self.primary: chosen["dev_by_shots"].get(str(len(shots)))}, "best_step": None,
+            "test": test,
             "train_seconds": None, "tokens_per_second": None, "peak_memory_bytes": peak, "memory_measure": measure,
             "latency": cost.pop("latency"), "latency_bare": bare_latency, "curve": [], "issues": [],
             "shots_setting": self.config.shots,
             "fewshot": {"shots": len(shots), "chosen_by": "--shots" if self.config.shots is not None else "dev",
-                        "dev_by_shots": dev_by_k, "skipped": skipped, "demonstrations": list(shots),
-                        "label_counts": dict(labels) if labels else None, "lead": prompts.lead,
+                        **chosen, "demonstrations": list(shots),
+                        "label_counts": dict(labels) if labels else None, "test_predictions": predicted,
+                        "lead": prompts.lead,
                         "eligible_rows": len(self.candidates),
                         "left_out_repeats": len(self.task.train) - len(self.candidates),
                         **cost, "check": self.check(prompts, lead_ids, artifact)},
