@@ -133,6 +133,7 @@ def quality_vs_context(results: dict, path: Path) -> None:
         if not q or x is None:
             continue
         marker = {"peft": "s", "fewshot": "^"}.get(m["impl"], "o")
+        label = f"{label} k={m['fewshot']['shots_text']}" if m.get("fewshot") else label
         ax.errorbar(x, q["mean"] * scale, yerr=q["std"] * scale, fmt=marker, capsize=3, label=label)
         ax.annotate(label, (x, q["mean"] * scale), textcoords="offset points", xytext=(4, 4), fontsize=8)
     base = (results["base_model"].get("test") or results["base_model"].get("dev") or {}).get(primary)
