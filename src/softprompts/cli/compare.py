@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompts.cli.arguments import finite
+from softprompts.cli.arguments import add_quantize_flag, finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
@@ -53,6 +53,7 @@ def register(sub) -> None:
     p.add_argument("--latency-tokens", type=int, default=8, help="tokens decoded when timing latency")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    add_quantize_flag(p)
     p.set_defaults(func=run)
 
 
@@ -113,7 +114,7 @@ def run(args) -> int:
     loaded = []
 
     def tokenizer():  # chat rows need the model's chat template: the model loads now and the compare reuses it
-        loaded.append(load_base(model, device="auto"))
+        loaded.append(load_base(model, device="auto", quantize=args.quantize))
         return loaded[0].tokenizer
 
     spec, train, (dev, test) = load_task(
@@ -127,6 +128,7 @@ def run(args) -> int:
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
     config = CompareConfig(
         model=model,
+        quantize=args.quantize,
         methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from softprompts.cli.arguments import add_quantize_flag
 from softprompts.cli.task_inputs import add_chat_flags
 from softprompts.errors import SoftpromptsError
 
@@ -51,31 +52,33 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks: decoding limit")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics and n (per task name "
                    "with --table)")
+    add_quantize_flag(p)
     p.set_defaults(func=run)
 
 
-def load_adapter_and_base(ref: str, model: str | None = None, table: str | None = None):
+def load_adapter_and_base(ref: str, model: str | None = None, table: str | None = None, quantize: str | None = None):
     """(adapter, base, spec) for an adapter reference (see ``table.resolve_adapter``); the base is the adapter's
     own unless ``model`` is given."""
     from softprompts.model.load import load_base
     from softprompts.table import adapter_base_name, resolve_adapter
     from softprompts.tasks import TaskSpec
 
-    base = load_base(model or adapter_base_name(ref, table), device="auto")
+    base = load_base(model or adapter_base_name(ref, table), device="auto", quantize=quantize)
     adapter = resolve_adapter(ref, base, table)
     spec = TaskSpec.from_json(adapter.task) if adapter.task else None
     return adapter, base, spec
 
 
-def bare_base(model: str | None) -> Callable[[], object]:
-    """The bare base model (``model``, default the embedded one), loaded on the first call and kept."""
+def bare_base(model: str | None, quantize: str | None = None) -> Callable[[], object]:
+    """The bare base model (``model``, default the embedded one; ``quantize``: loaded quantized), loaded on the
+    first call and kept."""
     from softprompts.model.load import DEFAULT_MODEL, load_base
 
     loaded = []
 
     def base():
         if not loaded:
-            loaded.append(load_base(model or DEFAULT_MODEL, device="auto"))
+            loaded.append(load_base(model or DEFAULT_MODEL, device="auto", quantize=quantize))
         return loaded[0]
 
     return base
@@ -104,8 +107,8 @@ def _subject(args) -> tuple:
     """``(adapter or None, base loader, the task the adapter recorded, a hint for a missing template)``: the adapter
     and its base load now; the bare model (no ``--adapter``) when first needed."""
     if args.adapter is None:
-        return None, bare_base(args.model), None, NO_ADAPTER_HINT
-    adapter, base, _ = load_adapter_and_base(args.adapter, args.model, args.table)
+        return None, bare_base(args.model, args.quantize), None, NO_ADAPTER_HINT
+    adapter, base, _ = load_adapter_and_base(args.adapter, args.model, args.table, args.quantize)
     return adapter, lambda: base, adapter.task, f"; {args.adapter} records no task"
 
 
@@ -142,7 +145,7 @@ def run_table(args) -> int:
     table = PromptTable.load(args.table)
     for name, _ in pairs:
         table.info(name)  # a clear error for an unknown task, before loading a model
-    base = load_base(args.model or table.base_meta["name"], device="auto")
+    base = load_base(args.model or table.base_meta["name"], device="auto", quantize=args.quantize)
     table.attach(base)
     tasks = []
     for name, path in pairs:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from softprompts.cli.arguments import finite
+from softprompts.cli.arguments import add_quantize_flag, finite
 from softprompts.cli.task_inputs import add_chat_flags
 from softprompts.errors import SoftpromptsError
 
@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="send TEXT to the model as is (no template, no chat "
                    "template)")
     p.add_argument("text", nargs="+", metavar="TEXT")
+    add_quantize_flag(p)
     p.set_defaults(func=run)
 
 
@@ -80,9 +81,9 @@ def run(args) -> int:
         raise SoftpromptsError("; ".join(sampling.errors() + tokens))
     _check_rendering(args)
     if args.adapter is None:
-        adapter, base, spec = None, bare_base(args.model)(), None
+        adapter, base, spec = None, bare_base(args.model, args.quantize)(), None
     else:
-        adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table)
+        adapter, base, spec = load_adapter_and_base(args.adapter, args.model, args.table, args.quantize)
     spec = rendering(spec, args.template, args.chat or args.placement is not None or args.system is not None,
                      args.placement, args.system)
     prompts = [render(spec, t, args.raw, base.tokenizer) for t in args.text]

@@ -34,6 +34,7 @@ class CompareConfig:
 
     model: str
     methods: list[str]
+    quantize: str | None = None  # the frozen base loaded quantized (model/quantize.py); the PEFT runs share it
     seeds: int = 1
     baseline: str | None = None
     lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling

@@ -71,7 +71,8 @@ class Comparison:
     def _settings(self) -> dict:
         c = self.config
         return {
-            "model": c.model, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline, "lora": c.lora,
+            "model": c.model, "quantize": c.quantize, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline,
+            "lora": c.lora,
             "shots": c.shots, "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
@@ -280,7 +281,7 @@ class Comparison:
         if peft:
             import_peft()
         if self.base is None:
-            self.base = load_base(self.config.model, device="auto")
+            self.base = load_base(self.config.model, device="auto", quantize=self.config.quantize)
         if peft:
             self.base.require("peft_baseline")
         return settings
