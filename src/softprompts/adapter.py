@@ -119,7 +119,8 @@ def check_base_fits(what: str, made_for: BaseRecord, used_with: BaseRecord,
         warnings.warn(
             f"{what} was made on base model {made_for.name!r} {precision(a)} and {where} is {used_with.name!r} "
             f"{precision(b)}: the same checkpoint, other weights after rounding, so it loads but its outputs may "
-            f"differ a little from training (docs/RESULTS.md measures how much)", BaseWeightsWarning, stacklevel=3,
+            f"differ a little from training (benchmarks/quantized.py measures how much)", BaseWeightsWarning,
+            stacklevel=3,
         )
     elif a and b and a != b:
         warnings.warn(
