@@ -201,7 +201,8 @@ def test_generate_task_metrics(llama):
     spec = TaskSpec("generate", "Q: {q}\nA:", " {a}", None, max_target_tokens=4)
     ex = [Example("Q: hi\nA:", " yes", None), Example("Q: bye\nA:", " no", None)]
     metrics = evaluate(llama, None, ex, spec, return_outputs=True)
-    assert set(metrics) == {"n", "bleu", "chrf", "rougeL", "perplexity", "outputs", "target_logprobs"}
+    assert set(metrics) == {"n", "bleu", "chrf", "rougeL", "exact_match", "contains", "perplexity", "outputs",
+                            "target_logprobs"}
     assert metrics["n"] == 2
     method = create_method(llama, "deep", num_virtual_tokens=2, seed=0)
     record = train(llama, method, ex, spec, quiet(steps=2, lr=1e-2, batch_size=2), dev_examples=ex).record

@@ -11,6 +11,8 @@
     method = sp.build_method(base, "prompt", spec)         # the measured defaults for a task (a TaskSpec)
     result = sp.train(base, method, examples, spec, sp.TrainConfig(steps=100, lr=method.default_lr))
 
+    result = sp.train_cartridge(base, ["manual.md"], sp.TrainConfig(steps=200, lr=2e-2), out_dir="manual-cartridge")
+
     model = sp.wrap("smollm2-135m", "prompt", num_virtual_tokens=20)  # an nn.Module for transformers.Trainer / TRL
 
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
@@ -32,14 +34,14 @@ from softprompts.model.generation import Sampling
 from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.load import DEFAULT_MODEL, load_base
 from softprompts.tasks import TaskSpec
-from softprompts.training import TrainConfig, TrainResult, train
+from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
-    "EncoderDecoderBase", "FrozenBase", "KVPrefix", "METHODS", "PromptModel",
-    "Sampling", "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
+    "EncoderDecoderBase", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling", "SelfStudyConfig",
+    "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
     "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
-    "next_token_logits", "save_adapter", "train", "wrap",
+    "next_token_logits", "save_adapter", "train", "train_cartridge", "wrap",
 ]

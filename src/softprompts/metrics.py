@@ -1,8 +1,10 @@
 """Task metrics from what evaluation produced: predicted labels, generated texts, target log-likelihoods.
 
 classify: accuracy and macro-F1 (mean over labels of ``2 TP / (2 TP + FP + FN)``).
-generate: sacrebleu's corpus BLEU and chrF, rouge-score's ROUGE-L F1 (mean over examples), all on a 0-100 scale, and
-the perplexity of the reference targets, ``exp(- sum log p(y_j | ...) / number of target tokens)`` over the set.
+generate: sacrebleu's corpus BLEU and chrF, rouge-score's ROUGE-L F1 (mean over examples), exact match and
+"contains" (the share of outputs equal to, or containing, their reference after SQuAD's normalization: lower case,
+no punctuation, no articles, single spaces; what short factual answers are scored by), all on a 0-100 scale, and the
+perplexity of the reference targets, ``exp(- sum log p(y_j | ...) / number of target tokens)`` over the set.
 
 ``METRICS[task]`` lists exactly the keys ``score_outputs`` returns (besides ``n``); the dataset catalog advertises
 only these. ``PRIMARY_METRIC[task]`` is the one training keeps the best adapter by and compare ranks by (higher is
@@ -12,12 +14,16 @@ better for both).
 from __future__ import annotations
 
 import math
+import re
+import string
 
 from softprompts.data.datasets import Example
 from softprompts.tasks import TaskSpec
 
 PRIMARY_METRIC = {"classify": "accuracy", "generate": "chrf"}
-METRICS = {"classify": ("accuracy", "macro_f1"), "generate": ("bleu", "chrf", "rougeL", "perplexity")}
+METRICS = {"classify": ("accuracy", "macro_f1"),
+           "generate": ("bleu", "chrf", "rougeL", "exact_match", "contains", "perplexity")}
+ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
@@ -31,8 +37,14 @@ def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
     return total / len(labels)
 
 
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, punctuation and articles removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
 def generation_metrics(hypotheses: list[str], references: list[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-L F1 (rouge-score, stemmed), 0-100."""
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-L F1 (rouge-score, stemmed), exact match and contains, 0-100."""
     import sacrebleu  # imported when first scoring a generation task (slow to import)
     from rouge_score import rouge_scorer
 
@@ -42,6 +54,10 @@ def generation_metrics(hypotheses: list[str], references: list[str]) -> dict:
         "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
         "rougeL": 100.0 * sum(rouge) / len(rouge),
+        "exact_match": 100.0 * sum(normalize_answer(h) == normalize_answer(r)
+                                   for h, r in zip(hypotheses, references, strict=True)) / len(references),
+        "contains": 100.0 * sum(normalize_answer(r) in normalize_answer(h)
+                                for h, r in zip(hypotheses, references, strict=True)) / len(references),
     }
 
 
@@ -61,11 +77,12 @@ def score_outputs(spec: TaskSpec, examples: list[Example], outputs: list[str],
         gold = [ex.label for ex in examples]
         acc = sum(g == p for g, p in zip(gold, outputs, strict=True)) / len(gold)
         return {"n": len(examples), "accuracy": acc, "macro_f1": macro_f1(gold, outputs, spec.labels)}
-    refs = [ex.target.strip() for ex in examples]
+    refs = [(ex.reference if ex.reference is not None else ex.target).strip() for ex in examples]
     result = {"n": len(examples), **generation_metrics([o.strip() for o in outputs], refs)}
     if target_logprobs is not None:
         result["perplexity"] = perplexity(target_logprobs)
     return result
 
 
-__all__ = ["METRICS", "PRIMARY_METRIC", "generation_metrics", "macro_f1", "perplexity", "score_outputs"]
+__all__ = ["METRICS", "PRIMARY_METRIC", "generation_metrics", "macro_f1", "normalize_answer", "perplexity",
+           "score_outputs"]

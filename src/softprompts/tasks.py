@@ -31,6 +31,7 @@ from softprompts.data.datasets import Example, PromptFormat
 from softprompts.data.templates import VIRTUAL, Template
 from softprompts.errors import SoftpromptsError
 from softprompts.model.padding import prompt_target_rows
+from softprompts.model.soft_targets import SoftTargets, stack_rows
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Encoded:
     target_ids: list[int]
     label: str | None = None
     lead_ids: tuple[int, ...] = ()  # the tokens in front of the soft prompt (placement; see the module docstring)
+    soft_targets: SoftTargets | None = None  # a teacher's top-k per target token ([n, k]): distillation targets
 
     @property
     def length(self) -> int:
@@ -177,15 +179,19 @@ class Batch:
     leads: list[tuple[int, ...]] | None = None  # per row, the tokens in front of the soft prompt (None: none)
     prompts: list[list[int]] = field(default_factory=list)
     targets: list[list[int]] = field(default_factory=list)
+    soft_targets: SoftTargets | None = None  # [B, L, k] aligned with labels (rows with a teacher distribution)
 
 
 def collate(rows: list[Encoded], pad_id: int, device=None) -> Batch:
     """Left-pad ``prompt + target`` rows (``model/padding.prompt_target_rows``): the logits at column ``t`` predict
-    the token at column ``t + 1``."""
+    the token at column ``t + 1``. Rows with ``soft_targets`` give the batch its ``[B, L, k]`` teacher targets."""
     prompts, targets = [r.prompt_ids for r in rows], [r.target_ids for r in rows]
     ids, mask, labels, positions = prompt_target_rows(prompts, targets, pad_id, device)
     leads = [r.lead_ids for r in rows] if any(r.lead_ids for r in rows) else None
-    return Batch(ids, mask, labels, positions, leads, prompts, targets)
+    soft = None
+    if any(r.soft_targets is not None for r in rows):
+        soft = stack_rows([r.soft_targets for r in rows], [len(t) for t in targets], labels.shape[1], labels.device)
+    return Batch(ids, mask, labels, positions, leads, prompts, targets, soft)
 
 
 def epoch_batches(n: int, lengths: list[int], batch_size: int, seed: int, epoch: int,

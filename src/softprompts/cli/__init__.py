@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "export",
     "import_",
     "table",
+    "compose",
 ]
 
 

@@ -129,7 +129,8 @@ def run(args) -> int:
     config = CompareConfig(
         model=model,
         quantize=args.quantize,
-        methods=[m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()],
+        methods=[m.strip() for m in (args.methods or ",".join(
+            name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,

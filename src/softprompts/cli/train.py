@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.cartridge import add_corpus_flags, run_cartridge
 from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
 from softprompts.errors import SoftpromptsError
 
@@ -17,12 +18,13 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m, or the "
                    "base of --init-from)")
-    p.add_argument("--method", default="prompt", help="prompt (prompt tuning), ptuning (P-tuning), prefix (prefix "
-                   "tuning) or deep (deep prompts / P-tuning v2); an unknown name lists the methods installed")
+    p.add_argument("--method", default=None, help="prompt (prompt tuning, the default), ptuning (P-tuning), prefix "
+                   "(prefix tuning), deep (deep prompts / P-tuning v2) or cartridge (the default with --corpus); an "
+                   "unknown name lists the methods installed")
     p.add_argument("--task", default="classify", choices=("classify", "generate"))
-    p.add_argument("--data", required=True, help="training data: .jsonl, .json, .csv or .tsv; rows holding "
-                   "'messages' (OpenAI/TRL chat form, the assistant's last message the target) are rendered with "
-                   "the model's chat template, no --template needed")
+    p.add_argument("--data", default=None, help="training data (or --corpus): .jsonl, .json, .csv or .tsv; rows "
+                   "holding 'messages' (OpenAI/TRL chat form, the assistant's last message the target) are rendered "
+                   "with the model's chat template, no --template needed")
     p.add_argument("--eval-data", default=None, help="dev data for evaluation during training and best-adapter keeping")
     p.add_argument("--template", default=None,
                    help=r'prompt template over row fields, e.g. "Review: {text}\nSentiment:"')
@@ -64,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     add_quantize_flag(p)
+    add_corpus_flags(p)
     p.set_defaults(func=run)
 
 
@@ -74,7 +77,12 @@ def run(args) -> int:
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
 
-    cls = method_class(args.method)
+    if bool(args.data) == bool(args.corpus):
+        raise SoftpromptsError("give the training data with --data FILE, or a corpus for a cartridge with --corpus "
+                               "FILE (not both)")
+    if args.corpus and args.init_from:
+        raise SoftpromptsError("--init-from continues an adapter on --data; a cartridge starts from its corpus")
+    cls = method_class(args.method or ("cartridge" if args.corpus else "prompt"))
     config = TrainConfig(
         steps=args.steps, lr=args.lr if args.lr is not None else cls.default_lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
@@ -105,6 +113,17 @@ def run(args) -> int:
             loaded.append(load_base(model_name, device=device, device_map=args.device_map, quantize=args.quantize))
         return loaded[0]
 
+    if args.corpus:  # the training rows are generated: only --eval-data (chat rows) is read
+        base = base_model()
+        dev = None
+        if args.eval_data:
+            dev_spec, dev, _ = load_task("generate", args.eval_data, [], lambda: base.tokenizer)
+            if dev_spec.chat is None:
+                raise SoftpromptsError("--eval-data for a cartridge holds chat rows ('messages': a question about "
+                                       "the corpus, then its answer)")
+        code = run_cartridge(args, cls, config, base, dist, dev)
+        dist.close()
+        return code
     # a template's data is checked before the model loads; chat rows need its tokenizer (its chat template)
     spec, examples, devs = load_task(
         args.task, args.data, [args.eval_data] if args.eval_data else [], lambda: base_model().tokenizer,

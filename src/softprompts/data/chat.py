@@ -90,6 +90,10 @@ class ChatFormat:
     def label_of(self, row: dict[str, Any]) -> str:
         return row["messages"][-1]["content"]
 
+    def reference(self, row: dict[str, Any]) -> str:
+        """What a generation is scored against: the answer, without the end-of-turn token the target ends with."""
+        return row["messages"][-1]["content"]
+
     def verbalize(self, label: str) -> str:
         return label
 

@@ -35,6 +35,8 @@ class Example:
     prompt: str  # rendered template, e.g. "Review: great film\nSentiment:"
     target: str  # rendered target, e.g. " positive"
     label: str | None  # classification: the label value (e.g. "positive"); None for generation
+    reference: str | None = None  # generation: what an output is scored against when not the target itself (a
+    # chat row's answer, without the end-of-turn token its target ends with)
 
 
 class _Records(list):
@@ -189,7 +191,7 @@ def build_examples(
             )
         fmt.check_row(row, _where(records, i, source))
     if task == "generate":
-        return [Example(*fmt.render(row), label=None) for row in records], None
+        return [Example(*fmt.render(row), label=None, reference=fmt.reference(row)) for row in records], None
 
     if labels is None:
         labels = sorted({fmt.label_of(row) for row in records})

@@ -152,6 +152,10 @@ class Template:
     def label_of(self, row: dict[str, Any]) -> str:
         return str(row[self.label_field])
 
+    def reference(self, row: dict[str, Any]) -> str | None:
+        """What a generation is scored against besides the rendered target: nothing (the target is it)."""
+        return None
+
     def verbalize(self, label: str) -> str:
         """The target rendered with ``label``: what rank classification scores for it."""
         return self.target.format(**{self.label_field: label})

@@ -22,6 +22,7 @@ from softprompts.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from softprompts.methods.p_tuning import PTuning, PTuningConfig
 from softprompts.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompts.methods.deep_prompt import DeepPrompt, DeepPromptConfig
+from softprompts.methods.cartridge import Cartridge, CartridgeConfig
 # isort: on
 
 METHODS: dict[str, type[PromptMethod]] = REGISTRY
@@ -70,6 +71,6 @@ def build_method(base: FrozenBase, name: str, spec=None, seed: int = 0, **overri
                          **options)
 
 
-__all__ = ["METHODS", "DeepPrompt", "DeepPromptConfig", "MethodConfig", "MethodError", "PTuning", "PTuningConfig",
-           "PrefixTuning", "PrefixTuningConfig", "PromptMethod", "PromptTuning", "PromptTuningConfig",
-           "build_method", "create_method", "method_class", "task_init_text"]
+__all__ = ["METHODS", "Cartridge", "CartridgeConfig", "DeepPrompt", "DeepPromptConfig", "MethodConfig", "MethodError",
+           "PTuning", "PTuningConfig", "PrefixTuning", "PrefixTuningConfig", "PromptMethod", "PromptTuning",
+           "PromptTuningConfig", "build_method", "create_method", "method_class", "task_init_text"]

@@ -50,6 +50,7 @@ class PromptMethod(nn.Module):
     artifact_kind: ClassVar[str]  # "soft_prompt" or "kv_prefix"
     default_lr: ClassVar[float]
     peft_type: ClassVar[str | None] = None
+    compared_by_default: ClassVar[bool] = True  # `compare` trains it unless --methods names others
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

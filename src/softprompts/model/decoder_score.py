@@ -22,23 +22,29 @@ from softprompts.model.head_loss import head_cross_entropy_sum, labelled_rows
 from softprompts.model.inject import VirtualContext, forward, hidden_at
 from softprompts.model.padding import length_sorted_chunks, prompt_target_rows
 from softprompts.model.placement import place_rows
+from softprompts.model.soft_targets import soft_cross_entropy_sum
 
 
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """Sum of target-token cross-entropies of one left-padded training batch (``tasks.Batch``: ``input_ids``,
-    ``attention_mask [B, T]``, ``labels [B, L]``, ``positions [L]``, ``leads``); the LM head only at labelled rows."""
+    ``attention_mask [B, T]``, ``labels [B, L]``, ``positions [L]``, ``leads``, ``soft_targets``); the LM head only at
+    labelled rows. With ``soft_targets`` (a teacher's top-k, ``[B, L, k]``) the loss at each labelled position is the
+    cross-entropy against that distribution instead of the label (``model/soft_targets.py``: context distillation)."""
     if not base.plain_head:
         return plain_label_loss_sum(base, artifact, batch)
     keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
     ctx = place_rows(base, artifact, batch.leads)  # placement: the rows' leads in front of the soft prompt
     hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
-    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep)
+    return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep,
+                                  soft=batch.soft_targets)
 
 
 def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """``label_loss_sum`` through HF's own head (``logits_to_keep`` = the label columns) and ``cross_entropy``."""
     ctx = place_rows(base, artifact, batch.leads)
     logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
+    if batch.soft_targets is not None:
+        return soft_cross_entropy_sum(logits, batch.labels, batch.soft_targets)
     return nn.functional.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
     )  # logits: [B, L, V] -> [B*L, V]

@@ -61,6 +61,8 @@ class EncoderDecoderBase(FrozenBase):
         "peft_baseline": ("--baseline peft runs on decoder-only models; {name} is an encoder-decoder model (PEFT "
                           "puts its seq2seq prefixes in the decoder only, and the LoRA ceiling is not wired for it): "
                           "drop --baseline peft"),
+        "distillation": ("context distillation (cartridges) trains a KV prefix on a decoder-only model's chat "
+                         "conversations; {name} is an encoder-decoder model: use a decoder-only model"),
         "wrap": ("sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
                  "encoder-decoder model: train it with softprompts train / sp.train"),
     }
@@ -106,6 +108,8 @@ class EncoderDecoderBase(FrozenBase):
     def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
         """The encoder reads each row's prompt (its lead placed in front of the soft prompt), the decoder writes its
         target then EOS. ``batch.prompts`` / ``batch.targets``: the rows' token lists (``tasks.collate``)."""
+        if getattr(batch, "soft_targets", None) is not None:
+            self.require("distillation")
         if batch.leads and any(batch.leads):
             if len({tuple(lead) for lead in batch.leads}) > 1:
                 raise PlacementError("rows of one batch with different text before the soft prompt on an "

@@ -35,7 +35,7 @@ from softprompts.model.placement import place
 from softprompts.model.probe import ModelShapes
 from softprompts.model.quantize import quantization_of
 
-FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap")
+FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap", "distillation")
 
 
 class UnsupportedFeature(SoftpromptsError):

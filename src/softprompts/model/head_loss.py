@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from softprompts.model.soft_targets import SoftTargets
+
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk: 523 rows at a 128,256-word vocabulary, 1,365 at 49,152
 
 
@@ -34,21 +36,31 @@ def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
-    """``loss = sum CE(W h + b, y)`` over rows of ``h [N, H]`` (all labelled); gradient to ``h`` only."""
+    """``loss = sum CE(W h + b, y)`` over rows of ``h [N, H]`` (all labelled); gradient to ``h`` only. ``targets``:
+    ``[N]`` ids (hard), or ``[N, k]`` ids with ``weights [N, k]`` (soft targets: ``CE(q, p) = lse * sum q - sum_j q_j
+    z[y_j]``, gradient ``softmax(z) * sum q - scatter(q)``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows: int):  # noqa: ANN001 - autograd.Function signature
+    def forward(ctx, hidden, weight, bias, targets, weights, rows: int):  # noqa: ANN001 - autograd.Function signature
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grad else None  # [N, H]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start : start + rows], targets[start : start + rows]  # [n, H], [n]
+            h, y = hidden[start : start + rows], targets[start : start + rows]  # [n, H], [n] or [n, k]
             logits = functional.linear(h.to(weight.dtype), weight, bias).float()  # [n, V]
             lse = torch.logsumexp(logits, dim=-1)  # [n]
-            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if weights is None:
+                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            else:
+                q = weights[start : start + rows]  # [n, k]
+                total = q.sum(1)  # [n]
+                loss += (lse * total - (q * logits.gather(1, y)).sum(1)).sum()
             if want_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: [n, V]
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                if weights is None:
+                    probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                else:
+                    probs.mul_(total[:, None]).scatter_add_(1, y, -q)
                 grad[start : start + rows] = probs.to(weight.dtype) @ weight  # [n, H]
         if want_grad:
             ctx.save_for_backward(grad)
@@ -58,7 +70,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001
         (grad,) = ctx.saved_tensors  # fp32: the incoming scale (1 / N) is applied before the one rounding
-        return (grad * grad_loss.float()).to(ctx.hidden_dtype), None, None, None, None
+        return (grad * grad_loss.float()).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -72,14 +84,16 @@ def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
 
 def head_cross_entropy_sum(
     hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_bytes: int = CHUNK_BYTES,
-    keep: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None, soft: SoftTargets | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels``; ``hidden [..., H]``, ``labels [...]`` (-100
     ignored).
 
     Equals ``cross_entropy(head(hidden).float().flatten(0, -2), labels.flatten(), ignore_index=-100,
     reduction="sum")`` in value and in its gradient to ``hidden`` (see the module docstring); the head must be frozen.
-    ``keep``: ``labelled_rows(labels)`` when already computed. Under ``torch.autocast`` the head's weight is cast to
+    ``keep``: ``labelled_rows(labels)`` when already computed. ``soft``: the teacher's top-k targets aligned with
+    ``labels`` (``[..., k]``; ``model/soft_targets.py``): the loss is then ``sum CE(q, softmax(z))`` at the labelled
+    entries (``soft_cross_entropy_sum``'s value and gradient). Under ``torch.autocast`` the head's weight is cast to
     the autocast dtype once here (autocast does not cache casts of frozen weights: it would recast per chunk).
     """
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
@@ -92,8 +106,12 @@ def head_cross_entropy_sum(
         bias = bias.to(dtype) if bias is not None else None
     keep = labelled_rows(labels) if keep is None else keep
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N, H]
-    targets = labels.reshape(-1)[keep]
-    return _FrozenHeadCrossEntropy.apply(rows, weight, bias, targets, chunk_rows(weight.shape[0], chunk_bytes))
+    if soft is None:
+        targets, weights = labels.reshape(-1)[keep], None
+    else:
+        targets, weights = soft.ids.reshape(-1, soft.k)[keep], soft.probs.reshape(-1, soft.k)[keep].float()
+    return _FrozenHeadCrossEntropy.apply(rows, weight, bias, targets, weights,
+                                         chunk_rows(weight.shape[0], chunk_bytes))
 
 
 __all__ = ["CHUNK_BYTES", "chunk_rows", "head_cross_entropy_sum", "labelled_rows"]

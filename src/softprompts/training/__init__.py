@@ -1,17 +1,20 @@
 """Training: one loop for every method (``loop.py``), its configuration and schedule (``config.py``), resumable
 checkpoints and RNG state (``state.py``), the optimizer step (``step.py``; the loss is the base model's,
 ``FrozenBase.label_loss_sum``), gradient checkpointing (``grad_checkpoint.py``) and the process-group plumbing for
-``torchrun`` (``distributed.py``).
+``torchrun`` (``distributed.py``); cartridges: self-study on a corpus (``self_study.py``), the teacher's targets
+(``distill.py``) and the run that distills them (``cartridge.py``).
 
     from softprompts.training import TrainConfig, train
     result = train(base, method, train_examples, spec, TrainConfig(steps=100, lr=3e-2), dev_examples=dev,
                    out_dir="runs/sentiment")          # result.adapter: the best on dev; result.record: training.json
 """
 
+from softprompts.training.cartridge import train_cartridge
 from softprompts.training.config import SCHEDULES, TrainConfig, lr_factor
 from softprompts.training.distributed import Distributed, setup_distributed
 from softprompts.training.loop import RECORD_FILE, TrainResult, train
+from softprompts.training.self_study import SelfStudyConfig
 from softprompts.training.state import checkpoint_path
 
-__all__ = ["RECORD_FILE", "SCHEDULES", "Distributed", "TrainConfig", "TrainResult", "checkpoint_path", "lr_factor",
-           "setup_distributed", "train"]
+__all__ = ["RECORD_FILE", "SCHEDULES", "Distributed", "SelfStudyConfig", "TrainConfig", "TrainResult",
+           "checkpoint_path", "lr_factor", "setup_distributed", "train", "train_cartridge"]

@@ -283,9 +283,9 @@ class _Run:
 
     # --- the result --------------------------------------------------------------------------------------------
 
-    def finish(self, out_dir: Path | None) -> TrainResult:
-        """The best adapter and the training record; with ``out_dir`` the main rank writes both and removes the
-        checkpoint."""
+    def finish(self, out_dir: Path | None, extra_files: dict[str, str] | None = None) -> TrainResult:
+        """The best adapter and the training record; with ``out_dir`` the main rank writes both (and
+        ``extra_files``) and removes the checkpoint."""
         state, base = self.state, self.base
         adapter = Adapter.from_method(self.method, base, task=self.spec.to_json())
         adapter.artifact = artifact_from_tensors(self.method.artifact_kind, state.best_tensors).to(base.device,
@@ -293,7 +293,7 @@ class _Run:
         record = self._record()
         if out_dir is not None and self.dist.is_main:
             save_adapter(adapter, out_dir, overwrite=True,
-                         extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n"})
+                         extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
             self.ckpt.unlink(missing_ok=True)
         self.dist.barrier()
         return TrainResult(adapter=adapter, record=record)
@@ -323,13 +323,15 @@ def train(
     overwrite: bool = False,
     dist: Distributed | None = None,
     base_dev: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``method`` (a ``PromptMethod`` built on ``base``) and return the best adapter and the training record.
 
     With ``out_dir`` the adapter, ``training.json`` and (during training) ``OUT.checkpoint.pt`` are written by the
     main rank; ``resume`` continues from that checkpoint. ``base_dev``: the bare model's metrics on the same dev
     examples (the first ``eval_limit``) when the caller has them already (``compare`` and ``demo`` train several
-    methods on one dev set); otherwise they are computed once before training.
+    methods on one dev set); otherwise they are computed once before training. ``extra_files``: name -> text,
+    written into ``out_dir`` with the adapter (a cartridge's self-study conversations).
     """
     check_options(base, config)
     dist = dist or Distributed()
@@ -341,7 +343,7 @@ def train(
     else:
         run.fresh_start(base_dev)
     run.run_steps()
-    return run.finish(out_dir)
+    return run.finish(out_dir, extra_files)
 
 
 __all__ = ["RECORD_FILE", "TrainResult", "train"]

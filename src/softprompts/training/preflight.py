@@ -16,7 +16,7 @@ from tqdm import tqdm
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import verbalizations
 from softprompts.model.placement import PlacementError
-from softprompts.tasks import TaskSpec, encode, epoch_batches, prompt_ids
+from softprompts.tasks import Encoded, TaskSpec, TruncationReport, encode, epoch_batches, prompt_ids
 from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_fits_context
@@ -71,10 +71,14 @@ class TrainData:
 
 def prepare_data(base, method, train_examples, dev_examples, spec: TaskSpec, config: TrainConfig,
                  dist: Distributed) -> TrainData:
-    """Encode the training data (logging what was cut), take the first ``eval_limit`` dev examples, and check both."""
+    """Encode the training data (logging what was cut), take the first ``eval_limit`` dev examples, and check both.
+    ``train_examples``: ``Example`` rows, or ``tasks.Encoded`` rows the caller encoded (with soft targets)."""
     if not train_examples:
         raise SoftpromptsError("the training data is empty")
-    encoded, report = encode(base, train_examples, spec)
+    if all(isinstance(e, Encoded) for e in train_examples):  # encoded by the caller (distillation rows)
+        encoded, report = list(train_examples), TruncationReport(examples=len(train_examples))
+    else:
+        encoded, report = encode(base, train_examples, spec)
     if report.message(spec, "training data"):
         log(dist, report.message(spec, "training data"))
     dev = list(dev_examples or [])[: config.eval_limit] if dev_examples else []
