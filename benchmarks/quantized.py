@@ -6,7 +6,11 @@ set): ``softprompts train --quantize Q`` (prompt tuning with its defaults), ``so
 bare model and of the adapter, then every adapter on every other precision. Weight memory is the model's tensors as
 stored (a quantized weight's packed values and scales), measured in-process by ``--weights``.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quantized.py [--steps 100] [--test-limit 300] [--out DIR]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quantized.py [--dataset uci-sentiment|mr] [--steps 100]
+        [--test-limit 300] [--out DIR]
+
+``--dataset`` names a classification set of the catalog (``softprompts data list``); ``mr`` is prepared (fetched
+from its pinned archive) on first use.
 
 Prints a markdown table (docs/RESULTS.md, docs/BENCHMARKS.md "Quantized base") and writes ``results.json``.
 """
@@ -23,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 PRECISIONS = ["fp32", "nf4", "int8"]
-BUNDLED = Path(__file__).parents[1] / "src/softprompts/data/bundled/uci_sentiment"
 TEMPLATE = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
 
 
@@ -82,6 +85,7 @@ def peak_rss(command: list[str]) -> tuple[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="uci-sentiment", help="a classification dataset of the catalog")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--test-limit", type=int, default=300, help="test rows scored (the first N)")
     parser.add_argument("--out", default=None, help="keep adapters and results here (default: a temporary dir)")
@@ -91,8 +95,11 @@ def main() -> None:
         return weights(args.weights)
     work = Path(args.out or tempfile.mkdtemp(prefix="quantized-"))
     work.mkdir(parents=True, exist_ok=True)
+    from softprompts.data.prepare import prepared_paths
+
+    splits = prepared_paths(args.dataset, progress=True)
     test = work / "test.jsonl"
-    test.write_text("".join(line + "\n" for line in (BUNDLED / "test.jsonl").read_text().split("\n")[: args.test_limit]
+    test.write_text("".join(line + "\n" for line in splits["test"].read_text().split("\n")[: args.test_limit]
                             if line))
     rows = {}
     for precision in PRECISIONS:
@@ -102,8 +109,8 @@ def main() -> None:
         adapter = work / f"prompt-{precision}"
         shutil.rmtree(adapter, ignore_errors=True)
         _, row["train_peak_mib"] = peak_rss(cli(
-            "train", *quantize_flag(precision), "--method", "prompt", "--data", str(BUNDLED / "train.jsonl"),
-            "--eval-data", str(BUNDLED / "dev.jsonl"), "--eval-limit", "100", *TEMPLATE, "--steps", str(args.steps),
+            "train", *quantize_flag(precision), "--method", "prompt", "--data", str(splits["train"]),
+            "--eval-data", str(splits["dev"]), "--eval-limit", "100", *TEMPLATE, "--steps", str(args.steps),
             "--out", str(adapter), "--no-progress"))
         timings = json.loads((adapter / "training.json").read_text())["timings"]
         row["step_s"] = timings["train_seconds"] / args.steps
@@ -122,7 +129,7 @@ def main() -> None:
 
 def table(rows: dict, args) -> str:
     full = rows["fp32"]
-    lines = [f"steps {args.steps} (prompt tuning, defaults), test: first {args.test_limit} rows of uci_sentiment",
+    lines = [f"steps {args.steps} (prompt tuning, defaults), test: first {args.test_limit} rows of {args.dataset}",
              "", "| base | weights MiB | x fp32 | load peak MiB | train peak MiB | step s | x fp32 | bare acc | "
              "adapter acc | fp32 adapter on it | its adapter on fp32 |", "|" + "---|" * 11]
     for precision, row in rows.items():
