@@ -18,7 +18,7 @@ LAYERS = [
     ("errors", "files", "third_party_logs"),
     ("model",),
     ("methods",),
-    ("schema", "adapter", "adapter_io", "table"),
+    ("schema", "adapter", "adapter_io", "table", "compose"),
     ("data", "tasks"),
     ("metrics", "evaluate", "api"),
     ("training",),
