@@ -31,7 +31,7 @@ from softprompts.data.datasets import Example
 from softprompts.evaluate import evaluate
 from softprompts.tasks import TaskSpec
 from softprompts.training import Distributed, TrainConfig, checkpoint_path
-from softprompts.training.loop import _dev_score
+from softprompts.training.dev_score import dev_score
 
 TOL = 1e-5  # max abs difference allowed between adapters trained with 1 and 2 processes (measured: ~1e-6)
 STEPS = 8
@@ -237,7 +237,7 @@ def test_gathered_evaluation_equals_evaluation_on_all_of_dev(n_dev, world):
 
     full = evaluate(base, None, dev, SPEC)
     for rank in range(world):
-        got = _dev_score(base, None, dev, SPEC, config, _SimulatedRank(rank, world, outputs_of))
+        got = dev_score(base, None, dev, SPEC, config, _SimulatedRank(rank, world, outputs_of))
         assert got == full
 
 

@@ -118,8 +118,8 @@ def test_precomputed_base_dev_is_the_same_and_reused(llama, monkeypatch):
     given = evaluate(llama, None, dev[:8], SPEC)
     assert computed == pytest.approx(given)
     seen = []
-    original = train_module._dev_score
-    monkeypatch.setattr(train_module, "_dev_score", lambda base, artifact, *a: seen.append(artifact) or original(
+    original = train_module.dev_score
+    monkeypatch.setattr(train_module, "dev_score", lambda base, artifact, *a: seen.append(artifact) or original(
         base, artifact, *a))
     record = train(llama, create_method(llama, "prompt", num_virtual_tokens=2, seed=0), examples(8), SPEC, config,
                    dev_examples=dev, base_dev=given).record
@@ -265,20 +265,20 @@ def test_adapter_below_base_model_is_flagged(llama, monkeypatch, capsys):
     """When the best adapter on dev is still below the bare model, the record says so and a warning is printed."""
     import softprompts.training.loop as train_module
 
-    real = train_module._dev_score
+    real = train_module.dev_score
 
     def rigged(base, artifact, *args):
         scores = real(base, artifact, *args)
         return {**scores, "accuracy": 1.0} if artifact is None else {**scores, "accuracy": 0.25}
 
-    monkeypatch.setattr(train_module, "_dev_score", rigged)
+    monkeypatch.setattr(train_module, "dev_score", rigged)
     method = create_method(llama, "prompt", num_virtual_tokens=4)
     config = quiet(steps=2, lr=1e-3, batch_size=4)
     record = train(llama, method, examples(8), SPEC, config, dev_examples=examples(4)).record
     assert record["below_base_model"] is True
     assert "below the base model" in capsys.readouterr().err
 
-    monkeypatch.setattr(train_module, "_dev_score", real)
+    monkeypatch.setattr(train_module, "dev_score", real)
     record = train(llama, create_method(llama, "prompt", num_virtual_tokens=4), examples(8), SPEC,
                    quiet(steps=2, lr=1e-3, batch_size=4), dev_examples=examples(4)).record
     assert record.get("below_base_model", False) == (record["best_dev"] < record["base_model_dev"]["accuracy"])

@@ -39,11 +39,11 @@ from tqdm import tqdm
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
 from softprompts.errors import SoftpromptsError
-from softprompts.evaluate import evaluate
-from softprompts.metrics import PRIMARY_METRIC, score_outputs
+from softprompts.metrics import PRIMARY_METRIC
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.tasks import TaskSpec, collate
 from softprompts.training.config import TrainConfig, lr_factor
+from softprompts.training.dev_score import dev_score
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_parameters, check_step, step_update
 from softprompts.training.preflight import TrainData, check_options, log, output_paths, prepare_data
@@ -58,24 +58,6 @@ RECORD_FILE = "training.json"
 class TrainResult:
     adapter: Adapter  # the best adapter on dev (the last one without dev data)
     record: dict  # what training.json holds
-
-
-def _dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
-    """Dev metrics; ranks evaluate disjoint shards and combine their outputs (identical metrics on every rank)."""
-    mine = dist.shard(dev)  # may be empty when dev has fewer examples than ranks
-    result = evaluate(base, artifact, mine, spec, config.eval_batch_size, return_outputs=True) if mine else {}
-    outputs = _merge(dist, dev, result.get("outputs", []))
-    if spec.task == "classify":
-        return score_outputs(spec, dev, outputs)
-    return score_outputs(spec, dev, outputs, _merge(dist, dev, result.get("target_logprobs", [])))
-
-
-def _merge(dist: Distributed, dev: list, mine: list) -> list:
-    """Every rank's per-example values (rank ``r`` holds examples ``r, r + N, ...``) back in dev order."""
-    merged = [None] * len(dev)
-    for rank, values in enumerate(dist.gather_objects(mine)):
-        merged[rank :: dist.world_size] = values
-    return merged
 
 
 def _loss_fn(config: TrainConfig) -> Callable:
@@ -160,7 +142,7 @@ class _Run:
             log(self.dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f} (given)")
         elif dev:
             started = time.perf_counter()
-            state.base_dev = _dev_score(self.base, None, dev, self.spec, self.config, self.dist)
+            state.base_dev = dev_score(self.base, None, dev, self.spec, self.config, self.dist)
             state.eval_seconds += time.perf_counter() - started
             log(self.dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f}")
         self.evaluate_now()
@@ -250,7 +232,7 @@ class _Run:
         state, dev, metric = self.state, self.data.dev, self.metric
         started = time.perf_counter()
         artifact = self.method.materialize()
-        score = _dev_score(self.base, artifact, dev, self.spec, self.config, self.dist)[metric] if dev else None
+        score = dev_score(self.base, artifact, dev, self.spec, self.config, self.dist)[metric] if dev else None
         state.eval_seconds += time.perf_counter() - started
         point = state.curve[-1] if state.curve and state.curve[-1]["step"] == state.step else None
         if point is None:
