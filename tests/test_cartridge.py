@@ -272,6 +272,9 @@ def test_the_command_line_trains_evaluates_and_composes_cartridges(tmp_path, cor
     assert main(["compose", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
     assert "16 virtual tokens" in capsys.readouterr().out
     assert sp.load_adapter(tmp_path / "ab", tiny_base("llama")).num_virtual_tokens == 16
+    assert main(["table", "add", str(tmp_path / "table"), "--name", "kervaunt", "--adapter", str(tmp_path / "a")]) == 0
+    assert main(["eval", "--adapter", f"{tmp_path / 'table'}#kervaunt", "--model", str(model), "--data",
+                 str(questions), "--json"]) == 0
     assert main(["train", *common, "--data", str(questions), "--out", str(tmp_path / "c")]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["compose", str(tmp_path / "a"), "--out", str(tmp_path / "d")]) == 2
