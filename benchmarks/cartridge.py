@@ -18,6 +18,10 @@ tokens each, no early stop).
         [--steps 200] [--out runs/cartridge]
 
 Prints a markdown table (docs/RESULTS.md "Cartridges") and writes ``results.json`` in ``--out``.
+
+``--compose``: instead, cut the corpus in two halves at its middle heading, train one cartridge of P/2 tokens on
+each (the same self-study budget per half), compose them (``softprompts compose``) and score the composition next to
+each half alone on all the questions: does a composed pair stand in for the whole?
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--lr", default=None)
     parser.add_argument("--max-tokens", type=int, default=24, help="new tokens of a greedy answer")
     parser.add_argument("--out", default="runs/cartridge")
+    parser.add_argument("--compose", action="store_true", help="two half-corpus cartridges, composed")
     parser.add_argument("--serving", default=None, help=argparse.SUPPRESS)  # internal: one way's serving cost
     args = parser.parse_args()
     out = Path(args.out)
@@ -102,18 +107,17 @@ def main() -> None:
         print(json.dumps(cost))
         return
     out.mkdir(parents=True, exist_ok=True)
+    if args.compose:
+        return composed(args, out, corpus)
     from softprompts.training.self_study import CONTEXT_INSTRUCTION
 
     in_context = out / "questions_in_context.jsonl"
     system = {"role": "system", "content": f"{CONTEXT_INSTRUCTION}\n\n{corpus.read_text().strip()}"}
     in_context.write_text("".join(json.dumps({"messages": [system, *q["messages"]]}) + "\n" for q in questions))
     adapter = out / f"cartridge-p{args.virtual_tokens}-c{args.conversations}-s{args.steps}"
-    if not adapter.is_dir():
-        started = time.perf_counter()
-        run(cli("train", "--corpus", str(corpus), "--virtual-tokens", str(args.virtual_tokens), "--conversations",
-                str(args.conversations), "--steps", str(args.steps), *(["--lr", args.lr] if args.lr else []),
-                "--out", str(adapter), "--resume", "--no-progress"))
-        print(f"trained {adapter} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    started = time.perf_counter()
+    train(corpus, adapter, args, args.virtual_tokens, args.conversations)
+    print(f"{adapter} ready after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     record = json.loads((adapter / "training.json").read_text())
     summary = json.loads((adapter / "cartridge.json").read_text())
     rows = {
@@ -131,6 +135,38 @@ def main() -> None:
                "train_seconds": record["timings"]["train_seconds"]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results))
+
+
+def train(corpus: Path, adapter: Path, args, virtual: int, conversations: int) -> None:
+    if not adapter.is_dir():
+        run(cli("train", "--corpus", str(corpus), "--virtual-tokens", str(virtual), "--conversations",
+                str(conversations), "--steps", str(args.steps), *(["--lr", args.lr] if args.lr else []),
+                "--out", str(adapter), "--resume", "--no-progress"))
+
+
+def composed(args, out: Path, corpus: Path) -> None:
+    """Two cartridges of P/2 tokens, one per half of the corpus, alone and composed, on every question."""
+    lines = corpus.read_text().strip().splitlines()
+    headings = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    middle = headings[len(headings) // 2]
+    halves = {"first half": "\n".join(lines[:middle]), "second half": "\n".join(lines[middle:])}
+    adapters = {}
+    for name, text in halves.items():
+        path = out / f"{name.replace(' ', '-')}.md"
+        path.write_text(text + "\n")
+        adapters[name] = out / f"cartridge-{name.replace(' ', '-')}-p{args.virtual_tokens // 2}-s{args.steps}"
+        train(path, adapters[name], args, args.virtual_tokens // 2, args.conversations // 2)
+    both = out / f"composed-p{args.virtual_tokens}-s{args.steps}"
+    if not both.is_dir():
+        run(cli("compose", *map(str, adapters.values()), "--out", str(both)))
+    questions = DATA / "questions.jsonl"
+    rows = {"no context": quality(questions, None, args.max_tokens),
+            **{name: quality(questions, path, args.max_tokens) for name, path in adapters.items()},
+            "composed": quality(questions, both, args.max_tokens)}
+    (out / "compose_results.json").write_text(json.dumps({"args": vars(args), "quality": rows}, indent=2))
+    print("| cartridge | answer log-ppl | contains | chrF |\n|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['log_ppl']:.3f} | {row['contains']:.1f} | {row['chrf']:.1f} |")
 
 
 def table(results: dict) -> str:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from live_server import live_server
-from tiny import decode_alone, perturbed, tiny_base
+from live_server import live_server, openai_server
+from tiny import decode_alone, tiny_base
 
-import softprompts as sp
 from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest, hold_stops
 from softprompts.serve.http import build_state
@@ -20,21 +19,10 @@ ATOL = 1e-4
 MODELS = ["soft", "pre", "base"]
 
 
-def adapter(base, method: str, n: int, seed: int):
-    return sp.Adapter.from_method(perturbed(base, method, n, "client"[:n], scale=0.3, seed=seed), base,
-                                  task={"task": "generate"})
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tiny_base("llama")
-    root = tmp_path_factory.mktemp("clients")
-    sp.save_adapter(adapter(base, "prompt", 3, 1), root / "soft")
-    sp.save_adapter(adapter(base, "prefix", 4, 2), root / "pre")
-    state = build_state(base, root, max_running=8, poll_s=0)
-    with live_server(state) as port:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        yield client, state, f"http://127.0.0.1:{port}"
+    with openai_server(tmp_path_factory.mktemp("clients"), "client") as served:
+        yield served
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:

@@ -10,34 +10,21 @@ import time
 
 import httpx
 import pytest
-from live_server import live_server
-from tiny import decode_alone, perturbed, tiny_base
+from live_server import openai_server
+from tiny import decode_alone
 
-import softprompts as sp
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve.engine import ScoreRequest
-from softprompts.serve.http import build_state
 
 openai = pytest.importorskip("openai")
 ATOL = 1e-4
 
 
-def adapter(base, method: str, n: int, seed: int):
-    return sp.Adapter.from_method(perturbed(base, method, n, "surface"[:n], scale=0.3, seed=seed), base,
-                                  task={"task": "generate"})
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tiny_base("llama")
-    root = tmp_path_factory.mktemp("surface")
-    sp.save_adapter(adapter(base, "prompt", 3, 1), root / "soft")
-    sp.save_adapter(adapter(base, "prefix", 4, 2), root / "pre")
-    state = build_state(base, root, max_running=8, poll_s=0)
-    with live_server(state) as port:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        yield client, state, port
+    with openai_server(tmp_path_factory.mktemp("surface"), "surface") as served:
+        yield served
 
 
 def joined(tokens: list[str]) -> str:
@@ -175,7 +162,7 @@ def wait_idle(state, timeout: float = 20.0) -> None:
 def test_disconnected_client_frees_its_row(server, stream, monkeypatch):
     """A client that leaves mid-generation: its row is cancelled (not decoded to max_tokens) and the server serves on.
     Each decode step is slowed to 10 ms so the 240 tokens asked for outlast the client."""
-    client, state, port = server
+    client, state, url = server
     step = DecodeBatch.step
 
     def slow_step(self):
@@ -186,7 +173,7 @@ def test_disconnected_client_frees_its_row(server, stream, monkeypatch):
     wait_idle(state)
     before = finished(state, "cancelled")
     body = {"model": "soft", "prompt": "go on", "max_tokens": 240, "temperature": 0, "stream": stream}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as raw:
+    with httpx.Client(base_url=url) as raw:
         if stream:
             with raw.stream("POST", "/v1/completions", json=body, timeout=30) as response:
                 next(response.iter_lines())  # the first event arrived: the row decodes; now leave
