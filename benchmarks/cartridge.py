@@ -19,6 +19,9 @@ tokens each, no early stop).
 
 Prints a markdown table (docs/RESULTS.md "Cartridges") and writes ``results.json`` in ``--out``.
 
+``--sweep 64:2e-2,128:5e-3,...``: cartridges of those sizes and learning rates, every one distilled from the first
+one's self-study conversations (``--self-study-data``), scored for quality only: how the defaults were chosen.
+
 ``--compose``: instead, cut the corpus in two halves at its middle heading, train one cartridge of P/2 tokens on
 each (the same self-study budget per half), compose them (``softprompts compose``) and score the composition next to
 each half alone on all the questions: does a composed pair stand in for the whole?
@@ -96,6 +99,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24, help="new tokens of a greedy answer")
     parser.add_argument("--out", default="runs/cartridge")
     parser.add_argument("--compose", action="store_true", help="two half-corpus cartridges, composed")
+    parser.add_argument("--sweep", default=None, metavar="P:LR,...",
+                        help="cartridges of these sizes and learning rates on one set of conversations (quality only)")
     parser.add_argument("--serving", default=None, help=argparse.SUPPRESS)  # internal: one way's serving cost
     args = parser.parse_args()
     out = Path(args.out)
@@ -109,6 +114,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.compose:
         return composed(args, out, corpus)
+    if args.sweep:
+        return sweep(args, out, corpus)
     from softprompts.training.self_study import CONTEXT_INSTRUCTION
 
     in_context = out / "questions_in_context.jsonl"
@@ -137,11 +144,48 @@ def main() -> None:
     print(table(results))
 
 
-def train(corpus: Path, adapter: Path, args, virtual: int, conversations: int) -> None:
+def train(corpus: Path, adapter: Path, args, virtual: int, conversations: int, lr: str | None = None,
+          reuse: Path | None = None) -> None:
+    """``softprompts train --corpus`` unless ``adapter`` exists; ``reuse``: an earlier run's conversations."""
+    lr = lr or args.lr
     if not adapter.is_dir():
         run(cli("train", "--corpus", str(corpus), "--virtual-tokens", str(virtual), "--conversations",
-                str(conversations), "--steps", str(args.steps), *(["--lr", args.lr] if args.lr else []),
-                "--out", str(adapter), "--resume", "--no-progress"))
+                str(conversations), "--steps", str(args.steps), *(["--lr", lr] if lr else []),
+                *(["--self-study-data", str(reuse)] if reuse else []), "--out", str(adapter), "--resume",
+                "--no-progress"))
+
+
+def sweep(args, out: Path, corpus: Path) -> None:
+    """Cartridges of several sizes and learning rates on ONE set of self-study conversations (the first run's, reused
+    by the others), scored against no context and the corpus in context."""
+    from softprompts.training.self_study import CONTEXT_INSTRUCTION
+
+    in_context = out / "questions_in_context.jsonl"
+    system = {"role": "system", "content": f"{CONTEXT_INSTRUCTION}\n\n{corpus.read_text().strip()}"}
+    questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line]
+    in_context.write_text("".join(json.dumps({"messages": [system, *q["messages"]]}) + "\n" for q in questions))
+    none, full = (quality(DATA / "questions.jsonl", None, args.max_tokens), quality(in_context, None, args.max_tokens))
+    gain = none["log_ppl"] - full["log_ppl"]
+    lines = [f"no context: log-ppl {none['log_ppl']:.3f}, contains {none['contains']:.1f}; corpus in context: "
+             f"{full['log_ppl']:.3f}, {full['contains']:.1f}", "",
+             "| P | lr | x corpus KV | answer log-ppl | recovered | contains | chrF |", "|---|---|---|---|---|---|---|"]
+    earlier = sorted(out.glob(f"cartridge-p*-c{args.conversations}-s*/self_study.jsonl"))
+    reuse, rows = (earlier[0] if earlier else None), []
+    for point in args.sweep.split(","):
+        virtual, lr = point.split(":")
+        adapter = out / f"cartridge-p{virtual}-c{args.conversations}-s{args.steps}-lr{lr}"
+        train(corpus, adapter, args, int(virtual), args.conversations, lr, reuse)
+        reuse = reuse or adapter / "self_study.jsonl"
+        row = quality(DATA / "questions.jsonl", adapter, args.max_tokens)
+        kv = json.loads((adapter / "cartridge.json").read_text())["kv_bytes"]
+        rows.append({"virtual_tokens": int(virtual), "lr": float(lr), **row})
+        lines.append(f"| {virtual} | {lr} | {kv['cartridge'] / kv['corpus_in_context']:.2f} | {row['log_ppl']:.3f} | "
+                     f"{100 * (none['log_ppl'] - row['log_ppl']) / gain:.0f}% | {row['contains']:.1f} | "
+                     f"{row['chrf']:.1f} |")
+        print(lines[-1], flush=True)
+    (out / "sweep_results.json").write_text(json.dumps({"args": vars(args), "none": none, "in_context": full,
+                                                        "rows": rows}, indent=2))
+    print("\n".join(lines))
 
 
 def composed(args, out: Path, corpus: Path) -> None:
