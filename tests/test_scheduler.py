@@ -147,11 +147,12 @@ def test_cancelled_row_leaves_and_others_finish(scheduler_factory):
 @pytest.mark.parametrize("where", ["request", "scheduler default"])
 def test_deadline_ends_a_row_with_timeout(scheduler_factory, where):
     base = tiny_base("llama")
-    sched = scheduler_factory(base, timeout_s=0.05 if where != "request" else None).start()
+    # a deadline long enough for the first token on a loaded machine, far shorter than the decoding (>= 2.5 s)
+    sched = scheduler_factory(base, timeout_s=0.5 if where != "request" else None).start()
     seen = threading.Event()
     req = GenerationRequest(base.tokenize("abc"), max_new_tokens=250, stop_ids=frozenset(),
-                            on_token=lambda tok, lp: (seen.set(), time.sleep(0.002)))  # at least 0.5 s of decoding
-    result = sched.submit(req, **({"timeout_s": 0.05} if where == "request" else {})).result(timeout=60)
+                            on_token=lambda tok, lp: (seen.set(), time.sleep(0.01)))
+    result = sched.submit(req, **({"timeout_s": 0.5} if where == "request" else {})).result(timeout=60)
     assert seen.is_set() and result.finish_reason == "timeout" and 0 < len(result.tokens) < 250
 
 
