@@ -28,7 +28,7 @@ from softprompts.training.distill import student_rows, teacher_targets
 from softprompts.training.distributed import Distributed
 from softprompts.training.loop import TrainResult, train
 from softprompts.training.preflight import log, output_paths
-from softprompts.training.self_study import ContextFormat, SelfStudyConfig
+from softprompts.training.self_study import ChunkContexts, ContextFormat, SelfStudyConfig
 
 SELF_STUDY_FILE = "self_study.jsonl"
 SUMMARY_FILE = "cartridge.json"
@@ -73,9 +73,11 @@ def train_cartridge(base, corpus: list[str | Path], config: TrainConfig, study: 
                         "--virtual-tokens")
     _check_context(base, fmt, chunks, study, virtual)
 
+    contexts = ChunkContexts(base, chunks, fmt)  # each chunk's KV computed once, for self-study and the teacher
     conversations = _conversations(base, chunks, fmt, study, digest, out_path, resuming, self_study_data, config,
-                                   dist)
-    targets = teacher_targets(base, chunks, conversations, fmt, study.top_k, study.batch_size, config.progress)
+                                   dist, contexts)
+    targets = teacher_targets(base, chunks, conversations, fmt, study.top_k, study.batch_size, config.progress,
+                              contexts)
     rows = student_rows(base, conversations, fmt, targets)
     artifact = cartridge.materialize()
     bytes_per_position = sum(t.numel() * t.element_size() for t in artifact.tensors().values()) / virtual
@@ -96,7 +98,7 @@ def train_cartridge(base, corpus: list[str | Path], config: TrainConfig, study: 
     return result
 
 
-def _conversations(base, chunks, fmt, study, digest, out_path, resuming, self_study_data, config, dist):
+def _conversations(base, chunks, fmt, study, digest, out_path, resuming, self_study_data, config, dist, contexts):
     """Reuse ``self_study_data``, or this run's own conversations when resuming; else generate and keep them."""
     saved = self_study_path(out_path) if out_path is not None else None
     source = Path(self_study_data) if self_study_data else saved if resuming and saved.is_file() else None
@@ -106,7 +108,7 @@ def _conversations(base, chunks, fmt, study, digest, out_path, resuming, self_st
         conversations = self_study.load(source, digest, study, len(chunks))
         log(dist, f"self-study: {len(conversations)} conversations reused from {source}")
         return conversations
-    conversations = self_study.generate_conversations(base, chunks, fmt, study, config.progress)
+    conversations = self_study.generate_conversations(base, chunks, fmt, study, config.progress, contexts)
     if saved is not None and dist.is_main:
         self_study.save(saved, conversations, digest, study)
     return conversations

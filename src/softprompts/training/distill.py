@@ -21,24 +21,24 @@ from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.padding import length_sorted_chunks, prompt_target_rows
 from softprompts.model.soft_targets import SoftTargets, top_k_targets
 from softprompts.tasks import Encoded, split_prompt
-from softprompts.training.self_study import ContextFormat, Conversation
+from softprompts.training.self_study import ChunkContexts, ContextFormat, Conversation
 
 
 @torch.no_grad()
 def teacher_targets(base, chunks: list[Chunk], conversations: list[Conversation], fmt: ContextFormat, top_k: int,
-                    batch_size: int = 16, progress: bool = True) -> list[SoftTargets]:
-    """The teacher's top-``top_k`` distribution at every answer token of every conversation (``[n_i, k]`` each, CPU)."""
-    contexts = [fmt.context_text(c.text) for c in chunks]
-    kv = {c: base.text_to_kv(base.tokenize(contexts[c])) for c in sorted({conv.chunk for conv in conversations})}
-    prompts = [base.tokenize(fmt.teacher_prompt(contexts[conv.chunk], chunks[conv.chunk].text, conv.question))
-               for conv in conversations]
+                    batch_size: int = 16, progress: bool = True,
+                    contexts: ChunkContexts | None = None) -> list[SoftTargets]:
+    """The teacher's top-``top_k`` distribution at every answer token of every conversation (``[n_i, k]`` each, CPU);
+    ``contexts``: the chunks' contexts and KV, shared with self-study."""
+    contexts = contexts or ChunkContexts(base, chunks, fmt)
+    prompts = [contexts.prompt_ids(conv.chunk, conv.question) for conv in conversations]
     answers = [conv.answer_ids for conv in conversations]
     out: list[SoftTargets | None] = [None] * len(conversations)
     bar = tqdm(total=len(conversations), desc="self-study: teacher", disable=not progress, leave=False)
     for rows in length_sorted_chunks([len(p) + len(a) for p, a in zip(prompts, answers, strict=True)], batch_size):
         ids, mask, _, positions = prompt_target_rows([prompts[i] for i in rows], [answers[i] for i in rows],
                                                      base.pad_id, base.device)
-        ctx = VirtualContext.from_rows([kv[conversations[i].chunk] for i in rows])
+        ctx = VirtualContext.from_rows([contexts.kv(conversations[i].chunk) for i in rows])
         logits = forward(base, ctx, ids, mask, logits_positions=positions).logits  # [b, L, V]
         for row, i in enumerate(rows):
             n = len(answers[i])

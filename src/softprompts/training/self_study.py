@@ -104,6 +104,25 @@ class ContextFormat:
         return [{"role": "system", "content": f"{CONTEXT_INSTRUCTION}\n\n{chunk}"}]
 
 
+class ChunkContexts:
+    """The chunks as the teacher reads them, each computed once and shared by self-study and the teacher:
+    ``text(c)`` (``ContextFormat.context_text``), ``kv(c)`` (its KV prefix, exactly the chunk in the prompt) and
+    ``prompt_ids(c, user)`` (what follows it for a user turn)."""
+
+    def __init__(self, base, chunks: list[Chunk], fmt: ContextFormat) -> None:
+        self.base, self.chunks, self.fmt = base, chunks, fmt
+        self.texts = [fmt.context_text(c.text) for c in chunks]
+        self._kv: dict[int, object] = {}
+
+    def kv(self, index: int):
+        if index not in self._kv:
+            self._kv[index] = self.base.text_to_kv(self.base.tokenize(self.texts[index]))
+        return self._kv[index]
+
+    def prompt_ids(self, index: int, user: str) -> list[int]:
+        return self.base.tokenize(self.fmt.teacher_prompt(self.texts[index], self.chunks[index].text, user))
+
+
 @dataclass(frozen=True)
 class Conversation:
     """One self-study conversation: ``question`` (the user turn), ``answer`` and its token ids as generated (with
@@ -135,19 +154,13 @@ def plan(chunks: list[Chunk], config: SelfStudyConfig) -> list[tuple[int, str]]:
 
 
 def generate_conversations(base, chunks: list[Chunk], fmt: ContextFormat, config: SelfStudyConfig,
-                           progress: bool = True) -> list[Conversation]:
-    """Both phases of self-study over ``plan(chunks, config)`` (module docstring)."""
+                           progress: bool = True, contexts: ChunkContexts | None = None) -> list[Conversation]:
+    """Both phases of self-study over ``plan(chunks, config)`` (module docstring); ``contexts``: the chunks' contexts
+    and KV when the caller shares them with the teacher."""
     problems = config.errors()
     if problems:
         raise SoftpromptsError("; ".join(problems))
-    contexts = [fmt.context_text(c.text) for c in chunks]
-    kv_cache: dict[int, object] = {}
-
-    def chunk_kv(index: int):
-        if index not in kv_cache:
-            kv_cache[index] = base.text_to_kv(base.tokenize(contexts[index]))
-        return kv_cache[index]
-
+    contexts = contexts or ChunkContexts(base, chunks, fmt)
     stops = frozenset(eos_ids(base) | set(base.tokenize(fmt.chat.end_of_turn) if fmt.chat.end_of_turn else ()))
     rows = plan(chunks, config)
     asks = [RECITE_QUESTION if SEED_PROMPTS[kind] is None else SEED_PROMPTS[kind] for _, kind in rows]
@@ -158,9 +171,8 @@ def generate_conversations(base, chunks: list[Chunk], fmt: ContextFormat, config
         for start in range(0, len(indices), config.batch_size):
             batch = indices[start : start + config.batch_size]
             requests = [GenerationRequest(
-                base.tokenize(fmt.teacher_prompt(contexts[rows[i][0]], chunks[rows[i][0]].text, users[i])),
-                chunk_kv(rows[i][0]), max_new, Sampling(temperature=config.temperature,
-                                                        seed=config.seed * 1_000_003 + 2 * i + phase), stops)
+                contexts.prompt_ids(rows[i][0], users[i]), contexts.kv(rows[i][0]), max_new,
+                Sampling(temperature=config.temperature, seed=config.seed * 1_000_003 + 2 * i + phase), stops)
                 for i in batch]
             for i, result in zip(batch, decode_batch(base, requests), strict=True):
                 done[i] = result.tokens + ([result.stop_token] if result.stop_token is not None else [])
@@ -224,5 +236,5 @@ def load(path: Path, corpus_sha256: str, config: SelfStudyConfig, num_chunks: in
     return conversations
 
 
-__all__ = ["CONTEXT_INSTRUCTION", "ContextFormat", "Conversation", "SEED_PROMPTS", "SelfStudyConfig", "clean_question",
-           "generate_conversations", "load", "plan", "rows_text", "save"]
+__all__ = ["CONTEXT_INSTRUCTION", "ChunkContexts", "ContextFormat", "Conversation", "SEED_PROMPTS", "SelfStudyConfig",
+           "clean_question", "generate_conversations", "load", "plan", "rows_text", "save"]
