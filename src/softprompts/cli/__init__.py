@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from softprompts.errors import SoftpromptsError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra_args", False):  # only `serve` passes options on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from softprompts.cli.arguments import add_quantize_flag, finite
 
+ENGINES = ("softprompts", "vllm")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,8 +17,13 @@ def register(subparsers) -> None:
         description="Serve the adapters in DIR (one subdirectory each) from one frozen model: POST /v1/completions "
         "and /v1/chat/completions (model = adapter name or 'base'), POST /v1/classify, GET /v1/models, "
         "GET /v1/adapters, GET /health, GET /metrics (Prometheus). "
-        "New or changed adapter directories are picked up while serving.",
+        "New or changed adapter directories are picked up while serving. With --engine vllm, vLLM's OpenAI server "
+        "serves the same adapters by name (run from the venv `make vllm` builds); options this command does not "
+        "know are passed to vLLM (e.g. --tensor-parallel-size 2 --max-model-len 4096).",
     )
+    p.add_argument("--engine", choices=ENGINES, default="softprompts", help="softprompts (default: this "
+                   "package's engine, continuous batching in one process) or vllm (vLLM's engine and OpenAI server; "
+                   "docs/SERVING.md says when to switch)")
     p.add_argument("--adapters", required=True, metavar="DIR", help="directory of adapter subdirectories")
     p.add_argument("--model", default=None, help="base model (default: the embedded smollm2-135m)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
@@ -40,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0, help="LRU limit on loaded adapters")
     p.add_argument("--poll-seconds", type=finite, default=2.0, help="adapter directory polling interval (0 = off)")
     p.add_argument("--log-level", default="info")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, takes_extra_args=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
     ] if bad]
     if problems:  # before the model loads
         raise SoftpromptsError("; ".join(problems))
+    if args.engine == "vllm":
+        from softprompts.cli.serve_vllm import run_vllm
+
+        return run_vllm(args)
+    if args.extra_args:
+        raise SoftpromptsError(f"unrecognized arguments: {' '.join(args.extra_args)} (options for vLLM are taken with "
+                               "--engine vllm)")
     base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, quantize=args.quantize)
     state = build_state(
         base,

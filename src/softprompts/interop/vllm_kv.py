@@ -47,14 +47,12 @@ This module imports vLLM; it is loaded only inside vLLM's venv (``make vllm``), 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from vllm.config import KVTransferConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -64,8 +62,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 
-from softprompts.errors import SoftpromptsError
-from softprompts.model.artifacts import KVPrefix
+from softprompts.interop.vllm_kv_files import (
+    CONNECTOR_NAME,
+    LENGTH_KEY,
+    PATH_KEY,
+    VllmKVError,
+    connector_config,
+    kv_request,
+    save_kv,
+)
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
@@ -76,68 +81,10 @@ if TYPE_CHECKING:
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, so its handler and level apply
 
-CONNECTOR_NAME = "SoftpromptsKVConnector"
-PATH_KEY = "softprompts_kv"
-LENGTH_KEY = "num_virtual_tokens"
-PLACEHOLDER_ID = 0
-
-
-class VllmKVError(SoftpromptsError):
-    """A KV prefix vLLM cannot take, or a request that cannot carry one."""
-
 
 def kv_transfer_config(**extra_config) -> KVTransferConfig:
     """What ``vllm.LLM(kv_transfer_config=...)`` (or ``--kv-transfer-config``) needs to load this connector."""
-    return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
-                            kv_connector_module_path=__name__, kv_connector_extra_config=dict(extra_config))
-
-
-def save_kv(prefix: KVPrefix, path: str | Path) -> Path:
-    """Write ``prefix`` (``layers.{l}.key`` / ``.value``: ``[H_kv, P, D]``) where the connector reads it."""
-    if not prefix.length:
-        raise VllmKVError("an empty KV prefix has nothing to load")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.detach().cpu().contiguous() for k, t in prefix.tensors().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def kv_request(path: str | Path, prompt_ids: list[int], num_virtual_tokens: int | None = None,
-               placeholder_id: int = PLACEHOLDER_ID) -> tuple[dict, dict]:
-    """``(prompt, extra_args)`` for one request with the KV prefix saved at ``path`` before ``prompt_ids``.
-
-    ``prompt``: vLLM's token prompt, ``P`` placeholders then ``prompt_ids``, salted with the file's content hash;
-    ``extra_args``: ``{"kv_transfer_params": ...}`` for ``SamplingParams(extra_args=...)`` (offline), whose
-    ``kv_transfer_params`` is also the OpenAI server's request field of that name."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise VllmKVError(f"no KV prefix file at {path}")
-    if not prompt_ids:
-        raise VllmKVError("a KV-prefix request needs at least one real prompt token (vLLM computes the prompt's "
-                          "last position to sample from)")
-    if num_virtual_tokens is None:
-        num_virtual_tokens = _read_length(path)
-    prompt = {"prompt_token_ids": [placeholder_id] * num_virtual_tokens + list(prompt_ids),
-              "cache_salt": f"softprompts-kv-{_file_digest(path)}"}
-    params = {PATH_KEY: str(path), LENGTH_KEY: int(num_virtual_tokens)}
-    return prompt, {"kv_transfer_params": params}
-
-
-def _read_length(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return int(handle.get_slice("layers.0.key").get_shape()[-2])
+    return KVTransferConfig(**connector_config(**extra_config))
 
 
 @dataclass

@@ -90,7 +90,7 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     )
 
 
-def _validation_message(request: Request, first: dict) -> tuple[str, str | None]:
+def _validation_message(content_type: str | None, first: dict) -> tuple[str, str | None]:
     """``(message, param)`` for the first problem of a body that failed validation."""
     kind, loc = first.get("type", ""), [p for p in first.get("loc", ()) if p != "body"]
     if kind == "json_invalid":
@@ -98,7 +98,7 @@ def _validation_message(request: Request, first: dict) -> tuple[str, str | None]
         reason = (first.get("ctx") or {}).get("error") or first.get("msg", "")
         return f"the request body is not valid JSON{where} ({reason}); send one JSON object", None
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
-        content_type = request.headers.get("content-type") or "none"
+        content_type = content_type or "none"
         if "json" not in content_type:
             return (f"the request body must be a JSON object sent with 'Content-Type: application/json' (the "
                     f"request's content type is {content_type!r})"), None
@@ -123,20 +123,33 @@ def _unsupported_fields(errors: list[dict]) -> str | None:
     return "; ".join(parts) or None
 
 
+def invalid_body_response(errors: list[dict], content_type: str | None) -> JSONResponse:
+    """The answer to a body that failed its schema (pydantic's ``errors()``): 400 naming every field this server
+    does not implement, else 422 naming the first problem, with pydantic's list kept beside it."""
+    unsupported = _unsupported_fields(errors)
+    if unsupported:
+        return error_response(400, unsupported, "invalid_request_error", None)
+    message, param = _validation_message(content_type, errors[0] if errors else {})
+    content = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": 422},
+               "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]}
+    return JSONResponse(status_code=422, content=content)
+
+
+def error_of(exc: Exception) -> JSONResponse:
+    """The answer to a library error raised by a request (``ERROR_STATUS``: its most specific class wins)."""
+    for kind in type(exc).__mro__:
+        if kind in ERROR_STATUS:
+            status, name, param = ERROR_STATUS[kind]
+            return error_response(status, str(exc), name, param)
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map validation, HTTP and library errors to the responses above; each answers its own request only."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        unsupported = _unsupported_fields(errors)
-        if unsupported:
-            return error_response(400, unsupported, "invalid_request_error", None)
-        message, param = _validation_message(request, errors[0] if errors else {})
-        content = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": 422},
-                   "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-                              for e in errors]}
-        return JSONResponse(status_code=422, content=content)
+        return invalid_body_response(exc.errors(), request.headers.get("content-type"))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
@@ -166,4 +179,5 @@ def _handler(status: int, kind: str, param: str | None):
     return handle
 
 
-__all__ = ["ERROR_RESPONSES", "ERROR_STATUS", "ErrorBody", "error_response", "install_error_handlers"]
+__all__ = ["ERROR_RESPONSES", "ERROR_STATUS", "ErrorBody", "error_of", "error_response", "install_error_handlers",
+           "invalid_body_response"]

@@ -37,10 +37,14 @@ class ServerState:
         return self.placed.get((entry.name, entry.version), entry.source, lead)
 
     def chat_format(self, entry: Entry | None) -> ChatFormat:
-        """How a conversation is rendered for ``entry``: its chat task's placement and system message, else the
-        model's chat template with the virtual tokens first."""
-        chat = ((entry.task if entry is not None else {}) or {}).get("chat") or {}
-        return ChatFormat(self.base.tokenizer, chat.get("placement", DEFAULT_PLACEMENT), chat.get("system"), "generate")
+        return chat_format_of(self.base, entry)
+
+
+def chat_format_of(base, entry: Entry | None) -> ChatFormat:
+    """How a conversation is rendered for ``entry``: its chat task's placement and system message, else the model's
+    chat template with the virtual tokens first."""
+    chat = ((entry.task if entry is not None else {}) or {}).get("chat") or {}
+    return ChatFormat(base.tokenizer, chat.get("placement", DEFAULT_PLACEMENT), chat.get("system"), "generate")
 
 
 def build_state(
@@ -70,4 +74,4 @@ def build_state(
                        placed=PlacedArtifacts(base, engine.prepare))
 
 
-__all__ = ["ServerState", "build_state"]
+__all__ = ["ServerState", "build_state", "chat_format_of"]

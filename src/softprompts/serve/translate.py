@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from softprompts.data.chat import ChatFormat
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling, eos_ids
@@ -114,12 +115,16 @@ async def to_generation(state: ServerState, body: GenerationFields, entry: Entry
 
 
 def chat_prompt(state: ServerState, entry: Entry | None, body: ChatBody) -> tuple[str, frozenset[int]]:
-    """The conversation rendered with the model's chat template and ``entry``'s placement, and the tokens that end
+    """``render_chat`` with ``entry``'s chat format."""
+    return render_chat(state.base, state.chat_format(entry), body)
+
+
+def render_chat(base, chat: ChatFormat, body: ChatBody) -> tuple[str, frozenset[int]]:
+    """The conversation rendered with the model's chat template and ``chat``'s placement, and the tokens that end
     the answer: end of sequence, and the template's end of turn when it is one token."""
-    chat = state.chat_format(entry)
     prompt = chat.render_prompt({"messages": [m.rendered() for m in body.messages]})
-    end = state.base.tokenizer(chat.end_of_turn, add_special_tokens=False)["input_ids"]
-    return prompt, frozenset(eos_ids(state.base) | ({end[0]} if len(end) == 1 else set()))
+    end = base.tokenizer(chat.end_of_turn, add_special_tokens=False)["input_ids"]
+    return prompt, frozenset(eos_ids(base) | ({end[0]} if len(end) == 1 else set()))
 
 
 async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -> tuple[list[str], list[ScoreRequest]]:
@@ -137,4 +142,4 @@ async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -
     return labels, requests
 
 
-__all__ = ["Generation", "chat_prompt", "score_requests", "split_request_prompt", "to_generation"]
+__all__ = ["Generation", "chat_prompt", "render_chat", "score_requests", "split_request_prompt", "to_generation"]
