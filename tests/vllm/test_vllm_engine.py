@@ -16,6 +16,7 @@ their prefix again when they resume.
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 
@@ -119,3 +120,59 @@ def test_vllm_gives_our_greedy_tokens(case, block_size, prefix_caching, blocks):
     finally:
         del llm
         gc.collect()
+
+
+def _tiny_llama(directory, kv_heads: int):
+    """A random 2-layer Llama with ``kv_heads`` KV heads (4 query heads) and SmolLM2's tokenizer, saved for vLLM."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_dir()))
+    torch.manual_seed(kv_heads)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return sp.load_base(str(directory), dtype="float32")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism on vLLM's CPU build needs a core per rank")
+@pytest.mark.parametrize("kv_heads", [pytest.param(2, id="heads-split"), pytest.param(1, id="head-replicated")])
+def test_tensor_parallel_ranks_load_their_kv_heads(tmp_path, monkeypatch, kv_heads):
+    """TP=2: each rank writes its slice of the KV heads (2 heads: one each; 1 head: both ranks hold it)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (vLLM's automatic binding wants NUMA)
+    base = _tiny_llama(tmp_path / "model", kv_heads)
+    ids = [base.tokenize(text) for text in TEXTS[:2]]
+    rows, want = [], []
+    greedy = {"temperature": 0.0, "max_tokens": 20, "ignore_eos": True}
+    for seed, method in enumerate(["prefix", "deep"]):
+        adapter = sp.Adapter.from_method(perturbed(base, method, 37, "You are a helpful assistant.", 0.3, seed), base)
+        path = save_kv(adapter.artifact, tmp_path / f"{method}.safetensors")
+        for prompt_ids, tokens in zip(ids, generate_ids(base, ids, adapter.artifact, max_new_tokens=20,
+                                                        stop_ids=set()), strict=True):
+            prompt, extra = kv_request(path, prompt_ids)
+            rows.append((prompt, SamplingParams(**greedy, extra_args=extra)))
+            want.append(tokens)
+    for prompt_ids, tokens in zip(ids, generate_ids(base, ids, None, max_new_tokens=20, stop_ids=set()), strict=True):
+        rows.append(({"prompt_token_ids": prompt_ids}, SamplingParams(**greedy)))
+        want.append(tokens)
+    assert want[0] != want[-2], "the adapter does not change the tiny model's tokens"
+    llm = LLM(model=str(tmp_path / "model"), dtype="float32", enforce_eager=True, tensor_parallel_size=2,
+              distributed_executor_backend="mp", kv_transfer_config=kv_transfer_config(), max_model_len=256,
+              block_size=32, seed=0)
+    try:
+        outputs = llm.generate([r[0] for r in rows], [r[1] for r in rows], use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == want
+    finally:
+        del llm
+        gc.collect()
+
+
+def test_rank_heads_follow_vllms_split():
+    from softprompts.interop.vllm_kv import VllmKVError, rank_heads
+
+    assert [rank_heads(4, 2, r) for r in range(2)] == [slice(0, 2), slice(2, 4)]
+    assert [rank_heads(2, 4, r) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
+    assert rank_heads(3, 1, 0) == slice(0, 3)
+    with pytest.raises(VllmKVError, match="cannot be split"):
+        rank_heads(3, 2, 0)

