@@ -69,8 +69,8 @@ vllm: $(VLLM_VENV)/.installed
 # vLLM's engine gives our greedy tokens (tests/vllm: soft prompts through prompt_embeds, KV prefixes through
 # softprompts.interop.vllm_kv's connector), against the real vLLM in its own venv. One engine at a time; ~7 min on 2 cores.
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest --version >/dev/null 2>&1 || $(VLLM_VENV)/bin/pip install -q $$(grep -E "^pytest(-timeout)?==" constraints.txt)
-	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/vllm $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/pip install -q $$(grep -E "^pytest(-timeout)?==" constraints.txt)
+	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -rs --timeout 1200 tests/vllm $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/softprompts demo
