@@ -239,3 +239,8 @@ def test_launch_command_and_config():
         vllm_command(config, "/m", "h", 1, "float32", ["--served-model-name=x"])
     with pytest.raises(SoftpromptsError, match="softprompts serve --engine vllm"):
         FrontConfig.from_env({})
+
+
+def test_an_encoder_decoder_base_is_refused_at_start(tmp_path):
+    with pytest.raises(SoftpromptsError, match="encoder-decoder model: serve it with the default engine"):
+        SoftpromptsFront(FakeVllm(None), FrontConfig(adapters=str(tmp_path), model="t5", poll_s=0), tiny_base("t5"))

@@ -17,8 +17,9 @@ model as ``inputs_embeds`` and checks the greedy tokens equal our adapter's.
 * ``prompt_embeds(model, tokenizer, soft_prompt, prompt)`` -> ``[T, hidden]``; ``encode_prompt_embeds(tensor)`` ->
   the base64 string; ``completion_request(model_name, embeds, **fields)`` -> the JSON body.
 
-KV-prefix adapters (prefix tuning, deep prompts) have no vLLM input: ``VllmExportError`` says so, and that
-``softprompts serve`` serves them.
+KV-prefix adapters (prefix tuning, deep prompts) have no vLLM input of their own: ``VllmExportError`` says so, and
+that ``softprompts serve --engine vllm`` serves them on vLLM (``vllm_front.py``, through the KV connector
+``vllm_kv.py``), as it serves soft prompts by name without any client-side payload.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _soft_prompt(adapter: Adapter) -> torch.Tensor:
     if not isinstance(adapter.artifact, SoftPrompt):
         raise VllmExportError(
             f"a {adapter.method} adapter is a KV prefix (per-layer keys and values); vLLM takes only input embeddings "
-            "(prompt_embeds), it has no KV-prefix input. Serve it with `softprompts serve`, or train prompt tuning / "
+            "(prompt_embeds), it has no KV-prefix input. Serve it on vLLM with `softprompts serve --engine vllm` "
+            "(the KV goes in through softprompts' KV connector), or with `softprompts serve`, or train prompt tuning / "
             "P-tuning for vLLM")
     return adapter.artifact.embeds.detach().cpu().contiguous()
 

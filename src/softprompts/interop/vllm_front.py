@@ -156,6 +156,7 @@ class SoftpromptsFront:
         self.config = config or FrontConfig.from_env()
         self.base = base if base is not None else load_base(resolve(self.config.model), dtype=self.config.dtype,
                                                             device="cpu")
+        self.base.require("vllm_engine")
         self.registry = Registry(self.base, self.config.adapters, max_bytes=self.config.max_adapter_bytes,
                                  poll_s=self.config.poll_s)
         self.registry.start_polling()

@@ -63,6 +63,9 @@ class EncoderDecoderBase(FrozenBase):
                           "drop --baseline peft"),
         "distillation": ("context distillation (cartridges) trains a KV prefix on a decoder-only model's chat "
                          "conversations; {name} is an encoder-decoder model: use a decoder-only model"),
+        "vllm_engine": ("serve --engine vllm serves decoder-only models (adapters reach vLLM as prompt_embeds and KV "
+                        "placeholders at the start of the prompt); {name} is an encoder-decoder model: serve it with "
+                        "the default engine (softprompts serve)"),
         "wrap": ("sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
                  "encoder-decoder model: train it with softprompts train / sp.train"),
     }

@@ -35,7 +35,8 @@ from softprompts.model.placement import place
 from softprompts.model.probe import ModelShapes
 from softprompts.model.quantize import quantization_of
 
-FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap", "distillation")
+FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap", "distillation",
+            "vllm_engine")
 
 
 class UnsupportedFeature(SoftpromptsError):
