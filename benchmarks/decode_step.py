@@ -8,7 +8,7 @@ Per batch size B (``--batches``), prompts of ``--prompt-tokens`` random ids, gre
 
 * **ms per decode step** of a path = (time to generate ``--long`` tokens - time to generate ``--short``) /
   (long - short): prefill and setup cancel out;
-* **ours**: ``Engine.generate`` (the server's decode loop, ``model/decode.DecodeBatch``);
+* **ours**: ``decode_batch`` (the server's decode loop, ``model/decode.DecodeBatch``);
 * **HF**: ``model.generate`` (``min_new_tokens = max_new_tokens``);
 * **floor**: every ``nn.Linear`` of the model (attention projections, MLP, LM head) applied once to a ``[B, in]``
   input with the model's own weights, back to back: the matmul work one step cannot avoid (at batch 1 it is
@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from serve_throughput import _commit, add_model_args, build_base, sync, write_result  # noqa: E402
 
-from softprompts.model.decode import DecodeBatch  # noqa: E402
+from softprompts.model.decode import DecodeBatch, decode_batch  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
-from softprompts.serve.engine import Engine  # noqa: E402
 
 
 def best_of(fn, device: str, repeat: int) -> float:
@@ -77,12 +76,11 @@ def measure(base, batch: int, args) -> dict:
     vocab = base.shapes.vocab_size
     gen = torch.Generator().manual_seed(batch)
     prompts = torch.randint(100, vocab - 100, (batch, args.prompt_tokens), generator=gen)
-    engine = Engine(base, max_batch=batch)
     ids = prompts.to(base.device)
     mask = torch.ones_like(ids)
 
     def ours(new: int) -> None:
-        engine.generate([GenerationRequest(p.tolist(), None, new, stop_ids=frozenset()) for p in prompts])
+        decode_batch(base, [GenerationRequest(p.tolist(), None, new, stop_ids=frozenset()) for p in prompts])
 
     def hf(new: int) -> None:
         with torch.no_grad():
