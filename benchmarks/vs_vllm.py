@@ -74,7 +74,7 @@ class Server:
         command = [sys.executable, "-m", "softprompts", "serve", "--adapters", str(adapters), "--port", str(self.port),
                    "--poll-seconds", "0", "--log-level", "warning"]
         if engine == "vllm":
-            command = [*command[:3], "--engine", "vllm", *command[3:], "--max-num-seqs", "32", *extra]
+            command = [*command[:4], "--engine", "vllm", *command[4:], "--max-num-seqs", "32", *extra]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,10 +107,12 @@ class Server:
         return total
 
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
