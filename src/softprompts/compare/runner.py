@@ -35,15 +35,14 @@ from softprompts.compare.latency import (
     peak_memory_bytes,
     reset_peak_memory,
 )
-from softprompts.compare.peft_baseline import LORA, LORA_LR, PeftSpec, import_peft, release, run_peft
-from softprompts.compare.peft_eval import bare_model
+from softprompts.compare.peft_baseline import LORA, LORA_LR, import_peft
+from softprompts.compare.peft_run import PeftRun
 from softprompts.compare.report import build_results, write_report
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
 from softprompts.files import atomic_json, read_json_or_none
-from softprompts.methods import PromptMethod, build_method, method_class, task_init_text
-from softprompts.metrics import PRIMARY_METRIC
+from softprompts.methods import PromptMethod, build_method, method_class
 from softprompts.model.load import load_base
 from softprompts.model.placement import place
 from softprompts.tasks import split_prompt
@@ -191,43 +190,10 @@ class Comparison:
         }
 
     def _peft_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
-        spec = self.data.spec
-        primary = PRIMARY_METRIC[spec.task]
-        if method == LORA:
-            peft_spec = PeftSpec(LORA, None, self._train_config(method, seed, steps),
-                                 hidden_size=self.base.shapes.hidden_size)
-        else:
-            m = self._method(method, seed)  # for its config only: PEFT gets the same P, encoder and init text as ours
-            init_text = task_init_text(spec.task, spec.labels) if m.config.init == "text" else None
-            peft_spec = PeftSpec(method, m.config, self._train_config(method, seed, steps), init_text=init_text,
-                                 hidden_size=self.base.shapes.hidden_size)
-            del m
-        measure = reset_peak_memory(self.base.device)
-        started = time.perf_counter()
-        bar = tqdm(total=steps, desc="train (peft)", disable=not self.config.progress, file=sys.stderr)
-        try:
-            res = run_peft(self.base, peft_spec, spec, self.data.train, self.dev, self.test, primary,
-                           out_dir=run_dir / "peft_adapter", progress=bar)
-        finally:
-            bar.close()
-        peak = peak_memory_bytes(self.base.device)
-        prompt = self._prompt().replace(VIRTUAL, "")  # PEFT has no placement
-        with bare_model(res.model):  # LoRA sits inside the base's modules: timed switched off
-            bare = measure_hf_latency(self.base.model, self.base, prompt, self.config.latency_tokens,
-                                      self.config.latency_repeats).to_json()
-        latency = measure_hf_latency(res.model, self.base, prompt, self.config.latency_tokens,
-                                     self.config.latency_repeats).to_json()
-        release(res, self.base)
-        return {
-            "impl": "peft", "method": method, "seed": seed, "artifact": None, "steps": res.steps_done,
-            "trainable_params": res.trainable_params, "adapter_params": res.saved_params,
-            "adapter_bytes": res.saved_bytes, "best_dev": {primary: res.best_dev.get(primary)},
-            "best_step": res.best_step, "test": res.test, "train_seconds": round(res.train_seconds, 3),
-            "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_bytes": peak,
-            "memory_measure": measure, "latency": latency, "latency_bare": bare,
-            "latency_via": "transformers generate",
-            "curve": res.curve, "issues": res.issues, "wall_seconds": round(time.perf_counter() - started, 1),
-        }
+        """PEFT's run of ``method`` (``compare/peft_run.py``); our method is built for its config only."""
+        ours = None if method == LORA else self._method(method, seed)
+        run = PeftRun(self.base, self.data, self.dev, self.test, self.config, self._prompt())
+        return run.run(method, seed, steps, run_dir, self._train_config(method, seed, steps), ours)
 
     def _fewshot_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
         """The few-shot baseline (``compare/fewshot_run.py``), the bare model timed beside it."""

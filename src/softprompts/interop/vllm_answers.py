@@ -60,7 +60,7 @@ def _envelope(answer: dict, request: VllmRequest, chunk: bool) -> dict:
     if request.chat:
         out["id"] = "chatcmpl-" + str(answer.get("id", "")).removeprefix("cmpl-")
         out["object"] = "chat.completion.chunk" if chunk else "chat.completion"
-        for key in ("kv_transfer_params", "prompt_logprobs", "prompt_token_ids"):
+        for key in ("kv_transfer_params", "ec_transfer_params", "prompt_logprobs", "prompt_token_ids"):
             out.pop(key, None)
     if "usage" in out:
         out["usage"] = _usage(out["usage"], request)
