@@ -303,9 +303,9 @@ def test_api_bad_input(ws, call, error, needle):
 def test_a_nan_stops_training_keeps_the_last_checkpoint_and_writes_no_adapter(tmp_path, monkeypatch, poison):
     """From step 2 on the loss (or only its gradient) is NaN: training stops there with the reason, the step-1
     checkpoint stays, no adapter directory appears."""
-    import softprompts.training.loop as loop
+    import softprompts.training.step as step
 
-    real, calls = loop.label_loss_sum, [0]
+    real, calls = step.label_loss_sum, [0]
 
     def poisoned(base, artifact, batch):
         calls[0] += 1
@@ -317,7 +317,7 @@ def test_a_nan_stops_training_keeps_the_last_checkpoint_and_writes_no_adapter(tm
         loss.register_hook(lambda grad: grad * math.nan)  # a finite loss whose gradient is NaN
         return loss
 
-    monkeypatch.setattr(loop, "label_loss_sum", poisoned)
+    monkeypatch.setattr(step, "label_loss_sum", poisoned)
     base = tiny_base("llama")
     spec = sp.TaskSpec("classify", "{text}", " {label}", ["neg", "pos"])
     examples = [Example(r["text"], " " + r["label"], r["label"]) for r in ROWS]

@@ -161,7 +161,7 @@ def test_fused_training_follows_the_hf_head_training():
 
     from test_train import SPEC, examples, quiet
 
-    import softprompts.training.loop as train_module
+    import softprompts.training.step as train_module
     from softprompts.training import train
 
     base = tiny_base("llama")

@@ -229,7 +229,7 @@ def test_compiled_training_trains_the_same(llama, monkeypatch):
     turns float-rounding differences of near-zero gradients (fused vs HF head, tested equal in test_head_loss.py)
     into lr-sized steps, which would hide what this test is about.
     """
-    import softprompts.training.loop as train_module
+    import softprompts.training.step as step_module
     from softprompts.training.step import compiled_loss, plain_label_loss_sum
 
     calls = []
@@ -238,8 +238,8 @@ def test_compiled_training_trains_the_same(llama, monkeypatch):
         calls.append(1)
         return compiled_loss("aot_eager", fullgraph=True)(*args)
 
-    monkeypatch.setattr(train_module, "compiled_loss", lambda: counted)
-    monkeypatch.setattr(train_module, "label_loss_sum", plain_label_loss_sum)
+    monkeypatch.setattr(step_module, "compiled_loss", lambda: counted)
+    monkeypatch.setattr(step_module, "label_loss_sum", plain_label_loss_sum)
     results = []
     for compile_loss in (False, True):
         method = create_method(llama, "prefix", num_virtual_tokens=3, seed=0)

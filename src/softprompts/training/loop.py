@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,18 +38,18 @@ from tqdm import tqdm
 
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
-from softprompts.errors import SoftpromptsError
 from softprompts.metrics import PRIMARY_METRIC
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.tasks import TaskSpec, collate
+from softprompts.training.checkpoint import read_checkpoint, write_checkpoint
 from softprompts.training.config import TrainConfig, lr_factor
 from softprompts.training.dev_score import dev_score
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_parameters, check_step, step_update
 from softprompts.training.preflight import TrainData, check_options, log, output_paths, prepare_data
-from softprompts.training.record import environment, environment_changes, training_record
-from softprompts.training.state import TrainState, atomic_save, resumable, rng_state, seed_everything, set_rng_state
-from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum
+from softprompts.training.record import environment, training_record
+from softprompts.training.state import TrainState, seed_everything
+from softprompts.training.step import accumulate_step, loss_for
 
 RECORD_FILE = "training.json"
 
@@ -58,12 +58,6 @@ RECORD_FILE = "training.json"
 class TrainResult:
     adapter: Adapter  # the best adapter on dev (the last one without dev data)
     record: dict  # what training.json holds
-
-
-def _loss_fn(config: TrainConfig) -> Callable:
-    """The micro-batch loss, chosen once per run: ``compiled_loss()`` under ``compile``, else ``label_loss_sum``
-    (that the two do not meet gradient checkpointing is ``TrainConfig.validate``'s to say)."""
-    return compiled_loss() if config.compile else label_loss_sum
 
 
 # --- the run: what the steps, evaluations and checkpoints share -------------------------------------------------
@@ -107,28 +101,9 @@ class _Run:
     # --- start: resume from the checkpoint, or score the base model and the initial adapter --------------------
 
     def resume(self) -> None:
-        """Restore method, optimizer, scheduler, ``TrainState`` and this rank's RNG states from the checkpoint (read
-        by rank 0, broadcast); refuses a checkpoint written with another configuration, warns on another
-        environment."""
-        dist, ckpt = self.dist, self.ckpt
-        saved = dist.broadcast_object(  # our own file: RNG states are not tensors
-            torch.load(ckpt, map_location="cpu", weights_only=False) if dist.is_main else None
-        )
-        if resumable(saved["config"]) != resumable(asdict(self.config)):
-            raise SoftpromptsError(
-                f"{ckpt} was written with another training configuration; resume with the same flags")
-        self.method.load_state_dict(saved["method"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = TrainState(**saved["state"])
-        same_world = saved.get("world_size", 1) == dist.world_size and "rank_rng" in saved
-        set_rng_state(saved["rank_rng"][dist.rank] if same_world else saved["rng"])
-        log(dist, f"resuming from {ckpt} at step {self.state.step}")
-        changed = environment_changes(saved.get("environment"), self.env)
-        if changed:
-            log(dist, f"warning: resuming in another environment ({'; '.join(changed)}): training continues, but "
-                      "the result is not bitwise the one an uninterrupted run gives (same threads, device, dtype "
-                      "and library versions are needed for that)")
+        """Continue from the checkpoint (``checkpoint.py``: same configuration, this rank's RNG states)."""
+        self.state = read_checkpoint(self.ckpt, self.dist, self.config, self.method, self.optimizer, self.scheduler,
+                                     self.env)
 
     def fresh_start(self, base_dev: dict | None) -> None:
         """The bare model's dev metrics (given by the caller, or measured once), then the step-0 evaluation, so the
@@ -152,7 +127,7 @@ class _Run:
     def run_steps(self) -> None:
         """Optimizer steps until ``config.steps`` or an early stop, each followed by its evaluation and checkpoint."""
         config = self.config
-        loss_fn = _loss_fn(config)
+        loss_fn = loss_for(config)
         bar = tqdm(total=config.steps, initial=self.state.step, disable=not (self.dist.is_main and config.progress),
                    desc="train")
         while self.state.step < config.steps and not self.state.stopped_early:
@@ -249,19 +224,10 @@ class _Run:
                            f"(best {state.best_metric:.4f} at step {state.best_step})")
 
     def save_checkpoint(self) -> None:
-        """Everything a bitwise resume needs, written atomically by the main rank (every rank sends its RNG states:
-        a collective, so all ranks call this)."""
-        if self.ckpt is None:
-            return
-        rngs = self.dist.gather_objects(rng_state())
-        if not self.dist.is_main:
-            return
-        atomic_save(
-            {"config": asdict(self.config), "state": asdict(self.state), "method": self.method.state_dict(),
-             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
-             "rank_rng": rngs, "world_size": self.dist.world_size, "environment": self.env},
-            self.ckpt,
-        )
+        """Everything a bitwise resume needs (``checkpoint.py``; a collective, so all ranks call this)."""
+        if self.ckpt is not None:
+            write_checkpoint(self.ckpt, self.dist, self.config, self.state, self.method, self.optimizer,
+                             self.scheduler, self.env)
 
     # --- the result --------------------------------------------------------------------------------------------
 

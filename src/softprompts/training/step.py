@@ -29,6 +29,7 @@ import torch
 
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.model.decoder_score import plain_label_loss_sum
+from softprompts.training.config import TrainConfig
 from softprompts.training.grad_checkpoint import checkpointing
 
 
@@ -63,6 +64,12 @@ def compiled_loss(backend: str = "inductor", fullgraph: bool = False) -> Callabl
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[key] = torch.compile(plain_label_loss_sum, fullgraph=fullgraph, backend=backend)
     return _COMPILED[key]
+
+
+def loss_for(config: TrainConfig) -> Callable:
+    """The micro-batch loss, chosen once per run: ``compiled_loss()`` under ``compile``, else ``label_loss_sum``
+    (that the two do not meet gradient checkpointing is ``TrainConfig.validate``'s to say)."""
+    return compiled_loss() if config.compile else label_loss_sum
 
 
 def accumulate_step(
@@ -106,4 +113,4 @@ def accumulate_step(
     return loss_sum
 
 
-__all__ = ["accumulate_step", "compiled_loss", "label_loss_sum", "plain_label_loss_sum"]
+__all__ = ["accumulate_step", "compiled_loss", "label_loss_sum", "loss_for", "plain_label_loss_sum"]
