@@ -18,23 +18,26 @@
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 import softprompts.third_party_logs  # noqa: F401  (first: before transformers imports torchao)
-from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, BaseWeightsWarning
-from softprompts.adapter_io import load_adapter, save_adapter
-from softprompts.api import generate, next_token_logits
-from softprompts.errors import SoftpromptsError
-from softprompts.interop.hf_model import PromptModel, wrap
-from softprompts.methods import METHODS, build_method, create_method
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
-from softprompts.model.base import BaseModel
-from softprompts.model.decode import generate_ids
-from softprompts.model.encoder_decoder_base import EncoderDecoderBase
-from softprompts.model.frozen import FrozenBase
-from softprompts.model.generation import Sampling
-from softprompts.model.inject import VirtualContext, forward
-from softprompts.model.load import DEFAULT_MODEL, load_base
-from softprompts.tasks import TaskSpec
-from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
+
+# name -> the module that defines it. Resolved on first use (PEP 562), so `import softprompts` and the command line's
+# `--help` do not load torch and transformers; `sp.NAME` and `from softprompts import NAME` work as usual.
+_EXPORTS = {
+    "Adapter": "adapter", "AdapterError": "adapter", "AdapterMismatchError": "adapter",
+    "BaseWeightsWarning": "adapter", "load_adapter": "adapter_io", "save_adapter": "adapter_io",
+    "generate": "api", "next_token_logits": "api", "SoftpromptsError": "errors",
+    "PromptModel": "interop.hf_model", "wrap": "interop.hf_model",
+    "METHODS": "methods", "build_method": "methods", "create_method": "methods",
+    "KVPrefix": "model.artifacts", "SoftPrompt": "model.artifacts", "BaseModel": "model.base",
+    "generate_ids": "model.decode", "EncoderDecoderBase": "model.encoder_decoder_base", "FrozenBase": "model.frozen",
+    "Sampling": "model.generation", "VirtualContext": "model.inject", "forward": "model.inject",
+    "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "tasks",
+    "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
+    "train_cartridge": "training",
+}
 
 __version__ = "0.1.0"
 
@@ -45,3 +48,34 @@ __all__ = [
     "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
     "next_token_logits", "save_adapter", "train", "train_cartridge", "wrap",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'softprompts' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"softprompts.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static tools see: the same names, imported
+    from softprompts.adapter import Adapter, AdapterError, AdapterMismatchError, BaseWeightsWarning
+    from softprompts.adapter_io import load_adapter, save_adapter
+    from softprompts.api import generate, next_token_logits
+    from softprompts.errors import SoftpromptsError
+    from softprompts.interop.hf_model import PromptModel, wrap
+    from softprompts.methods import METHODS, build_method, create_method
+    from softprompts.model.artifacts import KVPrefix, SoftPrompt
+    from softprompts.model.base import BaseModel
+    from softprompts.model.decode import generate_ids
+    from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+    from softprompts.model.frozen import FrozenBase
+    from softprompts.model.generation import Sampling
+    from softprompts.model.inject import VirtualContext, forward
+    from softprompts.model.load import DEFAULT_MODEL, load_base
+    from softprompts.tasks import TaskSpec
+    from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge

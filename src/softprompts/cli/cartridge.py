@@ -12,7 +12,7 @@ from softprompts.cli.arguments import finite
 
 
 def add_corpus_flags(p: argparse.ArgumentParser) -> None:
-    from softprompts.training.self_study import SelfStudyConfig
+    from softprompts.training.config import SelfStudyConfig
 
     d = SelfStudyConfig()
     group = p.add_argument_group("cartridges (train --corpus): self-study on a corpus, then context distillation")

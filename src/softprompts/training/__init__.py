@@ -9,12 +9,32 @@ checkpoints and RNG state (``state.py``), the optimizer step (``step.py``; the l
                    out_dir="runs/sentiment")          # result.adapter: the best on dev; result.record: training.json
 """
 
-from softprompts.training.cartridge import train_cartridge
-from softprompts.training.config import SCHEDULES, TrainConfig, lr_factor
-from softprompts.training.distributed import Distributed, setup_distributed
-from softprompts.training.loop import RECORD_FILE, TrainResult, train
-from softprompts.training.self_study import SelfStudyConfig
-from softprompts.training.state import checkpoint_path
+import importlib
+from typing import TYPE_CHECKING
+
+# name -> the module that defines it, imported on first use (PEP 562): the command line reads TrainConfig's and
+# SelfStudyConfig's defaults for its help without loading torch and transformers
+_EXPORTS = {
+    "train_cartridge": "cartridge", "SCHEDULES": "config", "SelfStudyConfig": "config", "TrainConfig": "config",
+    "lr_factor": "config", "Distributed": "distributed", "setup_distributed": "distributed",
+    "RECORD_FILE": "loop", "TrainResult": "loop", "train": "loop", "checkpoint_path": "state",
+}
 
 __all__ = ["RECORD_FILE", "SCHEDULES", "Distributed", "SelfStudyConfig", "TrainConfig", "TrainResult",
            "checkpoint_path", "lr_factor", "setup_distributed", "train", "train_cartridge"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'softprompts.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"softprompts.training.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from softprompts.training.cartridge import train_cartridge
+    from softprompts.training.config import SCHEDULES, SelfStudyConfig, TrainConfig, lr_factor
+    from softprompts.training.distributed import Distributed, setup_distributed
+    from softprompts.training.loop import RECORD_FILE, TrainResult, train
+    from softprompts.training.state import checkpoint_path

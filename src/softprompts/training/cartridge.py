@@ -23,12 +23,12 @@ from softprompts.methods import build_method
 from softprompts.model.generation import ContextLengthError
 from softprompts.tasks import TaskSpec
 from softprompts.training import self_study
-from softprompts.training.config import TrainConfig
+from softprompts.training.config import SelfStudyConfig, TrainConfig
 from softprompts.training.distill import student_rows, teacher_targets
 from softprompts.training.distributed import Distributed
 from softprompts.training.loop import TrainResult, train
 from softprompts.training.preflight import log, output_paths
-from softprompts.training.self_study import ChunkContexts, ContextFormat, SelfStudyConfig
+from softprompts.training.self_study import ChunkContexts, ContextFormat
 
 SELF_STUDY_FILE = "self_study.jsonl"
 SUMMARY_FILE = "cartridge.json"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from softprompts.errors import DataError, SoftpromptsError
 from softprompts.files import atomic_text
 from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
+from softprompts.training.config import SelfStudyConfig
 
 CONTEXT_INSTRUCTION = "Use the document below to answer questions about it."
 # What user A is asked to write, by kind: the paper's seed kinds (question, summary, quote, reasoning, explanation)
@@ -42,35 +43,6 @@ SEED_PROMPTS = {
     "recite": None,
 }
 RECITE_QUESTION = "What does the document say? Repeat it word for word."
-
-
-@dataclass(frozen=True)
-class SelfStudyConfig:
-    """conversations: how many to generate; chunk_tokens: the longest chunk (``data/corpus.py``);
-    question_tokens / answer_tokens: the most new tokens of each phase; temperature: sampling of both phases;
-    top_k: the teacher's tokens kept per target position (``model/soft_targets.py``); batch_size: rows decoded (and
-    scored by the teacher) together; seed: the draws of chunks, kinds and samples."""
-
-    conversations: int = 256
-    chunk_tokens: int = 512
-    question_tokens: int = 48
-    answer_tokens: int = 96
-    temperature: float = 0.7
-    top_k: int = 20
-    batch_size: int = 16
-    seed: int = 0
-
-    def errors(self) -> list[str]:
-        problems = [f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
-                    for name, value in asdict(self).items()
-                    if name not in ("temperature", "seed") and (not isinstance(value, int) or value < 1)]
-        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
-            problems.append(f"--self-study-temperature must be in [0, 2], got {self.temperature!r}")
-        return problems
-
-    def recipe(self) -> dict:
-        """What the conversations depend on (a saved set is reused only when this matches)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("top_k", "batch_size")}
 
 
 class ContextFormat:
