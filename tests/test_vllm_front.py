@@ -10,12 +10,9 @@ message), whole and streamed. ``tests/vllm/test_vllm_server.py`` checks the same
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 from starlette.responses import JSONResponse, StreamingResponse
@@ -23,6 +20,7 @@ from tiny import perturbed, tiny_base
 
 import softprompts as sp
 from softprompts.errors import SoftpromptsError
+from softprompts.interop.vllm import decode_prompt_embeds
 from softprompts.interop.vllm_answers import EventStream
 from softprompts.interop.vllm_front import SoftpromptsFront
 from softprompts.interop.vllm_kv_files import LENGTH_KEY, PATH_KEY, PLACEHOLDER_ID, SALT_PREFIX
@@ -49,7 +47,7 @@ class FakeVllm:
         base, stops = self.base, (set(body["stop_token_ids"]) if not body["ignore_eos"] else set())
         table = base.model.get_input_embeddings().weight
         if "prompt_embeds" in body:  # [e(lead); E; e(ids)]: the real tail found back in the embedding table
-            embeds = torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"][prompt_index])), weights_only=True)
+            embeds = decode_prompt_embeds(body["prompt_embeds"][prompt_index])
             last = int((table == embeds[-1]).all(dim=1).nonzero()[0])
             artifact, ids = SoftPrompt(embeds[:-1]), [last]
         else:
@@ -83,7 +81,7 @@ class FakeVllm:
         tokens = [self._tokens(body, i) for i in range(count)]
         decode = self.base.tokenizer.decode
         prompt_tokens = sum(len(p) for p in body.get("prompt", [])) + sum(
-            int(torch.load(io.BytesIO(base64.b64decode(e)), weights_only=True).shape[0])
+            int(decode_prompt_embeds(e).shape[0])
             for e in body.get("prompt_embeds", []))
         envelope = {"id": "cmpl-1", "created": 0, "model": body["model"]}
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(map(len, tokens)),

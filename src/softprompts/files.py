@@ -19,6 +19,7 @@ opened once and every file read through that handle, retrying if it was replaced
 ``atomic_directory`` never yields the old ``adapter.json`` with the new weights. ``read_json(path, error)`` parses a
 JSON file or raises ``error`` naming the file, the problem and the line; ``read_json_or_none`` is for files that may
 legitimately be absent or stale (resumable runs).
+``file_sha256(path)`` hashes a file's bytes (pinned archives, a KV prefix's cache salt).
 
 Where: ``cache_dir()`` is ``$SOFTPROMPTS_CACHE`` or ``~/.cache/softprompts`` (the converted embedded model, downloaded
 archives, prepared datasets).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -118,6 +120,15 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_text(path: str | Path, text: str) -> Path:
@@ -272,6 +283,5 @@ def read_json_or_none(path: str | Path) -> Any | None:
         return None
 
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "cache_dir", "check_output",
-           "exchange", "parse_json",
-           "read_files", "read_json", "read_json_or_none", "remove_stale"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_json", "atomic_text", "cache_dir", "check_output", "exchange",
+           "file_sha256", "parse_json", "read_files", "read_json", "read_json_or_none", "remove_stale"]

@@ -12,7 +12,6 @@ split is deterministic: preparing twice gives identical bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,19 +26,11 @@ from tqdm.auto import tqdm
 from softprompts.data.catalog import ARCHIVES, PREP_VERSION, Archive, CatalogEntry, get_dataset
 from softprompts.data.datasets import SPLITS, bundled_path
 from softprompts.errors import DataError
-from softprompts.files import atomic_directory, atomic_file, cache_dir, read_json_or_none
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from softprompts.files import atomic_directory, atomic_file, cache_dir, file_sha256, read_json_or_none
 
 
 def _verify(path: Path, archive: Archive) -> None:
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != archive.sha256:
         raise DataError(
             f"sha256 mismatch for {archive.requirement} ({path}): expected {archive.sha256}, got {actual}; the "

@@ -41,8 +41,9 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from softprompts.errors import SoftpromptsError
+from softprompts.files import file_sha256
 from softprompts.interop.vllm_answers import EventStream, whole_answer
-from softprompts.interop.vllm_kv_files import file_digest, save_kv
+from softprompts.interop.vllm_kv_files import save_kv
 from softprompts.interop.vllm_launch import FrontConfig
 from softprompts.interop.vllm_requests import KVFile, VllmRequest, translate
 from softprompts.model.load import load_base, resolve
@@ -68,7 +69,7 @@ class KVFiles:
             if saved is not None:
                 return saved
             path = save_kv(entry.source, self.directory / f"{entry.name}.v{entry.version}.safetensors")
-            saved = KVFile(path=path, digest=file_digest(path))
+            saved = KVFile(path=path, digest=file_sha256(path))
             versions = self._files.setdefault(entry.name, {})
             versions[entry.version] = saved
             for old in sorted(versions)[:-2]:

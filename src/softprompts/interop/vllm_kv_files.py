@@ -9,13 +9,12 @@ the same bytes. ``vllm_kv.SoftpromptsKVConnector`` loads the file into those pos
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from softprompts.errors import SoftpromptsError
+from softprompts.files import atomic_file, file_sha256
 from softprompts.model.artifacts import KVPrefix
 
 CONNECTOR_NAME = "SoftpromptsKVConnector"
@@ -41,21 +40,8 @@ def save_kv(prefix: KVPrefix, path: str | Path) -> Path:
     a reader sees the old file or the new one, never half of one)."""
     if not prefix.length:
         raise VllmKVError("an empty KV prefix has nothing to load")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({k: t.detach().cpu().contiguous() for k, t in prefix.tensors().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def file_digest(path: str | Path) -> str:
-    """The sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    tensors = {k: t.detach().cpu().contiguous() for k, t in prefix.tensors().items()}
+    return atomic_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def kv_params(path: str | Path, num_virtual_tokens: int) -> dict:
@@ -85,7 +71,7 @@ def kv_request(path: str | Path, prompt_ids: list[int], num_virtual_tokens: int 
     if num_virtual_tokens is None:
         num_virtual_tokens = read_length(path)
     prompt = {"prompt_token_ids": placeholder_prompt(num_virtual_tokens, prompt_ids, placeholder_id),
-              "cache_salt": SALT_PREFIX + file_digest(path)}
+              "cache_salt": SALT_PREFIX + file_sha256(path)}
     return prompt, {"kv_transfer_params": kv_params(path, num_virtual_tokens)}
 
 
@@ -98,5 +84,5 @@ def read_length(path: str | Path) -> int:
 
 
 __all__ = ["CONNECTOR_MODULE", "CONNECTOR_NAME", "LENGTH_KEY", "PATH_KEY", "PLACEHOLDER_ID", "SALT_PREFIX",
-           "VllmKVError", "connector_config", "file_digest", "kv_params", "kv_request", "placeholder_prompt",
+           "VllmKVError", "connector_config", "kv_params", "kv_request", "placeholder_prompt",
            "read_length", "save_kv"]

@@ -22,8 +22,6 @@ embeddings, not the prompt.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 from softprompts.errors import SoftpromptsError
+from softprompts.interop.vllm import encode_prompt_embeds
 from softprompts.interop.vllm_kv_files import SALT_PREFIX, kv_params, placeholder_prompt
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.generation import eos_ids
@@ -61,13 +60,6 @@ class VllmRequest:
     virtual_tokens: int
     prompts: int
     top_logprobs: int | None = None
-
-
-def encode_embeds(embeds: torch.Tensor) -> str:
-    """vLLM's ``prompt_embeds`` field: base64 of ``torch.save`` of one ``[T, hidden]`` tensor."""
-    buffer = io.BytesIO()
-    torch.save(embeds.detach().cpu().contiguous(), buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _sampling(body: CompletionBody | ChatBody, max_tokens: int, stop_ids: set[int], logprobs: int | None,
@@ -117,7 +109,7 @@ def translate(base, entry: Entry, payload: dict, chat: bool, served_model: str,
             base.check_fits(len(ids), placed.length, max_tokens)
             with torch.no_grad():
                 rest = base.embed(torch.tensor(ids, dtype=torch.long))
-                embeds.append(encode_embeds(torch.cat([placed.embeds.to(rest.dtype), rest], dim=0)))
+                embeds.append(encode_prompt_embeds(torch.cat([placed.embeds.to(rest.dtype), rest], dim=0)))
         fields["prompt_embeds"] = embeds
     elif isinstance(artifact, KVPrefix):
         saved = kv_file(entry)
@@ -134,4 +126,4 @@ def translate(base, entry: Entry, payload: dict, chat: bool, served_model: str,
                        prompts=len(split), top_logprobs=top)
 
 
-__all__ = ["KVFile", "VllmRequest", "encode_embeds", "translate"]
+__all__ = ["KVFile", "VllmRequest", "translate"]
