@@ -20,6 +20,7 @@ from softprompts.model.frozen import FrozenBase
 # isort: off
 from softprompts.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from softprompts.methods.p_tuning import PTuning, PTuningConfig
+from softprompts.methods.residual_prompt import ResidualPrompt, ResidualPromptConfig
 from softprompts.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompts.methods.deep_prompt import DeepPrompt, DeepPromptConfig
 from softprompts.methods.cartridge import Cartridge, CartridgeConfig
@@ -73,4 +74,5 @@ def build_method(base: FrozenBase, name: str, spec=None, seed: int = 0, **overri
 
 __all__ = ["METHODS", "Cartridge", "CartridgeConfig", "DeepPrompt", "DeepPromptConfig", "MethodConfig", "MethodError",
            "PTuning", "PTuningConfig", "PrefixTuning", "PrefixTuningConfig", "PromptMethod", "PromptTuning",
-           "PromptTuningConfig", "build_method", "create_method", "method_class", "task_init_text"]
+           "PromptTuningConfig", "ResidualPrompt", "ResidualPromptConfig", "build_method", "create_method",
+           "method_class", "task_init_text"]
