@@ -33,7 +33,7 @@ from softprompts.model.artifacts import Artifact, KVPrefix
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
 from softprompts.model.placement import place
 from softprompts.model.probe import ModelShapes
-from softprompts.model.quantize import quantization_of
+from softprompts.model.quantize import keep_differentiable, quantization_of
 
 FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap", "distillation",
             "vllm_engine")
@@ -201,10 +201,13 @@ class FrozenBase:
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no parameter trains; quantized layers kept on their differentiable path (eval mode must not make
+    bitsandbytes treat them as inference-only: ``quantize.keep_differentiable``), since gradients still flow
+    through them to the adapter."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return keep_differentiable(model)
 
 
 __all__ = ["FEATURES", "FrozenBase", "UnsupportedFeature", "freeze"]

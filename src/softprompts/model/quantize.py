@@ -15,6 +15,16 @@ tokens and the fused head loss reads the same weights.
 
 ``x = W_q.dequantize() @ h``: the forward is the full-precision one up to the weights' rounding, so gradients flow
 to the inputs (soft prompts, KV prefixes) exactly as through the full-precision base.
+
+That holds only on bitsandbytes' training path, which ``keep_differentiable`` pins (``freeze`` calls it). On a CPU
+with AVX512-BF16, bitsandbytes (>= 0.48) treats a ``Linear4bit`` in eval mode that sees an input without gradient
+as inference-only: it repacks the weight, once and for good, into a layout read by a fused kernel
+(``bitsandbytes::gemv_4bit``) that computes in bfloat16 and has no autograd formula. A frozen base is always in eval
+mode and its first forwards (the shape probe, an initialization, a bare evaluation) run without gradient, so every
+later forward, training's included, went through that kernel: ``dL/dh`` through each quantized linear layer was
+silently zero (a soft prompt or KV prefix reaches the loss only through attention's projections, so its whole
+gradient was zero and an nf4 base did not learn), and the forward was bfloat16 (SmolLM2-135M: logits off by up to
+0.9 against the same nf4 weights dequantized to fp32; 0 on the training path).
 """
 
 from __future__ import annotations
@@ -69,6 +79,27 @@ def quantization_config(kind: str, dtype: torch.dtype):
     return TorchAoConfig(Int8WeightOnlyConfig())
 
 
+def keep_differentiable(model: torch.nn.Module) -> torch.nn.Module:
+    """Pin bitsandbytes' 4-bit layers of ``model`` to their differentiable path, ``x W^T`` with ``W`` dequantized in
+    the compute dtype (``MatMul4Bit``: its backward is ``dL/dx = dL/dy W``), in eval mode and without gradient too.
+
+    Turns off the CPU inference repacking (see the module docstring) and undoes it where it already ran (a model
+    used for inference before it became a frozen base): bitsandbytes' inverse restores the 4-bit codes exactly and
+    quantizes the block scales again from their bfloat16 copy. A model without such layers is left as it is.
+    """
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit (and its subclasses)
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+    return model
+
+
 def quantization_of(model) -> str | None:
     """How a loaded model's weights are quantized: ``nf4``, ``int8`` (our names), the backend's own description for
     any other quantization, ``None`` for full precision."""
@@ -89,5 +120,5 @@ def quantization_of(model) -> str | None:
     return method or "quantized"
 
 
-__all__ = ["QUANTIZATIONS", "QuantizationError", "backend_version", "check_quantization", "quantization_config",
-           "quantization_of"]
+__all__ = ["QUANTIZATIONS", "QuantizationError", "backend_version", "check_quantization", "keep_differentiable",
+           "quantization_config", "quantization_of"]
