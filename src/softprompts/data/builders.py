@@ -45,6 +45,7 @@ def build_mr(archive: zipfile.ZipFile) -> Splits:
 
 
 BBC_WORDS = 100
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")  # the archive's folders, one per topic
 
 
 def build_bbc(archive: zipfile.ZipFile) -> Splits:

