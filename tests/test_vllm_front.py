@@ -11,6 +11,7 @@ message), whole and streamed. ``tests/vllm/test_vllm_server.py`` checks the same
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -42,6 +43,7 @@ class FakeVllm:
 
     def __init__(self, base) -> None:
         self.base, self.seen = base, []
+        self.fail_next = False  # answer the next adapter request as vLLM does when a KV load fails
 
     def _tokens(self, body: dict, prompt_index: int) -> list[int]:
         base, stops = self.base, (set(body["stop_token_ids"]) if not body["ignore_eos"] else set())
@@ -73,10 +75,23 @@ class FakeVllm:
             raw += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        body = json.loads(raw)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            self.seen.append((scope["path"], raw))
+            return await JSONResponse({"error": {"message": "not JSON"}}, status_code=400)(scope, receive, send)
         self.seen.append((scope["path"], body))
-        if "prompt_embeds" not in body and "kv_transfer_params" not in body:  # not the front's: only recorded
+        if "stop_token_ids" not in body or ("prompt_embeds" not in body and "kv_transfer_params" not in body):
+            # not the front's: only recorded
             return await JSONResponse({"object": "text_completion", "choices": []})(scope, receive, send)
+        if self.fail_next:
+            self.fail_next = False
+            error = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                               "code": 500}}
+            if not body["stream"]:
+                return await JSONResponse(error, status_code=500)(scope, receive, send)
+            return await StreamingResponse(iter([f"data: {json.dumps(error)}\n\n", "data: [DONE]\n\n"]),
+                                           media_type="text/event-stream")(scope, receive, send)
         count = len(body.get("prompt_embeds") or body.get("prompt") or [])
         tokens = [self._tokens(body, i) for i in range(count)]
         decode = self.base.tokenizer.decode
@@ -231,8 +246,13 @@ def test_launch_command_and_config():
                                                                                 "--api-key", "s"])
     assert argv[argv.index("--middleware") + 1] == "softprompts.interop.vllm_front.SoftpromptsFront"
     assert "--enable-prompt-embeds" in argv and argv[-4:] == ["--tensor-parallel-size", "2", "--api-key", "s"]
-    assert json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector"] == "SoftpromptsKVConnector"
-    assert FrontConfig.from_env({ENV: env[ENV]}) == FrontConfig(**{**config.__dict__, "api_keys": ("s",)})
+    connector = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert connector["kv_connector"] == "SoftpromptsKVConnector"
+    read = FrontConfig.from_env({ENV: env[ENV]})
+    # the connector reads only the directory the front writes to, a private one made for this server
+    assert read.kv_dir == connector["kv_connector_extra_config"]["kv_dir"] and os.path.isdir(read.kv_dir)
+    assert os.stat(read.kv_dir).st_mode & 0o777 == 0o700
+    assert read == FrontConfig(**{**config.__dict__, "api_keys": ("s",), "kv_dir": read.kv_dir})
     with pytest.raises(SoftpromptsError, match="--served-model-name"):
         vllm_command(config, "/m", "h", 1, "float32", ["--served-model-name=x"])
     with pytest.raises(SoftpromptsError, match="softprompts serve --engine vllm"):
@@ -242,3 +262,138 @@ def test_launch_command_and_config():
 def test_an_encoder_decoder_base_is_refused_at_start(tmp_path):
     with pytest.raises(SoftpromptsError, match="encoder-decoder model: serve it with the default engine"):
         SoftpromptsFront(FakeVllm(None), FrontConfig(adapters=str(tmp_path), model="t5", poll_s=0), tiny_base("t5"))
+
+
+PROBES = [  # (path, body, the field named): what a client tried against the base model (issue V)
+    ("/v1/completions", {"model": "base", "prompt": [0] * 5 + [7, 8], "max_tokens": 2,
+                         "kv_transfer_params": {PATH_KEY: "/etc/hostname", LENGTH_KEY: 5}}, "kv_transfer_params"),
+    ("/v1/completions", {"model": "tiny", "prompt_embeds": "AAAA", "max_tokens": 2}, "prompt_embeds"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "vllm_xargs": {"kv_transfer_params": ["a", 1]}},
+     "vllm_xargs.kv_transfer_params"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "ec_transfer_params": {}}, "ec_transfer_params"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "cache_salt": SALT_PREFIX + "0" * 64}, "cache_salt"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "prompt_embeds", "data": "AAAA"}]}]}, "messages[0].content[1]"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                              "kv_transfer_params": {PATH_KEY: "x"}}, "kv_transfer_params"),
+    ("/inference/v1/generate", {"model": "base", "token_ids": [1, 2], "kv_transfer_params": {}},
+     "kv_transfer_params"),
+    ("/v1/completions", {"model": "deep", "prompt": "x", "kv_transfer_params": {PATH_KEY: "x"}},
+     "kv_transfer_params"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), PROBES)
+def test_fields_only_the_front_sets_are_refused_on_every_route_and_model(fronted, path, body, param):
+    front, _, fake, _, _ = fronted
+    seen = len(fake.seen)
+    answer = front.post(path, json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and param.split("[")[0].split(".")[0] in error["message"]
+    assert len(fake.seen) == seen, "a refused body must never reach vLLM"
+
+
+def test_an_operator_can_trust_clients_with_a_field_but_never_with_the_adapters_salt(fronted):
+    _, _, fake, directory, base = fronted
+    trusting = TestClient(SoftpromptsFront(fake, FrontConfig(adapters=str(directory), model="tiny", poll_s=0,
+                                                             client_fields=("prompt_embeds",)), base))
+    body = {"model": "base", "prompt_embeds": "AAAA", "max_tokens": 2, "cache_salt": "tenant-7"}
+    assert trusting.post("/v1/completions", json=body).status_code == 200
+    assert fake.seen[-1] == ("/v1/completions", body)  # a client's own salt is vLLM's feature, kept
+    refused = trusting.post("/v1/completions", json={**body, "cache_salt": SALT_PREFIX + "x"})
+    assert refused.status_code == 400 and "reserved" in refused.json()["error"]["message"]
+    assert fronted[0].post("/v1/completions", json=body).status_code == 400  # the default trusts no one
+
+
+def test_bodies_that_are_not_json_or_too_deep_reach_vllm_as_sent(fronted):
+    front, _, fake, _, _ = fronted
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b"{not json"):
+        assert front.post("/v1/completions", content=raw).status_code == 400  # the fake vLLM's answer
+        assert fake.seen[-1] == ("/v1/completions", raw)
+
+
+def _kv_path(fake) -> str:
+    return fake.seen[-1][1]["kv_transfer_params"][PATH_KEY]
+
+
+def test_a_kv_file_removed_or_changed_on_disk_is_written_again(fronted):
+    front, ours, fake, _, _ = fronted
+    body = {"model": "deep", "prompt": "abc", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    want = ours.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert front.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
+    path = _kv_path(fake)
+    os.remove(path)
+    assert front.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
+    with open(path, "r+b") as damaged:  # same size, other bytes
+        damaged.seek(-8, 2)
+        damaged.write(b"\x7f" * 8)
+    assert front.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_kv_prefix_vllm_cannot_load_fails_that_request_alone_and_the_next_recovers(fronted, stream):
+    front, ours, fake, _, _ = fronted
+    body = {"model": "deep", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    front.post("/v1/completions", json={**body, "stream": False})
+    path = _kv_path(fake)
+    fake.fail_next = True
+    failed = front.post("/v1/completions", json=body)
+    if stream:
+        events = [json.loads(e[6:]) for e in failed.text.split("\n\n") if e.startswith("data: {")]
+        error = events[-1]["error"]
+    else:
+        assert failed.status_code == 503, failed.text
+        error = failed.json()["error"]
+    assert "'deep'" in error["message"] and "retry" in error["message"] and error["code"] == 503
+    assert not os.path.exists(path), "the file vLLM could not load is dropped, to be written again"
+    again = front.post("/v1/completions", json={**body, "stream": False})
+    want = ours.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"]
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == want
+    assert os.path.exists(_kv_path(fake))
+
+
+def test_the_connector_reads_only_inside_its_directory(tmp_path):
+    from softprompts.interop.vllm_kv_files import inside
+
+    kv_dir = tmp_path / "kv"
+    kv_dir.mkdir()
+    (kv_dir / "a.safetensors").write_bytes(b"x")
+    os.symlink("/etc/hostname", kv_dir / "link.safetensors")
+    assert inside(kv_dir / "a.safetensors", kv_dir)
+    assert not inside("/etc/hostname", kv_dir) and not inside(kv_dir / ".." / "kv2" / "a", kv_dir)
+    assert not inside(kv_dir / "link.safetensors", kv_dir) and not inside(kv_dir, kv_dir)
+    assert not inside(str(kv_dir) + "2/a", kv_dir)
+    assert inside("/anything", None)  # offline use: the caller owns the process
+
+
+def test_the_kv_cache_is_sized_to_fit_the_machine():
+    from softprompts.interop.vllm_launch import kv_cache_size
+
+    mib, gib = 2**20, 2**30
+    per_token = 46_080  # SmolLM2-135M in fp32: 2 * 30 layers * 3 heads * 64 * 4 bytes
+    roomy = kv_cache_size(per_token, 512, available=20 * gib)
+    assert roomy.bytes == 32 * 512 * per_token and "32 sequences" in roomy.reason
+    tight = kv_cache_size(per_token, 8192, available=int(21.44 * gib))  # issue V's machine: vLLM refused to start
+    assert tight.bytes == int(21.44 * gib * 0.25) and "a quarter" in tight.reason
+    assert kv_cache_size(per_token, 512, available=gib, max_kv_mb=100).bytes == 100 * mib
+    with pytest.raises(SoftpromptsError, match="not enough memory for vLLM's KV cache.*--max-model-len"):
+        kv_cache_size(per_token, 8192, available=gib)
+    with pytest.raises(SoftpromptsError, match="cannot hold one full sequence"):
+        kv_cache_size(per_token, 8192, available=20 * gib, max_kv_mb=10)
+    with pytest.raises(SoftpromptsError, match="more than the"):
+        kv_cache_size(per_token, 512, available=gib, max_kv_mb=4096)
+
+
+def test_the_cli_offers_exactly_the_fields_the_front_can_allow():
+    import argparse
+
+    from softprompts.cli import serve
+    from softprompts.interop.vllm_requests import ALLOWABLE_FIELDS
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    action = next(a for a in parser._subparsers._group_actions[0].choices["serve"]._actions
+                  if a.dest == "allow_client_field")
+    assert tuple(action.choices) == ALLOWABLE_FIELDS

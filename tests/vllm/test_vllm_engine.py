@@ -5,7 +5,8 @@ One batch per engine mixes base requests, a soft prompt (vLLM's ``prompt_embeds`
 tokens must equal ``generate_ids`` on the embedded SmolLM2 at fp32. Controls in the same batch: the KV requests'
 placeholder prompts sent without their KV (no ``kv_transfer_params``, unsalted) must give other tokens, so the
 equality comes from the loaded KV, not from the placeholders. A request whose KV file does not load (a layer
-missing) ends with ``finish_reason == "error"`` and no tokens, and the rest of its batch is unaffected.
+missing), or lies outside the connector's KV directory (a copy elsewhere, a symbolic link out of it: never opened),
+ends with ``finish_reason == "error"`` and no tokens, and the rest of its batch is unaffected.
 
 Engines: block size 32 and 128 with prefix caching off; block size 32 with prefix caching on, where the batch runs
 twice (the placeholder block is found cached, salted per adapter, and the connector loads only the rest of the
@@ -64,7 +65,11 @@ def case(tmp_path_factory):
     prefix = adapters["prefix"].artifact
     save_file({"layers.0.key": prefix.keys[0].contiguous(), "layers.0.value": prefix.values[0].contiguous()},
               str(directory / "broken.safetensors"))  # layer 0 only: the load fails at layer 1
-    return base, ids, adapters, expected, kv_files, directory / "broken.safetensors"
+    outside = tmp_path_factory.mktemp("elsewhere") / "prefix.safetensors"  # a good file the connector must not open
+    outside.write_bytes(kv_files["prefix"].read_bytes())
+    os.symlink(outside, directory / "link.safetensors")
+    return base, ids, adapters, expected, kv_files, [directory / "broken.safetensors", outside,
+                                                     directory / "link.safetensors"]
 
 
 def vllm_batch(base, ids, adapters, kv_files, broken):
@@ -82,8 +87,9 @@ def vllm_batch(base, ids, adapters, kv_files, broken):
             rows.append((f"{name} without its KV", i, {"prompt_token_ids": prompt["prompt_token_ids"]},
                          SamplingParams(**greedy)))
         if i == 1:
-            prompt, extra = kv_request(broken, prompt_ids)
-            rows.append(("broken", i, prompt, SamplingParams(**greedy, extra_args=extra)))
+            for path in broken:
+                prompt, extra = kv_request(path, prompt_ids)
+                rows.append(("broken", i, prompt, SamplingParams(**greedy, extra_args=extra)))
     return rows
 
 
@@ -100,7 +106,7 @@ def test_vllm_gives_our_greedy_tokens(case, block_size, prefix_caching, blocks):
     pool = {"num_gpu_blocks_override": blocks, "max_model_len": 160} if blocks else {"max_model_len": 512}
     llm = LLM(model=str(embedded_dir()), dtype="float32", enforce_eager=True, block_size=block_size,
               enable_prefix_caching=prefix_caching, enable_prompt_embeds=True, disable_log_stats=False,
-              kv_transfer_config=kv_transfer_config(), seed=0, **pool)
+              kv_transfer_config=kv_transfer_config(kv_dir=str(kv_files["prefix"].parent)), seed=0, **pool)
     try:
         rows = vllm_batch(base, ids, adapters, kv_files, broken)
         for _ in range(2 if prefix_caching else 1):  # with caching, the second run reuses the salted blocks
@@ -108,7 +114,7 @@ def test_vllm_gives_our_greedy_tokens(case, block_size, prefix_caching, blocks):
             got = {(label, i): list(out.outputs[0].token_ids) for (label, i, _, _), out in zip(rows, outputs,
                                                                                                 strict=True)}
             failed = [out.outputs[0] for (label, _, _, _), out in zip(rows, outputs, strict=True) if label == "broken"]
-            assert [(f.finish_reason, list(f.token_ids)) for f in failed] == [("error", [])]
+            assert [(f.finish_reason, list(f.token_ids)) for f in failed] == [("error", [])] * len(broken)
             want = {(label, i): expected[label][i] for label, i, _, _ in rows if label in expected}
             wrong = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
             assert not wrong, f"vLLM (got) vs ours (want), per (adapter, prompt): {wrong}"

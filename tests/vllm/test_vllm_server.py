@@ -29,6 +29,7 @@ from tiny import perturbed  # noqa: E402
 
 import softprompts as sp  # noqa: E402
 from softprompts.adapter_io import save_adapter  # noqa: E402
+from softprompts.interop.vllm import encode_prompt_embeds  # noqa: E402
 from softprompts.serve.http import build_state, create_app  # noqa: E402
 from softprompts.table import PromptTable  # noqa: E402
 
@@ -61,7 +62,8 @@ def _adapter(base, name: str, seed: int):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """``(vLLM client, default-engine client, adapters directory, base)``; the vLLM server runs for the module."""
+    """``(vLLM client, default-engine client, adapters directory, base, the server's TMPDIR)``; the vLLM server runs
+    for the module."""
     torch.manual_seed(0)
     base = sp.load_base(dtype="float32")
     directory = tmp_path_factory.mktemp("adapters")
@@ -73,7 +75,8 @@ def served(tmp_path_factory):
     table.save()
     port = _free_port()
     log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    scratch = tmp_path_factory.mktemp("scratch")  # the server's TMPDIR: its private KV directory is made here
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": str(scratch)}
     server = subprocess.Popen([sys.executable, "-m", "softprompts", "serve", "--engine", "vllm", "--adapters",
                                str(directory), "--port", str(port), "--poll-seconds", "0.5", "--max-model-len", "512",
                                "--block-size", "32", "--enforce-eager", "--seed", "0"],
@@ -92,7 +95,7 @@ def served(tmp_path_factory):
     state = build_state(base, directory, poll_s=0)
     try:
         with TestClient(create_app(state)) as ours:
-            yield client, ours, directory, base
+            yield client, ours, directory, base, scratch
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
@@ -114,7 +117,7 @@ def _ours(ours, path: str, body: dict) -> dict:
 
 
 def test_every_adapter_kind_gives_the_default_engines_tokens(served):
-    client, ours, _, _ = served
+    client, ours, _, _, _ = served
     names = ["base", *[n for n in ADAPTERS if n != "chatsoft"], "table.a", "table.b"]
     jobs = [(name, prompt) for prompt in PROMPTS for name in names]
     with ThreadPoolExecutor(len(jobs)) as pool:  # one burst: vLLM batches adapters and base together
@@ -135,7 +138,7 @@ def test_every_adapter_kind_gives_the_default_engines_tokens(served):
 
 @pytest.mark.parametrize("name", ["chatsoft", "deep"])
 def test_chat_applies_placement_and_system_message(served, name):
-    client, ours, _, _ = served
+    client, ours, _, _, _ = served
     body = {"model": name, "messages": CHAT, "max_tokens": NEW_TOKENS, "temperature": 0.0}
     want = _ours(ours, "/v1/chat/completions", body)["choices"][0]
     answer = client.chat.completions.create(**body)
@@ -156,7 +159,7 @@ def test_chat_applies_placement_and_system_message(served, name):
 
 
 def test_models_and_errors_in_openais_shape(served):
-    client, _, _, _ = served
+    client, _, _, _, _ = served
     ids = {m.id for m in client.models.list().data}
     assert {"base", *ADAPTERS, "table.a", "table.b"} <= ids
     with pytest.raises(openai.NotFoundError) as missing:
@@ -174,7 +177,7 @@ def test_models_and_errors_in_openais_shape(served):
 def test_a_replaced_adapter_is_served_with_its_new_kv(served):
     """Hot reload, and versions never share cached KV: the same name and length (so the same placeholder blocks,
     which prefix caching holds from the earlier requests), other values."""
-    client, ours, directory, base = served
+    client, ours, directory, base, _ = served
     before = _completion(client, "prefix", PROMPTS[1])
     replacement = sp.Adapter.from_method(perturbed(base, "prefix", 37, "Say no.", scale=0.3, seed=11), base)
     save_adapter(replacement, directory / "prefix", overwrite=True)
@@ -186,3 +189,44 @@ def test_a_replaced_adapter_is_served_with_its_new_kv(served):
     while (after := _completion(client, "prefix", PROMPTS[1])) == before and time.time() < deadline:
         time.sleep(0.5)
     assert after == want
+
+
+def test_a_client_cannot_make_the_server_open_a_file_or_take_a_tensor(served):
+    """Issue V's probes, against the base model: each is a 400 naming the field, and the server keeps answering."""
+    client, _, directory, base, _ = served
+    ids = base.tokenize(PROMPTS[1])
+    for path in (str(directory / "prefix" / "adapter.safetensors"), "/etc/hostname"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="base", prompt=[0] * 37 + ids, max_tokens=4, extra_body={
+                "kv_transfer_params": {"softprompts_kv": path, "num_virtual_tokens": 37}})
+        assert refused.value.body["param"] == "kv_transfer_params", refused.value.body
+    embeds = encode_prompt_embeds(torch.randn(12, base.model.config.hidden_size))
+    probes = [("completions", {"model": "base", "prompt": "", "max_tokens": 2, "extra_body": {"prompt_embeds": embeds}},
+               "prompt_embeds"),
+              ("completions", {"model": "base", "prompt": "hi", "max_tokens": 2,
+                               "extra_body": {"cache_salt": "softprompts-kv-" + "0" * 64}}, "cache_salt"),
+              ("completions", {"model": "base", "prompt": "hi", "max_tokens": 2,
+                               "extra_body": {"vllm_xargs": {"kv_transfer_params": ["x"]}}},
+               "vllm_xargs.kv_transfer_params"),
+              ("chat", {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                  {"type": "prompt_embeds", "data": embeds}]}]}, "messages[0].content[0]")]
+    for kind, fields, param in probes:
+        create = client.completions.create if kind == "completions" else client.chat.completions.create
+        with pytest.raises(openai.BadRequestError) as refused:
+            create(**fields)
+        assert refused.value.body["param"] == param, refused.value.body
+    assert client.completions.create(model="base", prompt="hi", max_tokens=2, extra_body={"cache_salt": "mine"}
+                                     ).choices[0].text  # a client's own salt is vLLM's feature, kept
+
+
+def test_a_kv_file_removed_or_damaged_on_disk_is_written_again(served):
+    client, _, _, _, scratch = served
+    want = _completion(client, "cartridge", PROMPTS[0])
+    files = list(scratch.glob("softprompts-vllm-kv-*/cartridge.*.safetensors"))
+    assert files, f"no KV file of the cartridge under {scratch}"
+    for path in files:
+        path.unlink()
+    assert _completion(client, "cartridge", PROMPTS[0]) == want
+    for path in scratch.glob("softprompts-vllm-kv-*/cartridge.*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    assert _completion(client, "cartridge", PROMPTS[0]) == want

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                    "429 with Retry-After instead of growing memory")
     p.add_argument("--max-kv-mb", type=finite, default=None, help="KV-cache budget of the running requests, counted "
                    "at their worst case (prompt + max_tokens); a request that alone exceeds it gets 429 "
-                   "(default: no budget beyond --max-running)")
+                   "(default: no budget beyond --max-running). With --engine vllm: the size of vLLM's KV cache "
+                   "(default on a CPU: room for 32 full-length sequences, at most a quarter of the free memory)")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS", help="prompts longer than this are "
                    "prefilled this many tokens per step, between the running requests' decode steps, so a long "
                    "prompt never stalls them for its whole prefill (default 512)")
@@ -46,6 +47,12 @@ def register(subparsers) -> None:
                    "running this long after it arrived (finish_reason 'timeout', with the tokens so far); default none")
     p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0, help="LRU limit on loaded adapters")
     p.add_argument("--poll-seconds", type=finite, default=2.0, help="adapter directory polling interval (0 = off)")
+    p.add_argument("--allow-client-field", action="append", choices=("kv_transfer_params", "ec_transfer_params",
+                   "prompt_embeds"), metavar="FIELD", help="--engine vllm only: let clients set this field, which "
+                   "the front otherwise refuses (400) on every request, the base model's too. RISK: kv_transfer_params"
+                   " asks the KV connector to load a file (only inside the front's own KV directory), prompt_embeds "
+                   "makes vLLM deserialize a client's tensor; allow them only when every client is trusted "
+                   "(docs/SERVING.md)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run, takes_extra_args=True)
 
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     ] if bad]
     if problems:  # before the model loads
         raise SoftpromptsError("; ".join(problems))
+    if args.allow_client_field and args.engine != "vllm":
+        raise SoftpromptsError("--allow-client-field is for --engine vllm (the default engine has no such fields)")
     if args.engine == "vllm":
         from softprompts.cli.serve_vllm import run_vllm
 

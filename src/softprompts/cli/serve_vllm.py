@@ -12,8 +12,6 @@ from softprompts.errors import SoftpromptsError
 DEFAULT_ENGINE_ONLY = {
     "max_running": ("--max-running", 32, "--max-num-seqs"),
     "max_waiting": ("--max-waiting", 256, "vLLM's queue (it has no bound; put a gateway in front)"),
-    "max_kv_mb": ("--max-kv-mb", None, "--kv-cache-memory-bytes or --gpu-memory-utilization; on CPU "
-                  "VLLM_CPU_KVCACHE_SPACE"),
     "prefill_chunk": ("--prefill-chunk", 512, "--max-num-batched-tokens (chunked prefill)"),
     "request_timeout": ("--request-timeout", None, "a client-side timeout"),
     "quantize": ("--quantize", None, "--quantization"),
@@ -34,10 +32,44 @@ def run_vllm(args: argparse.Namespace) -> int:
     dtype = args.dtype or "float32"  # the default engine's dtype, so both engines give the same tokens
     config = FrontConfig(adapters=os.path.abspath(args.adapters), model=model, dtype=dtype,
                          served_names=served_names(model), poll_s=args.poll_seconds,
-                         max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20))
-    argv, env = vllm_command(config, resolve(model), args.host, args.port, dtype,
-                             ["--uvicorn-log-level", args.log_level, *args.extra_args])
+                         max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
+                         client_fields=tuple(args.allow_client_field or ()))
+    path = resolve(model)
+    extra = ["--uvicorn-log-level", args.log_level, *args.extra_args, *_kv_cache_option(args, path, dtype)]
+    argv, env = vllm_command(config, path, args.host, args.port, dtype, extra)
+    if config.client_fields:
+        print(f"clients may set {', '.join(config.client_fields)} (--allow-client-field): trust every client that "
+              "can reach this server", flush=True)
     print(f"starting vLLM's OpenAI server for {model} with the adapters in {args.adapters} on "
           f"http://{args.host}:{args.port}", flush=True)
     os.execvpe(argv[0], argv, env)
     return 0  # not reached
+
+
+def _kv_cache_option(args: argparse.Namespace, model_path: str, dtype: str) -> list[str]:
+    """``--kv-cache-memory-bytes N`` for vLLM: from ``--max-kv-mb``, or sized by ``vllm_launch.kv_cache_size`` on a
+    CPU build when the user set none of vLLM's own KV options (there vLLM's default reserves 92% of the machine's RAM
+    and refuses to start when that much is not free); nothing otherwise."""
+    from softprompts.interop.vllm_launch import KV_SIZE_OPTIONS, kv_bytes_per_token, kv_cache_size, option_values
+
+    theirs = [o for o in KV_SIZE_OPTIONS if option_values(args.extra_args, o)]
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        theirs.append("VLLM_CPU_KVCACHE_SPACE")
+    if theirs and args.max_kv_mb is not None:
+        raise SoftpromptsError(f"--max-kv-mb and {', '.join(theirs)} both size vLLM's KV cache; give one")
+    if theirs:
+        return []
+    import psutil
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    if args.max_kv_mb is None and not current_platform.is_cpu():
+        return []  # on a GPU, vLLM's share of the GPU's memory is the usual default
+    model_config = AutoConfig.from_pretrained(model_path)
+    lengths = option_values(args.extra_args, "--max-model-len")
+    max_len = int(lengths[-1]) if lengths else int(getattr(getattr(model_config, "text_config", None) or model_config,
+                                                           "max_position_embeddings", 2048))
+    size = kv_cache_size(kv_bytes_per_token(model_config, dtype), max_len, psutil.virtual_memory().available,
+                         args.max_kv_mb)
+    print(f"vLLM's KV cache: {size.reason}", flush=True)
+    return ["--kv-cache-memory-bytes", str(size.bytes)]

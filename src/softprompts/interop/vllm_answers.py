@@ -11,7 +11,9 @@ completion, so its answer becomes a chat completion again::
 
 and completion logprobs (``tokens``, ``token_logprobs``, ``top_logprobs``) become chat logprobs
 (``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``, the top ``k`` the client asked for).
-Error answers pass through unchanged.
+A 5xx answer (or an error event in a stream) to an adapter request is rewritten to name the adapter and what to do
+(``failure``): for a KV prefix, the front's KV file could not be loaded - the front writes it again, so a retry
+succeeds; other error answers (4xx: vLLM's own validation) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def _envelope(answer: dict, request: VllmRequest, chunk: bool) -> dict:
     return out
 
 
+def failure(answer: object, request: VllmRequest) -> tuple[int, dict]:
+    """``(status, body)``: vLLM's error answer to an adapter request, in OpenAI's shape, naming the adapter and what
+    to do. A KV-prefix request is a 503 (retry: the front writes the file again); any other a 500."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    theirs = (error.get("message") if isinstance(error, dict) else None) or "no message"
+    if request.kv_path is not None:
+        status, what = 503, ("its KV prefix could not be loaded from the front's KV file (removed or damaged on "
+                             "disk); the front writes the file again for the next request: retry it")
+    else:
+        status, what = 500, "see the vLLM server's log"
+    message = f"vLLM could not complete this request for adapter {request.model!r} (vLLM: {theirs}); {what}"
+    return status, {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
+
+
 def whole_answer(answer: dict, request: VllmRequest) -> dict:
     """vLLM's whole ``text_completion`` answer -> the client's answer."""
     out = _envelope(answer, request, chunk=False)
@@ -76,12 +92,14 @@ def whole_answer(answer: dict, request: VllmRequest) -> dict:
 
 class EventStream:
     """Server-sent events from vLLM -> the client's events: ``feed(bytes)`` returns the complete events so far,
-    rewritten (an event may arrive split across chunks); ``[DONE]`` and error events pass unchanged."""
+    rewritten (an event may arrive split across chunks); ``[DONE]`` passes unchanged, an error event becomes
+    ``failure``'s (and sets ``failed``)."""
 
     def __init__(self, request: VllmRequest) -> None:
         self.request = request
         self._pending = b""
         self._started: set[int] = set()  # choice indices that have had their first delta
+        self.failed = False  # an error event came: vLLM could not complete the request
 
     def feed(self, chunk: bytes) -> bytes:
         self._pending += chunk
@@ -99,8 +117,11 @@ class EventStream:
             answer = json.loads(raw[len(b"data: "):])
         except ValueError:
             return raw
+        if isinstance(answer, dict) and "error" in answer:
+            self.failed = True
+            return b"data: " + json.dumps(failure(answer, self.request)[1], separators=(",", ":")).encode()
         if not isinstance(answer, dict) or "choices" not in answer:
-            return raw  # an error event
+            return raw
         out = _envelope(answer, self.request, chunk=True)
         choices = []
         for choice in answer["choices"]:
@@ -111,4 +132,4 @@ class EventStream:
         return b"data: " + json.dumps(out, separators=(",", ":")).encode()
 
 
-__all__ = ["EventStream", "chat_logprobs", "whole_answer"]
+__all__ = ["EventStream", "chat_logprobs", "failure", "whole_answer"]

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -42,39 +44,66 @@ from starlette.responses import JSONResponse
 
 from softprompts.errors import SoftpromptsError
 from softprompts.files import file_sha256
-from softprompts.interop.vllm_answers import EventStream, whole_answer
+from softprompts.interop.vllm_answers import EventStream, failure, whole_answer
 from softprompts.interop.vllm_kv_files import save_kv
 from softprompts.interop.vllm_launch import FrontConfig
-from softprompts.interop.vllm_requests import KVFile, VllmRequest, translate
+from softprompts.interop.vllm_requests import ClientFieldError, KVFile, VllmRequest, check_client_fields, translate
 from softprompts.model.load import load_base, resolve
 from softprompts.serve.errors import error_of, invalid_body_response
 from softprompts.serve.registry import Entry, Registry
 
 GENERATION_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> is chat
+log = logging.getLogger("softprompts.vllm_front")
 
 
 class KVFiles:
-    """``(entry) -> KVFile``: each adapter version's KV prefix saved once in a private directory (removed at exit),
-    the two newest versions of a name kept (a request in flight may still read the older one)."""
+    """``(entry) -> KVFile``: each adapter version's KV prefix saved once in the front's KV directory (the only
+    directory the connector reads; removed at exit), the two newest versions of a name kept (a request in flight may
+    still read the older one). A file found removed or changed since it was written (size, modification time) is
+    written again before it is named to vLLM, and ``forget`` drops one that vLLM could not load, so the next request
+    writes it again."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="softprompts-vllm-kv-"))
-        self._files: dict[str, dict[int, KVFile]] = {}
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._files: dict[str, dict[int, tuple[KVFile, tuple[int, int]]]] = {}
         self._lock = threading.Lock()
         atexit.register(shutil.rmtree, self.directory, True)
 
     def __call__(self, entry: Entry) -> KVFile:
         with self._lock:
             saved = self._files.get(entry.name, {}).get(entry.version)
+            if saved is not None and _signature(saved[0].path) == saved[1]:
+                return saved[0]
             if saved is not None:
-                return saved
+                log.warning("the KV file of adapter %r (version %d) was removed or changed on disk; writing it again",
+                            entry.name, entry.version)
             path = save_kv(entry.source, self.directory / f"{entry.name}.v{entry.version}.safetensors")
-            saved = KVFile(path=path, digest=file_sha256(path))
+            kv_file = KVFile(path=path, digest=file_sha256(path))
             versions = self._files.setdefault(entry.name, {})
-            versions[entry.version] = saved
+            versions[entry.version] = (kv_file, _signature(path))
             for old in sorted(versions)[:-2]:
-                versions.pop(old).path.unlink(missing_ok=True)
-            return saved
+                versions.pop(old)[0].path.unlink(missing_ok=True)
+            return kv_file
+
+    def forget(self, name: str, path: Path) -> None:
+        """Drop the file at ``path`` saved for adapter ``name`` (vLLM could not load it): the next request writes
+        it again."""
+        with self._lock:
+            versions = self._files.get(name, {})
+            for version, (kv_file, _) in list(versions.items()):
+                if kv_file.path == path:
+                    versions.pop(version)
+                    path.unlink(missing_ok=True)
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """``(size, modification time in ns)`` of a file, ``None`` when it is gone."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 async def _read_body(receive) -> bytes:
@@ -115,15 +144,19 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 class _AnswerRewriter:
     """The ``send`` vLLM answers through: a 200 answer is rewritten for the client (whole, or event by event when
-    streamed); any other answer passes unchanged."""
+    streamed); a 5xx answer (or an error event) becomes ``vllm_answers.failure``'s, and ``on_failure`` is called (the
+    front forgets the KV file vLLM could not load); any other answer passes unchanged."""
 
-    def __init__(self, send, request: VllmRequest) -> None:
-        self.send, self.request = send, request
+    def __init__(self, send, request: VllmRequest, on_failure: Callable[[VllmRequest], None]) -> None:
+        self.send, self.request, self.on_failure = send, request, on_failure
         self.mode, self.start, self.buffer, self.events = "pass", None, b"", None
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             headers = list(message.get("headers", []))
+            if message["status"] >= 500:
+                self.mode, self.start = "failed", message
+                return
             if message["status"] != 200:
                 self.mode = "pass"
             elif "text/event-stream" in (_header(headers, b"content-type") or ""):
@@ -138,14 +171,32 @@ class _AnswerRewriter:
             if self.mode == "stream":
                 out = self.events.feed(message.get("body", b"")) + (b"" if more else self.events.close())
                 await self.send({"type": "http.response.body", "body": out, "more_body": more})
+                if not more and self.events.failed:
+                    self.on_failure(self.request)
                 return
             self.buffer += message.get("body", b"")
             if not more:
-                body = json.dumps(whole_answer(json.loads(self.buffer), self.request)).encode()
-                await self.send({**self.start, "headers": _headers(list(self.start.get("headers", [])), len(body))})
-                await self.send({"type": "http.response.body", "body": body, "more_body": False})
+                await self._whole()
         else:
             await self.send(message)
+
+    async def _whole(self) -> None:
+        status = 200
+        if self.mode == "failed":
+            try:
+                answer = json.loads(self.buffer)
+            except ValueError:
+                answer = None
+            status, out = failure(answer, self.request)
+            log.error("adapter %r: vLLM answered %d: %s", self.request.model, self.start["status"], self.buffer[:500])
+            self.on_failure(self.request)
+        else:
+            out = whole_answer(json.loads(self.buffer), self.request)
+        body = json.dumps(out).encode()
+        headers = _headers([(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-type"]
+                           + [(b"content-type", b"application/json")], len(body))
+        await self.send({**self.start, "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class SoftpromptsFront:
@@ -161,7 +212,7 @@ class SoftpromptsFront:
         self.registry = Registry(self.base, self.config.adapters, max_bytes=self.config.max_adapter_bytes,
                                  poll_s=self.config.poll_s)
         self.registry.start_polling()
-        self.kv_files = KVFiles()
+        self.kv_files = KVFiles(self.config.kv_dir)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self._authorized(scope):
@@ -172,8 +223,8 @@ class SoftpromptsFront:
                 entries = await anyio.to_thread.run_sync(self.registry.entries)
                 return await JSONResponse({"object": "list", "data": [e.describe() for e in entries]})(
                     scope, receive, send)
-            if scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES:
-                return await self._generation(scope, receive, send)
+            if scope["method"] == "POST":
+                return await self._post(scope, receive, send)
         await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
@@ -182,15 +233,29 @@ class SoftpromptsFront:
         given = _header(list(scope.get("headers", [])), b"authorization") or ""
         return any(given == f"Bearer {key}" for key in self.config.api_keys)
 
-    async def _generation(self, scope, receive, send) -> None:
+    async def _post(self, scope, receive, send) -> None:
+        """Every POST body: refused if it sets a field only the front may set (any route, any model); then an
+        adapter's generation request is translated, and anything else goes to vLLM as the front read it."""
         raw = await _read_body(receive)
         try:
             payload = json.loads(raw)
-        except ValueError:
-            payload = None
-        name = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(name, str) or name in self.config.served_names:
+        except (ValueError, RecursionError):  # not JSON (or nested past the parser's depth): vLLM refuses it, or
+            # reads it as a form; nothing for the front to check
             return await self.app(scope, _replay(raw, receive), send)
+        try:
+            check_client_fields(payload, self.config.client_fields)
+        except ClientFieldError as exc:
+            return await error_of(exc)(scope, receive, send)
+        body = json.dumps(payload).encode()  # vLLM parses exactly what was checked
+        name = payload.get("model") if isinstance(payload, dict) else None
+        if (scope["path"] not in GENERATION_ROUTES or not isinstance(name, str)
+                or name in self.config.served_names):
+            forward = {**scope, "headers": _headers(list(scope.get("headers", [])), len(body))}
+            return await self.app(forward, _replay(body, receive), send)
+        await self._generation(scope, receive, send, payload)
+
+    async def _generation(self, scope, receive, send, payload: dict) -> None:
+        name = payload["model"]
         try:
             entry = await anyio.to_thread.run_sync(self.registry.get, name)
             request = await anyio.to_thread.run_sync(translate, self.base, entry, payload,
@@ -204,7 +269,13 @@ class SoftpromptsFront:
         body = json.dumps(request.body).encode()
         inner = {**scope, "path": "/v1/completions", "raw_path": b"/v1/completions",
                  "headers": _headers(list(scope.get("headers", [])), len(body))}
-        await self.app(inner, _replay(body, receive), _AnswerRewriter(send, request))
+        await self.app(inner, _replay(body, receive), _AnswerRewriter(send, request, self._failed))
+
+    def _failed(self, request: VllmRequest) -> None:
+        if request.kv_path is not None:
+            log.warning("adapter %r: vLLM could not load its KV file %s; it is written again for the next request",
+                        request.model, request.kv_path)
+            self.kv_files.forget(request.model, request.kv_path)
 
     async def _models(self, scope, receive, send) -> None:
         """vLLM's model list with the adapters appended."""

