@@ -13,6 +13,9 @@
 
     result = sp.train_cartridge(base, ["manual.md"], sp.TrainConfig(steps=200, lr=2e-2), out_dir="manual-cartridge")
 
+    best = sp.tune(sp.TuneTask(base, "prompt", spec, examples, dev), sp.TrainConfig(steps=100),
+                   sp.TuneConfig(trials=20), "tuned")      # Optuna: tuned/best/, best.json, tune.md, trials.png
+
     model = sp.wrap("smollm2-135m", "prompt", num_virtual_tokens=20)  # an nn.Module for transformers.Trainer / TRL
 
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
@@ -36,7 +39,7 @@ _EXPORTS = {
     "Sampling": "model.generation", "VirtualContext": "model.inject", "forward": "model.inject",
     "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "tasks",
     "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
-    "train_cartridge": "training",
+    "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
 }
 
 __version__ = "0.1.0"
@@ -44,9 +47,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
     "EncoderDecoderBase", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling", "SelfStudyConfig",
-    "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "VirtualContext",
-    "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter", "load_base",
-    "next_token_logits", "save_adapter", "train", "train_cartridge", "wrap",
+    "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "TuneConfig", "TuneTask",
+    "VirtualContext", "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter",
+    "load_base", "next_token_logits", "save_adapter", "train", "train_cartridge", "tune", "wrap",
 ]
 
 
@@ -79,3 +82,4 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.tasks import TaskSpec
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
+    from softprompts.training.tune import TuneConfig, TuneTask, tune

@@ -12,6 +12,7 @@ import sys
 # module name -> imported lazily so `softprompts --help` stays fast
 SUBCOMMANDS = [
     "train",
+    "tune",
     "evaluate",
     "generate",
     "inspect",

@@ -37,6 +37,16 @@ class MethodConfig:
     seed: int = 0
 
     allowed_inits: ClassVar[tuple[str, ...]] = INITS
+    # the method's own knobs `softprompts tune` searches (field -> the values it tries); see ``search_choices``
+    tunable: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def search_choices(cls) -> dict[str, tuple]:
+        """Field -> the values ``softprompts tune`` tries for this method (``training/tune.py``; the learning rate is
+        searched beside them): ``num_virtual_tokens`` around the default ``P`` (``P/2, P, 2P``), then the method's
+        own ``tunable`` knobs, which may also replace that set."""
+        p = cls.num_virtual_tokens
+        return {"num_virtual_tokens": tuple(sorted({max(1, p // 2), p, 2 * p})), **cls.tunable}
 
     def errors(self) -> list[str]:
         """Every problem with this config at once, each with what to do about it."""

@@ -29,6 +29,8 @@ class PTuningConfig(MethodConfig):
     encoder: str = "mlp"
     encoder_hidden: int = 0
 
+    tunable = {"encoder": ("mlp", "lstm"), "encoder_hidden": (0, 128)}  # `softprompts tune`: d or a 128 bottleneck
+
     def errors(self) -> list[str]:
         problems = super().errors()
         if self.encoder not in ("mlp", "lstm"):

@@ -36,6 +36,8 @@ class PrefixTuningConfig(MethodConfig):
     projection_dim: int = 512
     projection_hidden: int = 512
 
+    tunable = {"projection_hidden": (128, 256, 512)}  # `softprompts tune`: the MLP's hidden size h
+
     def errors(self) -> list[str]:
         problems = super().errors()
         if self.projection_dim < 1 or self.projection_hidden < 1:

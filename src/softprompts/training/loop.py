@@ -16,7 +16,8 @@ itself is ``step.accumulate_step`` (also what the benchmark times), optionally u
 (``autocast_bf16``, CUDA only) and with decoder-layer gradient checkpointing (``gradient_checkpointing``).
 
 Evaluation on dev runs at step 0 (so the kept adapter is never worse on dev than its init) and every ``eval_every``
-steps; the best adapter is kept and training stops early after ``patience`` evaluations without improvement.
+steps; the best adapter is kept and training stops early after ``patience`` evaluations without improvement, or
+when the caller's ``on_eval(step, dev metric)`` answers ``True`` (``training/tune.py`` prunes a weak trial so).
 Checkpoints (atomic) hold everything needed to continue bitwise: method, optimizer, scheduler and RNG states, the
 step (the data order is a pure function of ``(seed, epoch)``), curve and best adapter so far.
 
@@ -52,6 +53,7 @@ from softprompts.training.state import TrainState, seed_everything
 from softprompts.training.step import accumulate_step, loss_for
 
 RECORD_FILE = "training.json"
+EvalCallback = Callable[[int, float], bool]  # (step, dev metric after it) -> stop training now
 
 
 @dataclass
@@ -80,10 +82,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState = field(default_factory=TrainState)
+    on_eval: EvalCallback | None = None
 
     @classmethod
     def start(cls, base, method, spec: TaskSpec, config: TrainConfig, dist: Distributed, data: TrainData,
-              ckpt: Path | None) -> _Run:
+              ckpt: Path | None, on_eval: EvalCallback | None = None) -> _Run:
         """Seed the global RNGs, put the method in training mode, wrap it for DDP, make AdamW and its schedule."""
         env = environment(base, dist.world_size)
         seed_everything(config.seed)
@@ -91,7 +94,7 @@ class _Run:
         model = dist.wrap(method)
         optimizer = torch.optim.AdamW(method.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-        return cls(base, method, spec, config, dist, data, ckpt, env, model, optimizer, scheduler)
+        return cls(base, method, spec, config, dist, data, ckpt, env, model, optimizer, scheduler, on_eval=on_eval)
 
     @property
     def metric(self) -> str:
@@ -186,14 +189,18 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_step(self) -> None:
-        """Dev evaluation every ``eval_every`` steps and at the last one (patience may stop early; without dev the
-        last adapter is the one kept), then a checkpoint every ``checkpoint_every`` steps before the last."""
+        """Dev evaluation every ``eval_every`` steps and at the last one (patience or ``on_eval`` may stop early;
+        without dev the last adapter is the one kept), then a checkpoint every ``checkpoint_every`` steps before the
+        last."""
         config, state, dist = self.config, self.state, self.dist
         last = state.step == config.steps
         if self.data.dev and ((config.eval_every and state.step % config.eval_every == 0) or last):
-            self.evaluate_now()
-            state.stopped_early = bool(config.patience and state.bad_evals >= config.patience and not last)
-            if state.stopped_early:
+            score = self.evaluate_now()
+            asked = self.on_eval is not None and bool(self.on_eval(state.step, score)) and not last
+            state.stopped_early = asked or bool(config.patience and state.bad_evals >= config.patience and not last)
+            if asked:
+                log(dist, f"stopped at step {state.step}: the caller's on_eval asked to stop")
+            elif state.stopped_early:
                 log(dist, f"early stop at step {state.step}: no dev improvement in {config.patience} evaluations")
         elif not self.data.dev and last:
             self.evaluate_now()
@@ -202,8 +209,9 @@ class _Run:
 
     # --- keep-best evaluation and checkpoints ------------------------------------------------------------------
 
-    def evaluate_now(self) -> None:
-        """Dev evaluation of the current adapter; keeps the best (ties keep the earlier one)."""
+    def evaluate_now(self) -> float | None:
+        """Dev evaluation of the current adapter (its primary metric, ``None`` without dev); keeps the best (ties
+        keep the earlier one)."""
         state, dev, metric = self.state, self.data.dev, self.metric
         started = time.perf_counter()
         artifact = self.method.materialize()
@@ -222,6 +230,7 @@ class _Run:
         if dev:
             log(self.dist, f"step {state.step}: dev {metric} {score:.4f} "
                            f"(best {state.best_metric:.4f} at step {state.best_step})")
+        return score
 
     def save_checkpoint(self) -> None:
         """Everything a bitwise resume needs (``checkpoint.py``; a collective, so all ranks call this)."""
@@ -272,6 +281,7 @@ def train(
     dist: Distributed | None = None,
     base_dev: dict | None = None,
     extra_files: dict[str, str] | None = None,
+    on_eval: EvalCallback | None = None,
 ) -> TrainResult:
     """Train ``method`` (a ``PromptMethod`` built on ``base``) and return the best adapter and the training record.
 
@@ -279,13 +289,15 @@ def train(
     main rank; ``resume`` continues from that checkpoint. ``base_dev``: the bare model's metrics on the same dev
     examples (the first ``eval_limit``) when the caller has them already (``compare`` and ``demo`` train several
     methods on one dev set); otherwise they are computed once before training. ``extra_files``: name -> text,
-    written into ``out_dir`` with the adapter (a cartridge's self-study conversations).
+    written into ``out_dir`` with the adapter (a cartridge's self-study conversations). ``on_eval(step, metric)``:
+    called after each dev evaluation that follows a step (on every rank: it must answer the same on all); ``True``
+    stops training there (not at the last step), keeping the best adapter so far, as patience does.
     """
     check_options(base, config)
     dist = dist or Distributed()
     out_dir, ckpt, resuming = output_paths(out_dir, resume, overwrite, dist)
     data = prepare_data(base, method, train_examples, dev_examples, spec, config, dist)
-    run = _Run.start(base, method, spec, config, dist, data, ckpt)
+    run = _Run.start(base, method, spec, config, dist, data, ckpt, on_eval)
     if resuming:
         run.resume()
     else:
@@ -294,4 +306,4 @@ def train(
     return run.finish(out_dir, extra_files)
 
 
-__all__ = ["RECORD_FILE", "TrainResult", "train"]
+__all__ = ["RECORD_FILE", "EvalCallback", "TrainResult", "train"]

@@ -1,0 +1,109 @@
+"""``softprompts tune``: search a method's learning rate, virtual tokens and own knobs on the dev split within a
+budget (Optuna: TPE, weak trials pruned at the dev evaluations), and keep the best adapter.
+
+Writes OUT/best/ (the best trial's adapter), OUT/best.json, OUT/tune.md, OUT/trials.png, and OUT/study.db (the study:
+kill it and rerun the same command to continue; `optuna-dashboard OUT/study.db` opens it). Needs
+pip install 'softprompts[tune]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
+from softprompts.errors import SoftpromptsError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="search lr, virtual tokens and a method's knobs on dev (Optuna), keep the best",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m)")
+    p.add_argument("--method", default="prompt", help="the method to tune (see `softprompts train --help`)")
+    p.add_argument("--task", default="classify", choices=("classify", "generate"))
+    p.add_argument("--data", required=True, help="training data: .jsonl, .json, .csv or .tsv (or chat rows)")
+    p.add_argument("--eval-data", default=None, help="dev data, the split the search chooses on (required)")
+    p.add_argument("--template", default=None, help=r'prompt template, e.g. "Review: {text}\nSentiment:"')
+    p.add_argument("--target", default=None, help='target template, e.g. " {label}"')
+    add_chat_flags(p)
+    p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels found in --data)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials the study should hold (budget)")
+    p.add_argument("--minutes", type=finite, default=None, help="trial time the study may spend (budget; a trial "
+                   "under way finishes)")
+    p.add_argument("--lr-range", type=_float_pair, default=None, metavar="LO,HI",
+                   help="log-uniform learning-rate range (default: the method's default lr / 10 .. x 10)")
+    p.add_argument("--virtual-tokens-choices", type=_int_list, default=None, metavar="P1,P2,...",
+                   help="virtual-token counts to try (default: the method's P/2, P, 2P)")
+    p.add_argument("--pruner", default="halving", choices=("halving", "hyperband", "none"),
+                   help="stop weak trials at the dev evaluations: successive halving, Hyperband, or never")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per trial")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--eval-every", type=int, default=25, help="dev evaluation (and pruning) every N steps")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev examples only")
+    p.add_argument("--init", default=None, help="random, vocab, text or labels (default: per method)")
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-target-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="every trial's seed (init, data order) and the sampler's")
+    p.add_argument("--device", default="auto", help="torch device (default: the first CUDA GPU, else cpu)")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to continue)")
+    add_quantize_flag(p)
+    p.set_defaults(func=run)
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    parts = [finite(x.strip()) for x in text.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"takes LO,HI (two numbers), got {text!r}")
+    return parts[0], parts[1]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes whole numbers, comma-separated, got {text!r}") from None
+
+
+def run(args) -> int:
+    from softprompts.files import check_output
+    from softprompts.methods import method_class
+    from softprompts.model.load import DEFAULT_MODEL, load_base
+    from softprompts.training import TrainConfig
+    from softprompts.training.tune import SearchSpace, TuneConfig, TuneTask, check_task, tune
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SoftpromptsError("softprompts tune needs Optuna: pip install 'softprompts[tune]'") from None
+    cls = method_class(args.method)
+    train_config = TrainConfig(steps=args.steps, lr=cls.default_lr, batch_size=args.batch_size,
+                               eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed)
+    config = TuneConfig(trials=args.trials, minutes=args.minutes, lr_range=args.lr_range,
+                        virtual_tokens=args.virtual_tokens_choices, pruner=args.pruner, seed=args.seed)
+    config.validate(train_config)
+    check_output(args.out, overwrite=True)  # an existing study is continued; a path under a file fails now
+    if not args.eval_data:
+        raise SoftpromptsError("tune chooses on the dev split: give --eval-data FILE")
+    loaded = []
+
+    def base_model():
+        if not loaded:
+            loaded.append(load_base(args.model or DEFAULT_MODEL, device=args.device, quantize=args.quantize))
+        return loaded[0]
+
+    spec, examples, (dev,) = load_task(
+        args.task, args.data, [args.eval_data], lambda: base_model().tokenizer, template=args.template,
+        target=args.target, labels=task_labels(args.labels, args.task), placement=args.placement,
+        system=args.system, max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens)
+    space = SearchSpace.for_method(cls.name, config)
+    task = TuneTask(None, cls.name, spec, examples, dev[: args.eval_limit] if args.eval_limit else dev,
+                    options={"init": args.init} if args.init else {})
+    check_task(task, space, check_context=False)  # the data and the choices, before the model loads
+    task.base = base_model()
+    result = tune(task, train_config, config, args.out)
+    print(f"best: trial {result.trial}, dev {result.metric} {result.value:.4f} with "
+          f"{', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in result.params.items())}; "
+          f"{result.finished} trial(s) finished, {result.pruned} pruned; adapter in {args.out}/best, table in "
+          f"{args.out}/tune.md", file=sys.stderr)
+    return 0

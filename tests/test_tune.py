@@ -1,0 +1,188 @@
+"""``softprompts tune`` on a tiny model: a study killed with SIGKILL continues on a rerun (finished trials kept, the
+budget total), weak trials are pruned at the loop's evaluations, bad budgets/ranges/dev data are refused before the
+model loads, and ``best/`` is an ordinary adapter whose dev metric is the best trial's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from tiny import save_tiny
+
+import softprompts.model.load
+import softprompts.training.loop
+from softprompts.cli import main
+
+TEMPLATE = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    model = save_tiny("llama", root / "llama")
+    rows = [{"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5), "label": "pos" if i % 2 else "neg"}
+            for i in range(12)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    return {"root": root, "model": model, "data": data, "empty": empty}
+
+
+def tune_args(env, out: Path, *extra: str, method: str = "prompt") -> list[str]:
+    return ["tune", "--model", str(env["model"]), "--method", method, "--data", str(env["data"]), "--eval-data",
+            str(env["data"]), *TEMPLATE, "--virtual-tokens-choices", "2,3", "--out", str(out), *extra]
+
+
+def trials_of(out: Path) -> list:
+    storage = f"sqlite:///{out / 'study.db'}"
+    return optuna.load_study(study_name="softprompts-tune", storage=storage).get_trials(deepcopy=False)
+
+
+def states(db: Path) -> list[str]:
+    """The trials' states in the study file, read with sqlite while another process writes it."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return [row[0] for row in conn.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+
+
+def test_a_killed_study_continues_where_it_stopped(env, tmp_path):
+    out = tmp_path / "study"
+    args = tune_args(env, out, "--trials", "4", "--steps", "60", "--eval-every", "20", "--pruner", "none")
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompts", *args], env=environ, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while states(out / "study.db")[-1:] != ["RUNNING"] or "COMPLETE" not in states(out / "study.db"):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second trial's training
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t for t in trials_of(out) if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 1 <= len(before) < 4, "the kill must land between the first and the last trial"
+
+    assert main(args) == 0
+    trials = trials_of(out)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4  # the budget counts the whole study, not this run
+    for number, trial in before.items():  # finished trials are kept as they were, not run again
+        assert trials[number].datetime_complete == trial.datetime_complete and trials[number].value == trial.value
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and len(trials) == 5  # the trial the kill interrupted, marked FAIL by the rerun
+    for stale in failed:  # the trial the kill interrupted: its files gone, its parameters tried again
+        assert not (out / "trials" / f"{stale.number:03d}").exists()
+        retry = [t for t in trials if t.user_attrs.get("retry_of") == stale.number]
+        assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.is_finished()
+    assert json.loads((out / "best.json").read_text())["finished_trials"] == 4
+
+
+def test_a_weak_trial_is_pruned_at_the_first_evaluation(env, tmp_path, monkeypatch):
+    """A deterministic dev metric (0.9 for lr > 1e-2, else 0.1): the second, weak trial is below the first at the
+    first rung (step 2), so successive halving stops it there, after 2 of its 8 steps."""
+
+    def fake_dev_score(base, artifact, dev, spec, config, dist):
+        return {"accuracy": 0.0 if artifact is None else 0.9 if config.lr > 1e-2 else 0.1, "n": len(dev)}
+
+    monkeypatch.setattr(softprompts.training.loop, "dev_score", fake_dev_score)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="softprompts-tune",
+                                direction="maximize")
+    study.enqueue_trial({"lr": 5e-2, "num_virtual_tokens": 2})
+    study.enqueue_trial({"lr": 1e-4, "num_virtual_tokens": 2})
+    assert main(tune_args(env, out, "--trials", "2", "--steps", "8", "--eval-every", "2", "--lr-range",
+                          "1e-5,1e-1")) == 0
+    strong, weak = trials_of(out)
+    assert strong.state == optuna.trial.TrialState.COMPLETE and strong.value == pytest.approx(0.9)
+    assert weak.state == optuna.trial.TrialState.PRUNED and weak.params["lr"] == pytest.approx(1e-4)
+    record = json.loads((out / "trials" / "001" / "training.json").read_text())
+    assert record["stopped_early"] and record["steps_done"] == 2 < 8
+    assert json.loads((out / "trials" / "000" / "training.json").read_text())["steps_done"] == 8
+    row = next(line for line in (out / "tune.md").read_text().splitlines() if line.startswith("| 1 |"))
+    assert "| pruned |" in row and "| 2 |" in row
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--trials", "0"], "--trials must be a positive integer"),
+    (["--minutes", "0"], "--minutes must be a positive number"),
+    (["--trials", "2", "--minutes", "-1"], "--minutes must be a positive number"),
+    ([], "give a budget"),
+    (["--trials", "2", "--lr-range", "1e-1,1e-4"], "0 < LO < HI"),
+    (["--trials", "2", "--lr-range", "0,1e-2"], "0 < LO < HI"),
+    (["--trials", "2", "--virtual-tokens-choices", "0,8"], "positive integers"),
+    (["--trials", "2", "--eval-every", "0"], "no trial can be stopped early"),
+    (["--trials", "2", "--steps", "0"], "--steps must be a positive integer"),
+])
+def test_bad_budgets_and_ranges_are_refused_before_the_model_loads(env, tmp_path, monkeypatch, capsys, extra,
+                                                                   needle):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the input was checked")
+
+    monkeypatch.setattr(softprompts.model.load, "load_base", no_load)
+    args = tune_args(env, tmp_path / "out", *extra)
+    if "--virtual-tokens-choices" in extra:  # the later flag wins: drop the default one
+        i = args.index("--virtual-tokens-choices")
+        del args[i : i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no dev", "give --eval-data"),
+    ("empty dev", "empty"),
+    ("cartridge", "frozen_tokens (1) must be below num_virtual_tokens"),
+])
+def test_no_dev_rows_or_a_choice_the_method_refuses_is_one_error(env, tmp_path, monkeypatch, capsys, case, needle):
+    monkeypatch.setattr(softprompts.model.load, "load_base", lambda *a, **k: pytest.fail("the model loaded"))
+    args = tune_args(env, tmp_path / "out", "--trials", "2",
+                     method="cartridge" if case == "cartridge" else "prompt")
+    if case == "no dev":
+        del args[args.index("--eval-data") : args.index("--eval-data") + 2]
+    elif case == "empty dev":
+        args[args.index("--eval-data") + 1] = str(env["empty"])
+    else:
+        args[args.index("--virtual-tokens-choices") + 1] = "1,4"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
+    from softprompts.adapter_io import load_adapter
+    from softprompts.cli.task_inputs import load_task
+    from softprompts.model.load import load_base
+    from softprompts.training import Distributed, TrainConfig
+    from softprompts.training.dev_score import dev_score
+
+    out = tmp_path / "best"
+    assert main(tune_args(env, out, "--trials", "3", "--steps", "6", "--eval-every", "2", "--seed", "3",
+                          method="prefix")) == 0
+    best = json.loads((out / "best.json").read_text())
+    complete = [t for t in trials_of(out) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert best["value"] == max(t.value for t in complete)
+    assert best["params"] == trials_of(out)[best["trial"]].params
+    base = load_base(str(env["model"]))
+    adapter = load_adapter(out / "best", base)
+    assert adapter.method == "prefix" and adapter.artifact.length == best["params"]["num_virtual_tokens"]
+    spec, _, (dev,) = load_task("classify", env["data"], [env["data"]], lambda: base.tokenizer,
+                                template="Review: {text}\nSentiment:", target=" {label}")
+    assert dev_score(base, adapter.artifact, dev, spec, TrainConfig(), Distributed())["accuracy"] == best["value"]
+    for name in ("tune.md", "trials.png"):
+        assert (out / name).stat().st_size > 0
+    assert f"| {best['trial']} |" in (out / "tune.md").read_text()
