@@ -199,11 +199,13 @@ def test_recommendation_follows_the_numbers():
 def test_comparison_leaves_the_callers_config_alone(tmp_path):
     """Aliases are resolved for the runs, not written back into the caller's ``CompareConfig``."""
     from softprompts.compare import CompareConfig, CompareData, Comparison
+    from softprompts.data.datasets import Example
     from softprompts.tasks import TaskSpec
 
     config = CompareConfig(model="unused", methods=["p-tuning", "prompt_tuning"], steps=1)
     spec = TaskSpec("classify", "{text}", " {label}", ["a", "b"])
-    comparison = Comparison(config, CompareData(spec, [], [], []), tmp_path / "out")
+    rows = [Example("x", " a", "a")]
+    comparison = Comparison(config, CompareData(spec, rows, rows, []), tmp_path / "out")
     assert comparison.methods == ["ptuning", "prompt"]
     assert config.methods == ["p-tuning", "prompt_tuning"]
 

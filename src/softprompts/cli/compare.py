@@ -104,6 +104,7 @@ def _resolve_inputs(args) -> dict:
 
 def run(args) -> int:
     from softprompts.compare import CompareConfig, CompareData, run_compare
+    from softprompts.compare.preflight import option_problems, refuse
     from softprompts.files import check_output
     from softprompts.methods import METHODS
     from softprompts.model.load import DEFAULT_MODEL, load_base
@@ -111,9 +112,21 @@ def run(args) -> int:
     check_output(args.out, overwrite=True)  # an existing compare is resumed; a path under a file fails now
     inputs = _resolve_inputs(args)
     model = args.model or DEFAULT_MODEL
+    config = CompareConfig(
+        model=model,
+        quantize=args.quantize,
+        methods=[m.strip() for m in (args.methods or ",".join(
+            name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
+        seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots,
+        steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
+        batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
+        eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
+        progress=not args.no_progress,
+    )
     loaded = []
 
     def tokenizer():  # chat rows need the model's chat template: the model loads now and the compare reuses it
+        refuse(option_problems(config))  # the options first, then (run_compare) every problem of the rows at once
         loaded.append(load_base(model, device="auto", quantize=args.quantize))
         return loaded[0].tokenizer
 
@@ -126,17 +139,6 @@ def run(args) -> int:
     rows = _task_rows(spec, inputs, args.train_limit) if fewshot else None
     description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
                    "test": str(inputs["test"]), "train_limit": args.train_limit}
-    config = CompareConfig(
-        model=model,
-        quantize=args.quantize,
-        methods=[m.strip() for m in (args.methods or ",".join(
-            name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
-        seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots,
-        steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
-        batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
-        eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
-        progress=not args.no_progress,
-    )
     results = run_compare(config, CompareData(spec, train, dev, test, description, rows), args.out,
                           base=loaded[0] if loaded else None)
     resume = results["resume"]

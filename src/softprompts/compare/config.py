@@ -1,14 +1,23 @@
 """What a compare shares across its runs (``CompareConfig``, ``CompareData``), where it was measured
 (``machine_info``), and the names of the JSON files a resumable compare is made of (written with
-``files.atomic_json``)."""
+``files.atomic_json``).
+
+Dev rows when none are given (``carve_dev``): a compare needs them twice, to keep each run's best step (the adapter
+is never worse than the bare model at step 0) and to choose the few-shot baseline's k. So with no dev rows and at
+least ``CARVE_MIN_TRAIN`` training rows, ``n = min(CARVE_MAX, max(1, round(CARVE_FRACTION * N)))`` of the ``N``
+training rows are moved to dev: a seeded shuffle (``CARVE_SEED``) picks them, the rest keep their order, so a resumed
+compare carves the same rows. Every run (ours, PEFT's, few-shot) then trains on the same ``N - n`` rows; demonstrations
+never come from the carved rows. Fewer training rows: nothing is carved (runs keep their last step, and few-shot
+needs ``--shots K``)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +27,7 @@ RESULT_FILE = "result.json"
 SETTINGS_FILE = "compare.json"
 BASELINES = ("peft", "fewshot")  # what --baseline may name, comma-separated
 SHOT_CANDIDATES = (0, 1, 2, 4, 8)  # the k few-shot chooses among on dev (those that fit the context and the data)
+CARVE_FRACTION, CARVE_MAX, CARVE_MIN_TRAIN, CARVE_SEED = 0.1, 200, 10, "compare-dev"  # carve_dev (module docstring)
 
 
 @dataclass
@@ -70,6 +80,12 @@ class CompareConfig:
             problems.append(f"--shots must be 0 or more, got {self.shots}")
         if self.shots is not None and "fewshot" not in self.baselines:
             problems.append("--shots sets the few-shot baseline's k: add --baseline fewshot")
+        if self.latency_tokens < 1 or self.latency_repeats < 1:
+            problems.append(f"--latency-tokens and latency_repeats must be at least 1, got {self.latency_tokens} and "
+                            f"{self.latency_repeats}")
+        for flag, limit in (("--eval-limit", self.eval_limit), ("--test-limit", self.test_limit)):
+            if limit is not None and limit < 1:
+                problems.append(f"{flag} must be at least 1 (or left out for every row), got {limit}")
         return problems
 
     @property
@@ -89,6 +105,24 @@ class CompareData:
     test: list
     description: dict = field(default_factory=dict)  # dataset name / paths, for the report
     rows: dict | None = None  # chat tasks with --baseline fewshot: {"train"|"dev"|"test": the rows, as the examples}
+
+
+def carve_dev(data: CompareData) -> CompareData:
+    """``data`` with dev rows carved from its training rows when it has none (module docstring); else ``data``.
+    ``description["dev"]`` says so (the report and a resumed compare read it)."""
+    if data.dev or len(data.train) < CARVE_MIN_TRAIN:
+        return data
+    n = min(CARVE_MAX, max(1, round(CARVE_FRACTION * len(data.train))))
+    order = list(range(len(data.train)))
+    random.Random(CARVE_SEED).shuffle(order)
+    dev, carved = order[:n], set(order[:n])
+    train = [i for i in range(len(data.train)) if i not in carved]
+    rows = data.rows
+    if rows is not None and rows.get("train"):
+        rows = {**rows, "train": [rows["train"][i] for i in train], "dev": [rows["train"][i] for i in dev]}
+    description = {**data.description, "dev": f"{n} rows carved from the training rows (seeded)"}
+    return replace(data, train=[data.train[i] for i in train], dev=[data.train[i] for i in dev],
+                   description=description, rows=rows)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -121,5 +155,5 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-__all__ = ["BASELINES", "RESULT_FILE", "SETTINGS_FILE", "SHOT_CANDIDATES", "CompareConfig", "CompareData",
-           "machine_info"]
+__all__ = ["BASELINES", "CARVE_FRACTION", "CARVE_MAX", "CARVE_MIN_TRAIN", "CARVE_SEED", "RESULT_FILE",
+           "SETTINGS_FILE", "SHOT_CANDIDATES", "CompareConfig", "CompareData", "carve_dev", "machine_info"]

@@ -153,6 +153,12 @@ class FewShotTask:
         return FewShotPrompts(shots, leads.pop() if leads else "", rest)
 
 
+def answer_tokens(base, spec: TaskSpec) -> int:
+    """The most tokens a row's answer takes: the longest label verbalization (classification) or
+    ``max_target_tokens`` generated tokens."""
+    return max(len(v) for v in verbalizations(base, spec)) if spec.task == "classify" else spec.max_target_tokens
+
+
 def fit_problem(base, lead_ids: list[int], examples: list[Example], spec: TaskSpec) -> str | None:
     """Why ``lead_ids`` + the longest row (cut as the methods' rows are) + its answer overflow the model's context
     (``FrozenBase.check_fits``), or None when every row fits. The answer is the longest label verbalization
@@ -161,8 +167,7 @@ def fit_problem(base, lead_ids: list[int], examples: list[Example], spec: TaskSp
         return None
     encoded, _ = encode(base, examples, spec)
     longest = max(len(e.prompt_ids) for e in encoded)
-    answer = (max(len(v) for v in verbalizations(base, spec)) if spec.task == "classify"
-              else spec.max_target_tokens)
+    answer = answer_tokens(base, spec)
     try:
         base.check_fits(len(lead_ids) + longest, 0, answer, "answer tokens")
     except ContextLengthError as exc:
@@ -171,5 +176,5 @@ def fit_problem(base, lead_ids: list[int], examples: list[Example], spec: TaskSp
     return None
 
 
-__all__ = ["SEPARATOR", "FewShotError", "FewShotPrompts", "FewShotTask", "eligible", "fit_problem", "pick",
-           "shot_order"]
+__all__ = ["SEPARATOR", "FewShotError", "FewShotPrompts", "FewShotTask", "answer_tokens", "eligible", "fit_problem",
+           "pick", "shot_order"]

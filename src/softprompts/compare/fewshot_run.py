@@ -64,6 +64,7 @@ class FewShotRun:
                        "test": (test, None if rows.get("test") is None else rows["test"][: len(test)])}
         self.candidates = eligible(data.train, data.dev + data.test)
         self.primary = PRIMARY_METRIC[data.spec.task]
+        self.labels = data.spec.labels if data.spec.task == "classify" else None  # demonstrations balance over them
 
     # --- writing and scoring -----------------------------------------------------------------------------------
     def prompts(self, shots: tuple[int, ...], split: str) -> FewShotPrompts:
@@ -95,11 +96,32 @@ class FewShotRun:
         return None
 
     # --- choosing k --------------------------------------------------------------------------------------------
+    def draw(self, order: list[int], k: int, seed: int) -> tuple[int, ...]:
+        """The ``k`` demonstrations of ``order`` (``pick``), written for the dev and test rows and fitted to the
+        context; ``FewShotError`` saying why not."""
+        shots = pick(order, k, self.task.train, self.labels, seed)
+        problem = self.fit(shots)
+        if problem:
+            raise FewShotError(f"{k}-shot does not fit: {problem}")
+        return shots
+
+    def preflight(self, seeds: int) -> list[str]:
+        """What ``run`` would refuse, found before any training: with ``--shots K``, the K demonstrations of every
+        seed drawn, rendered and fitted (a k chosen on dev skips what does not fit, and k = 0 always can)."""
+        if self.config.shots is None:
+            return []
+        problems = []
+        for seed in range(seeds):
+            try:
+                self.draw(shot_order(self.task.train, self.candidates, self.labels, seed), self.config.shots, seed)
+            except FewShotError as exc:
+                problems.append(f"--baseline fewshot (seed {seed}): {exc}")
+        return list(dict.fromkeys(problems))
+
     def choose(self, seed: int, base_dev: dict | None) -> tuple[tuple[int, ...], dict]:
         """``(shots, {"dev_by_shots": dev score per k, "skipped": why each skipped k was, "dev_predictions": per k
         how often each label was predicted on dev (classification)})``."""
-        labels = self.spec.labels if self.spec.task == "classify" else None
-        order = shot_order(self.task.train, self.candidates, labels, seed)
+        order = shot_order(self.task.train, self.candidates, self.labels, seed)
         fixed = self.config.shots is not None
         if not fixed and not self.splits["dev"][0]:
             raise FewShotError("choosing k for --baseline fewshot needs dev rows (--eval-data, or a --dataset with a "
@@ -107,10 +129,7 @@ class FewShotRun:
         scores, skipped, picked, predicted = {}, {}, {}, {}
         for k in (self.config.shots,) if fixed else SHOT_CANDIDATES:
             try:
-                picked[k] = pick(order, k, self.task.train, labels, seed)
-                problem = self.fit(picked[k])
-                if problem:
-                    raise FewShotError(f"{k}-shot does not fit: {problem}")
+                picked[k] = self.draw(order, k, seed)
             except FewShotError as exc:
                 if fixed:
                     raise
@@ -119,7 +138,7 @@ class FewShotRun:
             dev = {self.primary: base_dev[self.primary]} if not k and self.primary in (base_dev or {}) else \
                 self.score(picked[k], "dev")
             scores[str(k)] = dev.get(self.primary)
-            if labels and "outputs" in dev:
+            if self.labels and "outputs" in dev:
                 predicted[str(k)] = dict(Counter(dev["outputs"]).most_common())
         best = max(scores, key=lambda k: (scores[k] if scores[k] is not None else float("-inf"), -int(k)))
         return picked[int(best)], {"dev_by_shots": scores, "skipped": skipped, "dev_predictions": predicted}
@@ -199,4 +218,29 @@ class FewShotRun:
         }
 
 
-__all__ = ["CHECK_ROWS", "FewShotRun"]
+def fewshot_problems(config: CompareConfig, data: CompareData) -> list[str]:
+    """What the few-shot baseline cannot do with these options and rows, found without the model: nothing to score,
+    no dev rows to choose k on, chat rows without their messages, ``--shots K`` more than the training rows give or
+    can balance over the labels (the same for every seed: only counts decide)."""
+    if "fewshot" not in config.baselines:
+        return []
+    problems = []
+    if not data.dev and not data.test:
+        problems.append("--baseline fewshot scores dev or test rows: give --eval-data and/or --test-data")
+    if config.shots is None and not data.dev:
+        problems.append("choosing k for --baseline fewshot needs dev rows (--eval-data, a --dataset with a dev "
+                        "split, or at least 10 training rows to carve them from); or fix it with --shots K")
+    if data.spec.chat is not None and not (data.rows or {}).get("train"):
+        problems.append("few-shot on chat rows writes demonstrations as turns: it needs the rows' messages "
+                        "(CompareData.rows)")
+    if config.shots is not None and config.shots >= 0:
+        labels = data.spec.labels if data.spec.task == "classify" else None
+        order = shot_order(data.train, eligible(data.train, data.dev + data.test), labels, 0)
+        try:
+            pick(order, config.shots, data.train, labels, 0)
+        except FewShotError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+__all__ = ["CHECK_ROWS", "FewShotRun", "fewshot_problems"]

@@ -27,7 +27,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from softprompts.adapter_io import WEIGHTS_FILE, load_adapter
-from softprompts.compare.config import RESULT_FILE, SETTINGS_FILE, CompareConfig, CompareData, machine_info
+from softprompts.compare.config import (
+    RESULT_FILE,
+    SETTINGS_FILE,
+    CompareConfig,
+    CompareData,
+    carve_dev,
+    machine_info,
+)
 from softprompts.compare.fewshot_run import FewShotRun
 from softprompts.compare.latency import (
     measure_hf_latency,
@@ -35,8 +42,9 @@ from softprompts.compare.latency import (
     peak_memory_bytes,
     reset_peak_memory,
 )
-from softprompts.compare.peft_baseline import LORA, LORA_LR, import_peft
+from softprompts.compare.peft_baseline import LORA
 from softprompts.compare.peft_run import PeftRun
+from softprompts.compare.preflight import model_problems, problems, refuse, train_config
 from softprompts.compare.report import build_results, write_report
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
@@ -53,9 +61,8 @@ class Comparison:
     """One compare: ``run()`` does every missing run and returns the results dict written to results.json."""
 
     def __init__(self, config: CompareConfig, data: CompareData, out_dir: str | Path, base=None) -> None:
-        problems = config.errors()
-        if problems:
-            raise SoftpromptsError("; ".join(problems))
+        data = carve_dev(data)  # no dev rows: carved from the training rows (config.py says when and how many)
+        refuse(problems(config, data))  # before the model loads; model_problems once it has (preflight.py)
         self.methods = [method_class(m).name for m in config.methods]  # aliases -> names; the config stays as given
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.base = base
@@ -96,13 +103,7 @@ class Comparison:
         return settings
 
     def _train_config(self, method: str, seed: int, steps: int) -> TrainConfig:
-        if method == LORA:  # a weight adapter's own scale: --lr is for the prompt methods
-            lr = LORA_LR
-        else:
-            lr = self.config.lr if self.config.lr is not None else method_class(method).default_lr
-        return TrainConfig(steps=steps, lr=lr, batch_size=self.config.batch_size, eval_every=self.config.eval_every,
-                           checkpoint_every=max(1, min(25, steps // 4 or 1)), seed=seed,
-                           progress=self.config.progress).validate()
+        return train_config(self.config, method, seed, steps).validate()
 
     def _method(self, name: str, seed: int) -> PromptMethod:
         return build_method(self.base, name, self.data.spec, seed=seed, num_virtual_tokens=self.config.virtual_tokens)
@@ -240,16 +241,12 @@ class Comparison:
         return result
 
     def _prepare(self) -> dict:
-        """Settings checked, optional packages and the base model ready (fail before any training)."""
+        """Settings checked, the base model loaded, and everything it can refuse refused (before any training)."""
         self.out.mkdir(parents=True, exist_ok=True)
         settings = self._check_settings()
-        peft = "peft" in self.config.baselines
-        if peft:
-            import_peft()
         if self.base is None:
             self.base = load_base(self.config.model, device="auto", quantize=self.config.quantize)
-        if peft:
-            self.base.require("peft_baseline")
+        refuse(model_problems(self.base, self.config, self.data, self.dev, self.test))
         return settings
 
     def run(self) -> dict:
