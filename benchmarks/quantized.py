@@ -9,8 +9,9 @@ stored (a quantized weight's packed values and scales), measured in-process by `
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quantized.py [--dataset uci-sentiment|mr] [--steps 100]
         [--test-limit 300] [--out DIR]
 
-``--dataset`` names a classification set of the catalog (``softprompts data list``); ``mr`` is prepared (fetched
-from its pinned archive) on first use.
+``--dataset`` names a classification set of the catalog (``softprompts data list``), run with its prompt and target
+templates; ``mr``, ``bbc-topics`` (5 classes) are prepared (fetched from their pinned archive) on first use. The
+table also gives each run's training loss at its first step and over its last five.
 
 Prints a markdown table (docs/RESULTS.md, docs/BENCHMARKS.md "Quantized base") and writes ``results.json``.
 """
@@ -27,7 +28,14 @@ import tempfile
 from pathlib import Path
 
 PRECISIONS = ["fp32", "nf4", "int8"]
-TEMPLATE = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
+
+
+def template_flags(dataset: str) -> list[str]:
+    """The catalog entry's prompt and target as command-line flags (a newline written as the CLI's ``\\n``)."""
+    from softprompts.data.catalog import get_dataset
+
+    entry = get_dataset(dataset)
+    return ["--template", entry.prompt.replace("\n", "\\n"), "--target", entry.target]
 
 
 def tensor_bytes(tensor) -> int:
@@ -98,6 +106,7 @@ def main() -> None:
     from softprompts.data.prepare import prepared_paths
 
     splits = prepared_paths(args.dataset, progress=True)
+    template = template_flags(args.dataset)
     test = work / "test.jsonl"
     test.write_text("".join(line + "\n" for line in splits["test"].read_text().split("\n")[: args.test_limit]
                             if line))
@@ -110,11 +119,12 @@ def main() -> None:
         shutil.rmtree(adapter, ignore_errors=True)
         _, row["train_peak_mib"] = peak_rss(cli(
             "train", *quantize_flag(precision), "--method", "prompt", "--data", str(splits["train"]),
-            "--eval-data", str(splits["dev"]), "--eval-limit", "100", *TEMPLATE, "--steps", str(args.steps),
+            "--eval-data", str(splits["dev"]), "--eval-limit", "100", *template, "--steps", str(args.steps),
             "--out", str(adapter), "--no-progress"))
-        timings = json.loads((adapter / "training.json").read_text())["timings"]
-        row["step_s"] = timings["train_seconds"] / args.steps
-        out, _ = peak_rss(cli("eval", *quantize_flag(precision), "--data", str(test), *TEMPLATE, "--json"))
+        record = json.loads((adapter / "training.json").read_text())
+        row["step_s"] = record["timings"]["train_seconds"] / args.steps
+        row["losses"] = [point["loss"] for point in record["curve"] if point["loss"] is not None]
+        out, _ = peak_rss(cli("eval", *quantize_flag(precision), "--data", str(test), *template, "--json"))
         row["bare_accuracy"] = accuracy(out)
         print(f"{precision}: {row}", flush=True)
     for precision in PRECISIONS:  # every adapter on every precision (its own: the diagonal)
@@ -131,15 +141,21 @@ def table(rows: dict, args) -> str:
     full = rows["fp32"]
     lines = [f"steps {args.steps} (prompt tuning, defaults), test: first {args.test_limit} rows of {args.dataset}",
              "", "| base | weights MiB | x fp32 | load peak MiB | train peak MiB | step s | x fp32 | bare acc | "
-             "adapter acc | fp32 adapter on it | its adapter on fp32 |", "|" + "---|" * 11]
+             "adapter acc | fp32 adapter on it | its adapter on fp32 | loss first / last 5 steps |", "|" + "---|" * 12]
     for precision, row in rows.items():
         lines.append(
             f"| {precision} | {row['weight_mib']:.0f} | {row['weight_mib'] / full['weight_mib']:.2f} | "
             f"{row['load_peak_mib']:.0f} | {row['train_peak_mib']:.0f} | {row['step_s']:.2f} | "
             f"{row['step_s'] / full['step_s']:.2f} | {row['bare_accuracy']:.3f} | "
             f"{row['accuracy_on'][precision]:.3f} | {row['accuracy_on']['fp32']:.3f} | "
-            f"{full['accuracy_on'][precision]:.3f} |")
+            f"{full['accuracy_on'][precision]:.3f} | {losses_summary(row['losses'])} |")
     return "\n".join(lines)
+
+
+def losses_summary(losses: list[float]) -> str:
+    """The first step's training loss and the mean of the last five: ``6.52 / 1.18``."""
+    tail = losses[-5:]
+    return f"{losses[0]:.2f} / {sum(tail) / len(tail):.2f}"
 
 
 if __name__ == "__main__":
