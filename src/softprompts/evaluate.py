@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from softprompts.data.chat import turn_stop_ids
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact
 from softprompts.model.decode import generate_ids
-from softprompts.model.generation import GREEDY, Sampling, eos_ids
+from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.padding import length_sorted_chunks
 from softprompts.tasks import TaskSpec, encode, prompt_ids, split_prompt
 
@@ -85,12 +86,11 @@ def classify(base, artifact, examples: list[Example], spec: TaskSpec, batch_size
     return evaluate(base, artifact, examples, spec, batch_size, return_outputs=True)["outputs"]
 
 
-def stop_tokens(base, spec: TaskSpec | None) -> set[int] | None:
-    """Tokens that end generation: the model's EOS, and for a chat task the template's end-of-turn token."""
-    if spec is None or spec.chat is None:
-        return None
-    end = base.tokenize(spec.prompt_format(base.tokenizer).end_of_turn)
-    return eos_ids(base) | ({end[0]} if len(end) == 1 else set())
+def stop_tokens(base, spec: TaskSpec | None) -> frozenset[int] | None:
+    """Tokens that end generation for ``spec`` (``data.chat.turn_stop_ids``: for a chat task the model's EOS and the
+    token that closes the template's turn; ``None``, the model's EOS, otherwise)."""
+    chat = spec is not None and spec.chat is not None
+    return turn_stop_ids(base, spec.prompt_format(base.tokenizer) if chat else None)
 
 
 @torch.no_grad()
@@ -107,12 +107,12 @@ def generate_texts(
 
 
 def _generate_rows(base, artifacts, ids: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                   batch_size: int, stop_ids: set[int] | None = None) -> list[str]:
+                   batch_size: int, stops: frozenset[int] | None = None) -> list[str]:
     out: list[str] = [""] * len(ids)
     for chunk in length_sorted_chunks([len(i) for i in ids], batch_size):
         rows = [artifacts[i] for i in chunk] if isinstance(artifacts, list) else artifacts
         new = generate_ids(base, [ids[i] for i in chunk], rows, max_new_tokens=max_new_tokens, sampling=sampling,
-                           stop_ids=stop_ids)
+                           stop_ids=stops)
         for i, tokens in zip(chunk, new, strict=True):
             out[i] = base.tokenizer.decode(tokens, skip_special_tokens=True)
     return out
@@ -187,12 +187,11 @@ class _Rows:
         limits: dict[tuple, list[int]] = {}
         for i, (_, spec) in enumerate(self.flat):
             if spec.task != "classify":
-                stops = stop_tokens(self.base, spec)
-                key = (max_new_tokens or spec.max_target_tokens, frozenset(stops) if stops is not None else None)
+                key = (max_new_tokens or spec.max_target_tokens, stop_tokens(self.base, spec))
                 limits.setdefault(key, []).append(i)
         for (limit, stops), picked in limits.items():
             texts = _generate_rows(self.base, [self.artifacts[i] for i in picked], [self.prompts[i] for i in picked],
-                                   limit, GREEDY, self.batch_size, None if stops is None else set(stops))
+                                   limit, GREEDY, self.batch_size, stops)
             for i, text in zip(picked, texts, strict=True):
                 self.outputs[i] = text
         picked = [i for rows in limits.values() for i in rows]

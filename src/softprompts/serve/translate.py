@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from softprompts.data.chat import ChatFormat
+from softprompts.data.chat import ChatFormat, turn_stop_ids
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
-from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling, eos_ids
+from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling
 from softprompts.serve.engine import PromptLogprobsRequest, ScoreRequest
 from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
@@ -121,10 +121,9 @@ def chat_prompt(state: ServerState, entry: Entry | None, body: ChatBody) -> tupl
 
 def render_chat(base, chat: ChatFormat, body: ChatBody) -> tuple[str, frozenset[int]]:
     """The conversation rendered with the model's chat template and ``chat``'s placement, and the tokens that end
-    the answer: end of sequence, and the template's end of turn when it is one token."""
+    the answer (``data.chat.turn_stop_ids``: end of sequence and the token that closes the template's turn)."""
     prompt = chat.render_prompt({"messages": [m.rendered() for m in body.messages]})
-    end = base.tokenizer(chat.end_of_turn, add_special_tokens=False)["input_ids"]
-    return prompt, frozenset(eos_ids(base) | ({end[0]} if len(end) == 1 else set()))
+    return prompt, turn_stop_ids(base, chat)
 
 
 async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -> tuple[list[str], list[ScoreRequest]]:

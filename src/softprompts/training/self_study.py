@@ -22,12 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from softprompts.data.chat import ChatFormat
+from softprompts.data.chat import ChatFormat, turn_stop_ids
 from softprompts.data.corpus import Chunk
 from softprompts.errors import DataError, SoftpromptsError
 from softprompts.files import atomic_text
 from softprompts.model.decode import decode_batch
-from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
+from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.training.config import SelfStudyConfig
 
 CONTEXT_INSTRUCTION = "Use the document below to answer questions about it."
@@ -133,7 +133,7 @@ def generate_conversations(base, chunks: list[Chunk], fmt: ContextFormat, config
     if problems:
         raise SoftpromptsError("; ".join(problems))
     contexts = contexts or ChunkContexts(base, chunks, fmt)
-    stops = frozenset(eos_ids(base) | set(base.tokenize(fmt.chat.end_of_turn) if fmt.chat.end_of_turn else ()))
+    stops = turn_stop_ids(base, fmt.chat)
     rows = plan(chunks, config)
     asks = [RECITE_QUESTION if SEED_PROMPTS[kind] is None else SEED_PROMPTS[kind] for _, kind in rows]
 
