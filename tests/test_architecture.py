@@ -20,7 +20,7 @@ LAYERS = [
     ("methods",),
     ("schema", "adapter", "adapter_io", "table", "compose"),
     ("data", "tasks"),
-    ("metrics", "evaluate", "api"),
+    ("metrics", "evaluate", "workflow", "api"),
     ("training",),
     ("interop", "compare", "serve", "demo"),
     ("cli", "__main__", "__init__"),
@@ -129,3 +129,27 @@ def test_a_method_declares_everything_on_its_class(name):
     assert all(sp.methods.method_class(alias) is cls for alias in (name, *cls.aliases))
     source = Path(inspect.getsourcefile(cls))
     assert source.parent == PACKAGE / "methods" and len(source.read_text().splitlines()) < 200
+
+
+def test_one_function_builds_the_chat_stop_tokens():
+    """The chat stop rule is ``data.chat.turn_stop_ids``: no other module reads the template's end of turn, and in
+    ``data/chat.py`` only that function asks for the model's end of sequence. A fourth copy of the rule fails here."""
+    readers = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
+                     if any(isinstance(node, ast.Attribute) and node.attr in ("end_of_turn", "end_of_turn_parts")
+                            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))))
+    assert readers == ["softprompts.data.chat"]
+    chat = ast.parse((PACKAGE / "data" / "chat.py").read_text(encoding="utf-8"))
+    askers = sorted(f.name for f in ast.walk(chat) if isinstance(f, ast.FunctionDef)
+                    and any(isinstance(node, ast.Name) and node.id == "eos_ids" for node in ast.walk(f)))
+    assert askers == ["turn_stop_ids"]
+
+
+def test_no_command_imports_another_command():
+    """A CLI command (a ``cli/`` module with ``register``) is its arguments plus calls below the CLI: what two
+    commands share lives in ``workflow`` or a ``cli/`` helper module, never in another command."""
+    commands = {module_name(p) for p in (PACKAGE / "cli").glob("*.py")
+                if any(isinstance(f, ast.FunctionDef) and f.name == "register"
+                       for f in ast.parse(p.read_text(encoding="utf-8")).body)}
+    graph = import_graph()
+    crossing = sorted(f"{m} -> {t}" for m in commands for t in graph[m] if t in commands)
+    assert crossing == []

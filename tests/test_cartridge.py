@@ -151,8 +151,9 @@ def test_distillation_moves_the_student_toward_the_teacher_and_never_the_frozen_
     assert not self_study_path(out).exists() and not checkpoint_path(out).exists()
     loaded = sp.load_adapter(out, base)
     assert loaded.method == "cartridge" and loaded.task["chat"] is not None
-    answer = sp.generate(base, fmt.student_prompt("What is the capital of Kervaunt?"), loaded, max_new_tokens=4)
-    assert isinstance(answer, str)
+    answer = sp.generate(base, "What is the capital of Kervaunt?", loaded, max_new_tokens=4)  # the user's message
+    assert answer == sp.generate(base, fmt.student_prompt("What is the capital of Kervaunt?"), loaded,
+                                 max_new_tokens=4, raw=True)  # rendered as the cartridge was trained
 
 
 def test_resume_after_an_interruption_is_exact_and_does_not_generate_again(base, corpus, tmp_path, monkeypatch):

@@ -2,11 +2,13 @@
 
     import softprompts as sp
     base = sp.load_base("smollm2-135m")                      # embedded default, an HF id or a local directory
+    spec = sp.TaskSpec("classify", "Review: {text}\\nSentiment:", " {label}", ["negative", "positive"])
     method = sp.create_method(base, "prefix", num_virtual_tokens=10, init_text="Sentiment of the review:")
-    adapter = sp.Adapter.from_method(method, base)           # materialized: MLP folded in, dropped
+    adapter = sp.Adapter.from_method(method, base, task=spec.to_json())  # materialized: MLP folded in, dropped
     sp.save_adapter(adapter, "my-adapter")                  # adapter.json + adapter.safetensors, atomic
     adapter = sp.load_adapter("my-adapter", base)            # refuses an adapter made for another model
-    print(sp.generate(base, "Review: great film\\nSentiment:", adapter, max_new_tokens=3))
+    print(sp.generate(base, "great film", adapter, max_new_tokens=3))  # as `softprompts generate`: TEXT through
+    # the adapter's task (template, or chat template + placement, ending with the turn); raw=True: as is
 
     method = sp.build_method(base, "prompt", spec)         # the measured defaults for a task (a TaskSpec)
     result = sp.train(base, method, examples, spec, sp.TrainConfig(steps=100, lr=method.default_lr))

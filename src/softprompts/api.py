@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from softprompts import workflow
 from softprompts.adapter import Adapter
 from softprompts.model.artifacts import Artifact
-from softprompts.model.decode import generate_ids
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GREEDY, Sampling
 
@@ -29,10 +29,23 @@ def generate(
     adapter: Adapter | Artifact | None = None,
     max_new_tokens: int = 32,
     sampling: Sampling = GREEDY,
+    *,
+    raw: bool = False,
+    template: str | None = None,
+    chat: bool = False,
+    placement: str | None = None,
+    system: str | None = None,
 ) -> str | list[str]:
-    """Decode continuations of ``texts`` (greedy unless ``sampling`` says otherwise)."""
+    """Decode continuations of ``texts`` (greedy unless ``sampling`` says otherwise): what ``softprompts generate``
+    answers for the same TEXT, by the same code (``workflow.generate``).
+
+    Each text goes through the task ``adapter`` recorded: its template's one field (``"great film"`` ->
+    ``"Review: great film\\nSentiment:"``; a JSON object fills several), or for a chat adapter the user's message
+    rendered with the model's chat template, the soft prompt at the adapter's placement, the answer ending with the
+    assistant's turn. ``raw=True`` sends the text as is (``--raw``; an artifact or the bare model always does);
+    ``template``, ``chat``, ``placement``, ``system`` render it another way (``--template``, ``--chat``, ...).
+    """
     single = isinstance(texts, str)
-    rows = [base.tokenize(t) for t in ([texts] if single else texts)]
-    out = generate_ids(base, rows, _artifact(adapter), max_new_tokens=max_new_tokens, sampling=sampling)
-    decoded = [base.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
-    return decoded[0] if single else decoded
+    rendering = workflow.Rendering(raw=raw, template=template, chat=chat, placement=placement, system=system)
+    out = workflow.generate(base, [texts] if single else list(texts), adapter, rendering, max_new_tokens, sampling)
+    return out[0] if single else out

@@ -56,34 +56,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_adapter_and_base(ref: str, model: str | None = None, table: str | None = None, quantize: str | None = None):
-    """(adapter, base, spec) for an adapter reference (see ``table.resolve_adapter``); the base is the adapter's
-    own unless ``model`` is given."""
-    from softprompts.model.load import load_base
-    from softprompts.table import adapter_base_name, resolve_adapter
-    from softprompts.tasks import TaskSpec
-
-    base = load_base(model or adapter_base_name(ref, table), device="auto", quantize=quantize)
-    adapter = resolve_adapter(ref, base, table)
-    spec = TaskSpec.from_json(adapter.task) if adapter.task else None
-    return adapter, base, spec
-
-
-def bare_base(model: str | None, quantize: str | None = None) -> Callable[[], object]:
-    """The bare base model (``model``, default the embedded one; ``quantize``: loaded quantized), loaded on the
-    first call and kept."""
-    from softprompts.model.load import DEFAULT_MODEL, load_base
-
-    loaded = []
-
-    def base():
-        if not loaded:
-            loaded.append(load_base(model or DEFAULT_MODEL, device="auto", quantize=quantize))
-        return loaded[0]
-
-    return base
-
-
 def _format(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
@@ -106,9 +78,11 @@ def run(args) -> int:
 def _subject(args) -> tuple:
     """``(adapter or None, base loader, the task the adapter recorded, a hint for a missing template)``: the adapter
     and its base load now; the bare model (no ``--adapter``) when first needed."""
+    from softprompts.workflow import lazy_base, open_adapter
+
     if args.adapter is None:
-        return None, bare_base(args.model, args.quantize), None, NO_ADAPTER_HINT
-    adapter, base, _ = load_adapter_and_base(args.adapter, args.model, args.table, args.quantize)
+        return None, lazy_base(args.model, args.quantize), None, NO_ADAPTER_HINT
+    adapter, base = open_adapter(args.adapter, args.model, args.table, args.quantize)
     return adapter, lambda: base, adapter.task, f"; {args.adapter} records no task"
 
 
