@@ -17,7 +17,8 @@ from softprompts.errors import SoftpromptsError
 def register(sub) -> None:
     p = sub.add_parser("compare", help="compare methods (and PEFT) on one task: report, plots, recommendation",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m)")
+    p.add_argument("--model", default=None, help="embedded name, GGUF file, HF id or directory (default: "
+                   "smollm2-135m)")
     p.add_argument("--dataset", default=None, help="catalog dataset (task, template, labels, splits preset; see "
                    "`softprompts data list`)")
     p.add_argument("--task", default=None, choices=("classify", "generate"), help="default: classify, or the dataset's")

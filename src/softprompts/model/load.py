@@ -1,4 +1,8 @@
-"""Load a frozen base model from an embedded name, a Hugging Face model id or a local directory.
+"""Load a frozen base model from an embedded name, a GGUF file, a Hugging Face model id or a local directory.
+
+A GGUF file (``--model FILE.gguf``) loads as the embedded model does (``embedded.py``): dequantized to fp32 and
+converted once into the cache (keyed by the file's sha256), with the tokenizer and chat template the file carries;
+``resolve`` maps it to that copy, so everything after (PEFT's tokenizer path included) reads a directory.
 
 Everything that can be checked before reading weights is: the device (it must exist: ``cuda:7`` on a machine with
 one GPU is an error naming what is visible), the dtype, and for a hub id that it is in the local Hugging Face cache
@@ -19,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from softprompts.errors import SoftpromptsError
 from softprompts.model.base import BaseModel
-from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir
+from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir, gguf_dir, is_gguf_name
 from softprompts.model.encoder_decoder_base import EncoderDecoderBase
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.quantize import quantization_config
@@ -33,9 +37,12 @@ class ModelLoadError(SoftpromptsError):
 
 
 def resolve(name: str) -> str:
-    """Embedded names map to their cached directory; anything else is passed to ``from_pretrained`` as is."""
+    """Embedded names and GGUF files map to their converted copy in the cache (``embedded.py``); anything else is
+    passed to ``from_pretrained`` as is."""
     if name == EMBEDDED_NAME:
         return str(embedded_dir())
+    if is_gguf_name(name):
+        return str(gguf_dir(name))
     return name
 
 
@@ -108,7 +115,8 @@ def load_base(
     name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
     device_map: str | dict | None = None, quantize: str | None = None,
 ) -> FrozenBase:
-    """A frozen base model: ``name`` is ``smollm2-135m`` (embedded), an HF id (cached locally) or a directory.
+    """A frozen base model: ``name`` is ``smollm2-135m`` (embedded), a GGUF file (converted once, module docstring),
+    an HF id (cached locally) or a directory.
     A decoder-only model loads as ``BaseModel``, an encoder-decoder one (T5, BART families) as ``EncoderDecoderBase``.
 
     ``device``: ``None`` (default) leaves it where ``from_pretrained`` puts it (the CPU), ``"auto"`` puts it on the
@@ -140,7 +148,7 @@ def load_base(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {name!r}: {str(exc).splitlines()[0]}. "
-            f"Use the embedded default {EMBEDDED_NAME!r}, a local directory, or a cached Hugging Face id."
+            f"Use the embedded default {EMBEDDED_NAME!r}, a GGUF file, a local directory, or a cached Hugging Face id."
         ) from None
     if target is not None and device_map is None and quantize is None:
         model.to(target)
