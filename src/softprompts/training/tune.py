@@ -244,7 +244,7 @@ class _Objective:
 
         out = trial_dir(self.out_dir, trial.number)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.with_suffix(".log").open("w") as log_file, contextlib.redirect_stderr(log_file):
+        with out.with_suffix(".log").open("w", buffering=1) as log_file, contextlib.redirect_stderr(log_file):
             method = build_method(task.base, task.method, task.spec, seed=config.seed, **task.options, **options)
             try:
                 result = train(task.base, method, task.train_examples, task.spec, config,
@@ -288,6 +288,8 @@ def tune(task: TuneTask, train_config: TrainConfig, config: TuneConfig, out_dir:
                 objective = _Objective(task, space, train_config, out_dir, study)
                 study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[
                     lambda s, t: log(dist, trial_line(s, t, task.metric, config.trials, train_config.steps))])
+            else:
+                log(dist, f"the budget is spent ({len(done)} trial(s), {_seconds(done) / 60:.1f} min): nothing to run")
             return write_outputs(study, out_dir, task.metric, space.to_json())
     finally:
         optuna.logging.set_verbosity(verbosity)

@@ -74,7 +74,8 @@ def trial_line(study, trial, metric: str, budget: int | None, steps: int) -> str
     best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no trial complete yet"
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0.0
     shown = "-" if value is None else f"{value:.4f}"
-    return (f"trial {trial.number} ({len(finished)} of {budget or '?'}): {_params(trial.params)} -> dev {metric} "
+    count = f"{len(finished)} of {budget}" if budget else f"{len(finished)} finished"
+    return (f"trial {trial.number} ({count}): {_params(trial.params)} -> dev {metric} "
             f"{shown}{outcome}{stopped} | {best_text} | {seconds:.1f} s")
 
 
