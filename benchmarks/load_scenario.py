@@ -2,10 +2,12 @@
 
     python benchmarks/load_scenario.py                      # or: python benchmarks/load_test.py --scenario
     python benchmarks/load_scenario.py --requests 200 --concurrency 16 --json /tmp/load.json
+    .venv-vllm/bin/python benchmarks/load_scenario.py --engine vllm         # the same on vLLM's engine (make vllm)
+    .venv-vllm/bin/python benchmarks/load_scenario.py --engine vllm --kill-engine-at 0.5 --requests 200
 
-1. Save ``--adapters`` adapters for the model (half prompt tuning, half prefix tuning, perturbed so each answers
-   differently) in a temporary directory and start ``softprompts serve`` on it (a subprocess on a free loopback
-   port, ``--poll-seconds 0.5``).
+1. Save ``--adapters`` adapters for the model (every kind in turn: prompt tuning, prefix tuning, P-tuning, deep
+   prompts, perturbed so each answers differently) in a temporary directory and start ``softprompts serve
+   [--engine vllm]`` on it (a subprocess on a free loopback port, ``--poll-seconds 0.5``).
 2. References: every (model, prompt) pair sent ALONE, greedy, while the server is idle.
 3. Load: ``--requests`` greedy completions from ``--concurrency`` threads, round-robin over the adapters and
    ``base``, 8 prompts with 4-32 new tokens, every 4th streamed. At 25 % of the requests an adapter is added (saved
@@ -17,8 +19,14 @@
 Checks (the exit status is 1 when any fails): no valid request failed; every answer equals its reference (the
 replaced adapter's: the old or the new version's); the deleted adapter answered 200 before its removal and 404
 from ``2 x poll + 1 s`` after it; every bad request got its documented status; the server's RSS stops growing once
-warm (from 25 % of the run to its end within 10 % + 50 MB of its value at 25 %). Prints p50/p95 latency,
-requests/s, tokens/s.
+warm (from 25 % of the run to its end within 10 % + 50 MB of its value at 25 %; on vLLM the API server and its
+engine processes together). Prints p50/p95 latency, requests/s, tokens/s.
+
+On ``--engine vllm`` the bad requests are the ones that engine answers: besides the front's refusals, a client's
+``kv_transfer_params`` (naming an adapter's own file) and ``prompt_embeds`` on the base model (400: only the front may
+set them). ``--kill-engine-at F`` instead SIGKILLs vLLM's engine process once a fraction F of the requests has been
+sent and reports what the clients got (statuses, by whether their request started before or after the kill) and how
+``serve`` ended (its exit status and how long after the kill): what a supervisor sees.
 """
 
 from __future__ import annotations
@@ -53,7 +61,18 @@ BAD_REQUESTS = [  # (body bytes or JSON, expected status)
     ({"model": "base", "prompt": "x " * 9000, "max_tokens": 4}, 400),
     ({"model": "no-such-adapter", "prompt": "x"}, 404),
 ]
+VLLM_BAD_REQUESTS = [  # base bodies are vLLM's to judge, adapters' the front's; fields only the front sets: 400
+    (b'{"model": "base", "prompt": ', 400),
+    ({"model": "prefix-1", "prompt": "x", "tools": []}, 400),
+    ({"model": "base", "prompt": "x " * 9000, "max_tokens": 4}, 400),
+    ({"model": "no-such-adapter", "prompt": "x"}, 404),
+    ({"model": "base", "prompt": [0] * 8 + [28, 29], "max_tokens": 2,
+      "kv_transfer_params": {"softprompts_kv": "ADAPTERS/prefix-1/adapter.safetensors", "num_virtual_tokens": 8}}, 400),
+    ({"model": "base", "prompt_embeds": "AAAA", "max_tokens": 2}, 400),
+]
+METHODS = ("prompt", "prefix", "ptuning", "deep")
 POLL_S = 0.5
+MAX_MODEL_LEN = 2048  # vLLM's context for the scenario (the longest request: 9,000 tokens, refused either way)
 
 
 def make_adapter(base, directory: Path, method: str, seed: int) -> None:
@@ -73,12 +92,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(adapters: Path, model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(adapters: Path, model: str, port: int, log: Path, engine: str = "softprompts") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "softprompts", "serve", "--adapters", str(adapters), "--model", model,
            "--port", str(port), "--poll-seconds", str(POLL_S), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 300
+    if engine == "vllm":  # fp32 like the references; one thread each for the front's process and the engine's
+        cmd += ["--engine", "vllm", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
+        env = {**env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {log.read_text()[-2000:]}")
@@ -89,7 +111,7 @@ def start_server(adapters: Path, model: str, port: int, log: Path) -> subprocess
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("the server did not start within 300 s")
+    raise RuntimeError("the server did not start within 600 s")
 
 
 def complete(client: httpx.Client, model: str, prompt: str, max_tokens: int, stream: bool) -> tuple[int, str, int]:
@@ -145,32 +167,116 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sp-load-"))
     served, spare = work / "served", work / "spare"
     served.mkdir()
-    names = [f"{'prompt' if i % 2 == 0 else 'prefix'}-{i}" for i in range(args.adapters)]
+    names = [f"{METHODS[i % len(METHODS)]}-{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         make_adapter(base, served / name, name.split("-")[0], seed=i)
     added, replaced, deleted = "prompt-added", names[3], names[4]
     make_adapter(base, spare / added, "prompt", seed=1000)  # saved now, moved in under load
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(served, args.model, port, work / "server.log")
+    proc = start_server(served, args.model, port, work / "server.log", args.engine)
     server = psutil.Process(proc.pid)
     rss: list[tuple[float, int]] = []
+    bad = [(b.replace(b"ADAPTERS", str(served).encode()) if isinstance(b, bytes) else
+            json.loads(json.dumps(b).replace("ADAPTERS", str(served))), want)
+           for b, want in (VLLM_BAD_REQUESTS if args.engine == "vllm" else BAD_REQUESTS)]
     try:
+        if args.kill_engine_at is not None:
+            return _killed(args, url, names, proc, server, work)
         refs = references(url, ["base", *names])
-        rss_start = server.memory_info().rss
-        results, stop = _load(args, url, names, added, replaced, deleted, base, served, spare, server, rss)
+        rss_start = _rss(server)
+        results, stop = _load(args, url, names, added, replaced, deleted, base, served, spare, server, rss, bad)
         refs_new = references(url, [added, replaced])
-        rss_end = server.memory_info().rss
+        rss_end = _rss(server)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
     return _report(args, results, stop, refs, refs_new, replaced, deleted, rss_start, rss_end, rss, work)
 
 
-def _load(args, url, names, added, replaced, deleted, base, served, spare, server, rss):
+def _rss(server: psutil.Process) -> int:
+    """The server's resident memory, its child processes' included (vLLM's engine runs in one)."""
+    total = 0
+    for proc in [server, *server.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def _engine_process(server: psutil.Process) -> psutil.Process:
+    """vLLM's engine core: the server's child process that runs the model."""
+    children = server.children(recursive=True)
+    named = [c for c in children if "EngineCore" in c.name() or "EngineCore" in " ".join(c.cmdline())]
+    if not named:
+        raise RuntimeError(f"no engine process among the server's children: {[c.name() for c in children]}")
+    return named[0]
+
+
+def _killed(args, url: str, names: list[str], proc: subprocess.Popen, server: psutil.Process, work: Path) -> dict:
+    """SIGKILL vLLM's engine once ``kill_engine_at`` of the requests were sent; what clients and a supervisor see."""
+    models = ["base", *names]
+    lock, counter, results, killed = threading.Lock(), iter(range(args.requests)), [], {}
+    engine = _engine_process(server)
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                if i == int(args.requests * args.kill_engine_at):
+                    engine.kill()
+                    killed["at"] = time.time()
+                prompt, new = PROMPTS[i % len(PROMPTS)]
+                started = time.time()
+                try:
+                    status, text, _ = complete(client, models[i % len(models)], prompt, new, i % 4 == 0)
+                except httpx.HTTPError as exc:
+                    status, text = 597, type(exc).__name__
+                with lock:
+                    results.append({"started": started, "status": status, "text": text[:120]})
+
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        code = proc.wait(timeout=120)
+        exited = round(time.time() - killed["at"], 1)
+    except subprocess.TimeoutExpired:
+        code, exited = None, None
+    at = killed.get("at", float("inf"))
+
+    def tally(rows: list[dict]) -> dict:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+        return counts
+
+    before = [r for r in results if r["started"] < at]
+    after = [r for r in results if r["started"] >= at]
+    return {"engine": "vllm", "requests": len(results),
+            "killed_after_requests": int(args.requests * args.kill_engine_at),
+            "statuses_started_before_kill": tally(before), "statuses_started_after_kill": tally(after),
+            "error_samples": sorted({r["text"] for r in results if r["status"] != 200})[:4],
+            "serve_exit_status": code, "serve_exited_s_after_kill": exited,
+            "passed": code not in (None, 0), "work_dir": str(work)}
+
+
+def _load(args, url, names, added, replaced, deleted, base, served, spare, server, rss, bad_bodies):
     models = ["base", *names]
     lock = threading.Lock()
     results: list[dict] = []
@@ -186,7 +292,7 @@ def _load(args, url, names, added, replaced, deleted, base, served, spare, serve
                 models.append(added)
         elif i == args.requests // 2:
             events["replace_start"] = time.time()
-            make_adapter(base, served / replaced, "prefix", seed=2000)  # same name, new values, atomic
+            make_adapter(base, served / replaced, replaced.split("-")[0], seed=2000)  # same name, new values
             events["replaced"] = time.time()
         elif i == 3 * args.requests // 4:
             events["deleted"] = time.time()
@@ -217,7 +323,7 @@ def _load(args, url, names, added, replaced, deleted, base, served, spare, serve
         with httpx.Client(base_url=url, timeout=60) as client:
             k = 0
             while not stop.is_set():
-                body, want = BAD_REQUESTS[k % len(BAD_REQUESTS)]
+                body, want = bad_bodies[k % len(bad_bodies)]
                 kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
                     else {"json": body}
                 r = client.post("/v1/completions", **kw)
@@ -228,7 +334,7 @@ def _load(args, url, names, added, replaced, deleted, base, served, spare, serve
 
     def sample_rss() -> None:
         while not stop.is_set():
-            rss.append((time.time(), server.memory_info().rss))
+            rss.append((time.time(), _rss(server)))
             stop.wait(0.25)
 
     side = [threading.Thread(target=bad_requests), threading.Thread(target=sample_rss)]
@@ -276,7 +382,8 @@ def _report(args, results, events, refs, refs_new, replaced, deleted, rss_start,
     warm = rss[len(rss) // 4][1] if rss else rss_start
     rss_ok = max((v for _, v in rss[len(rss) // 4 :]), default=rss_end) <= warm * 1.10 + 50 * 2**20
     report = {
-        "requests": len(valid), "concurrency": args.concurrency, "adapters": args.adapters + 1,
+        "engine": args.engine, "requests": len(valid), "concurrency": args.concurrency,
+        "adapters": args.adapters + 1,
         "failed_valid_requests": len(failures), "failure_samples": [_short(r) for r in failures[:5]],
         "greedy_answers_checked": len(valid) - len(failures),
         "greedy_mismatches": len(mismatches), "mismatch_samples": [_short(r) for r in mismatches[:3]],
@@ -314,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--max-seconds", type=float, default=600.0, help="per-request client timeout")
     p.add_argument("--json", default=None)
+    p.add_argument("--engine", choices=("softprompts", "vllm"), default="softprompts",
+                   help="the engine serve runs (vllm: run this script with .venv-vllm/bin/python)")
+    p.add_argument("--kill-engine-at", type=float, default=None, metavar="F",
+                   help="--engine vllm: SIGKILL vLLM's engine process after a fraction F of the requests")
     args = p.parse_args(argv)
     report = run(args)
     print(json.dumps(report, indent=2))
