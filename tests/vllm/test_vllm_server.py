@@ -76,7 +76,9 @@ def served(tmp_path_factory):
     port = _free_port()
     log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
     scratch = tmp_path_factory.mktemp("scratch")  # the server's TMPDIR: its private KV directory is made here
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": str(scratch)}
+    # no VLLM_CPU_KVCACHE_SPACE: the launcher sizes vLLM's KV cache (room for 32 sequences of 512 tokens)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env = {**env, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     server = subprocess.Popen([sys.executable, "-m", "softprompts", "serve", "--engine", "vllm", "--adapters",
                                str(directory), "--port", str(port), "--poll-seconds", "0.5", "--max-model-len", "512",
                                "--block-size", "32", "--enforce-eager", "--seed", "0"],
@@ -92,6 +94,8 @@ def served(tmp_path_factory):
                 server.kill()
                 pytest.fail(f"the vLLM server did not start:\n{open(log.name).read()[-4000:]}")
             time.sleep(2)
+    started = open(log.name).read()
+    assert "vLLM's KV cache: 0.70 GiB, room for 32 sequences of 512 tokens" in started, started[-3000:]
     state = build_state(base, directory, poll_s=0)
     try:
         with TestClient(create_app(state)) as ours:
@@ -230,3 +234,12 @@ def test_a_kv_file_removed_or_damaged_on_disk_is_written_again(served):
     for path in scratch.glob("softprompts-vllm-kv-*/cartridge.*.safetensors"):
         path.write_bytes(b"not a safetensors file")
     assert _completion(client, "cartridge", PROMPTS[0]) == want
+
+
+def test_a_start_that_cannot_fit_is_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    done = subprocess.run([sys.executable, "-m", "softprompts", "serve", "--engine", "vllm", "--adapters",
+                           str(tmp_path), "--max-model-len", "512", "--max-kv-mb", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "--max-kv-mb 1 cannot hold one full sequence" in done.stderr and "lower --max-model-len" in done.stderr
