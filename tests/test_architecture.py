@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,16 +134,22 @@ def test_a_method_declares_everything_on_its_class(name):
 
 
 def test_one_function_builds_the_chat_stop_tokens():
-    """The chat stop rule is ``data.chat.turn_stop_ids``: no other module reads the template's end of turn, and in
-    ``data/chat.py`` only that function asks for the model's end of sequence. A fourth copy of the rule fails here."""
+    """The chat stop rule is ``tasks.turn_stop_ids``: outside ``data/chat.py`` (which defines the end of turn) no
+    module but ``tasks`` reads it, in ``tasks.py`` only that function does, and nothing else in either asks for the
+    model's end of sequence. A fourth copy of the rule fails here."""
     readers = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
                      if any(isinstance(node, ast.Attribute) and node.attr in ("end_of_turn", "end_of_turn_parts")
                             for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))))
-    assert readers == ["softprompts.data.chat"]
-    chat = ast.parse((PACKAGE / "data" / "chat.py").read_text(encoding="utf-8"))
-    askers = sorted(f.name for f in ast.walk(chat) if isinstance(f, ast.FunctionDef)
-                    and any(isinstance(node, ast.Name) and node.id == "eos_ids" for node in ast.walk(f)))
-    assert askers == ["turn_stop_ids"]
+    assert readers == ["softprompts.data.chat", "softprompts.tasks"]
+
+    def functions_using(path: Path, names: set[str]) -> list[str]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        return sorted(f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and any(
+            (isinstance(n, ast.Name) and n.id in names) or (isinstance(n, ast.Attribute) and n.attr in names)
+            for n in ast.walk(f)))
+
+    assert functions_using(PACKAGE / "tasks.py", {"eos_ids", "end_of_turn", "end_of_turn_parts"}) == ["turn_stop_ids"]
+    assert functions_using(PACKAGE / "data" / "chat.py", {"eos_ids"}) == []
 
 
 def test_no_command_imports_another_command():
@@ -153,3 +161,11 @@ def test_no_command_imports_another_command():
     graph = import_graph()
     crossing = sorted(f"{m} -> {t}" for m in commands for t in graph[m] if t in commands)
     assert crossing == []
+
+
+def test_the_command_line_parser_loads_without_torch():
+    """``softprompts --help`` stays fast: building every command's parser imports no torch (the commands import
+    their work when they run)."""
+    code = "import sys; from softprompts.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,4 +1,4 @@
-"""One chat stop rule (``data.chat.turn_stop_ids``) for evaluation and the CLI, the server and self-study: the
+"""One chat stop rule (``tasks.turn_stop_ids``) for evaluation and the CLI, the server and self-study: the
 model's end of sequence and the special token that closes the assistant's turn, also when the template writes text
 before that token (a multi-token end of turn stops where it completes, never on its first token)."""
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from softprompts.data.chat import turn_stop_ids
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact
 from softprompts.model.decode import generate_ids
 from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.padding import length_sorted_chunks
-from softprompts.tasks import TaskSpec, encode, prompt_ids, split_prompt
+from softprompts.tasks import TaskSpec, encode, prompt_ids, split_prompt, turn_stop_ids
 
 
 def _row_artifacts(base, artifact, leads=None):
@@ -87,7 +86,7 @@ def classify(base, artifact, examples: list[Example], spec: TaskSpec, batch_size
 
 
 def stop_tokens(base, spec: TaskSpec | None) -> frozenset[int] | None:
-    """Tokens that end generation for ``spec`` (``data.chat.turn_stop_ids``: for a chat task the model's EOS and the
+    """Tokens that end generation for ``spec`` (``tasks.turn_stop_ids``: for a chat task the model's EOS and the
     token that closes the template's turn; ``None``, the model's EOS, otherwise)."""
     chat = spec is not None and spec.chat is not None
     return turn_stop_ids(base, spec.prompt_format(base.tokenizer) if chat else None)

@@ -30,6 +30,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import Example, PromptFormat
 from softprompts.data.templates import VIRTUAL, Template
 from softprompts.errors import SoftpromptsError
+from softprompts.model.generation import eos_ids
 from softprompts.model.padding import prompt_target_rows
 from softprompts.model.soft_targets import SoftTargets, stack_rows
 
@@ -137,6 +138,26 @@ def prompt_ids(base, text: str, spec: TaskSpec) -> tuple[tuple[int, ...], list[i
     """``split_prompt`` with the spec's truncation of the prompt part (inference)."""
     lead, ids = split_prompt(base, text)
     return lead, truncate_prompt(ids, spec)
+
+
+def turn_stop_ids(base, chat: ChatFormat | None) -> frozenset[int] | None:
+    """The tokens that end an answer on ``base`` in a prompt format: **the** stop rule of chat generation (the CLI,
+    ``evaluate``, both serving engines and self-study call it; nothing else reads ``end_of_turn`` for it).
+
+    For a chat format: the model's end of sequence (``eos_ids``) and the special token that closes the template's
+    assistant turn, ``S`` in ``end_of_turn = t + S`` (``<|im_end|>`` for ChatML). When ``t`` is not empty (a
+    template that writes ``"\\n<|end|>"`` after the content) the end of turn is several tokens; the decode loop
+    stops on single tokens, so the answer stops on ``S``, the token that completes the sequence and that the model
+    writes only where its turn ends. ``t``'s tokens stay in the answer (they are text: a trailing newline); they are
+    never stop tokens, else every newline would end it. ``S`` is a stop token only when it is one token.
+    ``None`` for a template format (no chat): the decode loop's default, the model's end of sequence. (Here beside
+    ``prompt_ids`` rather than in ``data/chat.py``, which the CLI imports for ``--help`` without torch.)
+    """
+    if chat is None:
+        return None
+    _, special = chat.end_of_turn_parts()
+    closing = base.tokenize(special) if special else []
+    return frozenset(eos_ids(base) | (set(closing) if len(closing) == 1 else set()))
 
 
 def encode(base, examples: list[Example], spec: TaskSpec) -> tuple[list[Encoded], TruncationReport]:

@@ -12,7 +12,7 @@ Generation from TEXT. Each TEXT is rendered through the task the adapter recorde
 ``raw`` sends TEXT as is; ``template`` renders it through another template and ``chat`` (or ``placement`` /
 ``system``) through the model's chat template, in place of the adapter's own. The prompt is then cut to the task's
 ``max_prompt_tokens`` and decoded until ``max_new_tokens``, the model's end of sequence or, for a chat task, the
-end of the assistant's turn (``data.chat.turn_stop_ids``): ``evaluate.generate_texts``.
+end of the assistant's turn (``tasks.turn_stop_ids``): ``evaluate.generate_texts``.
 """
 
 from __future__ import annotations

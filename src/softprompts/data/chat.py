@@ -26,7 +26,6 @@ from typing import Any
 
 from softprompts.data.templates import VIRTUAL, check_marker_free
 from softprompts.errors import DataError
-from softprompts.model.generation import eos_ids
 
 PLACEMENTS = ("start", "after-system", "user-start")
 # docs/RESULTS.md, section 4: on SmolLM2 chat rows the three placements tie within noise (92.8-94.0 test accuracy,
@@ -162,23 +161,4 @@ class ChatFormat:
         return {"placement": self.placement, "system": self.system}
 
 
-def turn_stop_ids(base, chat: ChatFormat | None) -> frozenset[int] | None:
-    """The tokens that end an answer on ``base`` in a prompt format: **the** stop rule of chat generation (the CLI,
-    ``evaluate``, both serving engines and self-study call it; nothing else reads ``end_of_turn`` for it).
-
-    For a chat format: the model's end of sequence (``eos_ids``) and the special token that closes the template's
-    assistant turn, ``S`` in ``end_of_turn = t + S`` (``<|im_end|>`` for ChatML). When ``t`` is not empty (a
-    template that writes ``"\\n<|end|>"`` after the content) the end of turn is several tokens; the decode loop
-    stops on single tokens, so the answer stops on ``S``, the token that completes the sequence and that the model
-    writes only where its turn ends. ``t``'s tokens stay in the answer (they are text: a trailing newline); they are
-    never stop tokens, else every newline would end it. ``S`` is a stop token only when it is one token.
-    ``None`` for a template format (no chat): the decode loop's default, the model's end of sequence.
-    """
-    if chat is None:
-        return None
-    _, special = chat.end_of_turn_parts()
-    closing = base.tokenize(special) if special else []
-    return frozenset(eos_ids(base) | (set(closing) if len(closing) == 1 else set()))
-
-
-__all__ = ["DEFAULT_PLACEMENT", "PLACEMENTS", "ROLES", "ChatFormat", "turn_stop_ids"]
+__all__ = ["DEFAULT_PLACEMENT", "PLACEMENTS", "ROLES", "ChatFormat"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from softprompts.data.chat import ChatFormat, turn_stop_ids
+from softprompts.data.chat import ChatFormat
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling
@@ -23,7 +23,7 @@ from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
 from softprompts.serve.state import ServerState
 from softprompts.serve.text import StopStrings, classify_prompts
-from softprompts.tasks import split_prompt
+from softprompts.tasks import split_prompt, turn_stop_ids
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def chat_prompt(state: ServerState, entry: Entry | None, body: ChatBody) -> tupl
 
 def render_chat(base, chat: ChatFormat, body: ChatBody) -> tuple[str, frozenset[int]]:
     """The conversation rendered with the model's chat template and ``chat``'s placement, and the tokens that end
-    the answer (``data.chat.turn_stop_ids``: end of sequence and the token that closes the template's turn)."""
+    the answer (``tasks.turn_stop_ids``: end of sequence and the token that closes the template's turn)."""
     prompt = chat.render_prompt({"messages": [m.rendered() for m in body.messages]})
     return prompt, turn_stop_ids(base, chat)
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from softprompts.data.chat import ChatFormat, turn_stop_ids
+from softprompts.data.chat import ChatFormat
 from softprompts.data.corpus import Chunk
 from softprompts.errors import DataError, SoftpromptsError
 from softprompts.files import atomic_text
 from softprompts.model.decode import decode_batch
 from softprompts.model.generation import GenerationRequest, Sampling
+from softprompts.tasks import turn_stop_ids
 from softprompts.training.config import SelfStudyConfig
 
 CONTEXT_INSTRUCTION = "Use the document below to answer questions about it."
