@@ -18,6 +18,11 @@ study (no new trial starts after it; a running one finishes). A killed run leave
 parameters again first. Layout of ``out_dir``: ``study.db`` (SQLite, ``optuna-dashboard out_dir/study.db`` opens
 it), ``trials/NNN/`` (each trial's adapter and ``training.json``) and ``trials/NNN.log`` (its training log), then
 ``tune_report.write_outputs``: ``best/``, ``best.json``, ``tune.md``, ``trials.png``.
+
+One study driver, two callers: ``search(study, trainer, ...)`` runs the study and calls ``trainer(Trial) ->
+TrialResult`` to train one trial (lr, the searched options, where to save, the pruning hook); ``tune`` is ``search``
+with ``method_trainer`` (our loop, one method), and ``compare --tune`` calls ``search`` for PEFT LoRA with a trainer of
+its own (``compare/tuning.py``), so both search the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import contextlib
 import itertools
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +42,7 @@ from softprompts.tasks import TaskSpec
 from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import NonFiniteError
-from softprompts.training.loop import train
+from softprompts.training.loop import EvalCallback, train
 from softprompts.training.preflight import log
 from softprompts.training.tune_report import TuneResult, space_text, trial_dir, trial_line, write_outputs
 
@@ -129,6 +134,7 @@ class TuneTask:
     train_examples: list
     dev_examples: list
     options: dict = field(default_factory=dict)
+    base_dev: dict | None = None  # the bare model's dev metrics when the caller has them (else the first trial's)
 
     @property
     def metric(self) -> str:
@@ -157,7 +163,7 @@ def check_task(task: TuneTask, space: SearchSpace, check_context: bool = True) -
 
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
-    """One ``tune`` per directory at a time (``flock``: released by the kernel when the holder dies, even by
+    """One search per directory at a time (``flock``: released by the kernel when the holder dies, even by
     ``kill -9``), so a RUNNING trial found after taking the lock belongs to a run that is gone."""
     import fcntl
 
@@ -166,8 +172,8 @@ def _locked(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SoftpromptsError(f"another `softprompts tune` is running on {out_dir}; wait for it or choose "
-                                   "another --out") from None
+            raise SoftpromptsError(f"another search is running on {out_dir} (`softprompts tune` or `compare "
+                                   "--tune`); wait for it or choose another --out") from None
         yield
 
 
@@ -219,12 +225,64 @@ def _seconds(trials: list) -> float:
 # --- one trial -------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Trial:
+    """What a trainer gets for one trial: its ``number``, learning rate and searched ``options`` (config field ->
+    value), ``config`` (the shared ``TrainConfig`` with this ``lr``, no progress bar, no checkpoints), ``out_dir``
+    (``trials/NNN``: save what ``best/`` should hold there), ``on_eval(step, dev metric) -> stop?`` (call it after each
+    dev evaluation past step 0; ``True``: stop training now) and ``base_dev`` (the bare model's dev metrics, once a
+    trial has returned them)."""
+
+    number: int
+    lr: float
+    options: dict
+    config: TrainConfig
+    out_dir: Path
+    on_eval: EvalCallback
+    base_dev: dict | None = None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A trained trial: ``value`` (its kept state's dev metric), steps run, the step kept, whether ``on_eval`` stopped
+    it (then it is PRUNED), its trainable parameters and (optional) the bare model's dev metrics it measured. A trainer
+    raises ``NonFiniteError`` when training diverged (the trial is PRUNED, the study goes on)."""
+
+    value: float
+    steps_done: int
+    best_step: int
+    stopped_early: bool
+    trainable_parameters: int
+    base_dev: dict | None = None
+
+
+Trainer = Callable[[Trial], TrialResult]
+
+
+def method_trainer(task: TuneTask) -> Trainer:
+    """Train ``task.method`` through our loop: the method built with the trial's options (beside ``task.options``),
+    trained with the trial's lr on ``task``'s rows, the adapter kept on dev written to ``trial.out_dir``."""
+
+    def run(trial: Trial) -> TrialResult:
+        method = build_method(task.base, task.method, task.spec, seed=trial.config.seed, **task.options,
+                              **trial.options)
+        record = train(task.base, method, task.train_examples, task.spec, trial.config,
+                       dev_examples=task.dev_examples, out_dir=trial.out_dir, overwrite=True,
+                       base_dev=trial.base_dev or task.base_dev, on_eval=trial.on_eval).record
+        return TrialResult(value=float(record["best_dev"]), steps_done=record["steps_done"],
+                           best_step=record["best_step"], stopped_early=record["stopped_early"],
+                           trainable_parameters=record["trainable_parameters"],
+                           base_dev=record["base_model_dev"])
+
+    return run
+
+
 @dataclass
 class _Objective:
-    """``objective(trial) -> dev metric``: build the method with the trial's options, train it into
-    ``trials/NNN/`` with the trial's lr, report every evaluation for pruning."""
+    """``objective(trial) -> dev metric``: the trial's lr and options from the space, ``trainer`` into
+    ``trials/NNN/`` (its stderr into ``trials/NNN.log``), every evaluation reported for pruning."""
 
-    task: TuneTask
+    trainer: Trainer
     space: SearchSpace
     config: TrainConfig
     out_dir: Path
@@ -234,8 +292,7 @@ class _Objective:
         import optuna
 
         lr, options = self.space.suggest(trial)
-        config = replace(self.config, lr=lr, progress=False, checkpoint_every=0)
-        task, best = self.task, [-math.inf]
+        best = [-math.inf]
 
         def on_eval(step: int, metric: float) -> bool:
             best[0] = max(best[0], metric)
@@ -244,56 +301,88 @@ class _Objective:
 
         out = trial_dir(self.out_dir, trial.number)
         out.parent.mkdir(parents=True, exist_ok=True)
+        run = Trial(number=trial.number, lr=lr, options=options, out_dir=out, on_eval=on_eval,
+                    config=replace(self.config, lr=lr, progress=False, checkpoint_every=0),
+                    base_dev=self.study.user_attrs.get("base_dev"))
         with out.with_suffix(".log").open("w", buffering=1) as log_file, contextlib.redirect_stderr(log_file):
-            method = build_method(task.base, task.method, task.spec, seed=config.seed, **task.options, **options)
             try:
-                result = train(task.base, method, task.train_examples, task.spec, config,
-                               dev_examples=task.dev_examples, out_dir=out, overwrite=True,
-                               base_dev=self.study.user_attrs.get("base_dev"), on_eval=on_eval)
+                result = self.trainer(run)
             except NonFiniteError as exc:  # this lr diverged: a trial as bad as they come, not a broken study
                 trial.set_user_attr("stopped", str(exc).split(";")[0])
                 raise optuna.TrialPruned() from None
-        record = result.record
-        self.study.set_user_attr("base_dev", record["base_model_dev"])
-        for key in ("steps_done", "best_step", "trainable_parameters"):
-            trial.set_user_attr(key, record[key])
-        if record["stopped_early"]:
+        if result.base_dev is not None:
+            self.study.set_user_attr("base_dev", result.base_dev)
+        trial.set_user_attr("steps_done", result.steps_done)
+        trial.set_user_attr("best_step", result.best_step)
+        trial.set_user_attr("trainable_parameters", result.trainable_parameters)
+        if result.stopped_early:
             raise optuna.TrialPruned()
-        return float(record["best_dev"])
+        return result.value
+
+
+@dataclass(frozen=True)
+class Study:
+    """One search: where it lives (``out_dir``), what it searches (``space``), the dev ``metric`` it maximizes, a
+    ``label`` for its log lines, and ``setup``: everything its trials depend on besides the searched values (a
+    rerun with another setup is refused, one with the same continues)."""
+
+    out_dir: Path
+    space: SearchSpace
+    metric: str
+    label: str
+    setup: dict
+
+
+def search(study: Study, trainer: Trainer, train_config: TrainConfig, config: TuneConfig) -> TuneResult:
+    """Run ``study`` until ``config``'s budget is spent, ``trainer`` training each trial; write its outputs (module
+    docstring) and return the best trial. The budget counts the whole study: a rerun continues it, and one whose
+    budget is spent trains nothing."""
+    import optuna
+
+    config.validate(train_config)
+    out_dir, dist = Path(study.out_dir), Distributed()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with _locked(out_dir):
+            stored = _open_study(out_dir, study.setup, config, train_config)
+            done = _finished(stored)
+            trials = None if config.trials is None else config.trials - len(done)
+            timeout = None if config.minutes is None else config.minutes * 60 - _seconds(done)
+            if (trials is None or trials > 0) and (timeout is None or timeout > 0):
+                log(dist, f"tune {study.label}: {len(done)} trial(s) done; searching "
+                          f"{space_text(study.space.to_json())}")
+                objective = _Objective(trainer, study.space, train_config, out_dir, stored)
+                stored.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[
+                    lambda s, t: log(dist, trial_line(s, t, study.metric, config.trials, train_config.steps))])
+            else:
+                log(dist, f"tune {study.label}: the budget is spent ({len(done)} trial(s), "
+                          f"{_seconds(done) / 60:.1f} min): nothing to run")
+            return write_outputs(stored, out_dir, study.metric, study.space.to_json())
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def tune(task: TuneTask, train_config: TrainConfig, config: TuneConfig, out_dir: str | Path) -> TuneResult:
     """Search ``task.method``'s space on ``task``'s dev rows within ``config``'s budget; writes ``out_dir`` (see the
     module docstring) and returns the best trial. A rerun with the same arguments continues the study."""
-    import optuna
-
     config.validate(train_config)
     space = SearchSpace.for_method(task.method, config)
     check_task(task, space)
-    out_dir, dist = Path(out_dir), Distributed()
-    setup = {"method": method_class(task.method).name, "space": space.to_json(), "task": task.spec.to_json(),
-             "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("lr", "progress")},
-             "train_examples": len(task.train_examples), "dev_examples": len(task.dev_examples),
-             "options": task.options}
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with _locked(out_dir):
-            study = _open_study(out_dir, setup, config, train_config)
-            done = _finished(study)
-            trials = None if config.trials is None else config.trials - len(done)
-            timeout = None if config.minutes is None else config.minutes * 60 - _seconds(done)
-            if (trials is None or trials > 0) and (timeout is None or timeout > 0):
-                log(dist, f"tune {setup['method']}: {len(done)} trial(s) done; searching {space_text(space.to_json())}")
-                objective = _Objective(task, space, train_config, out_dir, study)
-                study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[
-                    lambda s, t: log(dist, trial_line(s, t, task.metric, config.trials, train_config.steps))])
-            else:
-                log(dist, f"the budget is spent ({len(done)} trial(s), {_seconds(done) / 60:.1f} min): nothing to run")
-            return write_outputs(study, out_dir, task.metric, space.to_json())
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    name = method_class(task.method).name
+    study = Study(Path(out_dir), space, task.metric, name, setup_of(name, task, space, train_config))
+    return search(study, method_trainer(task), train_config, config)
 
 
-__all__ = ["PRUNERS", "STUDY_FILE", "SearchSpace", "TuneConfig", "TuneResult", "TuneTask", "check_task", "trial_dir",
+def setup_of(name: str, task: TuneTask, space: SearchSpace, train_config: TrainConfig) -> dict:
+    """A study's ``setup``: what ``name``'s trials depend on besides the searched values (the task, the training
+    options but the lr, the rows' counts, the fixed method options)."""
+    return {"method": name, "space": space.to_json(), "task": task.spec.to_json(),
+            "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("lr", "progress")},
+            "train_examples": len(task.train_examples), "dev_examples": len(task.dev_examples),
+            "options": task.options}
+
+
+__all__ = ["LR_SPAN", "PRUNERS", "STUDY_FILE", "SearchSpace", "Study", "Trainer", "Trial", "TrialResult", "TuneConfig",
+           "TuneResult", "TuneTask", "check_task", "method_trainer", "search", "setup_of", "trial_dir",
            "tune"]

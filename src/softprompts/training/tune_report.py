@@ -3,7 +3,7 @@ trials (``tune.md``), a plot (``trials.png``), and the one progress line per fin
 
 The plot: left, each trial's dev metric against its number (COMPLETE: the kept adapter's; PRUNED: the best reported
 before it stopped, marked x) with the best so far as a step line; right, the metric against the learning rate (log
-axis), one colour per ``num_virtual_tokens``.
+axis), one colour per value of the first searched choice (``num_virtual_tokens`` for our methods, ``r`` for LoRA).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def write_outputs(study, out_dir: Path, metric: str, space: dict) -> TuneResult:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number), default=None)  # ties: the earlier trial
     atomic_text(out_dir / "tune.md", _table(trials, best, metric, space))
-    _plot(trials, out_dir / "trials.png", metric)
+    _plot(trials, out_dir / "trials.png", metric, next((name for name in space if name != "lr"), None))
     if best is None:
         raise SoftpromptsError(f"no trial completed (see {out_dir}/tune.md); give a larger budget, or a --lr-range "
                                "where training does not diverge")
@@ -127,8 +127,8 @@ def _table(trials: list, best, metric: str, space: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(trials: list, path: Path, metric: str) -> None:
-    """``trials.png`` (see the module docstring)."""
+def _plot(trials: list, path: Path, metric: str, colour_by: str | None) -> None:
+    """``trials.png`` (see the module docstring); ``colour_by``: the choice whose values get a colour each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,11 +147,12 @@ def _plot(trials: list, path: Path, metric: str) -> None:
         left.step(*zip(*steps, strict=True), where="post", color="tab:orange", label="best so far")
         left.legend()
     left.set(xlabel="trial (x: pruned)", ylabel=f"dev {metric}", title="trials")
-    for tokens in sorted({t.params.get("num_virtual_tokens") for t, _ in shown}, key=str):
-        points = [(t.params["lr"], v) for t, v in shown if t.params.get("num_virtual_tokens") == tokens and
-                  "lr" in t.params]
+    for value in sorted({t.params.get(colour_by) for t, _ in shown}, key=str):
+        points = [(t.params["lr"], v) for t, v in shown if t.params.get(colour_by) == value and "lr" in t.params]
         if points:
-            right.scatter(*zip(*points, strict=True), label=f"{tokens} virtual tokens")
+            label = ("trials" if colour_by is None else f"{value} virtual tokens"
+                     if colour_by == "num_virtual_tokens" else f"{colour_by} {value}")
+            right.scatter(*zip(*points, strict=True), label=label)
     right.set(xscale="log", xlabel="learning rate", ylabel=f"dev {metric}", title="metric against lr")
     if shown:
         right.legend()
