@@ -186,3 +186,23 @@ def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
     for name in ("tune.md", "trials.png"):
         assert (out / name).stat().st_size > 0
     assert f"| {best['trial']} |" in (out / "tune.md").read_text()
+
+
+def test_residual_searches_its_bottleneck_and_shared_or_separate_mlps(env, tmp_path):
+    """Residual prompt tuning declares its own knobs: a trial queued with a per-token MLP (``shared`` false) of
+    bottleneck 100 trains ``P*d + P*(2*d*m + m + 3*d)`` parameters (``P`` MLPs), as the method's docstring counts."""
+    from softprompts.model.load import load_base
+
+    out = tmp_path / "residual"
+    out.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="softprompts-tune",
+                                direction="maximize")
+    study.enqueue_trial({"lr": 1e-2, "num_virtual_tokens": 3, "bottleneck": 100, "shared": False})
+    assert main(tune_args(env, out, "--trials", "1", "--steps", "2", "--eval-every", "1", method="residual")) == 0
+    (trial,) = trials_of(out)
+    assert trial.params == {"lr": 1e-2, "num_virtual_tokens": 3, "bottleneck": 100, "shared": False}
+    config = json.loads((out / "trials" / "000" / "training.json").read_text())["method_config"]
+    assert config["shared"] is False and config["bottleneck"] == 100
+    d, p, m = load_base(str(env["model"])).shapes.hidden_size, 3, 100
+    assert trial.user_attrs["trainable_parameters"] == p * d + p * (2 * d * m + m + 3 * d)
+    assert "shared True/False" in (out / "tune.md").read_text()

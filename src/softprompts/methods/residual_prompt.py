@@ -48,7 +48,9 @@ class ResidualPromptConfig(MethodConfig):
     bottleneck: int = 400
     shared: bool = True
 
-    tunable = {"bottleneck": (100, 400, 800)}  # `softprompts tune`: a narrow, the default and the official width
+    # `softprompts tune` / `compare --tune`: the bottleneck m (a narrow, the default and the official width) and
+    # the MLP shared by every token (the paper's default) or one per token (its "separate" variant)
+    tunable = {"bottleneck": (100, 400, 800), "shared": (True, False)}
 
     def errors(self) -> list[str]:
         problems = super().errors()
