@@ -40,6 +40,8 @@ class CompareConfig:
     baseline: comma-separated ``peft`` (each method through HF PEFT, + LoRA) and / or ``fewshot`` (k demonstrations
     from the training data in the prompt, no training: ``compare/fewshot.py``); shots: fixes that k (None: chosen
     on dev among ``SHOT_CANDIDATES``).
+    tune: N trials of search on dev per method, and for LoRA, before the compared runs, which then use the best
+    configuration (``compare/tuning.py``); None: the defaults (or ``lr`` / ``virtual_tokens``).
     """
 
     model: str
@@ -49,6 +51,7 @@ class CompareConfig:
     baseline: str | None = None
     lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling
     shots: int | None = None  # with baseline "fewshot": k demonstrations (None: chosen on dev)
+    tune: int | None = None  # trials per method (and LoRA) searched on dev before the compared runs
     steps: int | None = 100
     minutes: float | None = None
     batch_size: int = 8
@@ -80,6 +83,11 @@ class CompareConfig:
             problems.append(f"--shots must be 0 or more, got {self.shots}")
         if self.shots is not None and "fewshot" not in self.baselines:
             problems.append("--shots sets the few-shot baseline's k: add --baseline fewshot")
+        if self.tune is not None and (isinstance(self.tune, bool) or not isinstance(self.tune, int) or self.tune < 1):
+            problems.append(f"--tune takes the number of trials each method (and LoRA) is tuned with, a positive "
+                            f"integer; got {self.tune!r}")
+        if self.tune is not None and self.lr is not None:
+            problems.append("--lr fixes the learning rate that --tune searches: give one of them")
         if self.latency_tokens < 1 or self.latency_repeats < 1:
             problems.append(f"--latency-tokens and latency_repeats must be at least 1, got {self.latency_tokens} and "
                             f"{self.latency_repeats}")

@@ -12,8 +12,9 @@ references' perplexity). The metric code is shared with our runs (``metrics.scor
 
 LoRA (``LORA``) runs beside them as the ceiling: a weight adapter, PEFT's ``LoraConfig`` with ``LORA_OPTIONS`` (rank 8
 on every linear layer of the decoder: attention and MLP projections), trained the same way on the same batches with
-its own learning rate ``LORA_LR``. LoRA edits the model's modules in place; ``release`` takes them out again
-(``unload``), so the base is the same model for every run after it.
+its own learning rate ``LORA_LR`` (``compare --tune`` searches lr and the rank ``r``; ``lora_alpha = 2 r`` keeps the
+update's scale ``alpha / r`` what it is at rank 8). LoRA edits the model's modules in place; ``release`` takes them out
+again (``unload``), so the base is the same model for every run after it.
 
 Failures are detected and reported, never hidden: after training, a few dev prompts are decoded greedily by the
 PEFT model and by the bare model; if PEFT's forward changes the logits but its ``generate`` output is identical to
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +84,15 @@ class PeftSpec:
     config: TrainConfig
     init_text: str | None = None
     hidden_size: int = 512  # the base model's hidden size (PEFT encoder widths default to it)
+    lora_rank: int = LORA_OPTIONS["r"]  # LoRA's r (lora_alpha = 2 r: the scale alpha / r stays 2)
 
 
 def peft_config(peft, spec: PeftSpec, tokenizer_path: str | None):
     """The PEFT config of our method's counterpart (``peft_type`` and ``peft_options`` on the method class), or
     LoRA's."""
     if spec.method == LORA:
-        return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, **LORA_OPTIONS)
+        options = {**LORA_OPTIONS, "r": spec.lora_rank, "lora_alpha": 2 * spec.lora_rank}
+        return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, **options)
     cls = method_class(spec.method)
     if cls.peft_type is None:
         raise SoftpromptsError(f"method {spec.method!r} has no PEFT counterpart")
@@ -112,6 +116,7 @@ class PeftResult:
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
     steps_done: int = 0
+    stopped_early: bool = False  # on_eval asked to stop before the last step
     issues: list[str] = field(default_factory=list)
     model: object | None = None  # the PeftModel (not serialized)
 
@@ -124,11 +129,13 @@ def _state(model) -> dict:
 
 
 def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_examples: list, test_examples: list,
-             primary: str, out_dir: str | Path | None = None, progress=None) -> PeftResult:
+             primary: str, out_dir: str | Path | None = None, progress=None,
+             on_eval: Callable[[int, float], bool] | None = None) -> PeftResult:
     """Train ``spec.method`` with PEFT on ``base.model`` and evaluate it; the base model is left unchanged.
 
     ``task``: the ``TaskSpec`` (template, labels, truncation) our runs use; ``primary``: the dev metric to keep the
-    best state by.
+    best state by. ``on_eval(step, dev metric)``: called after each dev evaluation past step 0, as our loop's
+    ``train(on_eval=)``; ``True`` stops training there with the best state so far (``stopped_early``).
     """
     evaluate = make_evaluator(base, task)
     peft = import_peft()
@@ -188,6 +195,9 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
             progress.update(1)
         if dev and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             dev_eval(point)
+            if on_eval is not None and on_eval(step, point[f"dev_{primary}"]) and step < cfg.steps:
+                result.stopped_early = True
+                break
     result.train_seconds = train_seconds
     result.tokens_per_second = tokens / train_seconds if train_seconds > 0 else 0.0
     if not all(math.isfinite(p["loss"]) for p in result.curve[1:]):

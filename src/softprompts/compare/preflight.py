@@ -7,15 +7,18 @@ its chat template):
 - the options (``CompareConfig.errors``), each method's name and options (its config validated as ``build_method``
   validates it), each run's training options (``TrainConfig.errors``, LoRA's with its own learning rate);
 - ``--baseline peft``: the package installed, a PEFT counterpart for every method (``peft_type``);
+- ``--tune N``: Optuna installed, dev rows to choose on (after the carve), every combination of each method's
+  searched choices a valid config (``tuning.tune_problems``);
 - the training rows, and the few-shot baseline's rows (``fewshot_run.fewshot_problems``: something to score, dev rows
   to choose k on, chat rows' messages, ``--shots K`` within what the training rows give and balance).
 
 With the model loaded, before the bare model's run (``model_problems``):
 
 - what the base must support: PEFT's baseline (``base.require``), the training options (``preflight.check_options``);
-- per method, with its own virtual tokens ``P`` (methods differ): the training preflight's rule for the training and
-  dev rows (``preflight.check_fits``: a KV prefix never after text, every row + its answer within the context), the
-  same rule for the test rows (read only after training), and the latency prompt + ``P`` + ``--latency-tokens``;
+- per method, with its own virtual tokens ``P`` (methods differ; with ``--tune`` the largest ``P`` it may choose):
+  the training preflight's rule for the training and dev rows (``preflight.check_fits``: a KV prefix never after
+  text, every row + its answer within the context), the same rule for the test rows (read only after training), and
+  the latency prompt + ``P`` + ``--latency-tokens``;
 - a fixed ``--shots K``: every seed's demonstrations drawn, written and fitted (``FewShotRun.preflight``).
 """
 
@@ -27,6 +30,7 @@ from softprompts.compare.config import CompareConfig, CompareData
 from softprompts.compare.fewshot import answer_tokens
 from softprompts.compare.fewshot_run import FewShotRun, fewshot_problems
 from softprompts.compare.peft_baseline import LORA, LORA_LR, import_peft
+from softprompts.compare.tuning import longest_prompt, tune_problems
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import build_method, method_class
 from softprompts.tasks import encode, prompt_ids, split_prompt
@@ -86,7 +90,7 @@ def problems(config: CompareConfig, data: CompareData) -> list[str]:
     found = option_problems(config)
     if not data.train:
         found.append("the training data is empty")
-    return found + fewshot_problems(config, data)
+    return found + tune_problems(config, data) + fewshot_problems(config, data)
 
 
 def _row_problems(base, config: CompareConfig, data: CompareData, dev: list, test: list) -> list[str]:
@@ -99,7 +103,7 @@ def _row_problems(base, config: CompareConfig, data: CompareData, dev: list, tes
     found.append(_refusal(lambda: base.check_fits(len(lead) + len(ids), 0, config.latency_tokens, "--latency-tokens")))
     for name in dict.fromkeys(method_class(m).name for m in config.methods):
         def check(name: str = name) -> None:
-            method = build_method(base, name, data.spec, num_virtual_tokens=config.virtual_tokens)
+            method = build_method(base, name, data.spec, num_virtual_tokens=longest_prompt(config, name))
             virtual = method.config.num_virtual_tokens
             check_options(base, train_config(config, name, 0, config.steps or 2))
             check_fits(base, method, data.spec, encoded, dev)

@@ -227,7 +227,8 @@ def lora_ceiling(methods: dict[str, dict], primary: str) -> list[str]:
         return []
     ours = {k: v for k, v in methods.items() if v["impl"] == "softprompts" and quality(v, primary)}
     ql = quality(lora, primary)
-    lines = [f"- LoRA (rank 8 on every linear layer, {lora['adapter_params']:,} parameters, "
+    rank = lora.get("lora_rank") or 8  # results before ranks were recorded: LORA_OPTIONS' rank 8
+    lines = [f"- LoRA (rank {rank} on every linear layer, {lora['adapter_params']:,} parameters, "
              f"{fmt_bytes(lora['adapter_bytes'])}): {fmt_stat(ql, primary)}."]
     if ours:
         best = max(ours, key=lambda k: quality(ours[k], primary)["mean"])

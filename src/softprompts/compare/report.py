@@ -60,7 +60,8 @@ def aggregate(runs: list[dict], primary: str) -> dict[str, dict]:
             "per_token_overhead_ms": _stats([_overhead(r, "per_token_ms") for r in ok]),
             "latency_via": first.get("latency_via", "softprompts decode loop"),
             "issues": sorted({i for r in rs for i in r.get("issues", [])}),
-            "virtual_tokens": first.get("virtual_tokens"),
+            "virtual_tokens": first.get("virtual_tokens"), "lr": first.get("lr"), "lora_rank": first.get("lora_rank"),
+            "tuned": first.get("tuned"),  # --tune: the configuration its study chose (the same for every seed)
         }
         if first["impl"] == "fewshot" and ok:
             out[label]["fewshot"] = fewshot_report.summarize(ok)
@@ -73,14 +74,48 @@ def build_results(config, settings: dict, base: dict, runs: list[dict], machine:
     primary = PRIMARY_METRIC[task["task"]]
     methods = aggregate(runs, primary)
     test_n = (base.get("test") or {}).get("n", 0)
+    recommendation = recommend(methods, base, primary, test_n)
+    tuned = {label: m["tuned"] for label, m in methods.items()  # a PEFT counterpart ran in our method's choice
+             if m.get("tuned") and (m["impl"] == "softprompts" or m["method"] == "lora")}
+    if tuned:  # the same sentences, said of tuned runs
+        recommendation["text"].insert(0, _tuned_note(settings.get("tune"), methods))
     return {
         "primary_metric": primary, "task": task, "data": settings.get("data"), "sizes": sizes,
         "settings": {k: v for k, v in settings.items() if k not in ("task", "data")}, "machine": machine,
         "base_model": base, "methods": methods, "runs": runs,
-        "recommendation": recommend(methods, base, primary, test_n),
+        "recommendation": recommendation, "tuning": tuned,
         "peft_comparison": peft_comparison(methods, primary),
         "lora_ceiling": lora_ceiling(methods, primary),
     }
+
+
+def _tuned_note(trials: int | None, methods: dict[str, dict]) -> str:
+    """The recommendation's first line with ``--tune``: which runs it speaks of."""
+    lora = " and PEFT LoRA" if (methods.get("peft:lora") or {}).get("tuned") else ""
+    return (f"**Tuned runs:** every method{lora} below ran in the configuration its own search of {trials} trials "
+            "chose on dev (see Tuning); its numbers are those of that configuration, not of the defaults.")
+
+
+def tuning_section(results: dict) -> list[str]:
+    """``## Tuning``: per method, the budget, the configuration chosen and the trial's dev metric."""
+    tuned = results.get("tuning") or {}
+    if not tuned:
+        return []
+    primary = results["primary_metric"]
+    lines = ["## Tuning", "",
+             f"Before its runs, each method was tuned on dev with {results['settings'].get('tune')} trials (Optuna "
+             "TPE over the learning rate, virtual tokens and the method's own knobs; weak trials stopped by successive "
+             "halving at the dev evaluations before the last step; the same steps, batch and schedule as the runs), "
+             "PEFT LoRA (learning rate and rank) with the same budget when it ran; every run used its method's best "
+             "configuration. The dev numbers of tuned runs are optimistic (the search chose on them): compare test "
+             "numbers. Studies: `tune/<method>/` (`tune.md`, `trials.png`, `study.db`).", "",
+             f"| method | trials (pruned) | best trial | dev {primary} | tuned configuration |",
+             "|---|---:|---:|---:|---|"]
+    for label, t in tuned.items():
+        config = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t["params"].items())
+        lines.append(f"| {label} | {t['finished']} ({t['pruned']}) | {t['trial']} | "
+                     f"{fmt_metric(t['value'], primary)} | {config} |")
+    return lines + [""]
 
 
 def _table(results: dict) -> list[str]:
@@ -106,7 +141,8 @@ def _table(results: dict) -> list[str]:
         def mean(key: str, fmt: str = "{:.1f}", m=m) -> str:
             return fmt.format(m[key]["mean"]) if m.get(key) else "n/a"
 
-        row = [label, f"{m['trainable_params']:,}", f"{m['adapter_params']:,}", fmt_bytes(m["adapter_bytes"]),
+        row = [label + (" (tuned)" if m.get("tuned") else ""), f"{m['trainable_params']:,}",
+               f"{m['adapter_params']:,}", fmt_bytes(m["adapter_bytes"]),
                fmt_stat(m["best_dev"], primary)]
         row += [fmt_stat(m["test"].get(k), k) for k in metrics]
         row += [mean("train_seconds"), mean("tokens_per_second", "{:.0f}"),
@@ -132,6 +168,8 @@ def render_report(results: dict, plots: list[str]) -> str:
     s, m, task = results["settings"], results["machine"], results["task"]
     hf = results["base_model"].get("latency_hf", {})  # the bare model timed through HF generate (with PEFT)
     budget = f"{s['steps']} steps" if s.get("steps") else f"{s['minutes']} min per run ({s.get('steps_per_method')})"
+    lr = (f"tuned per method ({s['tune']} trials each)" if s.get("tune") else
+          s["lr"] if s.get("lr") else "per-method default")
     lines = [
         f"# softprompts compare: {results['data'].get('dataset') or task['task']} on `{s['model']}`", "",
         f"Task `{task['task']}`, template `{task['prompt']!r}` -> `{task['target']!r}`"
@@ -139,8 +177,8 @@ def render_report(results: dict, plots: list[str]) -> str:
         f"Data: {results['sizes']['train']} train / {results['sizes']['dev']} dev / {results['sizes']['test']} test "
         f"examples" + "".join(f", {k} `{v}`" for k, v in (results["data"] or {}).items() if v not in (None, "None"))
         + ".",
-        f"Budget: {budget}, batch {s['batch_size']}, {s['seeds']} seed(s), learning rate "
-        f"{s['lr'] if s.get('lr') else 'per-method default'}; PEFT runs use the same steps, lr, schedule and batches.",
+        f"Budget: {budget}, batch {s['batch_size']}, {s['seeds']} seed(s), learning rate {lr}; PEFT runs use the same "
+        "steps, lr, schedule and batches.",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device {m['device']}"
         f"{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
         f"peft {m.get('peft')}; commit {m.get('commit')}.", *_load_warning(m), "",
@@ -152,6 +190,7 @@ def render_report(results: dict, plots: list[str]) -> str:
         f"{hf.get('per_token_ms', math.nan):.1f} ms/token). "
         f"Peak memory: {next(iter(results['runs']), {}).get('memory_measure', 'n/a')}.", "",
         *_table(results), "",
+        *tuning_section(results),
     ]
     if results["peft_comparison"]:
         lines += ["## Side by side with Hugging Face PEFT", "", *results["peft_comparison"], ""]

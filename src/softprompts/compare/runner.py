@@ -8,6 +8,7 @@ Layout of ``OUT``::
                                  result.json when finished
     runs/peft-<method>-seed<k>/  a PEFT run: peft_adapter/, result.json
     runs/fewshot-seed<k>/        the few-shot baseline (k demonstrations in the prompt, no training): result.json
+    tune/<method>/, tune/lora/   with --tune N: each method's study (compare/tuning.py), run before its first run
     results.json, report.md, *.png
 
 A run is finished when its ``result.json`` exists (written atomically, last). Re-running the same command skips
@@ -46,6 +47,7 @@ from softprompts.compare.peft_baseline import LORA
 from softprompts.compare.peft_run import PeftRun
 from softprompts.compare.preflight import model_problems, problems, refuse, train_config
 from softprompts.compare.report import build_results, write_report
+from softprompts.compare.tuning import Tuned, Tuning
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
@@ -71,6 +73,7 @@ class Comparison:
         self.test = data.test[: config.test_limit] if config.test_limit else data.test
         self.skipped: list[str] = []
         self.ran: list[str] = []
+        self.tuned: dict[str, Tuned] = {}  # with --tune: method (or "lora") -> the configuration its study chose
 
     # --- settings / budget ---------------------------------------------------------------------------------------
 
@@ -78,7 +81,7 @@ class Comparison:
         c = self.config
         return {
             "model": c.model, "quantize": c.quantize, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline,
-            "lora": c.lora,
+            "lora": c.lora, "tune": c.tune,
             "shots": c.shots, "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
@@ -103,10 +106,16 @@ class Comparison:
         return settings
 
     def _train_config(self, method: str, seed: int, steps: int) -> TrainConfig:
-        return train_config(self.config, method, seed, steps).validate()
+        """A run's training options; with ``--tune``, the learning rate its method's study chose."""
+        config = train_config(self.config, method, seed, steps)
+        tuned = self.tuned.get(method)
+        return (replace(config, lr=tuned.lr) if tuned else config).validate()
 
     def _method(self, name: str, seed: int) -> PromptMethod:
-        return build_method(self.base, name, self.data.spec, seed=seed, num_virtual_tokens=self.config.virtual_tokens)
+        """A run's method; with ``--tune``, built with the options its study chose (P and the method's knobs)."""
+        tuned = self.tuned.get(name)
+        options = tuned.options if tuned else {"num_virtual_tokens": self.config.virtual_tokens}
+        return build_method(self.base, name, self.data.spec, seed=seed, **options)
 
     def _steps_for(self, method: str, settings: dict) -> int:
         """``--steps``, or for ``--minutes`` the steps that fit: time 2 training steps of this method once."""
@@ -178,7 +187,8 @@ class Comparison:
         latency = self._latency(adapter)
         latency_input = self._latency(adapter, at_input=True) if adapter.artifact.kind == "soft_prompt" else None
         return {
-            "impl": "softprompts", "method": method, "seed": seed, "artifact": adapter.artifact.kind,
+            "impl": "softprompts", "method": method, "seed": seed, "lr": record["train_config"]["lr"],
+            "artifact": adapter.artifact.kind,
             "virtual_tokens": adapter.artifact.length, "steps": record["steps_done"], "trainable_params": trainable,
             "adapter_params": adapter.num_parameters, "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size,
             "best_dev": {metric: record["best_dev"]}, "best_step": record["best_step"], "test": test,
@@ -194,7 +204,8 @@ class Comparison:
         """PEFT's run of ``method`` (``compare/peft_run.py``); our method is built for its config only."""
         ours = None if method == LORA else self._method(method, seed)
         run = PeftRun(self.base, self.data, self.dev, self.test, self.config, self._prompt())
-        return run.run(method, seed, steps, run_dir, self._train_config(method, seed, steps), ours)
+        rank = self.tuned[LORA].options["r"] if method == LORA and LORA in self.tuned else None
+        return run.run(method, seed, steps, run_dir, self._train_config(method, seed, steps), ours, lora_rank=rank)
 
     def _fewshot_run(self, method: str, seed: int, steps: int, run_dir: Path) -> dict:
         """The few-shot baseline (``compare/fewshot_run.py``), the bare model timed beside it."""
@@ -222,12 +233,27 @@ class Comparison:
             return None
         return done
 
+    def _tune(self, method: str, steps: int) -> Tuned | None:
+        """With ``--tune N``: ``method``'s study (``compare/tuning.py``), searched once per compare; a finished one
+        is read back without training."""
+        if self.config.tune is None:
+            return None
+        if method not in self.tuned:
+            tqdm.write(f"compare: tuning {method} ({self.config.tune} trials on dev)", file=sys.stderr)
+            tuning = Tuning(self.base, self.data, self.dev, self.config, self.out, self.base_dev)
+            self.tuned[method] = tuning.best(method, train_config(self.config, method, 0, steps).validate())
+        return self.tuned[method]
+
     def _run_one(self, impl: str, method: str, seed: int, run_dir: Path, settings: dict) -> dict:
-        """One run; a failing PEFT run is reported in its result, any other failure raises."""
+        """One run (with ``--tune``, in its method's tuned configuration); a failing PEFT run is reported in its
+        result, any other failure raises."""
         steps = 0 if impl == "fewshot" else self._steps_for(method, settings)
         runner = {"peft": self._peft_run, "fewshot": self._fewshot_run}.get(impl, self._our_run)
         try:
+            tuned = None if impl == "fewshot" else self._tune(method, steps)
             result = runner(method, seed, steps, run_dir)
+            if tuned is not None:
+                result["tuned"] = tuned.to_json()
         except SoftpromptsError:
             raise
         except Exception as exc:  # a failing run is reported, not fatal (PEFT breaks across versions)
