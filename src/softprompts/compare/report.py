@@ -92,8 +92,8 @@ def build_results(config, settings: dict, base: dict, runs: list[dict], machine:
 def _tuned_note(trials: int | None, methods: dict[str, dict]) -> str:
     """The recommendation's first line with ``--tune``: which runs it speaks of."""
     lora = " and PEFT LoRA" if (methods.get("peft:lora") or {}).get("tuned") else ""
-    return (f"**Tuned runs:** every method{lora} below ran in the configuration its own search of {trials} trials "
-            "chose on dev (see Tuning); its numbers are those of that configuration, not of the defaults.")
+    return (f"**Tuned runs:** every method{lora} ran in the configuration its own search of {trials} trials chose "
+            "on dev (section Tuning): the numbers here are those configurations', not the defaults'.")
 
 
 def tuning_section(results: dict) -> list[str]:
