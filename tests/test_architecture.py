@@ -20,8 +20,8 @@ LAYERS = [
     ("errors", "files", "third_party_logs"),
     ("model",),
     ("methods",),
-    ("schema", "adapter", "adapter_io", "table", "compose"),
-    ("data", "tasks"),
+    ("data", "task_spec"),
+    ("schema", "codec", "adapter", "adapter_io", "table", "compose", "tasks"),
     ("metrics", "evaluate", "workflow", "api"),
     ("training",),
     ("interop", "compare", "serve", "demo"),
@@ -169,3 +169,44 @@ def test_the_command_line_parser_loads_without_torch():
     code = "import sys; from softprompts.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+DOCUMENT_NAMES = {"CONFIG_FILE", "TABLE_CONFIG", "ADAPTER_FILE", "TABLE_FILE", "adapter.json", "table.json"}
+JSON_READERS = {"read_json", "parse_json", "read_json_or_none"}  # files.py's, and json.load / json.loads
+
+
+def parses_json(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "json":
+        return func.attr in ("load", "loads")
+    return getattr(func, "id", None) in JSON_READERS or getattr(func, "attr", None) in JSON_READERS
+
+
+def document_readers(tree: ast.AST) -> list[str]:
+    """Functions of ``tree`` that parse JSON and name ``adapter.json`` or ``table.json`` (a constant or a string)."""
+    found = []
+    for f in ast.walk(tree):
+        if not isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        nodes = list(ast.walk(f))
+        names = any((isinstance(n, ast.Name) and n.id in DOCUMENT_NAMES)
+                    or (isinstance(n, ast.Attribute) and n.attr in DOCUMENT_NAMES)
+                    or (isinstance(n, ast.Constant) and n.value in DOCUMENT_NAMES) for n in nodes)
+        parses = any(parses_json(n) for n in nodes)
+        if names and parses:
+            found.append(f.name)
+    return found
+
+
+def test_only_the_codec_reads_adapter_and_table_documents():
+    """``adapter.json`` and ``table.json`` are parsed in ``codec.py`` only, into typed records: no other module has
+    a function that parses JSON and names either file (the server, the CLI and interop read the records)."""
+    readers = {module_name(p): document_readers(ast.parse(p.read_text(encoding="utf-8")))
+               for p in PACKAGE.rglob("*.py")}
+    assert {m: f for m, f in readers.items() if f and m != "softprompts.codec"} == {}
+    codec = ast.parse((PACKAGE / "codec.py").read_text(encoding="utf-8"))
+    assert any(parses_json(n) for n in ast.walk(codec))  # the codec is where the parsing is
+    legacy = "def f(path):\n    return json.loads((path / TABLE_CONFIG).read_text())['tasks']\n"
+    assert document_readers(ast.parse(legacy)) == ["f"]

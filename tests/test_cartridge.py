@@ -150,7 +150,7 @@ def test_distillation_moves_the_student_toward_the_teacher_and_never_the_frozen_
     assert summary["virtual_tokens"] == 8 and kv_bytes["cartridge"] < kv_bytes["corpus_in_context"]
     assert not self_study_path(out).exists() and not checkpoint_path(out).exists()
     loaded = sp.load_adapter(out, base)
-    assert loaded.method == "cartridge" and loaded.task["chat"] is not None
+    assert loaded.method == "cartridge" and loaded.task.chat is not None
     answer = sp.generate(base, "What is the capital of Kervaunt?", loaded, max_new_tokens=4)  # the user's message
     assert answer == sp.generate(base, fmt.student_prompt("What is the capital of Kervaunt?"), loaded,
                                  max_new_tokens=4, raw=True)  # rendered as the cartridge was trained

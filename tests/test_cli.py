@@ -317,7 +317,7 @@ def test_eval_scores_an_adapter_on_another_task(env, bundled, llama, capsys):
                          "--max-new-tokens", "2")  # the recorded template, as a generation task
     assert generated["n"] == 12 and "perplexity" in generated
     same = cli_json(capsys, "eval", "--adapter", env["adapter"], "--data", env["data"])  # nothing given: as recorded
-    assert same == api_metrics(llama, adapter, env["data"], TaskSpec.from_json(adapter.task))
+    assert same == api_metrics(llama, adapter, env["data"], adapter.task)
 
 
 def test_eval_on_chat_rows_with_and_without_an_adapter(env, llama, tmp_path, capsys):

@@ -159,7 +159,7 @@ def test_save_load_round_trip(base, method, tmp_path):
     adapter = sp.Adapter.from_method(perturb(make(base, method)), base, task={"labels": ["a", "b"]})
     sp.save_adapter(adapter, tmp_path / "a")
     loaded = sp.load_adapter(tmp_path / "a", base)
-    assert loaded.method == method and loaded.task == {"labels": ["a", "b"]}
+    assert loaded.method == method and loaded.task == sp.TaskSpec(labels=["a", "b"])
     for name, tensor in adapter.artifact.tensors().items():
         assert torch.equal(loaded.artifact.tensors()[name], tensor)
     other = tiny_base("qwen2" if base.shapes.model_type != "qwen2" else "llama")

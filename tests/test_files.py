@@ -44,7 +44,7 @@ def version(base, value: float, directory: Path) -> Path:
 
 
 def consistent(adapter) -> float:
-    value = float(adapter.task["prompt"][1:])
+    value = float(adapter.task.prompt[1:])
     assert torch.all(adapter.artifact.embeds == value), "json of one save with the weights of another"
     return value
 

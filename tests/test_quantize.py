@@ -89,7 +89,7 @@ def test_train_eval_generate_on_a_quantized_base(tmp_path, capsys):
     base = cached_base("llama-nf4")
     adapter = sp.load_adapter(out, base)
     examples = [Example(f"Review: {r['text']}\nSentiment:", f" {r['label']}", r["label"]) for r in rows]
-    want = evaluate(base, adapter, examples, sp.TaskSpec.from_json(adapter.task))
+    want = evaluate(base, adapter, examples, adapter.task)
     assert metrics["accuracy"] == pytest.approx(want["accuracy"]) and metrics["n"] == 12
     assert main(["generate", "--adapter", str(out), "--model", str(model), "--quantize", "int8",
                  "--max-new-tokens", "3", "nice day"]) == 0

@@ -64,7 +64,7 @@ def test_round_trip(tmp_path):
         for key, t in adapter.artifact.tensors().items():
             assert_same_bits(t, got.artifact.tensors()[key])
     info = table.info("translate")
-    assert (info["artifact"], info["num_virtual_tokens"], info["method"]) == ("kv_prefix", 7, "prefix")
+    assert (info.artifact, info.num_virtual_tokens, info.method) == ("kv_prefix", 7, "prefix")
     keys, meta = stored(tmp_path / "t")
     assert all(k.startswith("tasks.") for k in keys) and "tasks.sentiment.soft_prompt" in keys
     assert "tasks.topic.layers.1.value" in keys
@@ -104,7 +104,7 @@ def test_bf16_task_is_stored_as_bf16(tmp_path):
     table.add("half", adapter)
     table.save()
     table = PromptTable.load(tmp_path / "t", base)
-    assert table.info("half")["dtype"] == "bfloat16"
+    assert table.info("half").dtype == "bfloat16"
     assert table.artifact("half").keys[0].dtype == base.dtype  # served in the base's dtype
     assert stored(tmp_path / "t")[0]["tasks.half.layers.0.key"].dtype == torch.bfloat16
 

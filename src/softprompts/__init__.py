@@ -4,7 +4,7 @@
     base = sp.load_base("smollm2-135m")                      # embedded default, an HF id or a local directory
     spec = sp.TaskSpec("classify", "Review: {text}\\nSentiment:", " {label}", ["negative", "positive"])
     method = sp.create_method(base, "prefix", num_virtual_tokens=10, init_text="Sentiment of the review:")
-    adapter = sp.Adapter.from_method(method, base, task=spec.to_json())  # materialized: MLP folded in, dropped
+    adapter = sp.Adapter.from_method(method, base, task=spec)  # materialized: MLP folded in, dropped
     sp.save_adapter(adapter, "my-adapter")                  # adapter.json + adapter.safetensors, atomic
     adapter = sp.load_adapter("my-adapter", base)            # refuses an adapter made for another model
     print(sp.generate(base, "great film", adapter, max_new_tokens=3))  # as `softprompts generate`: TEXT through
@@ -39,7 +39,7 @@ _EXPORTS = {
     "KVPrefix": "model.artifacts", "SoftPrompt": "model.artifacts", "BaseModel": "model.base",
     "generate_ids": "model.decode", "EncoderDecoderBase": "model.encoder_decoder_base", "FrozenBase": "model.frozen",
     "Sampling": "model.generation", "VirtualContext": "model.inject", "forward": "model.inject",
-    "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "tasks",
+    "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "task_spec",
     "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
 }
@@ -82,6 +82,6 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.model.generation import Sampling
     from softprompts.model.inject import VirtualContext, forward
     from softprompts.model.load import DEFAULT_MODEL, load_base
-    from softprompts.tasks import TaskSpec
+    from softprompts.task_spec import TaskSpec
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
     from softprompts.training.tune import TuneConfig, TuneTask, tune

@@ -10,18 +10,27 @@ thing users do on purpose.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from softprompts.errors import SoftpromptsError
+from softprompts.codec import AdapterError, AdapterRecord, BaseRecord, adapter_json
 from softprompts.model.artifacts import Artifact
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.probe import ModelShapes
-from softprompts.schema import ADAPTER_FORMAT, ADAPTER_VERSION
+from softprompts.task_spec import TaskSpec
+
+
+def task_record(task: TaskSpec | dict | None) -> TaskSpec | None:
+    """A task as the adapter holds it: a ``TaskSpec``, or ``None`` for none; a dict (``TaskSpec.to_json``'s form,
+    possibly partial, e.g. ``{"task": "generate"}``) is converted once, here."""
+    if task is None or isinstance(task, TaskSpec):
+        return task
+    return TaskSpec.from_record(task) if task else None
 
 
 @dataclass
 class Adapter:
-    """What is saved and served. ``task`` holds the task layer's metadata (template, target, labels, kind)."""
+    """What is saved and served: an artifact, the method that made it, the base model it was made for and the task
+    it was made for (``task``: a ``TaskSpec``, ``None`` when none was recorded)."""
 
     artifact: Artifact
     method: str
@@ -29,10 +38,13 @@ class Adapter:
     base_name: str
     base_shapes: ModelShapes
     base_weights_fingerprint: str = ""
-    task: dict = field(default_factory=dict)
+    task: TaskSpec | None = None
+
+    def __post_init__(self) -> None:
+        self.task = task_record(self.task)
 
     @classmethod
-    def from_method(cls, method, base: FrozenBase, task: dict | None = None) -> Adapter:
+    def from_method(cls, method, base: FrozenBase, task: TaskSpec | dict | None = None) -> Adapter:
         return cls(
             artifact=method.materialize(),
             method=method.name,
@@ -40,8 +52,15 @@ class Adapter:
             base_name=base.name,
             base_shapes=base.shapes,
             base_weights_fingerprint=base.weights_fingerprint(),
-            task=dict(task or {}),
+            task=task_record(task),
         )
+
+    @classmethod
+    def from_record(cls, record: AdapterRecord, artifact: Artifact) -> Adapter:
+        """The adapter of a document's ``record`` (``codec.py``) holding ``artifact``."""
+        return cls(artifact=artifact, method=record.method, method_config=dict(record.method_config),
+                   base_name=record.base.name, base_shapes=record.base.shapes,
+                   base_weights_fingerprint=record.base.weights_fingerprint, task=record.task)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -51,25 +70,18 @@ class Adapter:
     def num_parameters(self) -> int:
         return self.artifact.num_parameters()
 
+    def record(self) -> AdapterRecord:
+        """What ``adapter.json`` records of this adapter (``codec.py`` writes it)."""
+        return AdapterRecord(
+            method=self.method, method_config=self.method_config, artifact=self.artifact.kind,
+            num_virtual_tokens=self.num_virtual_tokens, num_parameters=self.num_parameters,
+            dtype=str(next(iter(self.artifact.tensors().values())).dtype).removeprefix("torch."),
+            task=self.task, base=self.base_record,
+        )
+
     def metadata(self) -> dict:
-        return {
-            "format": ADAPTER_FORMAT,
-            "format_version": ADAPTER_VERSION,
-            "method": self.method,
-            "method_config": self.method_config,
-            "artifact": self.artifact.kind,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "num_parameters": self.num_parameters,
-            "dtype": str(next(iter(self.artifact.tensors().values())).dtype).removeprefix("torch."),
-            "base_model": {
-                "name": self.base_name,
-                "quantization": self.base_weights_fingerprint.partition("-")[2] or None,
-                "fingerprint": self.base_shapes.fingerprint(),
-                "weights_fingerprint": self.base_weights_fingerprint,
-                "shapes": self.base_shapes.to_json(),
-            },
-            "task": self.task,
-        }
+        """``adapter.json`` as a dict (``codec.adapter_json``)."""
+        return adapter_json(self.record())
 
     @property
     def base_record(self) -> BaseRecord:
@@ -80,29 +92,12 @@ class Adapter:
         check_base_fits("adapter", self.base_record, BaseRecord.of(base))
 
 
-class AdapterError(SoftpromptsError):
-    """An adapter file set that cannot be used (malformed, corrupted, wrong version)."""
-
-
 class AdapterMismatchError(AdapterError):
     """An adapter made for another base model."""
 
 
 class BaseWeightsWarning(UserWarning):
     """An adapter made on another checkpoint with the same shapes (it loads; outputs may differ from training)."""
-
-
-@dataclass(frozen=True)
-class BaseRecord:
-    """A base model as adapters and tables record it: its name, probed shapes and weights fingerprint."""
-
-    name: str
-    shapes: ModelShapes
-    weights_fingerprint: str = ""  # "" = unknown (files from before it was recorded)
-
-    @classmethod
-    def of(cls, base: FrozenBase) -> BaseRecord:
-        return cls(base.name, base.shapes, base.weights_fingerprint())
 
 
 def check_base_fits(what: str, made_for: BaseRecord, used_with: BaseRecord,

@@ -7,20 +7,27 @@ pickle), validates both and applies the base-model rule of ``adapter.check_base_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from softprompts.adapter import Adapter, AdapterError
-from softprompts.files import atomic_directory, parse_json, read_files, read_json
-from softprompts.model.artifacts import artifact_from_tensors, non_finite
+from softprompts.codec import (
+    ADAPTER_FILE,
+    ArtifactRecord,
+    adapter_json,
+    adapter_text,
+    parse_adapter,
+    read_adapter_record,
+)
+from softprompts.files import atomic_directory, read_files
+from softprompts.model.artifacts import Artifact, artifact_from_tensors, non_finite
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.probe import ModelShapes
-from softprompts.schema import ADAPTER_FORMAT, AdapterDoc, validated
+from softprompts.schema import ADAPTER_FORMAT
 
-CONFIG_FILE = "adapter.json"
+CONFIG_FILE = ADAPTER_FILE
 WEIGHTS_FILE = "adapter.safetensors"
 
 
@@ -34,7 +41,7 @@ def write_adapter_files(adapter: Adapter, directory: str | Path) -> None:
         raise AdapterError(f"refusing to save an adapter with non-finite values (NaN or inf) in {', '.join(bad)}: "
                            "the training that made it diverged; train again with a lower --lr")
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": ADAPTER_FORMAT})
-    (directory / CONFIG_FILE).write_text(json.dumps(adapter.metadata(), indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(adapter_text(adapter.record()))
 
 
 def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = False,
@@ -50,16 +57,8 @@ def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = Fals
 
 
 def read_metadata(directory: str | Path) -> dict:
-    """``adapter.json`` of an adapter directory, validated as a whole (``schema.AdapterDoc``: every problem listed)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_FILE} is missing")
-    return _checked(read_json(path, AdapterError), path)
-
-
-def _checked(meta, path: Path) -> dict:
-    validated(AdapterDoc, meta, str(path), AdapterError)
-    return meta
+    """``adapter.json`` of an adapter directory, validated as a whole (``codec.read_adapter_record``), as a dict."""
+    return adapter_json(read_adapter_record(directory))
 
 
 def load_adapter(directory: str | Path, base: FrozenBase | None = None) -> Adapter:
@@ -72,49 +71,50 @@ def load_adapter(directory: str | Path, base: FrozenBase | None = None) -> Adapt
         files = read_files(directory, [CONFIG_FILE, WEIGHTS_FILE])
     except FileNotFoundError as exc:
         raise AdapterError(f"{directory} is incomplete: {exc}") from None
+    record = parse_adapter(files[CONFIG_FILE], directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
-    meta = _checked(parse_json(files[CONFIG_FILE], directory / CONFIG_FILE, AdapterError), directory / CONFIG_FILE)
     try:
         tensors = load(files[WEIGHTS_FILE])
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights} is truncated or corrupted ({exc}); re-save or re-train the adapter") from None
-    bad = non_finite(tensors)
-    if bad:
-        raise AdapterError(f"{weights} holds non-finite values (NaN or inf) in {', '.join(bad)}: the training that "
-                           "wrote it diverged; train it again with a lower --lr")
-    try:
-        artifact = artifact_from_tensors(meta["artifact"], tensors)
-    except ValueError as exc:
-        raise AdapterError(f"{directory} is malformed: {exc}") from None
-    shapes = ModelShapes.from_json(meta["base_model"]["shapes"])
-    _check_tensor_shapes(artifact, shapes, directory)
-    if artifact.length != meta["num_virtual_tokens"]:
-        raise AdapterError(f"{directory}: {CONFIG_FILE} says {meta['num_virtual_tokens']} virtual tokens, "
-                           f"{WEIGHTS_FILE} holds {artifact.length}")
-    adapter = Adapter(
-        artifact=artifact,
-        method=meta["method"],
-        method_config=meta.get("method_config", {}),
-        base_name=meta["base_model"]["name"],
-        base_shapes=shapes,
-        base_weights_fingerprint=meta["base_model"].get("weights_fingerprint", ""),
-        task=meta.get("task") or {},
-    )
+    artifact = checked_artifact(record, tensors, record.base.shapes, str(weights), AdapterError)
+    adapter = Adapter.from_record(record, artifact)
     if base is not None:
         adapter.check_base(base)
         adapter.artifact = adapter.artifact.to(device=base.device, dtype=base.dtype)
     return adapter
 
 
-def _check_tensor_shapes(artifact, shapes: ModelShapes, directory: Path) -> None:
+def checked_artifact(record: ArtifactRecord, tensors: dict, shapes: ModelShapes, where: str,
+                     error: type[Exception]) -> Artifact:
+    """The artifact ``record`` describes, from its ``tensors``, after the checks every reader makes (an adapter
+    directory's and a prompt table's task alike): finite values, a tensor set of the recorded kind, shapes of the
+    base model (soft prompt ``[P, hidden]``, prefix layer ``l`` ``[H_l, P, D_l]``) and the recorded length ``P``;
+    ``error`` naming ``where`` otherwise."""
+    bad = non_finite(tensors)
+    if bad:
+        raise error(f"{where} holds non-finite values (NaN or inf) in {', '.join(bad)}: the training that wrote it "
+                    "diverged; train it again with a lower --lr")
+    try:
+        artifact = artifact_from_tensors(record.artifact, tensors)
+    except (KeyError, ValueError) as exc:
+        raise error(f"{where} is malformed: {exc}") from None
+    _check_tensor_shapes(artifact, shapes, where, error)
+    if artifact.length != record.num_virtual_tokens:
+        raise error(f"{where}: the metadata says {record.num_virtual_tokens} virtual tokens, the tensors hold "
+                    f"{artifact.length}")
+    return artifact
+
+
+def _check_tensor_shapes(artifact, shapes: ModelShapes, directory: str, error: type[Exception]) -> None:
     if artifact.kind == "soft_prompt":
         if artifact.embeds.shape[1] != shapes.hidden_size:
-            raise AdapterError(
+            raise error(
                 f"{directory}: soft prompt width {artifact.embeds.shape[1]} != hidden {shapes.hidden_size}")
         return
     if artifact.num_layers != shapes.num_layers:
-        raise AdapterError(f"{directory}: prefix has {artifact.num_layers} layers, the model {shapes.num_layers}")
+        raise error(f"{directory}: prefix has {artifact.num_layers} layers, the model {shapes.num_layers}")
     for i, (k, v) in enumerate(zip(artifact.keys, artifact.values, strict=True)):
         want = (shapes.kv_heads[i], artifact.length, shapes.head_dims[i])
         if tuple(k.shape) != want or tuple(v.shape) != want:
-            raise AdapterError(f"{directory}: layer {i} key/value shapes {tuple(k.shape)} / {tuple(v.shape)} != {want}")
+            raise error(f"{directory}: layer {i} key/value shapes {tuple(k.shape)} / {tuple(v.shape)} != {want}")

@@ -45,7 +45,7 @@ def compose(adapters: list[Adapter], names: list[str] | None = None) -> Adapter:
     config["num_virtual_tokens"] = artifact.length
     return Adapter(artifact=artifact, method=method, method_config=config, base_name=first.base_name,
                    base_shapes=first.base_shapes, base_weights_fingerprint=first.base_weights_fingerprint,
-                   task=dict(first.task))
+                   task=first.task)
 
 
 __all__ = ["compose"]

@@ -23,7 +23,6 @@ belong to different tasks runs in one forward. ``resolve_adapter("table:NAME" | 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -31,23 +30,29 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from softprompts.adapter import Adapter, AdapterError, BaseRecord, check_base_fits
-from softprompts.adapter_io import load_adapter, read_metadata
-from softprompts.files import atomic_directory, parse_json, read_files
+from softprompts.adapter import Adapter, BaseRecord, check_base_fits
+from softprompts.adapter_io import checked_artifact, load_adapter
+from softprompts.codec import (
+    TABLE_FILE,
+    TableEntry,
+    TableError,
+    TableRecord,
+    parse_table,
+    read_adapter_record,
+    table_json,
+    table_text,
+)
+from softprompts.files import atomic_directory, read_files
 from softprompts.model.artifacts import Artifact, artifact_from_tensors, non_finite
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.inject import VirtualContext
 from softprompts.model.probe import ModelShapes
-from softprompts.schema import TABLE_FORMAT, TABLE_VERSION, TableDoc, validated
+from softprompts.schema import TABLE_FORMAT
 
-TABLE_CONFIG = "table.json"
+TABLE_CONFIG = TABLE_FILE
 TABLE_WEIGHTS = "table.safetensors"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 TABLE_REF = "table:"
-
-
-class TableError(AdapterError):
-    """A prompt table that cannot be read or an operation on it that is refused."""
 
 
 def check_name(name: str) -> str:
@@ -60,23 +65,25 @@ def check_name(name: str) -> str:
 
 
 class PromptTable:
-    """Named adapters sharing one base model. ``base`` (optional) sets the device/dtype ``adapter``/``context`` use."""
+    """Named adapters sharing one base model. ``base_model``: the base recorded (``None`` until the first task is
+    added); ``base`` (optional) sets the device/dtype ``adapter``/``context`` use."""
 
-    def __init__(self, path: str | Path, base_meta: dict | None = None, base: FrozenBase | None = None) -> None:
+    def __init__(self, path: str | Path, base_model: BaseRecord | None = None, base: FrozenBase | None = None) -> None:
         self.path = Path(path)
-        self.base_meta = base_meta  # None until the first task is added
+        self.base_model = base_model
         self.base = base
-        self._entries: dict[str, dict] = {}  # name -> metadata
+        self._entries: dict[str, TableEntry] = {}  # name -> its record (codec.py)
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}  # name -> artifact tensors, exactly as stored
         self._cache: dict[str, Artifact] = {}  # name -> artifact on the base's device/dtype
-        if base is not None and base_meta is not None:
+        if base is not None and base_model is not None:
             self._check_base(base)
 
     # ---- reading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, base: FrozenBase | None = None, create: bool = False) -> PromptTable:
         """Read a table directory; with ``base``, refuse a table made for another model. ``create``: a missing
-        directory gives an empty table (written on ``save``)."""
+        directory gives an empty table (written on ``save``). Every task gets the checks of an adapter directory
+        (``adapter_io.checked_artifact``) besides its tensor names."""
         path = Path(path)
         config = path / TABLE_CONFIG
         if not config.is_file():
@@ -87,29 +94,20 @@ class PromptTable:
             files = read_files(path, [TABLE_CONFIG, TABLE_WEIGHTS])
         except FileNotFoundError:
             files = read_files(path, [TABLE_CONFIG])  # no weights file: fine for a table without tasks
-        meta = parse_json(files[TABLE_CONFIG], config, TableError)
-        validated(TableDoc, meta, str(config), TableError)
-        tasks = meta.get("tasks") or {}
+        record = parse_table(files[TABLE_CONFIG], config)
         tensors: dict[str, torch.Tensor] = {}
-        if tasks:
+        if record.tasks:
             try:
                 tensors = load(files[TABLE_WEIGHTS])
             except (KeyError, SafetensorError, ValueError) as exc:
                 raise TableError(f"{path / TABLE_WEIGHTS} is missing, truncated or corrupted ({exc})") from None
-        table = cls(path, base_meta=meta.get("base_model"))
-        for name, entry in tasks.items():
+        table = cls(path, base_model=record.base)
+        for name, entry in record.tasks.items():
             prefix = f"tasks.{name}."
             own = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
-            if set(own) != set(entry.get("tensors", [])):
-                raise TableError(f"{path}: task {name!r} lists tensors {entry.get('tensors')} but holds {sorted(own)}")
-            try:
-                artifact_from_tensors(entry["artifact"], own)  # validates the tensor set
-            except (KeyError, ValueError) as exc:
-                raise TableError(f"{path}: task {name!r} is malformed: {exc}") from None
-            bad = non_finite(own)
-            if bad:
-                raise TableError(f"{path}: task {name!r} holds non-finite values (NaN or inf) in {', '.join(bad)}; "
-                                 "remove it (softprompts table remove) or replace it with a retrained adapter")
+            if set(own) != set(entry.tensors):
+                raise TableError(f"{path}: task {name!r} lists tensors {list(entry.tensors)} but holds {sorted(own)}")
+            checked_artifact(entry, own, record.base.shapes, f"{path}: task {name!r}", TableError)
             table._entries[name] = entry
             table._tensors[name] = own
         if base is not None:
@@ -118,7 +116,7 @@ class PromptTable:
 
     def attach(self, base: FrozenBase) -> PromptTable:
         """Use ``base`` for ``adapter``/``context`` (refused if the table was made for another model)."""
-        if self.base_meta is not None:
+        if self.base_model is not None:
             self._check_base(base)
         self.base = base
         self._cache.clear()
@@ -133,15 +131,15 @@ class PromptTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def info(self, name: str) -> dict:
-        """The stored metadata of task ``name`` (method, artifact kind, length, parameters, dtype, task)."""
-        return dict(self._entry(name))
+    def info(self, name: str) -> TableEntry:
+        """The record of task ``name`` (method, artifact kind, length, parameters, dtype, tensors, task)."""
+        return self._entry(name)
 
     def artifact(self, name: str) -> Artifact:
         """Task ``name``'s artifact, on the attached base's device and dtype (cached), or as stored."""
         if name not in self._cache:
             entry = self._entry(name)
-            artifact = artifact_from_tensors(entry["artifact"], dict(self._tensors[name]))
+            artifact = artifact_from_tensors(entry.artifact, dict(self._tensors[name]))
             if self.base is not None:
                 artifact = artifact.to(device=self.base.device, dtype=self.base.dtype)
             self._cache[name] = artifact
@@ -149,17 +147,10 @@ class PromptTable:
 
     def adapter(self, name: str) -> Adapter:
         """Task ``name`` as a standalone ``Adapter`` (what ``load_adapter`` returns for an adapter directory)."""
-        entry = self._entry(name)
-        assert self.base_meta is not None
-        return Adapter(
-            artifact=self.artifact(name),
-            method=entry["method"],
-            method_config=dict(entry.get("method_config") or {}),
-            base_name=self.base_meta["name"],
-            base_shapes=self.shapes,
-            base_weights_fingerprint=self.base_meta.get("weights_fingerprint", ""),
-            task=dict(entry.get("task") or {}),
-        )
+        entry, base = self._entry(name), self.base_record
+        return Adapter(artifact=self.artifact(name), method=entry.method, method_config=dict(entry.method_config),
+                       base_name=base.name, base_shapes=base.shapes, base_weights_fingerprint=base.weights_fingerprint,
+                       task=entry.task)
 
     def context(self, names_per_row: list[str | None]) -> VirtualContext:
         """One task name (or ``None``: no adapter) per batch row -> a ``VirtualContext`` for one ``forward``.
@@ -171,9 +162,7 @@ class PromptTable:
 
     @property
     def shapes(self) -> ModelShapes:
-        if self.base_meta is None:
-            raise TableError(f"{self.path} is empty: it has no base model yet")
-        return ModelShapes.from_json(self.base_meta["shapes"])
+        return self.base_record.shapes
 
     # ---- writing -------------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter, replace: bool = False) -> None:
@@ -185,23 +174,16 @@ class PromptTable:
                              f"{', '.join(bad)}; retrain it with a lower --lr")
         if name in self._entries and not replace:
             raise TableError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it")
-        meta = adapter.metadata()["base_model"]
-        if self.base_meta is None:
-            self.base_meta = meta
+        if self.base_model is None:
+            self.base_model = adapter.base_record
         else:
             self._check_adapter_base(name, adapter)
         tensors = {key: t.detach().cpu().clone().contiguous() for key, t in adapter.artifact.tensors().items()}
-        entry = adapter.metadata()
-        self._entries[name] = {
-            "method": entry["method"],
-            "method_config": entry["method_config"],
-            "artifact": entry["artifact"],
-            "num_virtual_tokens": entry["num_virtual_tokens"],
-            "num_parameters": entry["num_parameters"],
-            "dtype": entry["dtype"],
-            "tensors": sorted(tensors),
-            "task": entry["task"],
-        }
+        record = adapter.record()
+        self._entries[name] = TableEntry(
+            method=record.method, method_config=dict(record.method_config), artifact=record.artifact,
+            num_virtual_tokens=record.num_virtual_tokens, num_parameters=record.num_parameters, dtype=record.dtype,
+            task=record.task, tensors=tuple(sorted(tensors)))
         self._tensors[name] = tensors
         self._cache.pop(name, None)
 
@@ -210,23 +192,23 @@ class PromptTable:
         del self._entries[name], self._tensors[name]
         self._cache.pop(name, None)
 
+    def record(self) -> TableRecord:
+        """What ``table.json`` records (``codec.py`` writes it)."""
+        return TableRecord(self.base_model, dict(self._entries))
+
     def metadata(self) -> dict:
-        return {
-            "format": TABLE_FORMAT,
-            "format_version": TABLE_VERSION,
-            "base_model": self.base_meta,
-            "tasks": {name: self._entries[name] for name in self.names()},
-        }
+        """``table.json`` as a dict (``codec.table_json``)."""
+        return table_json(self.record())
 
     def save(self, path: str | Path | None = None) -> Path:
         """Atomically (re)write the table directory (``path`` defaults to where it was loaded from)."""
         target = Path(path) if path is not None else self.path
         tensors = {f"tasks.{n}.{key}": t for n in self.names() for key, t in self._tensors[n].items()}
-        meta = self.metadata()
+        text = table_text(self.record())
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / TABLE_WEIGHTS), metadata={"format": TABLE_FORMAT})
-            (tmp / TABLE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / TABLE_CONFIG).write_text(text)
 
         if target.exists() and not (target / TABLE_CONFIG).is_file():
             raise TableError(f"{target} exists and is not a prompt table; refusing to overwrite it")
@@ -235,7 +217,7 @@ class PromptTable:
         return target
 
     # ---- checks --------------------------------------------------------------------------------------------
-    def _entry(self, name: str) -> dict:
+    def _entry(self, name: str) -> TableEntry:
         if name not in self._entries:
             known = ", ".join(self.names()) or "none"
             raise TableError(f"no task {name!r} in prompt table {self.path} (tasks: {known})")
@@ -243,8 +225,10 @@ class PromptTable:
 
     @property
     def base_record(self) -> BaseRecord:
-        assert self.base_meta is not None
-        return BaseRecord(self.base_meta["name"], self.shapes, self.base_meta.get("weights_fingerprint", ""))
+        """The base model recorded; ``TableError`` for a table without one (no task added yet)."""
+        if self.base_model is None:
+            raise TableError(f"{self.path} is empty: it has no base model yet")
+        return self.base_model
 
     def _check_base(self, base: FrozenBase) -> None:
         """The adapter rule (``adapter.check_base_fits``): other shapes refused, other weights warned."""
@@ -285,7 +269,7 @@ def adapter_base_name(ref: str | Path, table: PromptTable | str | Path | None = 
     what ``eval``/``generate`` pass to ``load_base`` when the user gives no ``--model``."""
     found = _table_task(str(ref), table)
     if found is None:
-        return read_metadata(ref)["base_model"]["name"]
+        return read_adapter_record(ref).base.name
     found_table, name = found
     found_table.info(name)  # raises a clear error for an unknown task
-    return found_table.base_meta["name"]
+    return found_table.base_record.name

@@ -1,4 +1,5 @@
-"""The task spec: how examples become token ids with loss positions, and how they are batched by length.
+"""A task's tokens: how examples become token ids with loss positions, and how they are batched by length (the
+task record itself, ``TaskSpec``, is ``task_spec.py``, below the adapter that holds one).
 
 One example is ``prompt`` tokens ``x_1..x_m`` then ``target`` tokens ``y_1..y_n`` (tokenized separately, the same
 way in training, evaluation and serving). The loss is on target tokens only::
@@ -15,81 +16,27 @@ longest target) are the last ``L`` columns and the LM head runs only there (``lo
 Placement: a rendered prompt may hold the marker ``<|virtual|>`` (``templates.VIRTUAL``; a template's marker, or a
 chat format's placement). The text before it is tokenized on its own as the row's ``lead_ids``: the soft prompt is
 placed after them (``model/placement.py`` folds them into the row's artifact), the tokens after the marker are the
-row's ``prompt_ids``. Without a marker ``lead_ids`` is empty and nothing changes. Truncation cuts ``prompt_ids``
+row's ``prompt_ids``. Without a marker ``lead_ids`` is empty and nothing changes, except on a base whose
+tokenizer adds BOS: every lead then starts with it (``placement.sequence_start``). Truncation cuts ``prompt_ids``
 only (the lead is the fixed part of a template or a chat turn structure).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from softprompts.data.chat import ChatFormat
-from softprompts.data.datasets import Example, PromptFormat
-from softprompts.data.templates import VIRTUAL, Template
+from softprompts.data.datasets import Example
+from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.model.generation import eos_ids
 from softprompts.model.padding import prompt_target_rows
+from softprompts.model.placement import sequence_start
 from softprompts.model.soft_targets import SoftTargets, stack_rows
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What an adapter was trained for; saved as ``adapter.task`` so eval/generate/serve need no flags.
-
-    task: ``classify`` (rank classification over ``labels``) or ``generate``.
-    prompt / target: the template's format strings, e.g. ``"Review: {text}\\nSentiment:"`` and ``" {label}"``.
-    labels: class labels (classify only), in order.
-    max_prompt_tokens / max_target_tokens: truncation limits (see module docstring).
-    chat: for chat data, ``{"placement", "system"}`` (``data/chat.py``); prompt and target are then unused (the
-        base model's chat template renders the rows).
-    """
-
-    task: str
-    prompt: str
-    target: str
-    labels: list[str] | None = None
-    max_prompt_tokens: int = 256
-    max_target_tokens: int = 64
-    chat: dict | None = None
-
-    def __post_init__(self) -> None:
-        problems = [f"{name} must be a positive integer, got {value!r}"
-                    for name, value in (("--max-prompt-tokens", self.max_prompt_tokens),
-                                        ("--max-target-tokens", self.max_target_tokens))
-                    if not isinstance(value, int) or value < 1]
-        if problems:
-            raise SoftpromptsError("; ".join(problems))
-
-    @property
-    def template(self) -> Template:
-        """The prompt template of a template task (a chat task has none: use ``prompt_format``)."""
-        if self.chat is not None:
-            raise SoftpromptsError("this is a chat task: its prompts come from the model's chat template")
-        return Template(self.prompt, self.target)
-
-    def prompt_format(self, tokenizer) -> PromptFormat:
-        """What renders this task's rows: its ``Template``, or a ``ChatFormat`` over ``tokenizer``."""
-        if self.chat is None:
-            return Template(self.prompt, self.target)
-        return ChatFormat(tokenizer, self.chat.get("placement", "start"), self.chat.get("system"), self.task)
-
-    @classmethod
-    def for_chat(cls, task: str, labels: list[str] | None, placement: str = "start", system: str | None = None,
-                 **limits) -> TaskSpec:
-        return cls(task, "", "{label}", labels, chat={"placement": placement, "system": system}, **limits)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> TaskSpec:
-        if not data or "task" not in data:
-            raise SoftpromptsError("the adapter has no task metadata (template/labels); pass them explicitly")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+from softprompts.task_spec import TaskSpec  # the record (torch-free, below the adapter): re-exported here
 
 
 @dataclass
@@ -127,11 +74,13 @@ class Encoded:
 
 
 def split_prompt(base, text: str) -> tuple[tuple[int, ...], list[int]]:
-    """``(lead_ids, prompt_ids)`` of a rendered prompt: tokenized on each side of the placement marker."""
+    """``(lead_ids, prompt_ids)`` of a rendered prompt: tokenized on each side of the placement marker, the base's
+    BOS first when its tokenizer adds one (``placement.sequence_start``: **the** rule, for every prompt trained on,
+    evaluated, generated or served)."""
     lead, marker, rest = text.partition(VIRTUAL)
     if not marker:
-        return (), base.tokenize(text)
-    return tuple(base.tokenize(lead)), base.tokenize(rest)
+        return sequence_start(base, (), base.tokenize(text))
+    return sequence_start(base, base.tokenize(lead), base.tokenize(rest))
 
 
 def prompt_ids(base, text: str, spec: TaskSpec) -> tuple[tuple[int, ...], list[int]]:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from softprompts.adapter import Adapter
-from softprompts.data.chat import DEFAULT_PLACEMENT
 from softprompts.data.templates import Template, from_shell
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import generate_texts
@@ -31,7 +30,7 @@ from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.load import DEFAULT_MODEL, load_base
 from softprompts.table import adapter_base_name, resolve_adapter
-from softprompts.tasks import TaskSpec
+from softprompts.task_spec import ChatSpec, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,9 @@ class Rendering:
         now = recorded if recorded is not None else TaskSpec("generate", "", "{target}")  # no task of its own
         if self.template is not None:  # the target is unused here (TEXT is the prompt): any valid one
             return replace(now, prompt=Template(from_shell(self.template), now.target).prompt, chat=None)
-        before = now.chat or {}
-        return TaskSpec.for_chat(now.task, now.labels, self.placement or before.get("placement") or DEFAULT_PLACEMENT,
-                                 self.system if self.system is not None else before.get("system"),
+        before = now.chat or ChatSpec()
+        return TaskSpec.for_chat(now.task, now.labels, self.placement or before.placement,
+                                 self.system if self.system is not None else before.system,
                                  max_prompt_tokens=now.max_prompt_tokens, max_target_tokens=now.max_target_tokens)
 
     def prompt(self, spec: TaskSpec | None, text: str, tokenizer) -> str:
@@ -120,9 +119,7 @@ def recorded_task(adapter: Adapter | Artifact | None) -> TaskSpec | None:
     """The task an adapter recorded; ``None`` for an artifact, no adapter, or a task without a prompt template
     or chat placement (``{"task": "generate"}``): TEXT is then sent as is."""
     task = adapter.task if isinstance(adapter, Adapter) else None
-    if not task or (not task.get("prompt") and task.get("chat") is None):
-        return None
-    return TaskSpec.from_json({"target": "{target}", **task})
+    return task if task is not None and task.renders_text else None
 
 
 def check_decoding(max_new_tokens: int, sampling: Sampling) -> None:

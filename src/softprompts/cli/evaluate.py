@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from softprompts.cli.arguments import add_quantize_flag
 from softprompts.cli.task_inputs import add_chat_flags
 from softprompts.errors import SoftpromptsError
+
+if TYPE_CHECKING:
+    from softprompts.task_spec import TaskSpec
 
 TASK_FLAGS = ("task", "template", "target", "labels", "placement", "system")
 NO_ADAPTER_HINT = "; without --adapter the bare model is scored, on the task these flags describe"
@@ -86,15 +90,14 @@ def _subject(args) -> tuple:
     return adapter, lambda: base, adapter.task, f"; {args.adapter} records no task"
 
 
-def task_of(args, base: Callable[[], object], previous: dict | None, hint: str = "") -> tuple:
+def task_of(args, base: Callable[[], object], previous: TaskSpec | None, hint: str = "") -> tuple:
     """``(spec, examples)`` of the one ``--data`` file: the ``previous`` task (an adapter's record) with each task
     flag given in its place (``task_inputs.load_task``, the rule ``train`` follows). The recorded labels stay unless
     ``--template`` / ``--target`` give another task (then: the labels found in the data, or ``--labels``). A
     template's rows are checked before ``base()`` loads the model; chat rows need its tokenizer."""
     from softprompts.cli.task_inputs import load_task, task_labels
 
-    previous = previous or {}
-    task = args.task or previous.get("task") or "classify"
+    task = args.task or (previous.task if previous is not None else None) or "classify"
     same_task = args.template is None and args.target is None
     spec, examples, _ = load_task(
         task, args.data[0], [], lambda: base().tokenizer, template=args.template, target=args.target,
@@ -109,7 +112,6 @@ def run_table(args) -> int:
     from softprompts.evaluate import evaluate_tasks
     from softprompts.model.load import load_base
     from softprompts.table import PromptTable
-    from softprompts.tasks import TaskSpec
 
     given = [f"--{name}" for name in TASK_FLAGS if getattr(args, name) is not None]
     if given:
@@ -119,15 +121,14 @@ def run_table(args) -> int:
     table = PromptTable.load(args.table)
     for name, _ in pairs:
         table.info(name)  # a clear error for an unknown task, before loading a model
-    base = load_base(args.model or table.base_meta["name"], device="auto", quantize=args.quantize)
+    base = load_base(args.model or table.base_record.name, device="auto", quantize=args.quantize)
     table.attach(base)
     tasks = []
     for name, path in pairs:
-        task = table.info(name).get("task")
-        if not task:
+        spec = table.info(name).task
+        if spec is None or spec.task is None:
             raise SoftpromptsError(f"task {name!r} of {args.table} has no task metadata (template, labels): "
                                    f"evaluate it with --adapter {args.table}#{name} and the task flags")
-        spec = TaskSpec.from_json(task)
         examples, _ = load_task_data(path, spec.prompt_format(base.tokenizer), spec.task, spec.labels)
         tasks.append((table.artifact(name), examples, spec))
     results = evaluate_tasks(base, tasks, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

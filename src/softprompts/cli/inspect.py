@@ -18,47 +18,49 @@ def register(sub) -> None:
 
 
 def summary(directory: str | Path, table: str | Path | None = None) -> dict:
-    """Metadata of an adapter directory plus its training record (if any); reads no tensors and no model. A
-    prompt-table reference (``TABLE_DIR#NAME``, ``table:NAME``) gives the task's metadata, no record."""
-    from softprompts.adapter_io import WEIGHTS_FILE, read_metadata
+    """Metadata of an adapter directory (``metadata``: ``adapter.json`` as written; ``record``: the codec's typed
+    ``AdapterRecord``) plus its training record (if any); reads no tensors and no model. A prompt-table reference
+    (``TABLE_DIR#NAME``, ``table:NAME``) gives the task's metadata, no training record."""
+    from softprompts.adapter_io import WEIGHTS_FILE
+    from softprompts.codec import adapter_json, read_adapter_record
     from softprompts.table import TABLE_REF, resolve_adapter
     from softprompts.training import RECORD_FILE
 
     if not Path(directory).is_dir() and ("#" in str(directory) or str(directory).startswith(TABLE_REF)):
-        meta = resolve_adapter(directory, table=table).metadata()
-        return {"metadata": meta, "file_bytes": None, "training": None}
+        saved = resolve_adapter(directory, table=table).record()
+        return {"metadata": adapter_json(saved), "record": saved, "file_bytes": None, "training": None}
     directory = Path(directory)
-    meta = read_metadata(directory)
+    saved = read_adapter_record(directory)
     weights = directory / WEIGHTS_FILE
     record_path = directory / RECORD_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    return {"metadata": meta, "file_bytes": weights.stat().st_size if weights.is_file() else None, "training": record}
+    return {"metadata": adapter_json(saved), "record": saved,
+            "file_bytes": weights.stat().st_size if weights.is_file() else None, "training": record}
 
 
 def run(args) -> int:
     info = summary(args.adapter, args.table)
+    saved, rec = info.pop("record"), info["training"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    meta, rec = info["metadata"], info["training"]
-    task = meta.get("task") or {}
+    task = saved.task
     lines = [
         f"adapter      {args.adapter}",
-        f"method       {meta['method']} ({meta['artifact']}, {meta['num_virtual_tokens']} virtual tokens)",
-        f"base model   {meta['base_model']['name']} ({meta['base_model']['shapes'].get('model_type', '?')})",
-        f"parameters   {meta['num_parameters']:,} saved ({meta['dtype']})"
+        f"method       {saved.method} ({saved.artifact}, {saved.num_virtual_tokens} virtual tokens)",
+        f"base model   {saved.base.name} ({saved.base.shapes.model_type})",
+        f"parameters   {saved.num_parameters:,} saved ({saved.dtype})"
         + (f", file {info['file_bytes']:,} bytes" if info["file_bytes"] is not None else ""),
     ]
-    if task:
-        lines.append(f"task         {task.get('task')}")
-        if task.get("chat") is not None:
-            chat = task["chat"]
-            lines.append(f"prompts      the model's chat template, virtual tokens at {chat.get('placement')!r}"
-                         + (f", system {chat['system']!r}" if chat.get("system") else ""))
+    if task is not None:
+        lines.append(f"task         {task.task}")
+        if task.chat is not None:
+            lines.append(f"prompts      the model's chat template, virtual tokens at {task.chat.placement!r}"
+                         + (f", system {task.chat.system!r}" if task.chat.system else ""))
         else:
-            lines.append(f"template     {task.get('prompt')!r} -> {task.get('target')!r}")
-        if task.get("labels"):
-            lines.append(f"labels       {', '.join(task['labels'])}")
+            lines.append(f"template     {task.prompt!r} -> {task.target!r}")
+        if task.labels:
+            lines.append(f"labels       {', '.join(task.labels)}")
     if rec:
         t = rec["timings"]
         lines.append(f"trained      {rec['steps_done']} steps, {rec['trainable_parameters']:,} trainable parameters, "

@@ -73,16 +73,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table.metadata()["tasks"], indent=2))
         return 0
-    base = table.base_meta["name"] if table.base_meta else "-"
+    base = table.base_model.name if table.base_model is not None else "-"
     print(f"{table.path}: {len(table)} task(s) for base model {base!r}")
     if not len(table):
         return 0
     rows = [["NAME", "METHOD", "ARTIFACT", "LENGTH", "PARAMS", "DTYPE", "TASK"]]
     for name in table.names():
         info = table.info(name)
-        task = (info.get("task") or {}).get("task", "-")
-        rows.append([name, info["method"], info["artifact"], str(info["num_virtual_tokens"]),
-                     f"{info['num_parameters']:,}", info["dtype"], str(task)])
+        task = info.task.task if info.task is not None else "-"
+        rows.append([name, info.method, info.artifact, str(info.num_virtual_tokens),
+                     f"{info.num_parameters:,}", info.dtype, str(task)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -10,6 +10,7 @@ from dataclasses import replace
 from softprompts.data.chat import DEFAULT_PLACEMENT, PLACEMENTS
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
+from softprompts.task_spec import ChatSpec, TaskSpec
 
 
 def add_chat_flags(p) -> None:
@@ -19,20 +20,19 @@ def add_chat_flags(p) -> None:
     p.add_argument("--system", default=None, help="chat data: a system message for rows that have none")
 
 
-def task_labels(text: str | None, task: str, previous: dict | None = None) -> list[str] | None:
+def task_labels(text: str | None, task: str, previous: TaskSpec | None = None) -> list[str] | None:
     """The label set of a task: ``--labels`` (comma-separated), else the ``previous`` task's when it is the same
     kind of task; ``None``: the labels found in the data. ``--labels`` with a generate task is an error."""
     labels = [x.strip() for x in text.split(",") if x.strip()] if text else None
     if labels and task != "classify":
         raise SoftpromptsError(f"--labels is for --task classify: a {task} task has no label set")
-    previous = previous or {}
-    return labels or (previous.get("labels") if previous.get("task") == task else None)
+    return labels or (previous.labels if previous is not None and previous.task == task else None)
 
 
 def load_task(task: str, train_path, dev_paths: list, tokenizer: Callable[[], object], *, template: str | None = None,
               target: str | None = None, labels: list[str] | None = None, placement: str | None = None,
               system: str | None = None, max_prompt_tokens: int | None = None, max_target_tokens: int | None = None,
-              previous: dict | None = None, optional_devs: bool = False, hint: str = "") -> tuple:
+              previous: TaskSpec | None = None, optional_devs: bool = False, hint: str = "") -> tuple:
     """``(spec, examples of train_path, [dev examples per path])``; ``eval`` passes its one data file as
     ``train_path`` and no dev paths. Rows holding ``messages`` (and no template given) are chat rows rendered with
     ``tokenizer()``'s chat template (called only then); ``previous``: the task an adapter records, the defaults for
@@ -41,11 +41,10 @@ def load_task(task: str, train_path, dev_paths: list, tokenizer: Callable[[], ob
     from softprompts.data.datasets import build_examples
     from softprompts.data.sources import load_task_data, read_rows
 
-    previous = previous or {}
     records = read_rows(train_path)
     given = {"max_prompt_tokens": max_prompt_tokens, "max_target_tokens": max_target_tokens}
-    limits = {k: previous[k] if v is None else v for k, v in given.items()  # neither: TaskSpec's defaults
-              if v is not None or k in previous}
+    limits = {k: getattr(previous, k) if v is None else v for k, v in given.items()  # neither: TaskSpec's defaults
+              if v is not None or previous is not None}
     spec, fmt = _task_format(task, records, tokenizer, template, target, placement, system, limits, previous, hint)
     examples, labels = build_examples(records, fmt, task, labels, source=str(train_path))
     devs = [load_task_data(path, fmt, task, labels)[0] if path or not optional_devs else [] for path in dev_paths]
@@ -53,25 +52,25 @@ def load_task(task: str, train_path, dev_paths: list, tokenizer: Callable[[], ob
 
 
 def _task_format(task: str, records, tokenizer: Callable[[], object], template: str | None, target: str | None,
-                 placement: str | None, system: str | None, limits: dict, previous: dict, hint: str) -> tuple:
+                 placement: str | None, system: str | None, limits: dict, previous: TaskSpec | None,
+                 hint: str) -> tuple:
     """``(spec without labels, the format that renders the rows)``: chat when the rows hold ``messages`` or the
     previous task was chat (and no template is given), else the template (each part the flag's or the previous)."""
     from softprompts.data.datasets import is_chat
     from softprompts.data.templates import Template, from_shell
-    from softprompts.tasks import TaskSpec  # imports torch: not at --help time
 
-    before = previous.get("chat")
+    before = previous.chat if previous is not None else None
     if template is None and target is None and (is_chat(records) or before is not None):
-        before = before or {}
-        spec = TaskSpec.for_chat(task, None, placement or before.get("placement") or DEFAULT_PLACEMENT,
-                                 system if system is not None else before.get("system"), **limits)
+        before = before or ChatSpec()
+        spec = TaskSpec.for_chat(task, None, placement or before.placement,
+                                 system if system is not None else before.system, **limits)
         return spec, spec.prompt_format(tokenizer())
     if placement is not None or system is not None:
         raise SoftpromptsError(f"--placement and --system are for chat rows (messages); in a template, put "
                                f"{VIRTUAL} where the virtual tokens go")
-    recorded = {} if before is not None else previous  # a chat task's prompt and target are no template's
-    prompt = from_shell(template) if template else recorded.get("prompt")
-    tgt = from_shell(target) if target else recorded.get("target")
+    recorded = previous if before is None and previous is not None else TaskSpec()  # a chat task's are no template's
+    prompt = from_shell(template) if template else recorded.prompt
+    tgt = from_shell(target) if target else recorded.target
     if not prompt or not tgt:
         raise SoftpromptsError("--template and --target are required (e.g. --template "
                                "'Review: {text}\\nSentiment:' --target ' {label}'), or rows holding 'messages' "

@@ -71,7 +71,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from softprompts.adapter_io import load_adapter, read_metadata
+    from softprompts.adapter_io import load_adapter
+    from softprompts.codec import read_adapter_record
     from softprompts.files import check_output
     from softprompts.methods import build_method, method_class
     from softprompts.model.load import DEFAULT_MODEL, load_base
@@ -97,10 +98,10 @@ def run(args) -> int:
         return 0
     check_output(out, overwrite=args.overwrite or (args.resume and checkpoint_path(out).is_file()))
 
-    previous = read_metadata(args.init_from) if args.init_from else None
-    task = dict(previous["task"]) if previous and previous.get("task") else {}
+    previous = read_adapter_record(args.init_from) if args.init_from else None
+    task = previous.task if previous is not None else None
     labels = task_labels(args.labels, args.task, task)
-    model_name = args.model or (previous["base_model"]["name"] if previous else DEFAULT_MODEL)
+    model_name = args.model or (previous.base.name if previous is not None else DEFAULT_MODEL)
     dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
     if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "

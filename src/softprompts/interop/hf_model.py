@@ -45,6 +45,7 @@ from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
 from softprompts.model.inject import forward, hidden_at
 from softprompts.model.load import frozen_base, load_base
 from softprompts.model.padding import pad_rows
+from softprompts.task_spec import TaskSpec
 from softprompts.training.grad_checkpoint import checkpointing
 
 # keyword arguments Trainer / TRL may pass that change nothing here; anything else is refused by name
@@ -178,10 +179,11 @@ class PromptModel(nn.Module):
         return torch.cat([input_ids, tails.to(input_ids.dtype)], dim=1)
 
     # -- our format ---------------------------------------------------------------------------------------------
-    def to_adapter(self, task: dict | None = None) -> Adapter:
+    def to_adapter(self, task: TaskSpec | dict | None = None) -> Adapter:
         return Adapter.from_method(self.method, self.base, task=task)
 
-    def save_adapter(self, directory: str | Path, task: dict | None = None, overwrite: bool = False) -> Path:
+    def save_adapter(self, directory: str | Path, task: TaskSpec | dict | None = None,
+                     overwrite: bool = False) -> Path:
         """Save the trained method as an adapter (``adapter.json`` + ``adapter.safetensors``)."""
         return save_adapter(self.to_adapter(task), directory, overwrite=overwrite)
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from softprompts.adapter import Adapter
+from softprompts.codec import AdapterError, AdapterRecord, decode_adapter
 from softprompts.errors import SoftpromptsError
 from softprompts.files import read_json
 from softprompts.interop.peft_export import METADATA_KEY, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
@@ -178,12 +179,12 @@ def import_peft(directory: str | Path, base: FrozenBase) -> Adapter:
     cls = PEFT_TYPES[peft.peft_type]
     kind, method = cls.artifact_kind, cls.name
     artifact = _artifact(peft, kind, base.shapes, str(directory))
-    ours = _our_metadata(peft)
-    if ours.get("artifact") == kind:
-        method, method_config, task = ours.get("method", method), ours.get("method_config", {}), ours.get("task", {})
+    ours = _our_record(peft, str(directory))
+    if ours is not None and ours.artifact == kind:
+        method, method_config, task = ours.method, ours.method_config, ours.task
     else:
         method_config = cls.config_class.from_options(num_virtual_tokens=artifact.length, init="random").to_json()
-        task = {}
+        task = None
     return Adapter(
         artifact=artifact,
         method=method,
@@ -191,16 +192,17 @@ def import_peft(directory: str | Path, base: FrozenBase) -> Adapter:
         base_name=base.name,
         base_shapes=base.shapes,
         base_weights_fingerprint=base.weights_fingerprint(),
-        task=dict(task or {}),
+        task=task,
     )
 
 
-def _our_metadata(peft: PeftAdapter) -> dict:
+def _our_record(peft: PeftAdapter, where: str) -> AdapterRecord | None:
+    """The ``adapter.json`` that ``export_peft`` put in the weights' header (``codec.decode_adapter``); ``None``
+    for a PEFT adapter from elsewhere, or a header that is not a valid document."""
     text = peft.header.get(METADATA_KEY)
     if not text:
-        return {}
+        return None
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        return decode_adapter(json.loads(text), f"{where} ({METADATA_KEY} header)")
+    except (json.JSONDecodeError, AdapterError):
+        return None

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompts.adapter import Adapter
+from softprompts.codec import task_json
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.files import atomic_directory
@@ -70,7 +71,7 @@ def export_vllm(adapter: Adapter, out: str | Path, overwrite: bool = False) -> P
         "num_virtual_tokens": int(embeds.shape[0]),
         "hidden_size": int(embeds.shape[1]),
         "dtype": str(embeds.dtype).removeprefix("torch."),
-        "task": adapter.task,
+        "task": task_json(adapter.task),
         "placement": "at the <|virtual|> marker of the rendered prompt, else before it",
         "usage": "start vLLM with --enable-prompt-embeds; per request send {'model': ..., 'prompt_embeds': "
                  "softprompts.interop.vllm.encode_prompt_embeds(prompt_embeds(model, tokenizer, soft_prompt, "

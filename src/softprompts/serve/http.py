@@ -90,7 +90,7 @@ async def list_models(http: Request):
     rows = [{"id": BASE_NAME, "object": "model", "created": created, "owned_by": "softprompts",
              "root": state.base.name, "parent": None}]
     rows += [{"id": e.name, "object": "model", "created": int(e.loaded_at) or created, "owned_by": "softprompts",
-              "root": state.base.name, "parent": BASE_NAME, "method": e.method, "task": e.task.get("task")}
+              "root": state.base.name, "parent": BASE_NAME, "method": e.method, "task": e.task_kind}
              for e in state.registry.entries()]
     return {"object": "list", "data": rows}
 

@@ -14,21 +14,22 @@ flight hold a reference to the artifact they started with, so swapping or droppi
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from softprompts.adapter import AdapterError
 from softprompts.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+from softprompts.codec import read_table_record
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.table import TABLE_CONFIG, TABLE_WEIGHTS, PromptTable
+from softprompts.task_spec import TaskSpec
 
 BASE_NAME = "base"  # the model without an adapter
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"  # cannot be "." or "..", holds no path separator
@@ -64,20 +65,25 @@ class Entry:
     artifact: Artifact | None = None
     source: Artifact | None = None  # the artifact as saved (a soft prompt before its KV): what placement extends
     method: str = ""
-    task: dict = field(default_factory=dict)
+    task: TaskSpec | None = None  # the task the adapter records (None: none)
     num_virtual_tokens: int = 0
     nbytes: int = 0
     version: int = 0
     error: str | None = None
     loaded_at: float = 0.0
 
+    @property
+    def task_kind(self) -> str | None:
+        """``classify`` / ``generate`` as the adapter records it (``None``: not recorded)."""
+        return self.task.task if self.task is not None else None
+
     def describe(self) -> dict:
         return {
             "id": self.name,
             "object": "model",
             "method": self.method,
-            "task": self.task.get("task"),
-            "labels": self.task.get("labels"),
+            "task": self.task_kind,
+            "labels": self.task.labels if self.task is not None else None,
             "num_virtual_tokens": self.num_virtual_tokens,
             "loaded": self.artifact is not None,
             "bytes": self.nbytes,
@@ -164,7 +170,7 @@ class Registry:
                 artifact=served,
                 source=adapter.artifact,
                 method=adapter.method,
-                task=dict(adapter.task),
+                task=adapter.task,
                 num_virtual_tokens=served.length,
                 nbytes=sum(t.numel() * t.element_size() for t in served.tensors().values()),
                 version=(old.version + (old.signature != signature)) if old and old.version else 1,
@@ -272,10 +278,8 @@ def _served_names(path: Path) -> list[tuple[str, str | None]]:
     if not (path / TABLE_CONFIG).is_file():
         return []
     try:
-        tasks = json.loads((path / TABLE_CONFIG).read_text())["tasks"]
-        if not isinstance(tasks, dict) or not all(isinstance(t, str) for t in tasks):
-            raise ValueError("tasks is not a mapping of task names")
-    except (OSError, ValueError, KeyError, TypeError):
+        tasks = read_table_record(path).tasks
+    except (OSError, SoftpromptsError):
         return [(path.name, "")]
     return [(f"{path.name}.{task}", task) for task in sorted(tasks) if _NAME.match(f"{path.name}.{task}")]
 

@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softprompts.data.chat import DEFAULT_PLACEMENT, ChatFormat
+from softprompts.data.chat import ChatFormat
 from softprompts.model.artifacts import Artifact
 from softprompts.serve.engine import Engine
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.placed import PlacedArtifacts
 from softprompts.serve.registry import Entry, Registry
 from softprompts.serve.scheduler import Scheduler
+from softprompts.task_spec import ChatSpec
 
 
 @dataclass
@@ -43,8 +44,9 @@ class ServerState:
 def chat_format_of(base, entry: Entry | None) -> ChatFormat:
     """How a conversation is rendered for ``entry``: its chat task's placement and system message, else the model's
     chat template with the virtual tokens first."""
-    chat = ((entry.task if entry is not None else {}) or {}).get("chat") or {}
-    return ChatFormat(base.tokenizer, chat.get("placement", DEFAULT_PLACEMENT), chat.get("system"), "generate")
+    task = entry.task if entry is not None else None
+    chat = task.chat if task is not None and task.chat is not None else ChatSpec()
+    return chat.format(base.tokenizer, "generate")
 
 
 def build_state(

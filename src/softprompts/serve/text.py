@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import check_labels, label_targets
-from softprompts.data.templates import Template, parse_fields
+from softprompts.data.templates import parse_fields
 from softprompts.errors import SoftpromptsError
+from softprompts.task_spec import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,14 @@ def _fill(template: str, value: str) -> str:
     return template.format(**{fields[0]: value})
 
 
-def label_texts(task: dict, labels: list[str], chat: ChatFormat | None = None) -> list[str]:
-    """Each label's verbalization: the adapter's target template rendered with it (``" {label}"`` if none); a chat
-    task's labels are the assistant's answers themselves."""
-    return label_targets(chat or _template(task), labels)
-
-
-def _template(task: dict) -> Template:
-    return Template(task.get("prompt") or "{text}", task.get("target") or " {label}")
+def label_texts(task: TaskSpec | None, labels: list[str], chat: ChatFormat | None = None) -> list[str]:
+    """Each label's verbalization: the adapter's target template rendered with it (``TaskSpec.label_format``:
+    ``" {label}"`` if none); a chat task's labels are the assistant's answers themselves."""
+    return label_targets(chat or (task or TaskSpec()).label_format(), labels)
 
 
 def classify_prompts(
-    task: dict, texts: list, labels: list[str] | None, name: str, chat: ChatFormat | None = None,
+    task: TaskSpec | None, texts: list, labels: list[str] | None, name: str, chat: ChatFormat | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
     """``(labels, prompts, label targets)`` for rank classification with an adapter's task metadata.
 
@@ -84,20 +81,21 @@ def classify_prompts(
     under the label rule training applies (``data.datasets.check_labels``: two or more, unique, distinct non-blank
     targets).
     """
+    task = task or TaskSpec()
     given = labels is not None
-    labels = list(labels if given else task.get("labels") or [])
+    labels = list(labels if given else task.labels or [])
     if not labels:
         raise SoftpromptsError(
-            f"adapter {name!r} has no labels (task {task.get('task')!r}); pass 'labels' or use a classification adapter"
+            f"adapter {name!r} has no labels (task {task.task!r}); pass 'labels' or use a classification adapter"
         )
-    fmt = chat or _template(task)
+    fmt = chat or task.label_format()
     labels = check_labels(fmt, labels, "the request's labels" if given else f"adapter {name!r}")
     if chat is not None:
         if not all(isinstance(text, str) for text in texts):
             raise SoftpromptsError(f"adapter {name!r} is a chat adapter: send each text as the user's message string")
         prompts = [chat.render_prompt({"messages": [{"role": "user", "content": text}]}) for text in texts]
         return labels, prompts, label_texts(task, labels, chat)
-    template = task.get("prompt")
+    template = task.prompt
     prompts = []
     for text in texts:
         if isinstance(text, dict):

@@ -18,6 +18,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling
+from softprompts.model.placement import beyond_start
 from softprompts.serve.engine import PromptLogprobsRequest, ScoreRequest
 from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
@@ -103,7 +104,7 @@ async def to_generation(state: ServerState, body: GenerationFields, entry: Entry
     artifacts = [await run_in_threadpool(state.artifact, entry, lead) for lead, _ in split]
     for (_, ids), artifact in zip(split, artifacts, strict=True):
         state.base.check_fits(len(ids), artifact.length if artifact is not None else 0, max_tokens)
-    if echo and logprobs is not None and any(lead for lead, _ in split):
+    if echo and logprobs is not None and any(beyond_start(state.base, lead) for lead, _ in split):
         raise SoftpromptsError("echo with logprobs scores the prompt's tokens after the virtual tokens; a prompt "
                                "with a <|virtual|> marker has tokens before them: send it without the marker")
     stops = StopStrings.of(body.stop, body.min_tokens)
@@ -130,7 +131,7 @@ async def score_requests(state: ServerState, entry: Entry, body: ClassifyBody) -
     """``(labels, one ScoreRequest per text)``: each text's prompt scored on every label's target tokens."""
     task = entry.task
     labels, prompts, targets = classify_prompts(task, body.texts, body.labels, entry.name,
-                                                state.chat_format(entry) if task.get("chat") else None)
+                                                state.chat_format(entry) if task and task.chat else None)
     candidates = [state.base.tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
     requests = []
     for prompt in prompts:

@@ -244,7 +244,7 @@ class _Run:
         """The best adapter and the training record; with ``out_dir`` the main rank writes both (and
         ``extra_files``) and removes the checkpoint."""
         state, base = self.state, self.base
-        adapter = Adapter.from_method(self.method, base, task=self.spec.to_json())
+        adapter = Adapter.from_method(self.method, base, task=self.spec)
         adapter.artifact = artifact_from_tensors(self.method.artifact_kind, state.best_tensors).to(base.device,
                                                                                                    base.dtype)
         record = self._record()
