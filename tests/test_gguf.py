@@ -29,8 +29,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
-    """The tiny Llama and its byte tokenizer as one GGUF file (f32 tensors)."""
+def write_tiny_gguf(path: Path, arch: str = "llama", bos: bool = False) -> Path:
+    """The tiny Llama and its byte tokenizer as one GGUF file (f32 tensors); ``bos``: the file says its tokenizer adds
+    BOS (``tokenizer.ggml.add_bos_token``, as Gemma's and Llama's files do; BOS is ``<eos>``, the one special token
+    the tiny vocabulary can spare)."""
     import gguf
 
     model, tokenizer = tiny_model("llama"), make_tokenizer()
@@ -55,6 +57,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
     w.add_token_scores([0.0] * len(tokens))  # no merges: one token per byte, as the tiny tokenizer
     w.add_eos_token_id(vocab["<eos>"])
     w.add_pad_token_id(vocab["<pad>"])
+    if bos:
+        w.add_bos_token_id(vocab["<eos>"])
+        w.add_add_bos_token(True)
     w.add_chat_template(tokenizer.chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for name, tensor in model.state_dict().items():

@@ -197,3 +197,35 @@ def save_tiny(arch: str, directory: str | Path, seed: int = 0) -> Path:
     tiny_model(arch, seed).save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+BOS = "<bos>"
+BOS_ID = VOCAB  # one token past the byte tokenizer's vocabulary: BOS bases have VOCAB + 1 rows
+# CHAT_TEMPLATE preceded by the BOS token, as Gemma's and Llama 3's templates write it
+BOS_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
+
+
+def make_bos_tokenizer(chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """``make_tokenizer``'s bytes plus ``<bos>`` (id ``BOS_ID``), which it puts in front of every text it encodes
+    with special tokens (``add_bos_token=True``, as Gemma's and Llama's tokenizers do)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for i, tok in enumerate([*SPECIALS, BOS]):
+        vocab[tok] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token=BOS,
+                                        add_bos_token=True)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_bos_base(arch: str = "llama", seed: int = 0, chat_template: str = CHAT_TEMPLATE) -> BaseModel:
+    """A tiny decoder-only base (``ARCHS``) whose tokenizer adds BOS (``make_bos_tokenizer``), its vocabulary one
+    row larger for it."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    config.vocab_size = VOCAB + 1
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 256, 257, BOS_ID
+    model = scaled_up(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    return BaseModel(model=model, tokenizer=make_bos_tokenizer(chat_template), name=f"tiny-bos-{arch}")

@@ -9,6 +9,8 @@ from softprompts.adapter import Adapter
 from softprompts.model.artifacts import Artifact
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GREEDY, Sampling
+from softprompts.model.placement import place
+from softprompts.tasks import split_prompt
 
 
 def _artifact(adapter: Adapter | Artifact | None) -> Artifact | None:
@@ -18,9 +20,13 @@ def _artifact(adapter: Adapter | Artifact | None) -> Artifact | None:
 @torch.no_grad()
 def next_token_logits(base: FrozenBase, text: str, adapter: Adapter | Artifact | None = None) -> torch.Tensor:
     """Logits ``[V]`` for the token after ``text`` with the adapter injected (on an encoder-decoder base: the
-    decoder's first token with ``text`` as the encoder input; ``FrozenBase.next_token_logits``)."""
-    ids = torch.tensor([base.tokenize(text)], device=base.device)
-    return base.next_token_logits(ids, _artifact(adapter))
+    decoder's first token with ``text`` as the encoder input; ``FrozenBase.next_token_logits``). ``text`` is read as
+    every prompt is (``tasks.split_prompt``: the base's BOS first when its tokenizer adds one, the artifact after it
+    and after any text before a ``<|virtual|>`` marker)."""
+    lead, ids = split_prompt(base, text)
+    artifact = _artifact(adapter)
+    artifact = place(base, artifact.to(base.device, base.dtype) if artifact is not None else None, lead)
+    return base.next_token_logits(torch.tensor([ids], device=base.device), artifact)
 
 
 def generate(

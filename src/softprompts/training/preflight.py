@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import verbalizations
-from softprompts.model.placement import PlacementError
+from softprompts.model.placement import PlacementError, beyond_start
 from softprompts.tasks import Encoded, TaskSpec, TruncationReport, encode, epoch_batches, prompt_ids
 from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
@@ -89,10 +89,11 @@ def prepare_data(base, method, train_examples, dev_examples, spec: TaskSpec, con
 
 
 def check_fits(base, method, spec: TaskSpec, encoded: list, dev: list) -> None:
-    """A KV prefix cannot be placed after text; training rows and dev prompts (+ the longest answer) must fit the
-    model's context with the virtual tokens."""
+    """A KV prefix cannot be placed after text (after the base's BOS alone it stands in for it:
+    ``placement.beyond_start``); training rows and dev prompts (+ the longest answer) must fit the model's context
+    with the virtual tokens."""
     virtual = method.config.num_virtual_tokens
-    if method.artifact_kind == "kv_prefix" and any(e.lead_ids for e in encoded):
+    if method.artifact_kind == "kv_prefix" and any(beyond_start(base, e.lead_ids) for e in encoded):
         raise PlacementError(f"{method.name} makes a KV prefix, which sits in front of everything: it cannot be "
                              "placed after text (the <|virtual|> marker or a chat placement); use prompt tuning or "
                              "P-tuning for a placement")
