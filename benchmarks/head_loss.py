@@ -3,7 +3,7 @@
 Both compute ``sum CE(W h + b, y)`` over ``N`` labelled rows and its gradient to ``h`` (``W`` frozen); see
 ``softprompts/model/head_loss.py`` for the math. Each repetition times one loss + backward of each system in
 alternating order (median over repetitions, so machine noise hits both alike); peak tensor bytes are measured once
-per system after a warm-up (``peak_memory.peak_bytes``: CUDA allocator peak, or the CPU allocator events).
+per system after a warm-up (``compare/latency.peak_bytes``: CUDA allocator peak, or the CPU allocator events).
 
 Usage::
 
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peak_memory import peak_bytes
 
+from softprompts.compare.latency import peak_bytes
 from softprompts.model.head_loss import CHUNK_BYTES, head_cross_entropy_sum
 
 

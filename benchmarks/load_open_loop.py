@@ -16,8 +16,8 @@ ids and uniform ``[--min-new, --max-new]`` new tokens (greedy, no early stop).
    tokens under both (each row's tokens are what it gets alone).
 
 Both are ``serve/scheduler.Scheduler``: continuous (rows join and leave between steps, ``--max-running``) and window
-(``window_scheduler.WindowScheduler``: a batch formed from the requests arriving within ``--window-ms`` of the first,
-run to its end).
+(``tests/window_scheduler.py``: a batch formed from the requests arriving within ``--window-ms`` of the first, run to
+its end).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # window_scheduler.py: the tests' reference
 
 from serve_throughput import _commit, add_model_args, build_base, write_result  # noqa: E402
 from window_scheduler import WindowScheduler  # noqa: E402

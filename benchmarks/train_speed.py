@@ -6,7 +6,7 @@ embeddings), the LM head at the same label positions, the same fp32 cross-entrop
 Each system trains the same tokens (``B`` rows of ``T`` random ids, labels on every token), same dtype, same
 optimizer. One repetition runs one optimizer step of every (method, system) pair in rotating order; the reported
 time is the median over repetitions, so machine noise (shared CPUs) hits all systems alike and the ratios are
-side by side. Peak memory is measured once per system after warm-up (``peak_memory.peak_bytes``:
+side by side. Peak memory is measured once per system after warm-up (``softprompts.compare.latency.peak_bytes``:
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of the running sum of the CPU allocator's
 allocation/free events recorded by ``torch.profiler`` with ``profile_memory=True``: tensor bytes only).
 
@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peak_memory import peak_bytes
 from systems import our_method, peft_model
 from torch import nn
 
+from softprompts.compare.latency import peak_bytes
 from softprompts.model.base import BaseModel
 from softprompts.tasks import Encoded, collate
 from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum

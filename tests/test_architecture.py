@@ -210,3 +210,42 @@ def test_only_the_codec_reads_adapter_and_table_documents():
     assert any(parses_json(n) for n in ast.walk(codec))  # the codec is where the parsing is
     legacy = "def f(path):\n    return json.loads((path / TABLE_CONFIG).read_text())['tasks']\n"
     assert document_readers(ast.parse(legacy)) == ["f"]
+
+
+TESTS = Path(__file__).resolve().parent
+BENCHMARKS = TESTS.parent / "benchmarks"
+PATH_LOADERS = {"insert", "append", "extend", "spec_from_file_location", "SourceFileLoader", "run_path"}
+
+
+def benchmark_imports(tree: ast.AST, benchmarks: set[str]) -> list[str]:
+    """What ``tree`` takes from ``benchmarks/``: an import of one of its modules (``benchmarks`` names them by their
+    stem, as ``sys.path`` would), or a call that puts a path naming ``"benchmarks"`` on ``sys.path`` or loads a module
+    from it. Running a benchmark as a script (``subprocess``) is not taking from it: that tests the benchmark."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in benchmarks]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in benchmarks:
+            found.append(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in PATH_LOADERS:
+            if any(isinstance(n, ast.Constant) and n.value == "benchmarks" for n in ast.walk(node)):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_tests_do_not_import_from_benchmarks():
+    """The tests stand on the package and ``tests/`` only: what a test needs lives in ``src/`` (product logic) or in
+    a ``tests/`` helper, never in ``benchmarks/`` (the benchmarks may import the tests' helpers, not the reverse)."""
+    helpers = {p.stem for p in TESTS.rglob("*.py")}  # tests/ comes first on sys.path: its modules are no benchmark's
+    benchmarks = {p.stem for p in BENCHMARKS.glob("*.py")} - helpers | {"benchmarks"}
+    found = {str(p.relative_to(TESTS)): benchmark_imports(ast.parse(p.read_text(encoding="utf-8")), benchmarks)
+             for p in TESTS.rglob("*.py")}
+    assert {f: names for f, names in found.items() if names} == {}
+    # and in this process (every test module is imported by collection): nothing from benchmarks/ is loaded
+    assert not [p for p in sys.path if p and Path(p).resolve() == BENCHMARKS.resolve()]
+    assert not [m for m, mod in list(sys.modules.items())
+                if BENCHMARKS.resolve() in Path(getattr(mod, "__file__", None) or "/").resolve().parents]
+    before = ('sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))\n'
+              "from peak_memory import peak_bytes\nimport systems\n"
+              'spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")\n')
+    assert len(benchmark_imports(ast.parse(before), {"peak_memory", "systems", "benchmarks"})) == 4

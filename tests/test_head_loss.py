@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peak_memory import peak_bytes
 from tiny import tiny_base, tiny_model
 
+from softprompts.compare.latency import peak_bytes
 from softprompts.methods import create_method
 from softprompts.model.base import BaseModel
 from softprompts.model.head_loss import chunk_rows, head_cross_entropy_sum

@@ -188,8 +188,8 @@ def test_kv_budget_limits_rows_running_together(scheduler_factory):
 
 
 def test_window_mode_runs_a_batch_to_its_end(scheduler_factory):
-    """``benchmarks/window_scheduler.py``: the requests arriving together share one batch; one arriving later waits for
-    it to end."""
+    """``window_scheduler.py`` (``benchmarks/load_open_loop.py``'s baseline): the requests arriving together share
+    one batch; one arriving later waits for it to end."""
     base = tiny_base("llama")
     sched = scheduler_factory(base, window_s=0.2)
     first = [GenerationRequest(base.tokenize(p), max_new_tokens=6, stop_ids=frozenset()) for p in ["ab", "cd"]]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peak_memory import peak_bytes
 from tiny import tiny_base
 
+from softprompts.compare.latency import peak_bytes
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import create_method
 from softprompts.model.inject import forward

@@ -10,10 +10,13 @@ cached positions to attend to). PEFT models are timed through Hugging Face ``gen
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's resident-set high-water mark
 (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs`` where the kernel allows it, else
 ``resource.getrusage``'s ``ru_maxrss``, which cannot be reset and then covers the whole process so far).
+``peak_bytes(fn, device)`` measures one callable's peak of live tensor bytes instead (the benchmarks' memory column
+and the tests of the fused head's saving).
 """
 
 from __future__ import annotations
 
+import gc
 import resource
 import statistics
 import sys
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from softprompts.model.frozen import FrozenBase
 
@@ -144,3 +148,40 @@ def peak_memory_bytes(device: torch.device) -> int:
         return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak of allocated tensor bytes while ``fn()`` runs, above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (minus the bytes allocated at the
+    start). CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the CPU
+    allocator with its size; their running sum in time order is the live-bytes curve and its maximum is the peak
+    (tensor bytes only, no allocator caching or Python objects). Run it outside timed repetitions (the profiler
+    slows the step).
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - start)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    return cpu_peak_from_profile(prof)
+
+
+def cpu_peak_from_profile(prof: profile) -> int:
+    """Maximum of the running sum of CPU allocator events (bytes > 0 allocate, < 0 free) in a profiler trace."""
+    events = []
+    for event in prof.profiler.kineto_results.events():
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            events.append((event.start_ns(), event.nbytes()))
+    events.sort(key=lambda e: e[0])
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return int(peak)

@@ -11,7 +11,7 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 
-``prefill_chunk=None``: no chunking and no prefill budget (the window batcher of ``benchmarks/window_scheduler.py``,
+``prefill_chunk=None``: no chunking and no prefill budget (the window batcher of ``tests/window_scheduler.py``,
 which this replaced, builds on that).
 
 Beyond the bounds of ``admission.py`` ``submit`` raises ``Overloaded`` (HTTP 429). Each row's tokens are what the

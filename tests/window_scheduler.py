@@ -1,4 +1,6 @@
-"""The time-window batcher that continuous batching replaced, kept for comparison (``load_open_loop.py``).
+"""The time-window batcher that continuous batching replaced, kept for comparison: the reference of
+``test_scheduler.py``'s window test and the "window" system of ``benchmarks/load_open_loop.py`` (which imports it from
+here: the tests never import from ``benchmarks/``).
 
 A batch is formed from the requests arriving within ``window_s`` of the first and runs to its end before the next
 one starts, so a request arriving meanwhile waits for the longest request in flight. Built on the server's own
@@ -7,14 +9,10 @@ one starts, so a request arriving meanwhile waits for the longest request in fli
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from softprompts.model.generation import GenerationRequest  # noqa: E402
-from softprompts.serve.scheduler import Scheduler  # noqa: E402
+from softprompts.model.generation import GenerationRequest
+from softprompts.serve.scheduler import Scheduler
 
 
 class WindowScheduler(Scheduler):
