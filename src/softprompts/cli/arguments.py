@@ -29,3 +29,14 @@ def add_quantize_flag(p) -> None:
 
 
 __all__ = ["add_quantize_flag", "finite"]
+
+
+def add_report_flag(p) -> None:
+    """``--report-to``: the trackers that watch training (``training/trackers.py``), checked before training."""
+    from softprompts.training.trackers import TRACKERS
+
+    p.add_argument("--report-to", default="none", metavar="TRACKERS",
+                   help=f"watch training in {', '.join(TRACKERS)} (comma-separated, or none): loss, lr, gradient "
+                        "norm, tokens/s, dev metrics, the configuration and the final metrics; offline stores under "
+                        "the output directory (OUT/tensorboard, OUT/mlflow.db); each needs its extra, e.g. "
+                        "pip install 'softprompts[tensorboard]'")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
 from softprompts.cli.cartridge import add_corpus_flags, run_cartridge
 from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
 from softprompts.errors import SoftpromptsError
@@ -66,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     add_quantize_flag(p)
+    add_report_flag(p)
     add_corpus_flags(p)
     p.set_defaults(func=run)
 
@@ -77,6 +78,7 @@ def run(args) -> int:
     from softprompts.methods import build_method, method_class
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
+    from softprompts.training.trackers import only_logs
 
     if bool(args.data) == bool(args.corpus):
         raise SoftpromptsError("give the training data with --data FILE, or a corpus for a cartridge with --corpus "
@@ -90,13 +92,13 @@ def run(args) -> int:
         schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
         gradient_checkpointing=args.gradient_checkpointing, autocast_bf16=args.bf16,
-        compile=args.compile,
+        compile=args.compile, report_to=args.report_to,
     ).validate()
     out = Path(args.out)
     if args.resume and (out / RECORD_FILE).is_file() and not checkpoint_path(out).is_file():
         print(f"{out} is already finished (nothing to resume)", file=sys.stderr)
         return 0
-    check_output(out, overwrite=args.overwrite or (args.resume and checkpoint_path(out).is_file()))
+    check_output(out, overwrite=args.overwrite or (args.resume and checkpoint_path(out).is_file()) or only_logs(out))
 
     previous = read_adapter_record(args.init_from) if args.init_from else None
     task = previous.task if previous is not None else None

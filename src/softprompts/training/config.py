@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from softprompts.errors import SoftpromptsError
+from softprompts.training.trackers import report_problems
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -25,7 +26,12 @@ class TrainConfig:
     only: ``train`` refuses it on other devices; useful for an fp32 base, a no-op for a bf16 one). compile:
     ``torch.compile`` the micro-batch loss (``step.compiled_loss``; same gradients, faster steps after a
     one-time compilation; not together with gradient_checkpointing: ``errors`` refuses the pair, the one place
-    that checks it; whether the base model supports either is asked of the base, ``base.require``)."""
+    that checks it; whether the base model supports either is asked of the base, ``base.require``). report_to: the
+    trackers that watch the run, comma-separated (``none``, ``tensorboard``, ``mlflow``, ``wandb``, ``trackio``;
+    ``trackers.py``); their offline stores go under the output directory, or under ``report_dir`` when several runs
+    share one (compare, tune); run_name / run_group: the run's name (default: the output directory's) and the
+    experiment or project grouping runs (default ``softprompts``). None of the four is part of what a resume must
+    match."""
 
     steps: int = 100
     lr: float = 3e-2
@@ -45,6 +51,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False
     compile: bool = False
+    report_to: str = "none"
+    report_dir: str | None = None
+    run_name: str | None = None
+    run_group: str | None = None
 
     def errors(self) -> list[str]:
         problems = []
@@ -70,7 +80,7 @@ class TrainConfig:
             problems.append("--eval-every, --checkpoint-every and --patience must be >= 0")
         if self.compile and self.gradient_checkpointing:
             problems.append("--compile and --gradient-checkpointing cannot be combined; choose one")
-        return problems
+        return problems + report_problems(self.report_to)
 
     def validate(self) -> TrainConfig:
         problems = self.errors()

@@ -23,6 +23,8 @@ step (the data order is a pure function of ``(seed, epoch)``), curve and best ad
 
 ``train`` reads top to bottom: the preflight (``preflight.py``: options, output directory, data), ``_Run.start``,
 ``resume`` or ``fresh_start``, the steps (``step`` then ``after_step``: keep-best evaluation, checkpoint), ``finish``.
+With ``config.report_to``, the trackers (``trackers.py``) get each step's loss, learning rate, gradient norm and
+tokens/s, each evaluation's dev metrics, and at the end the final ones (main rank only).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ from softprompts.training.preflight import TrainData, check_options, log, output
 from softprompts.training.record import environment, training_record
 from softprompts.training.state import TrainState, seed_everything
 from softprompts.training.step import accumulate_step, loss_for
+from softprompts.training.trackers import RunPlace, Trackers, keep_logs, run_place
 
 RECORD_FILE = "training.json"
 EvalCallback = Callable[[int, float], bool]  # (step, dev metric after it) -> stop training now
@@ -83,6 +86,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState = field(default_factory=TrainState)
     on_eval: EvalCallback | None = None
+    trackers: Trackers = field(default_factory=Trackers)
 
     @classmethod
     def start(cls, base, method, spec: TaskSpec, config: TrainConfig, dist: Distributed, data: TrainData,
@@ -123,7 +127,29 @@ class _Run:
             state.base_dev = dev_score(self.base, None, dev, self.spec, self.config, self.dist)
             state.eval_seconds += time.perf_counter() - started
             log(self.dist, f"base model without adapter: dev {metric} {state.base_dev[metric]:.4f}")
+        if state.base_dev is not None:
+            self.trackers.log(0, {f"base_dev/{k}": v for k, v in state.base_dev.items()})
         self.evaluate_now()
+
+    def open_trackers(self, place: RunPlace | None, resuming: bool) -> None:
+        """The trackers of ``config.report_to`` (main rank; resumed: the checkpoint's runs), given the configuration
+        and the adapter's sizes; their run ids go in the state, so checkpoints keep them."""
+        state, method = self.state, self.method
+        self.trackers = Trackers.open(self.config, place, state.step if resuming else None, state.tracker_runs,
+                                      self.dist.is_main)
+        state.tracker_runs = {**state.tracker_runs, **self.trackers.run_ids}
+        if not self.trackers.trackers:
+            return
+        devices = [self.base.device] if self.base.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # its size, the run's RNG untouched
+            artifact = method.materialize()
+        config = {"train": asdict(self.config), "method": method.config.to_json(), "task": self.spec.to_json(),
+                  "environment": self.env}
+        params = {"method": method.name, "artifact": method.artifact_kind,
+                  "virtual_tokens": method.config.num_virtual_tokens, "trainable_parameters": method.num_trainable(),
+                  "adapter_parameters": artifact.num_parameters(), "train_examples": len(self.data.encoded),
+                  "dev_examples": len(self.data.dev)}
+        self.trackers.start(config, params)
 
     # --- the steps ---------------------------------------------------------------------------------------------
 
@@ -158,12 +184,16 @@ class _Run:
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), config.max_grad_norm or math.inf)
         totals = dist.all_reduce_sum(torch.tensor([loss_sum, float(step_tokens)], dtype=torch.float64))
+        lr = self.scheduler.get_last_lr()[0]  # this step's
         self._update(totals[0].item(), grad_norm)
         loss = totals[0].item() / n_tokens
         state.tokens += int(totals[1].item())  # tokens processed by all ranks
         state.step += 1
         state.train_seconds += time.perf_counter() - started
         state.curve.append({"step": state.step, "loss": round(loss, 6), "seconds": round(state.train_seconds, 3)})
+        self.trackers.log(state.step, {"train/loss": state.curve[-1]["loss"], "train/lr": lr,
+                                       "train/grad_norm": grad_norm.item(),
+                                       "train/tokens_per_second": state.tokens / max(state.train_seconds, 1e-9)})
         return loss
 
     def _micro_batches(self) -> tuple[list, float]:
@@ -215,8 +245,10 @@ class _Run:
         state, dev, metric = self.state, self.data.dev, self.metric
         started = time.perf_counter()
         artifact = self.method.materialize()
-        score = dev_score(self.base, artifact, dev, self.spec, self.config, self.dist)[metric] if dev else None
+        scores = dev_score(self.base, artifact, dev, self.spec, self.config, self.dist) if dev else {}
+        score = scores[metric] if dev else None
         state.eval_seconds += time.perf_counter() - started
+        self.trackers.log(state.step, {f"dev/{k}": v for k, v in scores.items()})
         point = state.curve[-1] if state.curve and state.curve[-1]["step"] == state.step else None
         if point is None:
             point = {"step": state.step, "loss": None, "seconds": round(state.train_seconds, 3)}
@@ -248,9 +280,10 @@ class _Run:
         adapter.artifact = artifact_from_tensors(self.method.artifact_kind, state.best_tensors).to(base.device,
                                                                                                    base.dtype)
         record = self._record()
+        self.trackers.finish(_final(record))
         if out_dir is not None and self.dist.is_main:
-            save_adapter(adapter, out_dir, overwrite=True,
-                         extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+            files = {RECORD_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})}
+            keep_logs(out_dir, lambda: save_adapter(adapter, out_dir, overwrite=True, extra_files=files))
             self.ckpt.unlink(missing_ok=True)
         self.dist.barrier()
         return TrainResult(adapter=adapter, record=record)
@@ -296,14 +329,27 @@ def train(
     check_options(base, config)
     dist = dist or Distributed()
     out_dir, ckpt, resuming = output_paths(out_dir, resume, overwrite, dist)
+    place = run_place(config, out_dir)
     data = prepare_data(base, method, train_examples, dev_examples, spec, config, dist)
     run = _Run.start(base, method, spec, config, dist, data, ckpt, on_eval)
     if resuming:
         run.resume()
-    else:
-        run.fresh_start(base_dev)
-    run.run_steps()
-    return run.finish(out_dir, extra_files)
+    try:
+        run.open_trackers(place, resuming)
+        if not resuming:
+            run.fresh_start(base_dev)
+        run.run_steps()
+        return run.finish(out_dir, extra_files)
+    finally:
+        run.trackers.finish(None)  # stopped on an error: flushed and marked failed (a no-op after finish)
+
+
+def _final(record: dict) -> dict:
+    """What the trackers get at the end, from ``training.json``."""
+    timings = record["timings"]
+    return {"best_dev": record["best_dev"], "best_step": record["best_step"], "steps_done": record["steps_done"],
+            "stopped_early": int(record["stopped_early"]), "train_seconds": timings["train_seconds"],
+            "tokens_per_second": timings["tokens_per_second"]}
 
 
 __all__ = ["RECORD_FILE", "EvalCallback", "TrainResult", "train"]

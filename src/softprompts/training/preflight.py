@@ -21,6 +21,7 @@ from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_fits_context
 from softprompts.training.state import checkpoint_path
+from softprompts.training.trackers import only_logs
 
 
 def log(dist: Distributed, message: str) -> None:
@@ -41,14 +42,15 @@ def check_options(base, config: TrainConfig) -> None:
 
 
 def output_paths(out_dir, resume: bool, overwrite: bool, dist: Distributed) -> tuple[Path | None, Path | None, bool]:
-    """``(out_dir, checkpoint path, resuming)``; refuses an existing ``out_dir`` unless overwriting or resuming.
+    """``(out_dir, checkpoint path, resuming)``; refuses an existing ``out_dir`` unless overwriting or resuming (or
+    it holds only trackers' logs: a run stopped before its first checkpoint, ``trackers.only_logs``).
 
     Rank 0 decides whether to resume (and later reads the checkpoint for everyone): ranks need not share a filesystem.
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt = checkpoint_path(out_dir) if out_dir is not None else None
     resuming = bool(dist.broadcast_object(resume and ckpt is not None and ckpt.is_file() if dist.is_main else None))
-    if out_dir is not None and out_dir.exists() and not (overwrite or resuming):
+    if out_dir is not None and out_dir.exists() and not (overwrite or resuming or only_logs(out_dir)):
         raise FileExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite")
     return out_dir, ckpt, resuming
 

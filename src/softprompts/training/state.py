@@ -34,6 +34,7 @@ class TrainState:
     eval_seconds: float = 0.0
     tokens: int = 0
     stopped_early: bool = False
+    tracker_runs: dict = field(default_factory=dict)  # tracker -> its run id, so a resume continues that run
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -69,8 +70,10 @@ def atomic_save(obj, path: Path) -> None:
 
 def resumable(config: dict) -> dict:
     """The configuration a resume must match: checkpoints from before an option existed hold its default, and
-    gradient checkpointing and compilation (same gradients, only memory/time) may be switched either way."""
-    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None}
+    gradient checkpointing and compilation (same gradients, only memory/time) and the trackers may be switched either
+    way."""
+    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None, "report_to": None,
+            "report_dir": None, "run_name": None, "run_group": None}
 
 
 __all__ = ["TrainState", "atomic_save", "checkpoint_path", "resumable", "rng_state", "seed_everything", "set_rng_state"]
