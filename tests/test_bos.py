@@ -163,3 +163,27 @@ def test_a_gguf_file_that_adds_bos_keeps_it_through_the_conversion(tmp_path, mon
     assert json.loads((converted / "tokenizer_config.json").read_text())["add_bos_token"] is True
     want = base.model(torch.tensor([[bos, *ids(base, X)]])).logits[0, -1]
     assert torch.equal(sp.next_token_logits(base, X), want)
+
+
+def test_both_serving_engines_answer_the_same_on_a_bos_base(base, tmp_path):
+    """``serve --engine vllm``'s front (against the fake vLLM of test_vllm_front, which decodes what it is sent with
+    our model) == the default engine: texts and usage, for a soft prompt (BOS, then it) and a KV prefix (BOS
+    inside it)."""
+    from fastapi.testclient import TestClient
+    from test_vllm_front import FakeVllm
+
+    from softprompts.interop.vllm_front import SoftpromptsFront
+    from softprompts.interop.vllm_launch import FrontConfig
+    from softprompts.serve.http import build_state, create_app
+
+    for seed, (name, method) in enumerate((("soft", "prompt"), ("prefix", "prefix"))):
+        sp.save_adapter(sp.Adapter.from_method(perturbed(base, method, 3, "abc", seed=seed), base), tmp_path / name)
+    config = FrontConfig(adapters=str(tmp_path), model="tiny", served_names=("base", "tiny"), poll_s=0)
+    front = TestClient(SoftpromptsFront(FakeVllm(base), config, base))
+    with TestClient(create_app(build_state(base, tmp_path, poll_s=0))) as ours:
+        for name in ("soft", "prefix"):
+            body = {"model": name, "prompt": [X, "abc"], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+            got, want = front.post("/v1/completions", json=body), ours.post("/v1/completions", json=body)
+            assert got.status_code == want.status_code == 200, (got.text, want.text)
+            assert [c["text"] for c in got.json()["choices"]] == [c["text"] for c in want.json()["choices"]], name
+            assert got.json()["usage"]["prompt_tokens"] == want.json()["usage"]["prompt_tokens"], name

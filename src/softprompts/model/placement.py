@@ -64,6 +64,12 @@ def start_ids(base, ids: Sequence[int]) -> list[int]:
     return [*lead, *rest]
 
 
+def read_lead(base, artifact: Artifact | None, lead: Sequence[int]) -> tuple[int, ...]:
+    """The tokens of ``lead`` a row with ``artifact`` reads: ``lead``, or ``beyond_start(lead)`` in front of a KV
+    prefix, which stands in for the sequence's start (what usage counts: the same on both serving engines)."""
+    return beyond_start(base, lead) if isinstance(artifact, KVPrefix) else tuple(lead)
+
+
 def place(base, artifact: Artifact | None, lead: Sequence[int]) -> Artifact | None:
     """``artifact`` placed after the tokens ``lead``: ``SoftPrompt([e(lead); E])`` (``[k + P, hidden]``); the
     artifact itself for an empty lead; ``SoftPrompt(e(lead))`` for no artifact (the bare model reads the lead). A KV
@@ -95,4 +101,5 @@ def place_rows(base, artifact: Artifact | None, leads: Sequence[Sequence[int]] |
     return VirtualContext.from_rows([placed[tuple(lead)] for lead in leads])
 
 
-__all__ = ["PlacementError", "beyond_start", "place", "place_rows", "sequence_start", "start_ids"]
+__all__ = ["PlacementError", "beyond_start", "place", "place_rows", "read_lead", "sequence_start",
+           "start_ids"]

@@ -18,7 +18,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import GenerationRequest, GenerationResult, Sampling
-from softprompts.model.placement import beyond_start
+from softprompts.model.placement import beyond_start, read_lead
 from softprompts.serve.engine import PromptLogprobsRequest, ScoreRequest
 from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, GenerationFields
@@ -99,8 +99,10 @@ async def to_generation(state: ServerState, body: GenerationFields, entry: Entry
     """The ``Generation`` of ``prompts`` (texts or token ids) with ``entry``'s adapter (``None``: the base model);
     every prompt must fit the context with its virtual tokens and ``max_tokens``. ``ignore_eos``: no stop token
     (the model's end of sequence, ``stop_ids``) ends an answer; ``min_tokens``: none does before that many."""
+    source = entry.source if entry is not None else None
     split = [split_request_prompt(state.base, prompt, "prompt" if len(prompts) == 1 else f"prompt[{p}]")
              for p, prompt in enumerate(prompts)]
+    split = [(read_lead(state.base, source, lead), ids) for lead, ids in split]  # a KV prefix holds BOS: not read
     artifacts = [await run_in_threadpool(state.artifact, entry, lead) for lead, _ in split]
     for (_, ids), artifact in zip(split, artifacts, strict=True):
         state.base.check_fits(len(ids), artifact.length if artifact is not None else 0, max_tokens)
