@@ -177,3 +177,39 @@ def test_only_the_main_rank_reports(tmp_path):
     assert Trackers.open(cfg, place, None, {}, is_main=False).trackers == {}
     assert not (tmp_path / "logs").exists()
     assert Trackers.open(TrainConfig(), None, None, {}, is_main=True).trackers == {}
+
+
+def test_compare_reports_one_run_per_method_grouped_under_the_comparison(llama, tmp_path):
+    from softprompts.compare import CompareConfig, CompareData, Comparison
+
+    out = tmp_path / "cmp"
+    config = CompareConfig(model="unused", methods=["prompt", "prefix"], steps=2, eval_every=1, virtual_tokens=2,
+                           latency_tokens=2, latency_repeats=1, progress=False, report_to="tensorboard,mlflow")
+    Comparison(config, CompareData(SPEC, examples(8), examples(4), examples(2)), out, base=llama).run()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("compare-cmp").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["prefix-seed0", "prompt-seed0"]
+    for r in runs:
+        record = json.loads((out / "runs" / r.info.run_name / "adapter" / "training.json").read_text())
+        assert same_curve(history(client, r.info.run_id, "train/loss"), losses(record))
+        assert same_curve(tensorboard(out / "tensorboard" / r.info.run_name, "train/loss"), losses(record))
+
+
+def test_tune_reports_one_run_per_trial(tmp_path):
+    from tiny import save_tiny
+
+    model = save_tiny("llama", tmp_path / "llama")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5),
+                                        "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(12)))
+    out = tmp_path / "study"
+    assert main(["tune", "--model", str(model), "--method", "prompt", "--data", str(data), "--eval-data", str(data),
+                 "--template", "Review: {text}\\nSentiment:", "--target", " {label}", "--trials", "2", "--steps", "2",
+                 "--eval-every", "1", "--pruner", "none", "--out", str(out), "--report-to", "tensorboard"]) == 0
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["trial-0", "trial-1"]
+    for number in (0, 1):
+        record = json.loads((out / "trials" / f"{number:03d}" / "training.json").read_text())
+        assert same_curve(tensorboard(out / "tensorboard" / f"trial-{number}", "train/loss"), losses(record))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task
 from softprompts.errors import SoftpromptsError
 
@@ -59,6 +59,7 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     add_quantize_flag(p)
+    add_report_flag(p)
     p.set_defaults(func=run)
 
 
@@ -126,7 +127,7 @@ def run(args) -> int:
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
-        progress=not args.no_progress,
+        progress=not args.no_progress, report_to=args.report_to,
     )
     loaded = []
 

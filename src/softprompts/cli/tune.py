@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
 from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
 from softprompts.errors import SoftpromptsError
 
@@ -48,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device (default: the first CUDA GPU, else cpu)")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to continue)")
     add_quantize_flag(p)
+    add_report_flag(p)
     p.set_defaults(func=run)
 
 
@@ -78,7 +79,8 @@ def run(args) -> int:
         raise SoftpromptsError("softprompts tune needs Optuna: pip install 'softprompts[tune]'") from None
     cls = method_class(args.method)
     train_config = TrainConfig(steps=args.steps, lr=cls.default_lr, batch_size=args.batch_size,
-                               eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed)
+                               eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed,
+                               report_to=args.report_to)
     config = TuneConfig(trials=args.trials, minutes=args.minutes, lr_range=args.lr_range,
                         virtual_tokens=args.virtual_tokens_choices, pruner=args.pruner, seed=args.seed)
     config.validate(train_config)

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from softprompts.training.trackers import report_problems
+
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "compare.json"
 BASELINES = ("peft", "fewshot")  # what --baseline may name, comma-separated
@@ -42,6 +44,8 @@ class CompareConfig:
     on dev among ``SHOT_CANDIDATES``).
     tune: N trials of search on dev per method, and for LoRA, before the compared runs, which then use the best
     configuration (``compare/tuning.py``); None: the defaults (or ``lr`` / ``virtual_tokens``).
+    report_to: trackers that watch our runs (``training/trackers.py``), one tracker run per method and seed, grouped
+    under this compare (``OUT/tensorboard/<run>/``, ``OUT/mlflow.db`` experiment ``compare-<OUT>``).
     """
 
     model: str
@@ -63,6 +67,7 @@ class CompareConfig:
     latency_tokens: int = 8
     latency_repeats: int = 3
     progress: bool = True
+    report_to: str = "none"
 
     def errors(self) -> list[str]:
         problems = []
@@ -94,7 +99,7 @@ class CompareConfig:
         for flag, limit in (("--eval-limit", self.eval_limit), ("--test-limit", self.test_limit)):
             if limit is not None and limit < 1:
                 problems.append(f"{flag} must be at least 1 (or left out for every row), got {limit}")
-        return problems
+        return problems + report_problems(self.report_to)
 
     @property
     def baselines(self) -> tuple[str, ...]:

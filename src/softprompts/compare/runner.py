@@ -177,7 +177,9 @@ class Comparison:
         else:
             m = self._method(method, seed)
             trainable = m.num_trainable()
-            out = train(self.base, m, self.data.train, self.data.spec, self._train_config(method, seed, steps),
+            config = replace(self._train_config(method, seed, steps), report_to=self.config.report_to,
+                             report_dir=str(self.out), run_name=run_dir.name, run_group=f"compare-{self.out.name}")
+            out = train(self.base, m, self.data.train, self.data.spec, config,
                         dev_examples=self.dev, out_dir=adapter_dir, resume=True, base_dev=self.base_dev)
             adapter, record = out.adapter, out.record
         test = evaluate(self.base, adapter, self.test, self.data.spec) if self.test else {}

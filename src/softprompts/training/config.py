@@ -13,6 +13,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.training.trackers import report_problems
 
 SCHEDULES = ("linear", "cosine", "constant")
+REPORTING = ("report_to", "report_dir", "run_name", "run_group")  # where a run is watched, not what it computes
 
 
 @dataclass(frozen=True)
@@ -129,4 +130,4 @@ class SelfStudyConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("top_k", "batch_size")}
 
 
-__all__ = ["SCHEDULES", "SelfStudyConfig", "TrainConfig", "lr_factor"]
+__all__ = ["REPORTING", "SCHEDULES", "SelfStudyConfig", "TrainConfig", "lr_factor"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from softprompts.files import atomic_file
-from softprompts.training.config import TrainConfig
+from softprompts.training.config import REPORTING, TrainConfig
 
 
 @dataclass
@@ -72,8 +72,8 @@ def resumable(config: dict) -> dict:
     """The configuration a resume must match: checkpoints from before an option existed hold its default, and
     gradient checkpointing and compilation (same gradients, only memory/time) and the trackers may be switched either
     way."""
-    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None, "report_to": None,
-            "report_dir": None, "run_name": None, "run_group": None}
+    return {**asdict(TrainConfig()), **config, "gradient_checkpointing": None, "compile": None,
+            **dict.fromkeys(REPORTING)}
 
 
 __all__ = ["TrainState", "atomic_save", "checkpoint_path", "resumable", "rng_state", "seed_everything", "set_rng_state"]

@@ -39,7 +39,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.methods import build_method, method_class
 from softprompts.metrics import PRIMARY_METRIC
 from softprompts.tasks import TaskSpec
-from softprompts.training.config import TrainConfig
+from softprompts.training.config import REPORTING, TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import NonFiniteError
 from softprompts.training.loop import EvalCallback, train
@@ -302,7 +302,8 @@ class _Objective:
         out = trial_dir(self.out_dir, trial.number)
         out.parent.mkdir(parents=True, exist_ok=True)
         run = Trial(number=trial.number, lr=lr, options=options, out_dir=out, on_eval=on_eval,
-                    config=replace(self.config, lr=lr, progress=False, checkpoint_every=0),
+                    config=replace(self.config, lr=lr, progress=False, checkpoint_every=0, report_dir=str(self.out_dir),
+                                   run_name=f"trial-{trial.number}", run_group=f"tune-{self.out_dir.name}"),
                     base_dev=self.study.user_attrs.get("base_dev"))
         with out.with_suffix(".log").open("w", buffering=1) as log_file, contextlib.redirect_stderr(log_file):
             try:
@@ -378,7 +379,8 @@ def setup_of(name: str, task: TuneTask, space: SearchSpace, train_config: TrainC
     """A study's ``setup``: what ``name``'s trials depend on besides the searched values (the task, the training
     options but the lr, the rows' counts, the fixed method options)."""
     return {"method": name, "space": space.to_json(), "task": task.spec.to_json(),
-            "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("lr", "progress")},
+            "train_config": {k: v for k, v in asdict(train_config).items()
+                             if k not in ("lr", "progress", *REPORTING)},
             "train_examples": len(task.train_examples), "dev_examples": len(task.dev_examples),
             "options": task.options}
 
