@@ -44,6 +44,7 @@ class FakeVllm:
     def __init__(self, base) -> None:
         self.base, self.seen = base, []
         self.fail_next = False  # answer the next adapter request as vLLM does when a KV load fails
+        self.fail_message = "Internal server error"  # vLLM's GenerationError (a KV load failure)
 
     def _tokens(self, body: dict, prompt_index: int) -> list[int]:
         base, stops = self.base, (set(body["stop_token_ids"]) if not body["ignore_eos"] else set())
@@ -86,7 +87,7 @@ class FakeVllm:
             return await JSONResponse({"object": "text_completion", "choices": []})(scope, receive, send)
         if self.fail_next:
             self.fail_next = False
-            error = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+            error = {"error": {"message": self.fail_message, "type": "InternalServerError", "param": None,
                                "code": 500}}
             if not body["stream"]:
                 return await JSONResponse(error, status_code=500)(scope, receive, send)
@@ -397,3 +398,47 @@ def test_the_cli_offers_exactly_the_fields_the_front_can_allow():
     action = next(a for a in parser._subparsers._group_actions[0].choices["serve"]._actions
                   if a.dest == "allow_client_field")
     assert tuple(action.choices) == ALLOWABLE_FIELDS
+
+
+def test_a_dead_engine_is_not_reported_as_a_kv_load_failure(fronted):
+    front, _, fake, _, _ = fronted
+    body = {"model": "deep", "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    front.post("/v1/completions", json=body)
+    path = _kv_path(fake)
+    fake.fail_next, fake.fail_message = True, "EngineCore encountered an issue. See stack trace (above)."
+    try:
+        failed = front.post("/v1/completions", json=body)
+    finally:
+        fake.fail_message = "Internal server error"
+    assert failed.status_code == 500 and "engine process stopped" in failed.json()["error"]["message"]
+    assert os.path.exists(path), "the KV file was fine: kept"
+
+
+def _supervised(script: str, stop: int | None = None) -> tuple[int, str]:
+    """``(exit status, stderr)`` of ``supervise`` running ``python -c script`` as the server, sent ``stop`` after
+    1.5 s."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys\nfrom softprompts.cli.serve_vllm import supervise\n"
+            f"sys.exit(supervise([sys.executable, '-c', {script!r}], dict(os.environ)))")
+    parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    if stop is not None:
+        time.sleep(1.5)
+        parent.send_signal(stop)
+    _, err = parent.communicate(timeout=60)
+    return parent.returncode, err
+
+
+def test_serve_exits_non_zero_when_vllm_stops_on_its_own():
+    """vLLM's API server exits 0 when its engine process is killed (measured under load): a supervisor must see a
+    failure. Asked to stop, serve passes the signal on and exits as the server did."""
+    import signal
+
+    code, err = _supervised("import sys; sys.exit(0)")  # vLLM ending by itself, status 0
+    assert code == 1 and "stopped on its own" in err
+    assert _supervised("import sys; sys.exit(3)")[0] == 3
+    graceful = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(30)"
+    assert _supervised(graceful, stop=signal.SIGTERM)[0] == 0  # asked to stop: the server's own status
+    assert _supervised("import time; time.sleep(30)", stop=signal.SIGINT)[0] == 0  # died of the signal passed on

@@ -1,10 +1,14 @@
-"""``softprompts serve --engine vllm``: replace this process with vLLM's OpenAI server and the adapters' front
-(``interop/vllm_launch.py`` builds the command, ``interop/vllm_front.py`` is the front)."""
+"""``softprompts serve --engine vllm``: vLLM's OpenAI server with the adapters' front, run and watched as a child
+(``interop/vllm_launch.py`` builds the command, ``interop/vllm_front.py`` is the front; ``supervise`` turns vLLM's
+exit into a status a process supervisor acts on)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
 
 from softprompts.errors import SoftpromptsError
 
@@ -42,8 +46,44 @@ def run_vllm(args: argparse.Namespace) -> int:
               "can reach this server", flush=True)
     print(f"starting vLLM's OpenAI server for {model} with the adapters in {args.adapters} on "
           f"http://{args.host}:{args.port}", flush=True)
-    os.execvpe(argv[0], argv, env)
-    return 0  # not reached
+    return supervise(argv, env)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def supervise(argv: list[str], env: dict[str, str]) -> int:
+    """Run vLLM's server as a child and exit as a supervisor needs: with the server's own status when this process was
+    asked to stop (the signal is passed on, once), and with 1 when the server ended on its own - vLLM's API server
+    exits with status 0 when its engine process dies (measured: SIGKILL of the engine under load, exit 0 within
+    0.8 s), which a supervisor restarting on failure would take for a clean stop. The child runs in its own session,
+    so a terminal's Ctrl-C reaches it once, through here."""
+    child = subprocess.Popen(argv, env=env, start_new_session=True)
+    asked: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        if signum not in asked:
+            asked.append(signum)
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself since Python 3.5
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if asked:
+        return code if code >= 0 else 0  # stopped on request: vLLM's status, 0 for a signal it died of
+    if code == 0:
+        print("error: vLLM's server stopped on its own (its engine process ended: see the log above); exiting 1 so "
+              "a supervisor restarts it", file=sys.stderr, flush=True)
+        return 1
+    return code if code > 0 else 128 - code  # a signal that killed it: the shell's convention (128 + signal)
 
 
 def _kv_cache_option(args: argparse.Namespace, model_path: str, dtype: str) -> list[str]:

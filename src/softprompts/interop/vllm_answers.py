@@ -69,14 +69,22 @@ def _envelope(answer: dict, request: VllmRequest, chunk: bool) -> dict:
     return out
 
 
+ENGINE_DEAD = "EngineCore encountered an issue"  # vLLM's message once its engine process has died
+KV_NOT_LOADED = 503  # the status of a KV-prefix request vLLM could not complete: its file is written again
+
+
 def failure(answer: object, request: VllmRequest) -> tuple[int, dict]:
     """``(status, body)``: vLLM's error answer to an adapter request, in OpenAI's shape, naming the adapter and what
-    to do. A KV-prefix request is a 503 (retry: the front writes the file again); any other a 500."""
+    to do. A dead engine is a 500 saying so; otherwise a KV-prefix request is a 503 (its KV file could not be loaded:
+    retry, the front writes the file again) and any other a 500."""
     error = answer.get("error") if isinstance(answer, dict) else None
     theirs = (error.get("message") if isinstance(error, dict) else None) or "no message"
-    if request.kv_path is not None:
-        status, what = 503, ("its KV prefix could not be loaded from the front's KV file (removed or damaged on "
-                             "disk); the front writes the file again for the next request: retry it")
+    if ENGINE_DEAD in theirs:  # not this request's fault: the server is going down (serve exits 1: restart it)
+        status, what = 500, "vLLM's engine process stopped and the server is shutting down; retry on a restarted server"
+    elif request.kv_path is not None:
+        status, what = KV_NOT_LOADED, ("its KV prefix could not be loaded from the front's KV file (removed or "
+                                       "damaged on disk); the front writes the file again for the next request: "
+                                       "retry it")
     else:
         status, what = 500, "see the vLLM server's log"
     message = f"vLLM could not complete this request for adapter {request.model!r} (vLLM: {theirs}); {what}"
@@ -93,13 +101,13 @@ def whole_answer(answer: dict, request: VllmRequest) -> dict:
 class EventStream:
     """Server-sent events from vLLM -> the client's events: ``feed(bytes)`` returns the complete events so far,
     rewritten (an event may arrive split across chunks); ``[DONE]`` passes unchanged, an error event becomes
-    ``failure``'s (and sets ``failed``)."""
+    ``failure``'s (and ``failed`` holds its status)."""
 
     def __init__(self, request: VllmRequest) -> None:
         self.request = request
         self._pending = b""
         self._started: set[int] = set()  # choice indices that have had their first delta
-        self.failed = False  # an error event came: vLLM could not complete the request
+        self.failed: int | None = None  # the status ``failure`` gave an error event, once one came
 
     def feed(self, chunk: bytes) -> bytes:
         self._pending += chunk
@@ -118,8 +126,8 @@ class EventStream:
         except ValueError:
             return raw
         if isinstance(answer, dict) and "error" in answer:
-            self.failed = True
-            return b"data: " + json.dumps(failure(answer, self.request)[1], separators=(",", ":")).encode()
+            self.failed, out = failure(answer, self.request)
+            return b"data: " + json.dumps(out, separators=(",", ":")).encode()
         if not isinstance(answer, dict) or "choices" not in answer:
             return raw
         out = _envelope(answer, self.request, chunk=True)
@@ -132,4 +140,4 @@ class EventStream:
         return b"data: " + json.dumps(out, separators=(",", ":")).encode()
 
 
-__all__ = ["EventStream", "chat_logprobs", "failure", "whole_answer"]
+__all__ = ["ENGINE_DEAD", "KV_NOT_LOADED", "EventStream", "chat_logprobs", "failure", "whole_answer"]

@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse
 
 from softprompts.errors import SoftpromptsError
 from softprompts.files import file_sha256
-from softprompts.interop.vllm_answers import EventStream, failure, whole_answer
+from softprompts.interop.vllm_answers import KV_NOT_LOADED, EventStream, failure, whole_answer
 from softprompts.interop.vllm_kv_files import save_kv
 from softprompts.interop.vllm_launch import FrontConfig
 from softprompts.interop.vllm_requests import ClientFieldError, KVFile, VllmRequest, check_client_fields, translate
@@ -144,8 +144,8 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 class _AnswerRewriter:
     """The ``send`` vLLM answers through: a 200 answer is rewritten for the client (whole, or event by event when
-    streamed); a 5xx answer (or an error event) becomes ``vllm_answers.failure``'s, and ``on_failure`` is called (the
-    front forgets the KV file vLLM could not load); any other answer passes unchanged."""
+    streamed); a 5xx answer (or an error event) becomes ``vllm_answers.failure``'s, and when that says the KV prefix
+    was not loaded ``on_failure`` is called (the front forgets the file); any other answer passes unchanged."""
 
     def __init__(self, send, request: VllmRequest, on_failure: Callable[[VllmRequest], None]) -> None:
         self.send, self.request, self.on_failure = send, request, on_failure
@@ -171,7 +171,7 @@ class _AnswerRewriter:
             if self.mode == "stream":
                 out = self.events.feed(message.get("body", b"")) + (b"" if more else self.events.close())
                 await self.send({"type": "http.response.body", "body": out, "more_body": more})
-                if not more and self.events.failed:
+                if not more and self.events.failed == KV_NOT_LOADED:
                     self.on_failure(self.request)
                 return
             self.buffer += message.get("body", b"")
@@ -189,7 +189,8 @@ class _AnswerRewriter:
                 answer = None
             status, out = failure(answer, self.request)
             log.error("adapter %r: vLLM answered %d: %s", self.request.model, self.start["status"], self.buffer[:500])
-            self.on_failure(self.request)
+            if status == KV_NOT_LOADED:
+                self.on_failure(self.request)
         else:
             out = whole_answer(json.loads(self.buffer), self.request)
         body = json.dumps(out).encode()
