@@ -125,15 +125,17 @@ def test_test_rows_beyond_the_context_refused_before_training(model, tmp_path, c
     assert "test data" in err and "exceed the model's context limit of 256" in err
 
 
-def test_method_without_peft_counterpart_refused_before_the_model_loads(model, tmp_path, capsys, monkeypatch,
-                                                                       no_training, no_model):
-    from softprompts.methods import PrefixTuning
-
+def test_a_method_without_peft_counterpart_runs_ours_only_and_the_report_says_so(tmp_path):
+    """Residual prompt tuning has no PEFT counterpart and is in compare's default set: ``--baseline peft`` without
+    ``--methods`` must not be refused (it was, before any training); PEFT runs for the others, ours for it."""
     pytest.importorskip("peft")
-    monkeypatch.setattr(PrefixTuning, "peft_type", None)
-    args = _args(model, tmp_path, "--baseline", "peft")
-    args[args.index("prompt")] = "prompt,prefix"
-    assert "--baseline peft: method 'prefix' has no PEFT counterpart" in _refused(args, capsys)
+    args = _args(save_tiny("llama", tmp_path / "model"), tmp_path, "--baseline", "peft", "--no-lora")
+    args[args.index("prompt")] = "prompt,residual"
+    assert main(args) == 0
+    out = Path(args[args.index("--out") + 1])
+    runs = {p.name for p in (out / "runs").iterdir()}
+    assert {"prompt-seed0", "residual-seed0", "peft-prompt-seed0"} <= runs and "peft-residual-seed0" not in runs
+    assert "`residual`: PEFT has no counterpart of this method (ours only)" in (out / "report.md").read_text()
 
 
 def test_every_problem_listed_at_once(model, tmp_path, capsys, no_training, no_model):

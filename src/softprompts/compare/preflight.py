@@ -6,7 +6,8 @@ its chat template):
 
 - the options (``CompareConfig.errors``), each method's name and options (its config validated as ``build_method``
   validates it), each run's training options (``TrainConfig.errors``, LoRA's with its own learning rate);
-- ``--baseline peft``: the package installed, a PEFT counterpart for every method (``peft_type``);
+- ``--baseline peft``: the package installed (a method without a PEFT counterpart, ``peft_type = None``, runs ours
+  only, and the report says so);
 - ``--tune N``: Optuna installed, dev rows to choose on (after the carve), every combination of each method's
   searched choices a valid config (``tuning.tune_problems``);
 - the training rows, and the few-shot baseline's rows (``fewshot_run.fewshot_problems``: something to score, dev rows
@@ -67,8 +68,6 @@ def _method_problems(config: CompareConfig, name: str, steps: int) -> list[str]:
     options = {"seed": 0} | ({} if config.virtual_tokens is None else {"num_virtual_tokens": config.virtual_tokens})
     found = [_refusal(lambda: cls.config_class.from_options(**options)),
              "; ".join(train_config(config, cls.name, 0, steps).errors()) or None]
-    if "peft" in config.baselines and cls.peft_type is None:
-        found.append(f"--baseline peft: method {cls.name!r} has no PEFT counterpart; leave it out of --methods")
     return [f"{cls.name}: {problem}" for problem in found if problem]
 
 

@@ -220,8 +220,8 @@ class Comparison:
         """``(impl, method, seed)`` of every run: ours, then PEFT's (+ LoRA), then the few-shot baseline."""
         seeds = range(self.config.seeds)
         jobs = [("softprompts", m, s) for m in self.methods for s in seeds]
-        if "peft" in self.config.baselines:
-            jobs += [("peft", m, s) for m in self.methods for s in seeds]
+        if "peft" in self.config.baselines:  # a method PEFT has no counterpart of runs ours only (the report says so)
+            jobs += [("peft", m, s) for m in self.methods if method_class(m).peft_type is not None for s in seeds]
             if self.config.lora:  # the weight-adapter ceiling, on the same data, budget and batches
                 jobs += [("peft", LORA, s) for s in seeds]
         if "fewshot" in self.config.baselines:
