@@ -262,7 +262,8 @@ def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
             text += ". **Detected:** " + "; ".join(entry["issues"])
         lines.append(text + ".")
     if lines or "peft:lora" in methods:  # PEFT ran: name our methods it has no counterpart of
-        lines += [f"- `{label}`: PEFT has no counterpart of this method (ours only)." for label, entry in methods.items()
+        lines += [f"- `{label}`: PEFT has no counterpart of this method (ours only)."
+                  for label, entry in methods.items()
                   if entry["impl"] == "softprompts" and f"peft:{entry['method']}" not in methods]
     return lines
 
