@@ -170,3 +170,12 @@ def test_python_api_refuses_before_the_model_loads(tmp_path, no_model):
     chat = TaskSpec.for_chat("classify", ["a", "b"])
     with pytest.raises(SoftpromptsError, match="needs the rows' messages"):
         run_compare(config, CompareData(chat, dev, dev, dev), tmp_path / "out")
+
+
+def test_baseline_lora_runs_the_ceiling_alone(tmp_path):
+    pytest.importorskip("peft")
+    args = _args(save_tiny("llama", tmp_path / "model"), tmp_path, "--baseline", "lora")
+    assert main(args) == 0
+    out = Path(args[args.index("--out") + 1])
+    assert {p.name for p in (out / "runs").iterdir()} == {"base", "prompt-seed0", "peft-lora-seed0"}
+    assert "How far from a weight adapter (PEFT LoRA)" in (out / "report.md").read_text()

@@ -30,9 +30,10 @@ def register(sub) -> None:
     add_chat_flags(p)
     p.add_argument("--labels", default=None, help="comma-separated label set")
     p.add_argument("--methods", default=None, help="comma-separated methods to compare (default: every method)")
-    p.add_argument("--baseline", default=None, type=_baselines, metavar="peft,fewshot",
+    p.add_argument("--baseline", default=None, type=_baselines, metavar="peft,lora,fewshot",
                    help="comma-separated: 'peft' also runs each method through HF PEFT, and PEFT LoRA (rank 8 on every "
-                   "linear layer, lr 3e-4) as the weight-adapter ceiling; 'fewshot' puts k demonstrations from the "
+                   "linear layer, lr 3e-4) as the weight-adapter ceiling; 'lora' runs only that ceiling (no PEFT "
+                   "counterparts); 'fewshot' puts k demonstrations from the "
                    "training data in the prompt (no training) and measures what they cost per request, in the "
                    "prompt and cached as a KV prefix")
     p.add_argument("--no-lora", action="store_true", help="with --baseline peft: skip the LoRA runs")
@@ -64,11 +65,11 @@ def register(sub) -> None:
 
 
 def _baselines(text: str) -> str:
-    """``--baseline``: one or more of peft, fewshot, comma-separated (normalized, no repeats)."""
+    """``--baseline``: one or more of peft, lora, fewshot, comma-separated (normalized, no repeats)."""
     names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
-    unknown = [b for b in names if b not in ("peft", "fewshot")]
+    unknown = [b for b in names if b not in ("peft", "lora", "fewshot")]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"takes peft and/or fewshot, comma-separated; got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes peft, lora and/or fewshot, comma-separated; got {text!r}")
     return ",".join(names)
 
 

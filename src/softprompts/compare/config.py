@@ -27,7 +27,7 @@ from softprompts.training.trackers import report_problems
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "compare.json"
-BASELINES = ("peft", "fewshot")  # what --baseline may name, comma-separated
+BASELINES = ("peft", "lora", "fewshot")  # what --baseline may name, comma-separated
 SHOT_CANDIDATES = (0, 1, 2, 4, 8)  # the k few-shot chooses among on dev (those that fit the context and the data)
 CARVE_FRACTION, CARVE_MAX, CARVE_MIN_TRAIN, CARVE_SEED = 0.1, 200, 10, "compare-dev"  # carve_dev (module docstring)
 
@@ -105,6 +105,17 @@ class CompareConfig:
     def baselines(self) -> tuple[str, ...]:
         """The baselines asked for: ``"peft,fewshot"`` -> ``("peft", "fewshot")``."""
         return tuple(b.strip() for b in (self.baseline or "").split(",") if b.strip())
+
+    @property
+    def runs_lora(self) -> bool:
+        """Whether PEFT LoRA (the weight-adapter ceiling) runs: ``--baseline lora``, or ``peft`` unless
+        ``--no-lora``."""
+        return "lora" in self.baselines or ("peft" in self.baselines and self.lora)
+
+    @property
+    def uses_peft(self) -> bool:
+        """Whether any run goes through PEFT (each method's counterpart, or LoRA)."""
+        return "peft" in self.baselines or self.runs_lora
 
 
 @dataclass

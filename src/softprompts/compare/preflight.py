@@ -77,10 +77,10 @@ def option_problems(config: CompareConfig) -> list[str]:
     steps = config.steps if config.steps is not None and config.steps >= 1 else 2  # --minutes: the timing's 2 steps
     for name in dict.fromkeys(config.methods):
         found += _method_problems(config, name, steps)
-    if "peft" in config.baselines:
+    if config.uses_peft:
         found.append(_refusal(import_peft))
-        if config.lora:
-            found += [f"lora: {p}" for p in train_config(config, LORA, 0, steps).errors()]
+    if config.runs_lora:
+        found += [f"lora: {p}" for p in train_config(config, LORA, 0, steps).errors()]
     return [p for p in dict.fromkeys(found) if p]
 
 
@@ -116,7 +116,7 @@ def _row_problems(base, config: CompareConfig, data: CompareData, dev: list, tes
 
 def model_problems(base, config: CompareConfig, data: CompareData, dev: list, test: list) -> list[str]:
     """Every problem found with the model loaded (module docstring); ``dev`` / ``test``: the rows the runs read."""
-    found = [_refusal(lambda: base.require("peft_baseline"))] if "peft" in config.baselines else []
+    found = [_refusal(lambda: base.require("peft_baseline"))] if config.uses_peft else []
     found += _row_problems(base, config, data, dev, test)
     if "fewshot" in config.baselines:
         found += FewShotRun(base, data, dev, test, config).preflight(config.seeds)

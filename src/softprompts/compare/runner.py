@@ -152,7 +152,7 @@ class Comparison:
     def _base_run(self) -> dict:
         path = self.out / "runs" / "base" / RESULT_FILE
         done = read_json_or_none(path)
-        peft = "peft" in self.config.baselines
+        peft = self.config.uses_peft
         if done is not None and (not peft or "latency_hf" in done):
             return done
         result = {"test": evaluate(self.base, None, self.test, self.data.spec) if self.test else {},
@@ -222,8 +222,8 @@ class Comparison:
         jobs = [("softprompts", m, s) for m in self.methods for s in seeds]
         if "peft" in self.config.baselines:  # a method PEFT has no counterpart of runs ours only (the report says so)
             jobs += [("peft", m, s) for m in self.methods if method_class(m).peft_type is not None for s in seeds]
-            if self.config.lora:  # the weight-adapter ceiling, on the same data, budget and batches
-                jobs += [("peft", LORA, s) for s in seeds]
+        if self.config.runs_lora:  # the weight-adapter ceiling, on the same data, budget and batches
+            jobs += [("peft", LORA, s) for s in seeds]
         if "fewshot" in self.config.baselines:
             jobs += [("fewshot", "fewshot", s) for s in seeds]
         return jobs
