@@ -155,6 +155,23 @@ def test_registry_validates_limits_memory_and_hot_loads(tmp_path):
     assert reg.load("new").artifact.length == 2
 
 
+def test_an_entry_a_request_holds_keeps_its_artifact_when_the_lru_drops_it(tmp_path):
+    """The LRU dropping an adapter between ``registry.get`` and the request's use of the entry (placement reads
+    ``entry.source``, the vLLM front saves its KV from it) leaves that entry whole: the registry's own entry is
+    unloaded, the request's is not (else it would run on the bare model, or fail on ``None``)."""
+    base = tiny_base("llama")
+    engine = Engine(base)
+    for name in ("a", "b"):
+        save(base, tmp_path / name, "prompt", n=4)
+    one = sum(t.numel() * 4 for t in engine.prepare(sp.load_adapter(tmp_path / "a", base).artifact).tensors().values())
+    reg = Registry(base, tmp_path, prepare=engine.prepare, max_bytes=int(one * 1.5), poll_s=0)
+    held = reg.get("a")
+    reg.get("b")  # loads b: a is dropped
+    assert {e.name: e.artifact is None for e in reg.entries()} == {"a": True, "b": False}
+    assert held.artifact is not None and held.source is not None
+    assert reg.get("a").artifact is not None  # and reloads on its next request
+
+
 def test_registry_serves_prompt_table_tasks(tmp_path):
     """A prompt-table directory serves each task as DIR.TASK, equal to the task's own artifact; editing the table
     hot-reloads its tasks and a removed task stops being served."""

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from softprompts.adapter import AdapterError
@@ -185,7 +185,8 @@ class Registry:
     def _evict(self, keep: str) -> None:
         while self.loaded_bytes() > self.max_bytes and len(self._lru) > 1:
             oldest = next(n for n in self._lru if n != keep)
-            self._entries[oldest].artifact = self._entries[oldest].source = None
+            # a copy without the tensors: a request that got the entry before keeps its artifact (module docstring)
+            self._entries[oldest] = replace(self._entries[oldest], artifact=None, source=None)
             del self._lru[oldest]
 
     def _drop(self, name: str) -> None:
