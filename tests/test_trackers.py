@@ -18,7 +18,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.methods import create_method
 from softprompts.tasks import TaskSpec
 from softprompts.training import TrainConfig, checkpoint_path, lr_factor, train
-from softprompts.training.trackers import RunPlace, Trackers, only_logs
+from softprompts.training.trackers import RunPlace, Trackers, keep_logs, only_logs
 
 SPEC = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["neg", "pos"], max_prompt_tokens=40)
 
@@ -151,6 +151,22 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_cleanly(llama, t
     assert only_logs(out) and not checkpoint_path(out).exists()
     record = run(llama, out, config(report_to="tensorboard")).record
     assert same_curve(tensorboard(out / "tensorboard", "train/loss"), losses(record))
+
+
+def test_logs_set_aside_for_a_save_that_fails_go_back(tmp_path):
+    """``keep_logs``: when the adapter's save raises, the run's logs are back in the output directory (not left in
+    a hidden ``.OUT.logs-*`` directory beside it), and the error is the save's."""
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events").write_text("curve")
+
+    def failing_save() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        keep_logs(out, failing_save)
+    assert (out / "tensorboard" / "events").read_text() == "curve"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 @pytest.mark.parametrize("name", ["wandb", "trackio", "tensorboard", "mlflow"])

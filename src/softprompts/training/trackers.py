@@ -316,7 +316,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def keep_logs(out_dir: Path, save) -> None:
     """``save()`` replaces ``out_dir`` atomically with the adapter; the trackers' logs in it are set aside, then put
-    back into the new version (a crash in between leaves them in ``.OUT.logs-*`` beside it)."""
+    back into the new version, or into the old one when ``save`` fails (a crash in between leaves them in
+    ``.OUT.logs-*`` beside it)."""
     entries = [out_dir / name for name in LOG_ENTRIES if (out_dir / name).exists()]
     if not entries:
         save()
@@ -324,10 +325,13 @@ def keep_logs(out_dir: Path, save) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.logs-", dir=out_dir.parent))
     for entry in entries:
         os.replace(entry, aside / entry.name)
-    save()
-    for entry in entries:
-        os.replace(aside / entry.name, entry)
-    aside.rmdir()
+    try:
+        save()
+    finally:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for entry in entries:
+            os.replace(aside / entry.name, entry)
+        aside.rmdir()
 
 
 def _markdown(items: dict) -> str:
