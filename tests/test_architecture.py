@@ -163,6 +163,17 @@ def test_no_command_imports_another_command():
     assert crossing == []
 
 
+def test_only_the_model_layer_imports_the_injection_point():
+    """How an artifact enters the model is ``model/``'s business: everything above asks the family
+    (``FrozenBase.token_logits``, ``hidden_at``, ``prefill``, ...) and takes ``VirtualContext`` from the artifacts. The
+    package face re-exports ``sp.forward`` for users."""
+    graph = import_graph()
+    outside = sorted(m for m, targets in graph.items()
+                     if "softprompts.model.inject" in targets and not m.startswith("softprompts.model")
+                     and m != "softprompts")
+    assert outside == []
+
+
 def test_the_command_line_parser_loads_without_torch():
     """``softprompts --help`` stays fast: building every command's parser imports no torch (the commands import
     their work when they run)."""

@@ -43,9 +43,8 @@ from softprompts.codec import (
     table_text,
 )
 from softprompts.files import atomic_directory, read_files
-from softprompts.model.artifacts import Artifact, artifact_from_tensors, non_finite
+from softprompts.model.artifacts import Artifact, VirtualContext, artifact_from_tensors, non_finite
 from softprompts.model.frozen import FrozenBase
-from softprompts.model.inject import VirtualContext
 from softprompts.model.probe import ModelShapes
 from softprompts.schema import TABLE_FORMAT
 

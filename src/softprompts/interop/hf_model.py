@@ -42,7 +42,6 @@ from softprompts.methods.base import PromptMethod
 from softprompts.model.decode import decode_batch
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
-from softprompts.model.inject import forward, hidden_at
 from softprompts.model.load import frozen_base, load_base
 from softprompts.model.padding import pad_rows
 from softprompts.task_spec import TaskSpec
@@ -140,7 +139,7 @@ class PromptModel(nn.Module):
                 labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         _refuse(kwargs, "forward")
-        logits = forward(self.base, self.method(), input_ids, attention_mask).logits  # [B, T, V]
+        logits = self.base.token_logits(self.method(), input_ids, attention_mask)  # [B, T, V]
         loss = None
         if labels is not None:
             target = labels[:, 1:].to(logits.device)
@@ -155,7 +154,7 @@ class PromptModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states ``[B, T, hidden]`` of the real positions, the method injected."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return hidden_at(self.base, self.method(), input_ids, attention_mask, positions)
+        return self.base.hidden_at(self.method(), input_ids, attention_mask, positions)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,

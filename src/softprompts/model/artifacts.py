@@ -119,3 +119,82 @@ def artifact_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Artifa
         keys = [tensors[f"layers.{i}.key"] for i in range(n)]
         return KVPrefix(keys, [tensors[f"layers.{i}.value"] for i in range(n)])
     raise ValueError(f"unknown artifact kind {kind!r}; expected 'soft_prompt' or 'kv_prefix'")
+
+
+@dataclass
+class VirtualContext:
+    """Per-row artifacts batched for one forward (the injection point reads it; a prompt table builds one per batch):
+    any of the two parts may be absent; shorter rows are padded and their slots masked."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer ([B, H_l, Pk, D_l], same for values)
+    kv_mask: torch.Tensor | None = None  # [B, Pk]
+    soft: torch.Tensor | None = None  # [B, Ps, hidden]
+    soft_mask: torch.Tensor | None = None  # [B, Ps]
+
+    @classmethod
+    def broadcast(cls, artifact: Artifact | None, batch_size: int) -> VirtualContext:
+        """The same artifact for every row (training, single-adapter evaluation). Keeps the autograd graph."""
+        return cls.from_rows([artifact] * batch_size)
+
+    @classmethod
+    def from_rows(cls, artifacts: list[Artifact | None]) -> VirtualContext:
+        """One artifact (or None) per row; shorter ones are padded and masked (left-aligned slots)."""
+        batch = len(artifacts)
+        prefixes = [a if isinstance(a, KVPrefix) else None for a in artifacts]
+        softs = [a if isinstance(a, SoftPrompt) else None for a in artifacts]
+        ctx = cls()
+        if any(p is not None and p.length for p in prefixes):
+            ref = next(p for p in prefixes if p is not None and p.length)
+            pk = max(p.length for p in prefixes if p is not None)
+            ctx.kv_mask = _slot_mask([p.length if p is not None else 0 for p in prefixes], pk, ref.keys[0].device)
+            ctx.kv = []
+            for layer in range(ref.num_layers):
+                keys = _pad_stack(
+                    [p.keys[layer] if p is not None else None for p in prefixes], ref.keys[layer], pk, batch
+                )
+                values = _pad_stack(
+                    [p.values[layer] if p is not None else None for p in prefixes], ref.values[layer], pk, batch
+                )
+                ctx.kv.append((keys, values))
+        if any(s is not None and s.length for s in softs):
+            ref = next(s for s in softs if s is not None and s.length)
+            ps = max(s.length for s in softs if s is not None)
+            ctx.soft_mask = _slot_mask([s.length if s is not None else 0 for s in softs], ps, ref.embeds.device)
+            rows = [s.embeds if s is not None else None for s in softs]
+            ctx.soft = _pad_stack(rows, ref.embeds, ps, batch, seq_dim=0)
+        return ctx
+
+    @property
+    def kv_length(self) -> int:
+        return 0 if self.kv_mask is None else int(self.kv_mask.shape[1])
+
+    @property
+    def soft_length(self) -> int:
+        return 0 if self.soft_mask is None else int(self.soft_mask.shape[1])
+
+
+def _slot_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+    slots = torch.arange(width, device=device)
+    return (slots[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # [B, width]
+
+
+def _pad_stack(
+    rows: list[torch.Tensor | None], ref: torch.Tensor, width: int, batch: int, seq_dim: int = 1
+) -> torch.Tensor:
+    """Stack per-row tensors (``[H, p, D]`` or ``[p, hidden]``) into ``[B, ..., width, ...]``, zero-padded."""
+    if all(r is ref for r in rows) and ref.shape[seq_dim] == width:
+        return ref.unsqueeze(0).expand(batch, *ref.shape)  # same artifact everywhere: no copy, graph kept
+    shape = list(ref.shape)
+    shape[seq_dim] = width
+    out = []
+    for r in rows:
+        if r is None:
+            out.append(ref.new_zeros(shape))
+            continue
+        pad = width - r.shape[seq_dim]
+        if pad:
+            pad_shape = list(r.shape)
+            pad_shape[seq_dim] = pad
+            r = torch.cat([r, r.new_zeros(pad_shape)], dim=seq_dim)
+        out.append(r)
+    return torch.stack(out)

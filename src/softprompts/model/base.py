@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from softprompts.model import decoder_score
-from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
+from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt, VirtualContext
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
-from softprompts.model.inject import Prefill, decode_step, forward
+from softprompts.model.inject import Prefill, decode_step, forward, hidden_at
 from softprompts.model.probe import cache_keyword, probe_plain_head, probe_shapes
 
 
@@ -90,6 +90,15 @@ class BaseModel(FrozenBase):
 
     def next_token_logits(self, ids: torch.Tensor, artifact: Artifact | None) -> torch.Tensor:
         return forward(self, artifact, ids).logits[0, -1]
+
+    def token_logits(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None,
+                     logits_positions: torch.Tensor | None = None) -> torch.Tensor:
+        return forward(self, rows, input_ids, attention_mask, logits_positions=logits_positions).logits
+
+    def hidden_at(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        return hidden_at(self, rows, input_ids, attention_mask, positions)
 
 
 __all__ = ["BaseModel", "freeze"]

@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import torch
 
-from softprompts.model.artifacts import Artifact
+from softprompts.model.artifacts import Artifact, VirtualContext
 from softprompts.model.chunked_prefill import ChunkedPrefill
 from softprompts.model.decode_loop import Row, RowBatch
 from softprompts.model.generation import GREEDY, GenerationRequest, GenerationResult, Sampling
-from softprompts.model.inject import Prefill, VirtualContext, decode_step, forward
+from softprompts.model.inject import Prefill, decode_step, forward
 from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
 from softprompts.model.padding import pad_rows
 from softprompts.model.probe import new_cache

@@ -45,7 +45,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.inject import VirtualContext
+from softprompts.model.artifacts import VirtualContext
 
 
 class EncoderDecoderError(SoftpromptsError):

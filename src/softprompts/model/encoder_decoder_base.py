@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompts.model import encoder_decoder_score
-from softprompts.model.artifacts import Artifact, KVPrefix
+from softprompts.model.artifacts import Artifact, KVPrefix, VirtualContext
 from softprompts.model.encoder_decoder import (
     DecoderState,
     EncoderDecoderError,
@@ -27,7 +27,6 @@ from softprompts.model.encoder_decoder import (
 from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
-from softprompts.model.inject import VirtualContext
 from softprompts.model.placement import PlacementError, place
 from softprompts.model.probe import ModelShapes, cache_keyword
 
@@ -66,6 +65,8 @@ class EncoderDecoderBase(FrozenBase):
         "vllm_engine": ("serve --engine vllm serves decoder-only models (adapters reach vLLM as prompt_embeds and KV "
                         "placeholders at the start of the prompt); {name} is an encoder-decoder model: serve it with "
                         "the default engine (softprompts serve)"),
+        "token_logits": ("{name} is an encoder-decoder model: it reads its input with its encoder and predicts only "
+                         "its decoder's tokens, so there are no logits of the input's own tokens"),
         "wrap": ("sp.wrap takes decoder-only models (its logits are aligned with input_ids); {name} is an "
                  "encoder-decoder model: train it with softprompts train / sp.train"),
     }

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompts.model.artifacts import VirtualContext
 from softprompts.model.decode_loop import Row, RowBatch
 from softprompts.model.encoder_decoder import DecoderState, EncoderState, decode, decode_more, encode, groups_by_length
-from softprompts.model.inject import VirtualContext
 from softprompts.model.padding import pad_rows
 
 

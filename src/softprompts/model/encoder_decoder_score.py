@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompts.model.artifacts import Artifact
+from softprompts.model.artifacts import Artifact, VirtualContext
 from softprompts.model.encoder_decoder import forward, groups_by_length
 from softprompts.model.generation import eos_ids
-from softprompts.model.inject import VirtualContext
 from softprompts.model.padding import pad_rows
 
 

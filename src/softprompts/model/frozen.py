@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.artifacts import Artifact, KVPrefix
+from softprompts.model.artifacts import Artifact, KVPrefix, VirtualContext
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
 from softprompts.model.placement import place
 from softprompts.model.probe import ModelShapes
@@ -215,6 +215,23 @@ class FrozenBase:
 
     def text_to_kv(self, ids: list[int] | torch.Tensor) -> KVPrefix:
         """The KV prefix a real text leaves (having the text in front, as a prefix)."""
+        raise NotImplementedError
+
+    def token_logits(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None,
+                     logits_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``input_ids [B, T]`` read as one causal sequence per row, with ``rows`` injected
+        (a ``VirtualContext``, or one artifact for every row): the logits of the real positions only, or of
+        ``logits_positions [K]`` of them (``[B, K, V]``). Prompt log-probabilities, a wrapped model's logits and a
+        teacher's targets read it; a family that reads its input otherwise declares ``token_logits`` unsupported."""
+        self.require("token_logits")
+        raise NotImplementedError
+
+    def hidden_at(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[B, K, hidden]`` at the real positions ``positions [K]`` (what the output head
+        projects), read as ``token_logits`` reads the input."""
+        self.require("token_logits")
         raise NotImplementedError
 
 

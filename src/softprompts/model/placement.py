@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
-from softprompts.model.inject import VirtualContext
+from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt, VirtualContext
 
 
 class PlacementError(SoftpromptsError):

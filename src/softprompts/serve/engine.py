@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompts.model.artifacts import Artifact
+from softprompts.model.artifacts import Artifact, VirtualContext
 from softprompts.model.generation import TokenLogprob, eos_ids, token_logprobs
-from softprompts.model.inject import VirtualContext, forward
 from softprompts.model.padding import pad_rows
 
 
@@ -99,7 +98,7 @@ class Engine:
     def _prompt_logprobs(self, chunk: list[PromptLogprobsRequest]) -> list[list[TokenLogprob | None]]:
         ids, mask = pad_rows([r.prompt_ids for r in chunk], self.base.pad_id, self.base.device)  # [b, T]
         with self.lock:
-            logits = forward(self.base, VirtualContext.from_rows([r.artifact for r in chunk]), ids, mask).logits
+            logits = self.base.token_logits(VirtualContext.from_rows([r.artifact for r in chunk]), ids, mask)
         width = ids.shape[1]
         out = []
         for row, req in enumerate(chunk):

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from softprompts.data.corpus import Chunk
-from softprompts.model.inject import VirtualContext, forward
+from softprompts.model.artifacts import VirtualContext
 from softprompts.model.padding import length_sorted_chunks, prompt_target_rows
 from softprompts.model.soft_targets import SoftTargets, top_k_targets
 from softprompts.tasks import Encoded, split_prompt
@@ -39,7 +39,7 @@ def teacher_targets(base, chunks: list[Chunk], conversations: list[Conversation]
         ids, mask, _, positions = prompt_target_rows([prompts[i] for i in rows], [answers[i] for i in rows],
                                                      base.pad_id, base.device)
         ctx = VirtualContext.from_rows([contexts.kv(conversations[i].chunk) for i in rows])
-        logits = forward(base, ctx, ids, mask, logits_positions=positions).logits  # [b, L, V]
+        logits = base.token_logits(ctx, ids, mask, logits_positions=positions)  # [b, L, V]
         for row, i in enumerate(rows):
             n = len(answers[i])
             targets = top_k_targets(logits[row, logits.shape[1] - n :], top_k)
