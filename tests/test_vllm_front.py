@@ -387,6 +387,44 @@ def test_the_kv_cache_is_sized_to_fit_the_machine():
         kv_cache_size(per_token, 512, available=gib, max_kv_mb=4096)
 
 
+def test_the_kv_cache_is_sized_for_max_model_len_as_vllm_reads_it():
+    """``--max-model-len`` takes vLLM's human-readable integers and ``auto``; the launcher sizes the KV cache for
+    the same length (it read only plain integers: ``4k`` was a traceback, ``-1`` a negative size)."""
+    from softprompts.interop.vllm_launch import max_model_len
+
+    assert max_model_len([], 2048) == 2048
+    assert max_model_len(["--max-model-len", "512"], 2048) == 512
+    assert max_model_len(["--max-model-len=4k"], 2048) == 4000 and max_model_len(["--max-model-len", "4K"], 9) == 4096
+    assert max_model_len(["--max-model-len", "1.5k"], 9) == 1500
+    assert max_model_len(["--max-model-len", "auto"], 2048) == max_model_len(["--max-model-len", "-1"], 2048) == 2048
+    for bad in ("lots", "0", "1.5K", "-5"):
+        with pytest.raises(SoftpromptsError, match="--max-model-len"):
+            max_model_len(["--max-model-len", bad], 2048)
+
+
+def test_the_launcher_sizes_the_kv_cache_for_a_readable_max_model_len(tmp_path, monkeypatch):
+    """``serve --engine vllm ... --max-model-len 4k`` on a CPU: room for 32 sequences of 4,000 tokens."""
+    import argparse
+    import sys
+    import types
+
+    from tiny import save_tiny
+    from transformers import AutoConfig
+
+    from softprompts.cli.serve_vllm import _kv_cache_option
+    from softprompts.interop.vllm_launch import SIZED_SEQUENCES, kv_bytes_per_token
+
+    cpu = types.SimpleNamespace(current_platform=types.SimpleNamespace(is_cpu=lambda: True))
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", cpu)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    path = save_tiny("llama", tmp_path / "model")
+    args = argparse.Namespace(extra_args=["--max-model-len", "4k"], max_kv_mb=None)
+    per_sequence = kv_bytes_per_token(AutoConfig.from_pretrained(path), "float32") * 4000
+    assert _kv_cache_option(args, str(path), "float32") == ["--kv-cache-memory-bytes",
+                                                             str(SIZED_SEQUENCES * per_sequence)]
+
+
 def test_the_cli_offers_exactly_the_fields_the_front_can_allow():
     import argparse
 

@@ -90,7 +90,13 @@ def _kv_cache_option(args: argparse.Namespace, model_path: str, dtype: str) -> l
     """``--kv-cache-memory-bytes N`` for vLLM: from ``--max-kv-mb``, or sized by ``vllm_launch.kv_cache_size`` on a
     CPU build when the user set none of vLLM's own KV options (there vLLM's default reserves 92% of the machine's RAM
     and refuses to start when that much is not free); nothing otherwise."""
-    from softprompts.interop.vllm_launch import KV_SIZE_OPTIONS, kv_bytes_per_token, kv_cache_size, option_values
+    from softprompts.interop.vllm_launch import (
+        KV_SIZE_OPTIONS,
+        kv_bytes_per_token,
+        kv_cache_size,
+        max_model_len,
+        option_values,
+    )
 
     theirs = [o for o in KV_SIZE_OPTIONS if option_values(args.extra_args, o)]
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -106,10 +112,8 @@ def _kv_cache_option(args: argparse.Namespace, model_path: str, dtype: str) -> l
     if args.max_kv_mb is None and not current_platform.is_cpu():
         return []  # on a GPU, vLLM's share of the GPU's memory is the usual default
     model_config = AutoConfig.from_pretrained(model_path)
-    lengths = option_values(args.extra_args, "--max-model-len")
-    max_len = int(lengths[-1]) if lengths else int(getattr(getattr(model_config, "text_config", None) or model_config,
-                                                           "max_position_embeddings", 2048))
-    size = kv_cache_size(kv_bytes_per_token(model_config, dtype), max_len, psutil.virtual_memory().available,
-                         args.max_kv_mb)
+    limit = int(getattr(getattr(model_config, "text_config", None) or model_config, "max_position_embeddings", 2048))
+    size = kv_cache_size(kv_bytes_per_token(model_config, dtype), max_model_len(args.extra_args, limit),
+                         psutil.virtual_memory().available, args.max_kv_mb)
     print(f"vLLM's KV cache: {size.reason}", flush=True)
     return ["--kv-cache-memory-bytes", str(size.bytes)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -110,6 +111,26 @@ class KVCacheSize:
 
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+# vLLM's human-readable integers (``vllm.utils.argparse_utils.human_readable_int``): 4k = 4,000, 4K = 4,096
+_READABLE_INT = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT]?)")
+_MULTIPLIERS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30,
+                "T": 2**40}
+
+
+def max_model_len(vllm_args: list[str], model_limit: int) -> int:
+    """The sequence length vLLM serves: the last ``--max-model-len`` in ``vllm_args`` read as vLLM reads it (an
+    integer, ``4k`` = 4,000, ``4K`` = 4,096; ``-1`` / ``auto``: the model's own), else ``model_limit`` (the model's
+    ``max_position_embeddings``); ``SoftpromptsError`` for a value vLLM would refuse."""
+    given = option_values(vllm_args, "--max-model-len")
+    if not given or given[-1].strip().lower() in ("-1", "auto"):
+        return model_limit
+    match = _READABLE_INT.fullmatch(given[-1].strip())
+    binary_fraction = match is not None and match.group(2).isupper() and "." in match.group(1)  # vLLM refuses 1.5K
+    length = int(float(match.group(1)) * _MULTIPLIERS[match.group(2)]) if match and not binary_fraction else 0
+    if length < 1:
+        raise SoftpromptsError(f"--max-model-len {given[-1]!r}: give a positive number of tokens (e.g. 4096, 4k or "
+                               "4K), or auto")
+    return length
 
 
 def kv_bytes_per_token(config, dtype: str) -> int:
@@ -171,5 +192,5 @@ def served_names(model: str) -> tuple[str, ...]:
 
 
 __all__ = ["BASE_NAME", "ENV", "FRONT", "KV_SIZE_OPTIONS", "FrontConfig", "KVCacheSize", "OWNED",
-           "check_vllm_installed", "kv_bytes_per_token", "kv_cache_size", "option_values", "served_names",
-           "vllm_command"]
+           "check_vllm_installed", "kv_bytes_per_token", "kv_cache_size", "max_model_len", "option_values",
+           "served_names", "vllm_command"]
