@@ -169,6 +169,32 @@ def test_logs_set_aside_for_a_save_that_fails_go_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_trackers_opened_before_one_that_fails_are_finished(monkeypatch, tmp_path):
+    """``--report-to tensorboard,wandb`` where W&B cannot start: TensorBoard's writer is closed and its run marked
+    failed, not left open (the loop never gets the trackers to finish them)."""
+    from softprompts.training import trackers
+
+    finished = []
+
+    class Opened:
+        run_id = "a"
+
+        def __init__(self, place) -> None: ...
+
+        def finish(self, final) -> None:
+            finished.append(final)
+
+    class Broken:
+        def __init__(self, place) -> None:
+            raise RuntimeError("cannot start")
+
+    monkeypatch.setitem(trackers.TRACKERS, "tensorboard", trackers.Backend("json", "-", Opened))
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", trackers.Backend("json", "-", Broken))
+    with pytest.raises(RuntimeError, match="cannot start"):
+        Trackers.open(TrainConfig(report_to="tensorboard,wandb"), RunPlace(tmp_path, "run"), None, None, True)
+    assert finished == [None]
+
+
 @pytest.mark.parametrize("name", ["wandb", "trackio", "tensorboard", "mlflow"])
 def test_a_missing_tracker_names_its_extra_before_training(name, monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec

@@ -275,11 +275,18 @@ class Trackers:
     def open(cls, config, place: RunPlace | None, resume_step: int | None, run_ids: dict | None,
              is_main: bool) -> Trackers:
         """The trackers of ``config.report_to`` on the main rank (every other rank: none), resumed when
-        ``resume_step`` is given."""
+        ``resume_step`` is given; when one fails to open, those opened before it are finished (marked failed)."""
         if place is None or not is_main:
             return cls()
         place = replace(place, resume_step=resume_step, run_ids=dict(run_ids or {}))
-        return cls({name: TRACKERS[name].make(place) for name in parse_report_to(config.report_to)})
+        opened = cls()
+        try:
+            for name in parse_report_to(config.report_to):
+                opened.trackers[name] = TRACKERS[name].make(place)
+        except BaseException:
+            opened.finish(None)
+            raise
+        return opened
 
     @property
     def run_ids(self) -> dict[str, str]:
