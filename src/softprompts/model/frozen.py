@@ -127,14 +127,12 @@ class FrozenBase:
         not from its ``add_bos_token`` attribute: transformers 5 drops that attribute when it reloads a saved
         tokenizer (the ``tokenizer.json`` post-processor keeps the behaviour). Texts are tokenized without special
         tokens everywhere (``tokenize``); ``placement.sequence_start`` puts this BOS back, once, in front of each
-        rendered prompt."""
+        rendered prompt. Read once per tokenizer (every prompt asks: ``tasks.split_prompt``)."""
         tokenizer = self.tokenizer
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if tokenizer is None or bos is None:
-            return ()
-        added = tokenizer("a", add_special_tokens=True)["input_ids"]
-        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        return (int(bos),) if added[:1] == [bos] and plain[:1] != [bos] else ()
+        cached = self.__dict__.get("_bos_lead")
+        if cached is None or cached[0] is not tokenizer:
+            cached = self.__dict__["_bos_lead"] = (tokenizer, _bos_lead(tokenizer))
+        return cached[1]
 
     @property
     def quantization(self) -> str | None:
@@ -233,6 +231,16 @@ class FrozenBase:
         projects), read as ``token_logits`` reads the input."""
         self.require("token_logits")
         raise NotImplementedError
+
+
+def _bos_lead(tokenizer) -> tuple[int, ...]:
+    """``FrozenBase.bos_lead`` of ``tokenizer``: ``(bos,)`` when encoding a text puts BOS in front, else ``()``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return ()
+    added = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return (int(bos),) if added[:1] == [bos] and plain[:1] != [bos] else ()
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
