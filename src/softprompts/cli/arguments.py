@@ -28,9 +28,6 @@ def add_quantize_flag(p) -> None:
                         "(default: full precision)")
 
 
-__all__ = ["add_quantize_flag", "finite"]
-
-
 def add_report_flag(p) -> None:
     """``--report-to``: the trackers that watch training (``training/trackers.py``), checked before training."""
     from softprompts.training.trackers import TRACKERS
@@ -40,3 +37,6 @@ def add_report_flag(p) -> None:
                         "norm, tokens/s, dev metrics, the configuration and the final metrics; offline stores under "
                         "the output directory (OUT/tensorboard, OUT/mlflow.db); each needs its extra, e.g. "
                         "pip install 'softprompts[tensorboard]'")
+
+
+__all__ = ["add_quantize_flag", "add_report_flag", "finite"]
