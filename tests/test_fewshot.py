@@ -220,8 +220,8 @@ def test_bad_fewshot_flags_are_refused(tmp_path, capsys):
     assert main(args[: args.index("--baseline")] + ["--shots", "2"]) == 2
     assert "add --baseline fewshot" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(args[:-1] + ["fewshot,lora"])
-    assert "takes peft and/or fewshot" in capsys.readouterr().err
+        main(args[:-1] + ["fewshot,nope"])
+    assert "takes peft, lora and/or fewshot" in capsys.readouterr().err
     assert main(args + ["--shots", "-1"]) == 2
 
 

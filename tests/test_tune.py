@@ -165,7 +165,7 @@ def test_no_dev_rows_or_a_choice_the_method_refuses_is_one_error(env, tmp_path, 
 
 def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
     from softprompts.adapter_io import load_adapter
-    from softprompts.cli.task_inputs import load_task
+    from softprompts.workflow import TaskFlags, load_task
     from softprompts.model.load import load_base
     from softprompts.training import Distributed, TrainConfig
     from softprompts.training.dev_score import dev_score
@@ -180,8 +180,8 @@ def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
     base = load_base(str(env["model"]))
     adapter = load_adapter(out / "best", base)
     assert adapter.method == "prefix" and adapter.artifact.length == best["params"]["num_virtual_tokens"]
-    spec, _, (dev,) = load_task("classify", env["data"], [env["data"]], lambda: base.tokenizer,
-                                template="Review: {text}\nSentiment:", target=" {label}")
+    flags = TaskFlags("classify", template="Review: {text}\nSentiment:", target=" {label}")
+    spec, _, (dev,) = load_task(flags, env["data"], [env["data"]], lambda: base.tokenizer)
     assert dev_score(base, adapter.artifact, dev, spec, TrainConfig(), Distributed())["accuracy"] == best["value"]
     for name in ("tune.md", "trials.png"):
         assert (out / name).stat().st_size > 0

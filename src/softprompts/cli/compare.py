@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
-from softprompts.cli.task_inputs import add_chat_flags, load_task
+from softprompts.cli.task_inputs import add_chat_flags
 from softprompts.errors import SoftpromptsError
 
 
@@ -115,6 +115,7 @@ def run(args) -> int:
     from softprompts.files import check_output
     from softprompts.methods import METHODS
     from softprompts.model.load import DEFAULT_MODEL, load_base
+    from softprompts.workflow import TaskFlags, load_task
 
     check_output(args.out, overwrite=True)  # an existing compare is resumed; a path under a file fails now
     inputs = _resolve_inputs(args)
@@ -137,10 +138,10 @@ def run(args) -> int:
         loaded.append(load_base(model, device="auto", quantize=args.quantize))
         return loaded[0].tokenizer
 
-    spec, train, (dev, test) = load_task(
-        inputs["task"], inputs["train"], [inputs["dev"], inputs["test"]], tokenizer, template=inputs["prompt"],
-        target=inputs["target"], labels=inputs["labels"], placement=args.placement, system=args.system,
-        max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens, optional_devs=True)
+    flags = TaskFlags(inputs["task"], inputs["prompt"], inputs["target"], inputs["labels"], args.placement, args.system,
+                      args.max_prompt_tokens, args.max_target_tokens)
+    spec, train, (dev, test) = load_task(flags, inputs["train"], [inputs["dev"], inputs["test"]], tokenizer,
+                                         optional_devs=True)
     train = train[: args.train_limit] if args.train_limit else train
     fewshot = "fewshot" in (args.baseline or "").split(",")
     rows = _task_rows(spec, inputs, args.train_limit) if fewshot else None

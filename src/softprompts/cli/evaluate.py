@@ -95,14 +95,14 @@ def task_of(args, base: Callable[[], object], previous: TaskSpec | None, hint: s
     flag given in its place (``task_inputs.load_task``, the rule ``train`` follows). The recorded labels stay unless
     ``--template`` / ``--target`` give another task (then: the labels found in the data, or ``--labels``). A
     template's rows are checked before ``base()`` loads the model; chat rows need its tokenizer."""
-    from softprompts.cli.task_inputs import load_task, task_labels
+    from softprompts.cli.task_inputs import task_labels
+    from softprompts.workflow import TaskFlags, load_task
 
     task = args.task or (previous.task if previous is not None else None) or "classify"
     same_task = args.template is None and args.target is None
-    spec, examples, _ = load_task(
-        task, args.data[0], [], lambda: base().tokenizer, template=args.template, target=args.target,
-        labels=task_labels(args.labels, task, previous if same_task else None), placement=args.placement,
-        system=args.system, previous=previous, hint=hint)
+    flags = TaskFlags(task, args.template, args.target, task_labels(args.labels, task, previous if same_task else None),
+                      args.placement, args.system)
+    spec, examples, _ = load_task(flags, args.data[0], [], lambda: base().tokenizer, previous=previous, hint=hint)
     return spec, examples
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
 from softprompts.cli.cartridge import add_corpus_flags, run_cartridge
-from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
+from softprompts.cli.task_inputs import add_chat_flags, task_labels
 from softprompts.errors import SoftpromptsError
 
 
@@ -79,6 +79,7 @@ def run(args) -> int:
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
     from softprompts.training.trackers import only_logs
+    from softprompts.workflow import TaskFlags, load_task
 
     if bool(args.data) == bool(args.corpus):
         raise SoftpromptsError("give the training data with --data FILE, or a corpus for a cartridge with --corpus "
@@ -120,7 +121,7 @@ def run(args) -> int:
         base = base_model()
         dev = None
         if args.eval_data:
-            dev_spec, dev, _ = load_task("generate", args.eval_data, [], lambda: base.tokenizer)
+            dev_spec, dev, _ = load_task(TaskFlags("generate"), args.eval_data, [], lambda: base.tokenizer)
             if dev_spec.chat is None:
                 raise SoftpromptsError("--eval-data for a cartridge holds chat rows ('messages': a question about "
                                        "the corpus, then its answer)")
@@ -128,10 +129,10 @@ def run(args) -> int:
         dist.close()
         return code
     # a template's data is checked before the model loads; chat rows need its tokenizer (its chat template)
-    spec, examples, devs = load_task(
-        args.task, args.data, [args.eval_data] if args.eval_data else [], lambda: base_model().tokenizer,
-        template=args.template, target=args.target, labels=labels, placement=args.placement, system=args.system,
-        max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens, previous=task)
+    flags = TaskFlags(args.task, args.template, args.target, labels, args.placement, args.system,
+                      args.max_prompt_tokens, args.max_target_tokens)
+    spec, examples, devs = load_task(flags, args.data, [args.eval_data] if args.eval_data else [],
+                                     lambda: base_model().tokenizer, previous=task)
     dev = devs[0] if devs else None
     base = base_model()
     init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None

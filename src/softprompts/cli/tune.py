@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
-from softprompts.cli.task_inputs import add_chat_flags, load_task, task_labels
+from softprompts.cli.task_inputs import add_chat_flags, task_labels
 from softprompts.errors import SoftpromptsError
 
 
@@ -72,6 +72,7 @@ def run(args) -> int:
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.training import TrainConfig
     from softprompts.training.tune import SearchSpace, TuneConfig, TuneTask, check_task, tune
+    from softprompts.workflow import TaskFlags, load_task
 
     try:
         import optuna  # noqa: F401
@@ -94,10 +95,9 @@ def run(args) -> int:
             loaded.append(load_base(args.model or DEFAULT_MODEL, device=args.device, quantize=args.quantize))
         return loaded[0]
 
-    spec, examples, (dev,) = load_task(
-        args.task, args.data, [args.eval_data], lambda: base_model().tokenizer, template=args.template,
-        target=args.target, labels=task_labels(args.labels, args.task), placement=args.placement,
-        system=args.system, max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens)
+    flags = TaskFlags(args.task, args.template, args.target, task_labels(args.labels, args.task), args.placement,
+                      args.system, args.max_prompt_tokens, args.max_target_tokens)
+    spec, examples, (dev,) = load_task(flags, args.data, [args.eval_data], lambda: base_model().tokenizer)
     space = SearchSpace.for_method(cls.name, config)
     task = TuneTask(None, cls.name, spec, examples, dev[: args.eval_limit] if args.eval_limit else dev,
                     options={"init": args.init} if args.init else {})
