@@ -235,3 +235,29 @@ def test_lora_run_leaves_the_base_model_as_it_was():
     assert [type(m).__name__ for m in base.model.modules()] == modules
     assert not any(p.requires_grad for p in base.model.parameters()) and not base.model.training
     torch.testing.assert_close(base.model(input_ids=ids).logits, before)
+
+
+def test_a_lora_run_that_fails_leaves_the_base_model_as_it_was():
+    """A LoRA run stopped by an error (here its ``on_eval``, as a tuning trial's) takes its layers out of the base
+    before the error reaches the compare, which reports a failed PEFT run and goes on with the next run."""
+    from tiny import tiny_base
+
+    from softprompts.compare.peft_baseline import LORA, PeftSpec, run_peft
+    from softprompts.data.datasets import build_examples
+    from softprompts.tasks import TaskSpec
+    from softprompts.training import TrainConfig
+
+    base = tiny_base("llama")
+    spec = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["negative", "positive"])
+    rows = [{"text": f"text {i}", "label": ["negative", "positive"][i % 2]} for i in range(8)]
+    examples, _ = build_examples(rows, spec.template, "classify", spec.labels)
+    modules = [type(m).__name__ for m in base.model.modules()]
+
+    def broken(step: int, metric: float) -> bool:
+        raise RuntimeError("evaluation failed")
+
+    config = TrainConfig(steps=3, lr=1e-2, batch_size=4, eval_every=1, progress=False)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], [], "accuracy", on_eval=broken)
+    assert [type(m).__name__ for m in base.model.modules()] == modules
+    assert not any(p.requires_grad for p in base.model.parameters())

@@ -24,10 +24,11 @@ the bare model's, the run is flagged ``generate ignores the adapter`` (PEFT 0.21
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,71 +148,72 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
         config = peft_config(peft, spec, tokenizer_path)
         model = peft.get_peft_model(base.model, config)
     result = PeftResult(model=model)
-    result.trainable_params = int(model.get_nb_trainable_parameters()[0])
-    cfg = spec.config
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    encoded = encode(base, train_examples, task)[0]
-    lengths = [e.length for e in encoded]
-    per_epoch = len(epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, 0))
-    dev = list(dev_examples)[: cfg.eval_limit] if dev_examples else []
-    best_state: dict = {}
+    with _released_on_error(result, base):  # a run that fails mid-way leaves no LoRA layer in the base
+        result.trainable_params = int(model.get_nb_trainable_parameters()[0])
+        cfg = spec.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        encoded = encode(base, train_examples, task)[0]
+        lengths = [e.length for e in encoded]
+        per_epoch = len(epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, 0))
+        dev = list(dev_examples)[: cfg.eval_limit] if dev_examples else []
+        best_state: dict = {}
 
-    def dev_eval(point: dict) -> None:
+        def dev_eval(point: dict) -> None:
+            model.eval()
+            scores = evaluate(model, dev) if dev else {}
+            point[f"dev_{primary}"] = scores.get(primary)
+            if scores and (not result.best_dev or scores[primary] > result.best_dev[primary]):
+                result.best_dev, result.best_step = dict(scores), point["step"]
+                best_state.clear()
+                best_state.update(_state(model))
+
+        start_point = {"step": 0, "loss": None, "seconds": 0.0}
+        result.curve.append(start_point)
+        dev_eval(start_point)
+        train_seconds, tokens = 0.0, 0
+        for step in range(1, cfg.steps + 1):
+            model.train()
+            started = time.perf_counter()
+            epoch, index = divmod(step - 1, per_epoch)
+            rows = [encoded[i] for i in epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, epoch)[index]]
+            batch = train_batch(base, [peft_pair(r) for r in rows], base.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = model(**batch).loss  # token mean over the batch's target tokens, as ours
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - started
+            tokens += int(batch["attention_mask"].sum())
+            result.steps_done = step
+            point = {"step": step, "loss": round(loss.item(), 6), "seconds": round(train_seconds, 3)}
+            result.curve.append(point)
+            if progress is not None:
+                progress.update(1)
+            if dev and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                dev_eval(point)
+                if on_eval is not None and on_eval(step, point[f"dev_{primary}"]) and step < cfg.steps:
+                    result.stopped_early = True
+                    break
+        result.train_seconds = train_seconds
+        result.tokens_per_second = tokens / train_seconds if train_seconds > 0 else 0.0
+        if not all(math.isfinite(p["loss"]) for p in result.curve[1:]):
+            result.issues.append("training diverged: the loss is not finite")
+        if best_state:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in best_state:
+                        p.copy_(best_state[name])
         model.eval()
-        scores = evaluate(model, dev) if dev else {}
-        point[f"dev_{primary}"] = scores.get(primary)
-        if scores and (not result.best_dev or scores[primary] > result.best_dev[primary]):
-            result.best_dev, result.best_step = dict(scores), point["step"]
-            best_state.clear()
-            best_state.update(_state(model))
-
-    start_point = {"step": 0, "loss": None, "seconds": 0.0}
-    result.curve.append(start_point)
-    dev_eval(start_point)
-    train_seconds, tokens = 0.0, 0
-    for step in range(1, cfg.steps + 1):
-        model.train()
-        started = time.perf_counter()
-        epoch, index = divmod(step - 1, per_epoch)
-        rows = [encoded[i] for i in epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, epoch)[index]]
-        batch = train_batch(base, [peft_pair(r) for r in rows], base.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = model(**batch).loss  # token mean over the batch's target tokens, as ours
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - started
-        tokens += int(batch["attention_mask"].sum())
-        result.steps_done = step
-        point = {"step": step, "loss": round(loss.item(), 6), "seconds": round(train_seconds, 3)}
-        result.curve.append(point)
-        if progress is not None:
-            progress.update(1)
-        if dev and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            dev_eval(point)
-            if on_eval is not None and on_eval(step, point[f"dev_{primary}"]) and step < cfg.steps:
-                result.stopped_early = True
-                break
-    result.train_seconds = train_seconds
-    result.tokens_per_second = tokens / train_seconds if train_seconds > 0 else 0.0
-    if not all(math.isfinite(p["loss"]) for p in result.curve[1:]):
-        result.issues.append("training diverged: the loss is not finite")
-    if best_state:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in best_state:
-                    p.copy_(best_state[name])
-    model.eval()
-    result.test = evaluate(model, test_examples) if test_examples else {}
-    result.issues += detect_issues(model, base, [e.prompt for e in (dev or train_examples)])
-    if out_dir is not None:
-        result.saved_params, result.saved_bytes = _save(model, Path(out_dir))
+        result.test = evaluate(model, test_examples) if test_examples else {}
+        result.issues += detect_issues(model, base, [e.prompt for e in (dev or train_examples)])
+        if out_dir is not None:
+            result.saved_params, result.saved_bytes = _save(model, Path(out_dir))
     return result
 
 
@@ -229,6 +231,17 @@ def _is_lora(model) -> bool:
     config = model.peft_config.get(model.active_adapter)
     kind = getattr(config, "peft_type", None)
     return getattr(kind, "value", kind) == "LORA"
+
+
+@contextlib.contextmanager
+def _released_on_error(result: PeftResult, base: BaseModel) -> Iterator[None]:
+    """``release`` the PEFT wrapper when the block raises (then re-raise): a LoRA run that fails must not leave its
+    layers in the base model that the runs after it use."""
+    try:
+        yield
+    except BaseException:
+        release(result, base)
+        raise
 
 
 def release(result: PeftResult, base: BaseModel | None = None) -> None:

@@ -59,10 +59,12 @@ class PeftRun:
         finally:
             bar.close()
         peak = peak_memory_bytes(self.base.device)
-        with bare_model(res.model):
-            bare = self._latency(self.base.model)
-        latency = self._latency(res.model)
-        release(res, self.base)
+        try:
+            with bare_model(res.model):
+                bare = self._latency(self.base.model)
+            latency = self._latency(res.model)
+        finally:  # the base as it was for the runs after this one, whatever happened here
+            release(res, self.base)
         return {
             "impl": "peft", "method": method, "seed": seed, "lr": train_config.lr, "artifact": None,
             "lora_rank": peft_spec.lora_rank if method == LORA else None, "steps": res.steps_done,
