@@ -165,6 +165,7 @@ def test_truncated_and_corrupted_safetensors(env, tmp_path, capsys):
     bad(env, capsys, ["generate", "--adapter", str(broken), "hi"], "truncated or corrupted")
 
 
+@pytest.mark.slow  # a subprocess; test_the_console_script_is_the_cli_main checks the same wiring in-process
 def test_installed_entry_point(env, tmp_path):
     """The `softprompts` console script (one subprocess: starting Python + torch is the slow part)."""
     exe = Path(sys.executable).with_name("softprompts")
@@ -172,6 +173,15 @@ def test_installed_entry_point(env, tmp_path):
     done = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "adapter.json is missing" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_console_script_is_the_cli_main():
+    """In-process twin of ``test_installed_entry_point`` (test-fast): the installed ``softprompts`` script names
+    ``softprompts.cli:main``, the function every other test of this file calls."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "softprompts"]
+    assert script.value == "softprompts.cli:main" and script.load() is main
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(env, tmp_path, capsys):

@@ -139,6 +139,7 @@ def two_processes(work) -> tuple[Path, subprocess.CompletedProcess]:
     return out, proc
 
 
+@pytest.mark.slow  # torchrun: 2 processes (the shard and gather tests below stay in test-fast)
 def test_two_processes_match_one_process(one_process, two_processes):
     """Same global batch and seed: 2 ranks (DDP over the adapter) end at the 1-process adapter within TOL."""
     out2, proc = two_processes

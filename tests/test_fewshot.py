@@ -179,6 +179,7 @@ def _args(model: Path, paths: dict, out: Path, *extra: str) -> list[str]:
             "--latency-tokens", "2", "--no-progress", "--out", str(out), "--baseline", "fewshot", *extra]
 
 
+@pytest.mark.slow  # a whole compare; test_compare.py's compare with --baseline fewshot stays in test-fast
 def test_compare_with_fewshot_end_to_end(tmp_path, capsys):
     model, paths = save_tiny("llama", tmp_path / "model"), _short_data(tmp_path)
     out = tmp_path / "out"

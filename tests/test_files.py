@@ -1,5 +1,5 @@
-"""files.py: a reader polling an adapter or a table while another process replaces it in a loop always finds a whole
-version (never nothing, never the json of one save with the weights of another); killed writers' temporaries are
+"""files.py: a reader polling an adapter or a table while another process (or thread) replaces it in a loop finds a
+whole version (never nothing, never the json of one save with the weights of another); killed writers' temporaries are
 cleaned by the next write of the same target."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,21 +20,25 @@ import softprompts as sp
 from softprompts.files import atomic_directory, read_files, remove_stale
 from softprompts.table import PromptTable
 
-WRITER = textwrap.dedent("""
-    import sys
-    import softprompts as sp
-    from softprompts.table import PromptTable
-    kind, target, a, b, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+ROUNDS = 150
+
+
+def write_versions(kind: str, target: str, a: str, b: str, ready: Callable[[], object]) -> None:
+    """The writer: replace ``target`` (an adapter, or a table's one task) ``ROUNDS`` times, alternating the adapters
+    saved at ``a`` and ``b``; ``ready()`` once both are loaded. Run in another process (``WRITER``) or a thread."""
     versions = [sp.load_adapter(a), sp.load_adapter(b)]
-    print("ready", flush=True)
-    for i in range(rounds):
+    ready()
+    for i in range(ROUNDS):
         if kind == "adapter":
             sp.save_adapter(versions[i % 2], target, overwrite=True)
         else:
             table = PromptTable(target)
             table.add("task", versions[i % 2])
             table.save()
-""")
+
+
+WRITER = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_files import write_versions; "
+          "write_versions(*sys.argv[1:5], ready=lambda: print('ready', flush=True))")
 
 
 def version(base, value: float, directory: Path) -> Path:
@@ -43,6 +49,19 @@ def version(base, value: float, directory: Path) -> Path:
     return sp.save_adapter(adapter, directory)
 
 
+def read_while_written(kind: str, target: Path, writing: Future) -> tuple[int, list[str], set[float]]:
+    """Read ``target`` until the writer is done (at least once): reads, failures, the versions seen."""
+    seen, reads, failures = set(), 0, []
+    while not writing.done() or reads == 0:
+        try:
+            adapter = sp.load_adapter(target) if kind == "adapter" else PromptTable.load(target).adapter("task")
+            seen.add(consistent(adapter))
+        except (sp.SoftpromptsError, OSError) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+        reads += 1
+    return reads, failures, seen
+
+
 def consistent(adapter) -> float:
     value = float(adapter.task.prompt[1:])
     assert torch.all(adapter.artifact.embeds == value), "json of one save with the weights of another"
@@ -51,7 +70,10 @@ def consistent(adapter) -> float:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the atomic directory exchange is Linux-only")
 @pytest.mark.parametrize("kind", ["adapter", "table"])
-def test_reader_always_sees_one_whole_version(tmp_path, kind):
+@pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])  # process: seconds
+def test_reader_always_sees_one_whole_version(tmp_path, kind, writer):
+    """The reader polls while the writer (another process, or a thread of this one: the same files, the same
+    exchange, test-fast) replaces the target ``ROUNDS`` times."""
     base = tiny_base("llama")
     a, b = version(base, 1.0, tmp_path / "a"), version(base, 2.0, tmp_path / "b")
     target = tmp_path / "target"
@@ -61,18 +83,18 @@ def test_reader_always_sees_one_whole_version(tmp_path, kind):
         table = PromptTable(target)
         table.add("task", sp.load_adapter(a))
         table.save()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target), str(a), str(b), "150"],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert writer.stdout.readline().strip() == "ready"
-    seen, reads, failures = set(), 0, []
-    while writer.poll() is None or reads == 0:
-        try:
-            adapter = sp.load_adapter(target) if kind == "adapter" else PromptTable.load(target).adapter("task")
-            seen.add(consistent(adapter))
-        except (sp.SoftpromptsError, OSError) as exc:
-            failures.append(f"{type(exc).__name__}: {exc}")
-        reads += 1
-    assert writer.returncode == 0
+    with ThreadPoolExecutor(1) as pool:
+        if writer == "process":
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target), str(a), str(b)],
+                                    stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert proc.stdout.readline().strip() == "ready"
+            done = pool.submit(lambda: proc.wait() == 0 or pytest.fail("the writer failed"))
+        else:
+            ready = threading.Event()
+            done = pool.submit(write_versions, kind, str(target), str(a), str(b), ready.set)
+            assert ready.wait(60)
+        reads, failures, seen = read_while_written(kind, target, done)
+        done.result()  # the writer's own error, if any
     assert failures == [], f"{len(failures)} of {reads} reads failed, first: {failures[0]}"
     assert seen == {1.0, 2.0} and reads > 20  # both versions were read while the writer swapped them
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "target"]  # no temporaries left

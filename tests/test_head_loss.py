@@ -202,6 +202,7 @@ def test_soft_capped_logits_keep_the_hf_head():
     assert not torch.allclose(uncapped, hf, rtol=1e-3)
 
 
+@pytest.mark.slow  # the benchmark as a subprocess
 def test_head_loss_benchmark_runs(tmp_path):
     """``benchmarks/head_loss.py`` (the GPU anchor's head-only check) runs and reports both systems side by side."""
     import json

@@ -20,6 +20,7 @@ from softprompts.model.load import load_base
 from softprompts.serve.http import build_state
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow  # the lm_eval command on a live server (test_clients.py: its tokenizer probe, fast)
 BUNDLED = Path(__file__).parents[1] / "src/softprompts/data/bundled/uci_sentiment"
 PROMPT, TARGET = "Review: {text}\nSentiment:", " {label}"
 CLASSIFY_TASK = """task: sp_sentiment

@@ -31,6 +31,7 @@ from softprompts.serve.http import build_state, create_app  # noqa: E402
 from softprompts.table import PromptTable  # noqa: E402
 
 EXAMPLES = 150  # per operation
+BRIEF = 5  # per operation, in test-fast
 TASK = {"task": "classify", "prompt": "Review: {text}\nSentiment:", "target": " {label}", "labels": ["neg", "pos"]}
 STATUSES: Counter = Counter()
 
@@ -67,6 +68,7 @@ WORKDIR = tempfile.TemporaryDirectory(prefix="softprompts-fuzz-")  # lives as lo
 schema = _schema()  # schemathesis parametrizes at collection time, from the app's own schema
 
 
+@pytest.mark.slow  # EXAMPLES per operation: a minute and more; the brief fuzz below stays in test-fast
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_conforms_to_its_schema(case):
@@ -74,6 +76,15 @@ def test_api_conforms_to_its_schema(case):
     STATUSES[response.status_code] += 1
 
 
+@schema.parametrize()
+@settings(max_examples=BRIEF, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_api_conforms_to_its_schema_in_brief(case):
+    """The same checks on ``BRIEF`` requests per operation (test-fast)."""
+    response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    assert response.status_code < 500
+
+
+@pytest.mark.slow  # counts what the full fuzz above sent
 def test_fuzzing_reached_past_404_and_found_no_server_error():
     print(f"fuzzed {sum(STATUSES.values())} requests, status counts {dict(sorted(STATUSES.items()))}")
     assert sum(STATUSES.values()) >= 200 and not any(s >= 500 for s in STATUSES)

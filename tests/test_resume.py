@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 from tiny import save_tiny
 
+import softprompts.training.loop as loop
+from softprompts.cli import main
 from softprompts.training import checkpoint_path
 
 
@@ -41,6 +43,7 @@ def env() -> dict:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow  # 4 CLI subprocesses; test_interrupted_run_resumes_to_the_same_adapter is its in-process twin
 def test_sigkill_then_resume_is_bitwise_identical(setup):
     root, model, data = setup
     full = root / "full"
@@ -76,10 +79,46 @@ def test_sigkill_then_resume_is_bitwise_identical(setup):
     assert f"resuming from {ckpt} at step" in done.stderr
     assert not ckpt.exists()
 
-    a, b = load_file(str(full / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
+    assert_same_run(full, killed)
+
+
+def assert_same_run(full, resumed) -> None:
+    """The resumed run wrote bitwise the adapter of the uninterrupted one, the same curve (timings aside) and best."""
+    a, b = load_file(str(full / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((d / "training.json").read_text()) for d in (full, killed))
+    ra, rb = (json.loads((d / "training.json").read_text()) for d in (full, resumed))
     strip = [{k: v for k, v in p.items() if k != "seconds"} for p in ra["curve"]]
     assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in rb["curve"]]
     assert ra["best_step"] == rb["best_step"]
 
+
+def test_interrupted_run_resumes_to_the_same_adapter(setup, monkeypatch, capsys):
+    """The SIGKILL test's in-process twin (test-fast): the same CLI run stops right after its checkpoint of step 5
+    (exit 130, the checkpoint kept, no adapter written); a resume with another --lr is refused (exit 2, no
+    traceback); a resume with the same flags ends at bitwise the adapter, curve and best step of the uninterrupted
+    run."""
+    root, model, data = setup
+    full, stopped = root / "full-in-process", root / "stopped-in-process"
+    assert main(command(model, data, full)[3:]) == 0
+    save = loop._Run.save_checkpoint
+
+    def save_then_stop(run):
+        save(run)
+        if run.state.step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop._Run, "save_checkpoint", save_then_stop)
+    assert main(command(model, data, stopped)[3:]) == 130
+    monkeypatch.setattr(loop._Run, "save_checkpoint", save)
+    ckpt = checkpoint_path(stopped)
+    assert ckpt.is_file() and not stopped.exists()
+    assert torch.load(ckpt, weights_only=False)["state"]["step"] == 5
+    other = command(model, data, stopped, "--resume")[3:]
+    other[other.index("--lr") + 1] = "5e-2"
+    capsys.readouterr()
+    assert main(other) == 2 and ckpt.is_file()
+    err = capsys.readouterr().err
+    assert "another training configuration" in err and "Traceback" not in err
+    assert main(command(model, data, stopped, "--resume")[3:]) == 0
+    assert f"resuming from {ckpt} at step 5" in capsys.readouterr().err and not ckpt.exists()
+    assert_same_run(full, stopped)

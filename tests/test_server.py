@@ -182,6 +182,7 @@ def test_bad_inputs_answer_and_server_stays_up(server):
     assert 'status="404"' in metrics and 'status="422"' in metrics
 
 
+@pytest.mark.slow  # the benchmark as a subprocess
 def test_bounded_load_script_reports_no_errors(server):
     """``benchmarks/load_test.py`` run as its users run it (a script: the tests never import from ``benchmarks/``)."""
     client, _, _ = server
@@ -195,6 +196,28 @@ def test_bounded_load_script_reports_no_errors(server):
     assert refused.returncode != 0 and "loopback" in refused.stderr
 
 
+def test_cli_serve_in_process(tmp_path, monkeypatch, capsys):
+    """In-process twin of ``test_cli_serve_subprocess`` (test-fast): ``softprompts serve`` loads the model and the
+    adapter directory and hands uvicorn an app (caught here instead of listening) that answers a completion."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from softprompts.cli import main
+
+    model = save_tiny("gpt2", tmp_path / "model")
+    save(sp.load_base(str(model)), tmp_path / "adapters" / "p", "prefix", n=3, seed=1)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(["serve", "--adapters", str(tmp_path / "adapters"), "--model", str(model), "--port", "8123",
+                 "--log-level", "warning"]) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123 and served["log_level"] == "warning"
+    assert "with 1 adapters (p) on http://127.0.0.1:8123" in capsys.readouterr().out
+    with TestClient(served["app"]) as client:
+        r = client.post("/v1/completions", json={"model": "p", "prompt": "hi", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow  # a server subprocess; test_cli_serve_in_process builds the same app in this process
 def test_cli_serve_subprocess(tmp_path):
     model = save_tiny("gpt2", tmp_path / "model")
     base = sp.load_base(str(model))

@@ -60,6 +60,7 @@ def test_micro_batches_equal_one_batch(base, name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # one compile per case, seconds each; the fullgraph compiled loss below stays in test-fast
 @pytest.mark.parametrize("name", METHODS)
 def test_compiled_step_has_no_graph_breaks(base, name):
     """The micro-batch loss (forward with the method's artifact, label-only head, CE) is ONE dynamo graph."""
@@ -76,7 +77,7 @@ def test_compiled_step_has_no_graph_breaks(base, name):
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("name", ["prompt", "prefix"])
+@pytest.mark.parametrize("name", ["prompt", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_compiled_loss_gives_the_same_gradients(name):
     """Through AOTAutograd (the ``aot_eager`` backend: same graph capture as inductor, no C++ toolchain needed)."""
     base = tiny_base("llama")

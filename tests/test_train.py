@@ -222,6 +222,7 @@ def test_gradient_checkpointing_trains_the_same(llama, name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles; test_speed.py's compiled loss (fullgraph, same gradients) stays in test-fast
 def test_compiled_training_trains_the_same(llama, monkeypatch):
     """``compile`` changes speed only: the same parameters after a few steps (aot_eager: no C++ toolchain).
 

@@ -58,6 +58,7 @@ def states(db: Path) -> list[str]:
         return []
 
 
+@pytest.mark.slow  # a CLI subprocess killed with SIGKILL; the in-process twin below stays in test-fast
 def test_a_killed_study_continues_where_it_stopped(env, tmp_path):
     out = tmp_path / "study"
     args = tune_args(env, out, "--trials", "4", "--steps", "60", "--eval-every", "20", "--pruner", "none")
@@ -75,18 +76,51 @@ def test_a_killed_study_continues_where_it_stopped(env, tmp_path):
     assert 1 <= len(before) < 4, "the kill must land between the first and the last trial"
 
     assert main(args) == 0
+    assert_continued(out, before, budget=4)
+
+
+def assert_continued(out: Path, before: dict, budget: int) -> None:
+    """After the rerun: the budget counts the whole study; the trials finished ``before`` it are kept as they were;
+    the one the kill interrupted is marked FAIL, its files gone and its parameters tried again."""
     trials = trials_of(out)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4  # the budget counts the whole study, not this run
+    assert len(complete) == budget  # the budget counts the whole study, not this run
     for number, trial in before.items():  # finished trials are kept as they were, not run again
         assert trials[number].datetime_complete == trial.datetime_complete and trials[number].value == trial.value
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(failed) == 1 and len(trials) == 5  # the trial the kill interrupted, marked FAIL by the rerun
+    assert len(failed) == 1 and len(trials) == budget + 1  # the trial the kill interrupted, marked FAIL by the rerun
     for stale in failed:  # the trial the kill interrupted: its files gone, its parameters tried again
         assert not (out / "trials" / f"{stale.number:03d}").exists()
         retry = [t for t in trials if t.user_attrs.get("retry_of") == stale.number]
         assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.is_finished()
-    assert json.loads((out / "best.json").read_text())["finished_trials"] == 4
+    assert json.loads((out / "best.json").read_text())["finished_trials"] == budget
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: neither optuna nor the CLI catches it, so the trial it stops stays RUNNING."""
+
+
+def test_a_study_stopped_in_process_continues_where_it_stopped(env, tmp_path, monkeypatch):
+    """In-process twin of the SIGKILL test (test-fast): the run dies at step 2 of the second trial (its trial left
+    RUNNING, as a kill leaves it); the rerun keeps the first, retries the second's parameters, ends the budget."""
+    out = tmp_path / "study"
+    args = tune_args(env, out, "--trials", "3", "--steps", "4", "--eval-every", "2", "--pruner", "none")
+    real, steps = softprompts.training.loop.check_step, []
+
+    def die_in_the_second_trial(*args):
+        steps.append(args[0])
+        if len(steps) == 4 + 2:
+            raise Killed
+        real(*args)
+
+    monkeypatch.setattr(softprompts.training.loop, "check_step", die_in_the_second_trial)
+    with pytest.raises(Killed):
+        main(args)
+    monkeypatch.setattr(softprompts.training.loop, "check_step", real)
+    assert [t.state.name for t in trials_of(out)] == ["COMPLETE", "RUNNING"]
+    before = {t.number: t for t in trials_of(out) if t.state == optuna.trial.TrialState.COMPLETE}
+    assert main(args) == 0
+    assert_continued(out, before, budget=3)
 
 
 def test_a_weak_trial_is_pruned_at_the_first_evaluation(env, tmp_path, monkeypatch):
@@ -165,10 +199,10 @@ def test_no_dev_rows_or_a_choice_the_method_refuses_is_one_error(env, tmp_path, 
 
 def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
     from softprompts.adapter_io import load_adapter
-    from softprompts.workflow import TaskFlags, load_task
     from softprompts.model.load import load_base
     from softprompts.training import Distributed, TrainConfig
     from softprompts.training.dev_score import dev_score
+    from softprompts.workflow import TaskFlags, load_task
 
     out = tmp_path / "best"
     assert main(tune_args(env, out, "--trials", "3", "--steps", "6", "--eval-every", "2", "--seed", "3",
