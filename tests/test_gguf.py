@@ -10,6 +10,7 @@ embedded SmolLM2 GGUF through ``--model``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,22 @@ def test_a_gguf_file_loads_as_the_model_it_holds_converted_once(tmp_path, cache,
     shutil.copy(path, tmp_path / "same-bytes.gguf")  # the same bytes under another name: the same copy, no conversion
     sp.load_base(str(tmp_path / "same-bytes.gguf"))
     assert "converting" not in capsys.readouterr().out and len(list((cache / "models").iterdir())) == 1
+
+
+def test_a_gguf_file_is_hashed_once_per_process(tmp_path, cache, monkeypatch):
+    """Every ``resolve`` of a GGUF file (the load, then each PEFT run or LoRA trial of a compare) finds its copy by
+    the file's sha256: read once while the file stays the same, again once it changes."""
+    from softprompts.model import embedded
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    reads = []
+    monkeypatch.setattr(embedded, "file_sha256", lambda p: reads.append(p) or file_sha256(p))
+    embedded._digest.cache_clear()
+    first = embedded.gguf_dir(str(path))
+    assert embedded.gguf_dir(str(path)) == first and len(reads) == 1
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: read again (the same bytes, copy)
+    assert embedded.gguf_dir(str(path)) == first and len(reads) == 2
 
 
 def test_every_command_takes_a_gguf_file(tmp_path, cache, capsys):

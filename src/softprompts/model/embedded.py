@@ -20,6 +20,7 @@ The embedded package is never imported (its module pulls llama-cpp); its file is
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def is_gguf_name(name: str) -> bool:
     return name.lower().endswith(".gguf") or Path(name).expanduser().is_file()
 
 
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """``file_sha256`` of ``path``, read once per process while its size and modification time stay (a model file is
+    resolved more than once: the load, then each PEFT run or tuning trial, ...; a GGUF file may be gigabytes)."""
+    return file_sha256(path)
+
+
 def gguf_dir(name: str) -> Path:
     """The converted copy of the GGUF file ``name`` (``convert_gguf``, keyed by the file's sha256); ``GGUFError``
     saying what is wrong with the file otherwise."""
@@ -119,7 +127,9 @@ def gguf_dir(name: str) -> Path:
     if magic != GGUF_MAGIC:
         raise GGUFError(f"--model {name}: not a GGUF file (it does not start with {GGUF_MAGIC!r}); pass a .gguf "
                         "file, a directory written by save_pretrained or a Hugging Face model id")
-    target = cache_dir() / "models" / f"gguf-{file_sha256(path)[:16]}-{CACHE_VERSION}"
+    stat = path.stat()
+    digest = _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    target = cache_dir() / "models" / f"gguf-{digest[:16]}-{CACHE_VERSION}"
     try:
         return convert_gguf(path.resolve(), target, str(path))
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
