@@ -102,3 +102,13 @@ def test_the_text_as_is_and_option_errors(env):
     assert sp.generate(base, "x", adapter, max_new_tokens=0) == ""
     with pytest.raises(SoftpromptsError, match="not valid"):
         sp.generate(base, "{nope", adapter)
+
+
+def test_another_template_over_a_task_recorded_without_a_target():
+    """``--template`` / ``template=`` renders TEXT for an adapter whose record has a prompt but no target (a partial
+    record, ``{"task": "generate", "prompt": ...}``): the target plays no part in rendering TEXT."""
+    from softprompts.workflow import Rendering
+
+    rendering = Rendering(template="Say {x}:")
+    spec = rendering.spec(TaskSpec.from_record({"task": "generate", "prompt": "Q: {q}\nA:"}))
+    assert rendering.prompt(spec, "hi", None) == "Say hi:"

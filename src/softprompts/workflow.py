@@ -34,7 +34,7 @@ from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.load import DEFAULT_MODEL, load_base
 from softprompts.table import adapter_base_name, resolve_adapter
-from softprompts.task_spec import ChatSpec, TaskSpec
+from softprompts.task_spec import DEFAULT_TARGET, ChatSpec, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class Rendering:
             return recorded
         now = recorded if recorded is not None else TaskSpec("generate", "", "{target}")  # no task of its own
         if self.template is not None:  # the target is unused here (TEXT is the prompt): any valid one
-            return replace(now, prompt=Template(from_shell(self.template), now.target).prompt, chat=None)
+            return replace(now, prompt=Template(from_shell(self.template), now.target or DEFAULT_TARGET).prompt,
+                           chat=None)
         before = now.chat or ChatSpec()
         return TaskSpec.for_chat(now.task, now.labels, self.placement or before.placement,
                                  self.system if self.system is not None else before.system,
