@@ -261,3 +261,17 @@ def test_a_lora_run_that_fails_leaves_the_base_model_as_it_was():
         run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], [], "accuracy", on_eval=broken)
     assert [type(m).__name__ for m in base.model.modules()] == modules
     assert not any(p.requires_grad for p in base.model.parameters())
+
+
+def test_the_report_says_a_method_has_no_peft_counterpart_only_when_counterparts_ran():
+    """``--baseline lora`` runs no method through PEFT by choice: the report must not claim PEFT has no counterpart
+    of prompt tuning; ``--baseline peft`` names the methods that have none."""
+    from softprompts.compare.recommend import peft_comparison
+
+    methods = {"prompt": {"impl": "softprompts", "method": "prompt"},
+               "residual": {"impl": "softprompts", "method": "residual"},
+               "peft:lora": {"impl": "peft", "method": "lora"}}
+    assert peft_comparison(methods, "accuracy") == []
+    assert peft_comparison({**methods, "peft:prompt": {"impl": "peft", "method": "prompt", "failed": 1, "seeds": 1,
+                                                       "issues": ["boom"]}}, "accuracy", counterparts=True) == [
+        "- `peft:prompt`: failed (boom)", "- `residual`: PEFT has no counterpart of this method (ours only)."]

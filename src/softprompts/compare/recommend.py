@@ -242,8 +242,9 @@ def lora_ceiling(methods: dict[str, dict], primary: str) -> list[str]:
     return lines
 
 
-def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
-    """One line per method run both ways: our quality vs PEFT's, and PEFT's detected failures."""
+def peft_comparison(methods: dict[str, dict], primary: str, counterparts: bool = False) -> list[str]:
+    """One line per method run both ways: our quality vs PEFT's, and PEFT's detected failures; with
+    ``counterparts`` (``--baseline peft``: each method through PEFT too), one for each of ours PEFT has none of."""
     lines = []
     for label, entry in methods.items():
         if entry["impl"] != "peft" or entry["method"] == "lora":
@@ -261,7 +262,7 @@ def peft_comparison(methods: dict[str, dict], primary: str) -> list[str]:
         if entry["issues"]:
             text += ". **Detected:** " + "; ".join(entry["issues"])
         lines.append(text + ".")
-    if lines or "peft:lora" in methods:  # PEFT ran: name our methods it has no counterpart of
+    if counterparts:  # name our methods PEFT has no counterpart of (--baseline lora alone runs none of them)
         lines += [f"- `{label}`: PEFT has no counterpart of this method (ours only)."
                   for label, entry in methods.items()
                   if entry["impl"] == "softprompts" and f"peft:{entry['method']}" not in methods]

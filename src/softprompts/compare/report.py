@@ -84,7 +84,7 @@ def build_results(config, settings: dict, base: dict, runs: list[dict], machine:
         "settings": {k: v for k, v in settings.items() if k not in ("task", "data")}, "machine": machine,
         "base_model": base, "methods": methods, "runs": runs,
         "recommendation": recommendation, "tuning": tuned,
-        "peft_comparison": peft_comparison(methods, primary),
+        "peft_comparison": peft_comparison(methods, primary, "peft" in config.baselines),
         "lora_ceiling": lora_ceiling(methods, primary),
     }
 
