@@ -12,6 +12,7 @@ What this family answers its own way (``frozen.FrozenBase`` lists the interface)
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt, VirtualC
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
-from softprompts.model.inject import Prefill, decode_step, forward, hidden_at
+from softprompts.model.inject import Prefill, attention_weights, decode_step, forward, hidden_at, hidden_columns
 from softprompts.model.probe import cache_keyword, probe_plain_head, probe_shapes
 
 
@@ -99,6 +100,26 @@ class BaseModel(FrozenBase):
     def hidden_at(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         return hidden_at(self, rows, input_ids, attention_mask, positions)
+
+    def virtual_attention(self, prefix: KVPrefix, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          columns: tuple[int, int]) -> torch.Tensor:
+        """``[L, B, H]``: in each layer, row and head, the attention weight of the row's real-token queries on the
+        prefix's key columns ``columns = (start, stop)``, averaged over those queries::
+
+            share[l, b, h] = mean_{t real} sum_{j in columns} softmax_j(q_t k_j / sqrt(d) + mask)[l, b, h]
+
+        from the model's own eager attention (``output_attentions``) on ``input_ids [B, T]`` after ``prefix``."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        weights = attention_weights(self, prefix, input_ids, mask)  # L x [B, H, T, P + T]
+        real = mask.to(weights[0].dtype)[:, None, :]  # [B, 1, T]
+        start, stop = columns
+        shares = [(w[..., start:stop].sum(-1) * real).sum(-1) / real.sum(-1) for w in weights]  # L x [B, H]
+        return torch.stack(shares).float()
+
+    def hiding_virtual(self, columns: tuple[int, int], layers: set[int]) -> AbstractContextManager:
+        """Inside the block, a KV prefix's key columns ``columns`` are hidden from the attention of ``layers`` (their
+        softmax weight exactly 0); the other layers attend to them as before (``inject.hidden_columns``)."""
+        return hidden_columns(self.model, columns, layers)
 
 
 __all__ = ["BaseModel", "freeze"]

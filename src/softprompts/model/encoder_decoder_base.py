@@ -53,6 +53,9 @@ class EncoderDecoderBase(FrozenBase):
     family = "encoder-decoder"
     is_encoder_decoder = True
     unsupported = {
+        "layer_probe": ("softprompts explain measures a KV prefix in one decoder stack (attention shares, a per-layer "
+                        "ablation); {name} is an encoder-decoder model, whose soft prompt has no input-independent KV "
+                        "and whose prefix spans three attention kinds: explain an adapter of a decoder-only model"),
         "compile": _DECODER_ONLY_TRAINING,
         "gradient_checkpointing": _DECODER_ONLY_TRAINING,
         "prompt_logprobs": ("echo with logprobs scores the prompt's own tokens, which an encoder-decoder model reads "

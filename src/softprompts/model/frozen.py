@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -36,7 +37,7 @@ from softprompts.model.probe import ModelShapes
 from softprompts.model.quantize import keep_differentiable, quantization_of
 
 FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseline", "wrap", "distillation",
-            "vllm_engine")
+            "vllm_engine", "layer_probe")
 
 
 class UnsupportedFeature(SoftpromptsError):
@@ -230,6 +231,19 @@ class FrozenBase:
         """The final hidden states ``[B, K, hidden]`` at the real positions ``positions [K]`` (what the output head
         projects), read as ``token_logits`` reads the input."""
         self.require("token_logits")
+        raise NotImplementedError
+
+    def virtual_attention(self, prefix: KVPrefix, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          columns: tuple[int, int]) -> torch.Tensor:
+        """``[L, B, H]`` share of each layer's attention (per row and head, averaged over the real-token queries) on
+        the key columns ``columns`` of the KV prefix ``prefix`` (``softprompts explain``)."""
+        self.require("layer_probe")
+        raise NotImplementedError
+
+    def hiding_virtual(self, columns: tuple[int, int], layers: set[int]) -> AbstractContextManager:
+        """A context in which the KV prefix's key columns ``columns`` are hidden from the attention of ``layers``
+        (the layer ablation of ``softprompts explain``)."""
+        self.require("layer_probe")
         raise NotImplementedError
 
 

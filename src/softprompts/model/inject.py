@@ -21,6 +21,7 @@ The cache keyword is read from the forward signature (``cache`` on transformers 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +166,66 @@ def extend(base, state: Prefill, ids: torch.Tensor) -> Prefill:
 def decode_step(base, state: Prefill, next_ids: torch.Tensor) -> Prefill:
     """Feed one token per row ``next_ids [B]`` into the cache of ``state``; returns logits ``[B, 1, V]``."""
     return extend(base, state, next_ids[:, None])
+
+
+@contextmanager
+def eager_attention(model):
+    """``model`` runs with transformers' eager attention inside the block (softmax weights materialized, the mask a
+    ``[B, 1, Q, K]`` tensor in every layer), its own implementation restored after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    """Each layer's self-attention module by its ``layer_idx`` (Llama, Qwen2, Gemma3, GPT-2 name it so)."""
+    found = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if index is not None and type(module).__name__.endswith("Attention"):
+            found.setdefault(int(index), module)
+    return found
+
+
+@contextmanager
+def hidden_columns(model, columns: tuple[int, int], layers: set[int]):
+    """Inside the block, the key columns ``columns = (start, stop)`` of the attention mask (virtual positions in a
+    cache laid out as ``inject`` lays it: the KV prefix first) are hidden in each layer of ``layers``: the mask gets
+    the dtype's minimum there (``softmax`` weight exactly 0), so those layers attend as if the positions were absent
+    while the other layers still read them. Runs with eager attention (a materialized mask in every layer)."""
+    start, stop = columns
+
+    def hide(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            raise SoftpromptsError(f"{type(module).__name__} got no attention mask: cannot hide positions in it")
+        mask = mask.clone()  # shared by the layers
+        if mask.dtype == torch.bool:
+            mask[..., start:stop] = False
+        else:
+            mask[..., start:stop] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    modules = _attention_modules(model)
+    with eager_attention(model):
+        handles = [modules[i].register_forward_pre_hook(hide, with_kwargs=True) for i in sorted(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@torch.no_grad()
+def attention_weights(base, ctx: VirtualContext | Artifact | None, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """The model's own eager softmax weights per layer, ``[B, H, Ps + T, Pk + Ps + T]`` each (queries: the soft
+    prompt's and the real tokens'; keys: every position), with ``ctx`` injected."""
+    kwargs, _, _, _ = _model_inputs(base, ctx, input_ids, attention_mask, use_cache=False)
+    with eager_attention(base.model):
+        out = base.model(**kwargs, output_attentions=True)
+    return list(out.attentions)
