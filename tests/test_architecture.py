@@ -22,7 +22,7 @@ LAYERS = [
     ("methods",),
     ("data", "task_spec"),
     ("schema", "codec", "adapter", "adapter_io", "table", "compose", "tasks"),
-    ("metrics", "evaluate", "workflow", "api"),
+    ("metrics", "evaluate", "workflow", "api", "explain"),
     ("training",),
     ("interop", "compare", "serve", "demo"),
     ("cli", "__main__", "__init__"),

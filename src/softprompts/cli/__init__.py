@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "import_",
     "table",
     "compose",
+    "explain",
 ]
 
 
