@@ -471,12 +471,17 @@ def _supervised(script: str, stop: int | None = None) -> tuple[int, str]:
 
 def test_serve_exits_non_zero_when_vllm_stops_on_its_own():
     """vLLM's API server exits 0 when its engine process is killed (measured under load): a supervisor must see a
-    failure. Asked to stop, serve passes the signal on and exits as the server did."""
-    import signal
-
+    failure."""
     code, err = _supervised("import sys; sys.exit(0)")  # vLLM ending by itself, status 0
     assert code == 1 and "stopped on its own" in err
     assert _supervised("import sys; sys.exit(3)")[0] == 3
+
+
+@pytest.mark.slow  # 1.5 s before each signal
+def test_serve_passes_a_stop_signal_on_and_exits_as_the_server_did():
+    """Asked to stop, serve passes the signal on and exits as the server did."""
+    import signal
+
     graceful = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(30)"
     assert _supervised(graceful, stop=signal.SIGTERM)[0] == 0  # asked to stop: the server's own status
     assert _supervised("import time; time.sleep(30)", stop=signal.SIGINT)[0] == 0  # died of the signal passed on
