@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 from softprompts.errors import SoftpromptsError
 
@@ -34,19 +36,23 @@ def run_vllm(args: argparse.Namespace) -> int:
     check_vllm_installed()
     model = args.model or DEFAULT_MODEL
     dtype = args.dtype or "float32"  # the default engine's dtype, so both engines give the same tokens
+    path = resolve(model)
+    extra = ["--uvicorn-log-level", args.log_level, *args.extra_args, *_kv_cache_option(args, path, dtype)]
+    kv_dir = tempfile.mkdtemp(prefix="softprompts-vllm-kv-")  # private (0700); removed here when vLLM ends, however
     config = FrontConfig(adapters=os.path.abspath(args.adapters), model=model, dtype=dtype,
                          served_names=served_names(model), poll_s=args.poll_seconds,
                          max_adapter_bytes=int(args.max_adapter_memory_mb * 2**20),
-                         client_fields=tuple(args.allow_client_field or ()))
-    path = resolve(model)
-    extra = ["--uvicorn-log-level", args.log_level, *args.extra_args, *_kv_cache_option(args, path, dtype)]
+                         client_fields=tuple(args.allow_client_field or ()), kv_dir=kv_dir)
     argv, env = vllm_command(config, path, args.host, args.port, dtype, extra)
     if config.client_fields:
         print(f"clients may set {', '.join(config.client_fields)} (--allow-client-field): trust every client that "
               "can reach this server", flush=True)
     print(f"starting vLLM's OpenAI server for {model} with the adapters in {args.adapters} on "
           f"http://{args.host}:{args.port}", flush=True)
-    return supervise(argv, env)
+    try:
+        return supervise(argv, env)
+    finally:
+        shutil.rmtree(kv_dir, ignore_errors=True)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

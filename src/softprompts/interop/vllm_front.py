@@ -58,17 +58,19 @@ log = logging.getLogger("softprompts.vllm_front")
 
 class KVFiles:
     """``(entry) -> KVFile``: each adapter version's KV prefix saved once in the front's KV directory (the only
-    directory the connector reads; removed at exit), the two newest versions of a name kept (a request in flight may
-    still read the older one). A file found removed or changed since it was written (size, modification time) is
-    written again before it is named to vLLM, and ``forget`` drops one that vLLM could not load, so the next request
-    writes it again."""
+    directory the connector reads; removed at exit by whoever made it: the launcher, or this object when given none,
+    so vLLM's several API-server processes can share one), the two newest versions of a name kept (a request in
+    flight may still read the older one). A file found removed or changed since it was written (size, modification
+    time) is written again before it is named to vLLM, and ``forget`` drops one that vLLM could not load, so the
+    next request writes it again."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="softprompts-vllm-kv-"))
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._files: dict[str, dict[int, tuple[KVFile, tuple[int, int]]]] = {}
         self._lock = threading.Lock()
-        atexit.register(shutil.rmtree, self.directory, True)
+        if directory is None:
+            atexit.register(shutil.rmtree, self.directory, True)
 
     def __call__(self, entry: Entry) -> KVFile:
         with self._lock:
