@@ -17,7 +17,7 @@ from softprompts.cli import main
 from softprompts.data.datasets import Example
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
-from softprompts.explain import ExplainConfig, explain, nearest_tokens
+from softprompts.explain import ExplainConfig, explain, kept_metric, nearest_tokens
 from softprompts.model.artifacts import KVPrefix
 from softprompts.model.frozen import UnsupportedFeature
 
@@ -74,6 +74,7 @@ def test_ablation_ends_are_the_adapter_and_the_bare_model(method):
     assert own != bare  # the adapter changes predictions: the equivalences below could fail
     assert got.ablation.all == own and got.ablation.none == bare
     assert got.ablation.keep_first[-1] == own and got.ablation.keep_last[0] == own
+    assert kept_metric(base, adapter, examples, SPEC, (0, 4), set(), ExplainConfig())["accuracy"] == bare
     assert got.metric == "accuracy" and got.layers == 2 and len(got.attention_share) == 2
     assert all(0.0 <= s <= 1.0 for s in got.attention_share)
     assert (got.nearest_tokens is not None) == (method == "prompt")

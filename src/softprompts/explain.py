@@ -147,16 +147,19 @@ def attention_shares(base, served: KVPrefix, prompts: list[list[int]], start: in
 
 def layer_ablation(base, adapter, examples: list[Example], spec: TaskSpec, columns: tuple[int, int],
                    config: ExplainConfig) -> Ablation:
-    """The metric with the virtual ``columns`` visible only in layers ``0..k`` and only in ``k..L-1``, every k."""
+    """The metric with the virtual ``columns`` visible only in layers ``0..k`` and only in ``k..L-1``, every k;
+    ``all`` and ``none`` are ``evaluate``'s own runs with the adapter and without (what ``softprompts eval`` prints),
+    the sweep runs with eager attention and the hiding mask (``keep_first[L-1]`` keeps every layer)."""
     from tqdm.auto import tqdm
 
     layers = base.shapes.num_layers
     metric = PRIMARY_METRIC[spec.task]
-    runs = [set(range(layers)), set()] + [set(range(k + 1)) for k in range(layers)] + \
-        [set(range(k, layers)) for k in range(layers)]
+    ends = [evaluate(base, a, examples, spec, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
+            [metric] for a in (adapter, None)]
+    runs = [set(range(k + 1)) for k in range(layers)] + [set(range(k, layers)) for k in range(layers)]
     values = [kept_metric(base, adapter, examples, spec, columns, kept, config)[metric]
               for kept in tqdm(runs, desc="layer ablation", unit="run", disable=not config.progress)]
-    return Ablation(values[0], values[1], values[2:2 + layers], values[2 + layers:])
+    return Ablation(ends[0], ends[1], values[:layers], values[layers:])
 
 
 def kept_metric(base, adapter, examples: list[Example], spec: TaskSpec, columns: tuple[int, int], kept: set[int],
