@@ -150,3 +150,25 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert main(["explain", "--adapter", str(adapter_dir), "--data", str(data), "--out", str(out),
                  "--limit", "0"]) == 2
     assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_generation_task_hiding_ends():
+    """A generate task runs through the decode loop (a cache growing in place): with every layer kept the outputs and
+    perplexity are the adapter's, with every layer hidden the bare model's."""
+    base = cached_base("llama")
+    spec = sp.TaskSpec("generate", "{text}", " {label}", max_target_tokens=4)
+    examples = [Example(ex.prompt, ex.target, None, ex.label) for ex in rows(6)]
+    adapter = Adapter.from_method(perturbed(base, "prefix", 3, "ok", scale=3.0), base, spec)
+
+    def run(artifact):
+        got = evaluate(base, artifact, examples, spec, max_new_tokens=4, return_outputs=True)
+        return got["outputs"], got["perplexity"]
+
+    own, bare = run(adapter), run(None)
+    assert own[0] != bare[0]
+    with base.hiding_virtual((0, 3), set()):
+        kept = run(adapter)
+    with base.hiding_virtual((0, 3), {0, 1}):
+        hidden = run(adapter)
+    assert kept[0] == own[0] and kept[1] == pytest.approx(own[1], rel=1e-5)
+    assert hidden[0] == bare[0] and hidden[1] == pytest.approx(bare[1], rel=1e-4)
