@@ -275,3 +275,17 @@ def test_the_report_says_a_method_has_no_peft_counterpart_only_when_counterparts
     assert peft_comparison({**methods, "peft:prompt": {"impl": "peft", "method": "prompt", "failed": 1, "seeds": 1,
                                                        "issues": ["boom"]}}, "accuracy", counterparts=True) == [
         "- `peft:prompt`: failed (boom)", "- `residual`: PEFT has no counterpart of this method (ours only)."]
+
+
+def test_the_recommendation_says_when_lora_is_the_better_choice():
+    from softprompts.compare.report import recommend
+
+    base = {"test": {"accuracy": 0.55, "n": 207}}
+    ours = {"prefix": _entry("prefix", "kv_prefix", [0.831], 465_728)}
+    lora = {**_entry("lora", None, [0.836], 9_823_216), "impl": "peft"}
+    close = "\n".join(recommend({**ours, "peft:lora": lora}, base, "accuracy", 207)["text"])
+    assert "**Against LoRA:** LoRA (83.6) is within noise of `prefix` (+0.5 points" in close and "21x smaller" in close
+    far = {**lora, "test": {"accuracy": _entry("x", None, [0.95], 1)["test"]["accuracy"]}}
+    text = "\n".join(recommend({**ours, "peft:lora": far}, base, "accuracy", 207)["text"])
+    assert "**When LoRA is the better choice:** here, for quality" in text and "11.9 points above `prefix`" in text
+    assert "Against LoRA" not in "\n".join(recommend(ours, base, "accuracy", 207)["text"])  # LoRA did not run

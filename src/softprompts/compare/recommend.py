@@ -125,11 +125,36 @@ def recommend(methods: dict[str, dict], base: dict, primary: str, test_n: int) -
                                   "with no training and no more positions per request (serve them as a KV prefix "
                                   "made from their text)")
     lines.append(f"**Recommendation: `{winner}`** — {why}.")
+    lines += _against_lora(methods, ours[best], best, primary, test_n)
     if base_q is not None and base_q >= quality(methods[winner], primary)["mean"]:
         lines.append(f"**But:** the bare model without any adapter scores {fmt_metric(base_q, primary)}, at least as "
                      f"well as `{winner}`: with this budget no method pays off here (train longer, on more data, or "
                      "check the learning rate before adopting one).")
     return {"text": lines, "winner": winner, "best_quality": best, "smallest": smallest}
+
+
+def _against_lora(methods: dict[str, dict], ours: dict, best: str, primary: str, test_n: int) -> list[str]:
+    """When PEFT LoRA ran: whether it is the better choice, by the same noise rule (a real difference is LoRA's
+    quality; a tie is the prompt method's size and batching)."""
+    lora = methods.get("peft:lora")
+    ql, qb = (quality(lora, primary) if lora else None), quality(ours, primary)
+    if not ql or not qb:
+        return []
+    scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
+    gap = (ql["mean"] - qb["mean"]) * scale
+    size = (lora.get("adapter_bytes") or 0) / max(ours.get("adapter_bytes") or 1, 1)
+    se, how = _difference_se(ql, qb, primary, test_n)
+    if se is None:
+        return [f"**Against LoRA:** LoRA scores {fmt_stat(ql, primary)}, {gap:+.1f}{unit} against `{best}`; no noise "
+                "estimate to weigh that by (run --seeds 3)."]
+    if gap / scale >= REAL_DIFFERENCE_SE * se:
+        return [f"**When LoRA is the better choice:** here, for quality: LoRA scores {fmt_stat(ql, primary)}, "
+                f"{gap:.1f}{unit} above `{best}`, a real difference ({gap / scale / se:.1f} standard errors, {how}). "
+                f"Choose it when that matters more than a {size:.0f}x larger adapter that cannot share a batch with "
+                "other tasks' adapters; else tune the prompt methods (`--tune N`) or train longer."]
+    return [f"**Against LoRA:** LoRA ({fmt_stat(ql, primary)}) is within noise of `{best}` ({gap:+.1f}{unit}, "
+            f"{abs(gap) / scale / se:.1f} standard errors, {how}): `{best}` gives that quality with a {size:.0f}x "
+            "smaller adapter that shares batches with other tasks' adapters."]
 
 
 def _lead_line(ours: dict[str, dict], best: str, second: str, primary: str, test_n: int) -> str:
