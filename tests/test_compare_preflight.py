@@ -179,3 +179,26 @@ def test_baseline_lora_runs_the_ceiling_alone(tmp_path):
     out = Path(args[args.index("--out") + 1])
     assert {p.name for p in (out / "runs").iterdir()} == {"base", "prompt-seed0", "peft-lora-seed0"}
     assert "How far from a weight adapter (PEFT LoRA)" in (out / "report.md").read_text()
+
+
+def test_compare_explains_each_method_with_explains_own_code(tmp_path):
+    """``--explain N``: each method's adapter explained by ``softprompts.explain`` (the same numbers as the command)
+    under OUT/explain/<method>/, a section of report.md, and the summaries in results.json; a bad N refused first."""
+    from softprompts.cli import main as cli
+
+    model = save_tiny("llama", tmp_path / "model")
+    args = _args(model, tmp_path, "--explain", "4")
+    args[args.index("prompt")] = "prompt,prefix"
+    assert main(args) == 0
+    out = Path(args[args.index("--out") + 1])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["explain"]) == {"prompt", "prefix"}
+    for method in ("prompt", "prefix"):
+        alone = tmp_path / f"alone-{method}"
+        assert cli(["explain", "--adapter", str(out / "runs" / f"{method}-seed0" / "adapter"), "--model", str(model),
+                    "--data", args[args.index("--eval-data") + 1], "--limit", "4", "--out", str(alone)]) == 0
+        assert json.loads((alone / "explain.json").read_text())["attention_share"] == \
+            results["explain"][method]["attention_share"]
+    assert "## Where each method acts (softprompts explain)" in (out / "report.md").read_text()
+    (tmp_path / "bad").mkdir()
+    assert main(_args(model, tmp_path / "bad", "--explain", "0")) == 2

@@ -45,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="runs per method (mean ± std)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=finite, default=None, help="one learning rate for all (default: per method)")
+    p.add_argument("--explain", type=int, default=None, metavar="ROWS",
+                   help="after the runs, explain each method's adapter on ROWS dev (else test) rows as softprompts "
+                   "explain does (attention share per layer, the layers that carry the task) and add a section to "
+                   "report.md; OUT/explain/<method>/ holds each explanation")
     p.add_argument("--tune", type=int, default=None, metavar="N",
                    help="tune each method (and PEFT LoRA with --baseline peft) with N trials on dev before its runs: "
                    "learning rate, virtual tokens and the method's knobs (LoRA: lr and rank 4/8/16); the runs use "
@@ -126,6 +130,7 @@ def run(args) -> int:
         methods=[m.strip() for m in (args.methods or ",".join(
             name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots, tune=args.tune,
+        explain=args.explain,
         steps=args.steps if args.steps is not None or args.minutes is not None else 100, minutes=args.minutes,
         batch_size=args.batch_size, lr=args.lr, virtual_tokens=args.virtual_tokens, eval_every=args.eval_every,
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,

@@ -56,6 +56,7 @@ class CompareConfig:
     lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling
     shots: int | None = None  # with baseline "fewshot": k demonstrations (None: chosen on dev)
     tune: int | None = None  # trials per method (and LoRA) searched on dev before the compared runs
+    explain: int | None = None  # rows each method's adapter is explained on (softprompts explain); None: not
     steps: int | None = 100
     minutes: float | None = None
     batch_size: int = 8
@@ -93,6 +94,10 @@ class CompareConfig:
                             f"integer; got {self.tune!r}")
         if self.tune is not None and self.lr is not None:
             problems.append("--lr fixes the learning rate that --tune searches: give one of them")
+        if self.explain is not None and (isinstance(self.explain, bool) or not isinstance(self.explain, int)
+                                         or self.explain < 1):
+            problems.append(f"--explain takes the number of rows each method is explained on, a positive integer; "
+                            f"got {self.explain!r}")
         if self.latency_tokens < 1 or self.latency_repeats < 1:
             problems.append(f"--latency-tokens and latency_repeats must be at least 1, got {self.latency_tokens} and "
                             f"{self.latency_repeats}")

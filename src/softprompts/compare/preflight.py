@@ -117,6 +117,7 @@ def _row_problems(base, config: CompareConfig, data: CompareData, dev: list, tes
 def model_problems(base, config: CompareConfig, data: CompareData, dev: list, test: list) -> list[str]:
     """Every problem found with the model loaded (module docstring); ``dev`` / ``test``: the rows the runs read."""
     found = [_refusal(lambda: base.require("peft_baseline"))] if config.uses_peft else []
+    found += [_refusal(lambda: base.require("layer_probe"))] if config.explain else []
     found += _row_problems(base, config, data, dev, test)
     if "fewshot" in config.baselines:
         found += FewShotRun(base, data, dev, test, config).preflight(config.seeds)

@@ -197,9 +197,28 @@ def render_report(results: dict, plots: list[str]) -> str:
     if results.get("lora_ceiling"):
         lines += ["## How far from a weight adapter (PEFT LoRA)", "", *results["lora_ceiling"], ""]
     lines += fewshot_report.section(results)
+    lines += explain_section(results.get("explain") or {})
     lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     lines += ["## Recommendation", "", *results["recommendation"]["text"], ""]
     return "\n".join(lines)
+
+
+def explain_section(explained: dict[str, dict]) -> list[str]:
+    """``--explain``: where each method acts (``softprompts explain``), one row per method."""
+    if not explained:
+        return []
+    lines = ["## Where each method acts (softprompts explain)", "",
+             "Attention share: the weight real tokens put on the virtual positions (a soft prompt measured as the KV "
+             "it is served as). Layers for 90 % of the gain: the fewest first layers that keep 90 % of the adapter's "
+             "gain over the bare model when the virtual positions are hidden from the others.", "",
+             "| method | saved params | layers for 90 % of the gain | share first | share middle | share last | "
+             "details |", "|---|---|---|---|---|---|---|"]
+    for method, e in explained.items():
+        saved = e.get("saved_parameters")
+        saved_text = f"{saved:,}" if isinstance(saved, int) else "–"
+        lines.append(f"| {method} | {saved_text} | {e['layers_for_90pct_gain']} | {e['share_first']:.2f} | "
+                     f"{e['share_middle']:.2f} | {e['share_last']:.2f} | [{e['report']}]({e['report']}) |")
+    return lines + [""]
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:

@@ -51,6 +51,8 @@ from softprompts.compare.tuning import Tuned, Tuning
 from softprompts.data.templates import VIRTUAL
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
+from softprompts.explain import ExplainConfig, explain
+from softprompts.explain import write_report as write_explanation
 from softprompts.files import atomic_json, read_json_or_none
 from softprompts.methods import PromptMethod, build_method, method_class
 from softprompts.model.load import load_base
@@ -301,10 +303,35 @@ class Comparison:
         overall.close()
         return self._finish(settings, base_result, runs)
 
+    def _explain(self) -> dict[str, dict]:
+        """With ``--explain N``: each of our methods' first-seed adapter explained on N dev (else test) rows
+        (``softprompts.explain``), written under ``OUT/explain/<method>/``; a finished one is read back."""
+        out: dict[str, dict] = {}
+        rows = self.dev or self.test
+        if not self.config.explain or not rows:
+            return out
+        for method in self.methods:
+            adapter_dir = self.out / "runs" / f"{method}-seed0" / "adapter"
+            target = self.out / "explain" / method
+            done = read_json_or_none(target / "explain.json")
+            if done is None and (adapter_dir / WEIGHTS_FILE).is_file():
+                tqdm.write(f"compare: explaining {method} on {min(len(rows), self.config.explain)} rows",
+                           file=sys.stderr)
+                adapter = load_adapter(adapter_dir, self.base)
+                found = explain(self.base, adapter, rows, self.data.spec, ExplainConfig(limit=self.config.explain),
+                                adapter_dir)
+                write_explanation(found, target, title=f"`{method}`")
+                done = found.to_json()
+            if done is not None:
+                out[method] = {**done["summary"], "attention_share": done["attention_share"],
+                               "report": f"explain/{method}/explain.md"}
+        return out
+
     def _finish(self, settings: dict, base_result: dict, runs: list[dict]) -> dict:
         """results.json, the plots and report.md from every run."""
         results = build_results(self.config, settings, base_result, runs, machine_info(self.base.device),
                                 {"train": len(self.data.train), "dev": len(self.dev), "test": len(self.test)})
+        results["explain"] = self._explain()
         results["resume"] = {"skipped": self.skipped, "ran": self.ran}
         loads = [r.get("load_average_1m") for r in runs if r.get("load_average_1m") is not None]
         results["machine"]["load_average_1m"] = max(loads + [results["machine"]["load_average_1m"] or 0.0])
