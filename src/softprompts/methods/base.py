@@ -91,6 +91,12 @@ class PromptMethod(nn.Module):
         """The artifact to save and serve: detached, in the base model's dtype, encoders dropped."""
         return self().detached(self.base_dtype)
 
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups at base learning rate ``lr``: by default one group of every parameter at
+        ``lr``. A method that trains parts at different rates (DePT: the soft prompt and the low-rank offsets)
+        returns one group per part, each ``{"params": [...], "lr": ...}``; a schedule scales every group alike."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

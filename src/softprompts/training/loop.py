@@ -96,7 +96,7 @@ class _Run:
         seed_everything(config.seed)
         method.train()
         model = dist.wrap(method)
-        optimizer = torch.optim.AdamW(method.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(method.parameter_groups(config.lr), weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
         return cls(base, method, spec, config, dist, data, ckpt, env, model, optimizer, scheduler, on_eval=on_eval)
 
