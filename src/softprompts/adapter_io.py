@@ -107,7 +107,7 @@ def checked_artifact(record: ArtifactRecord, tensors: dict, shapes: ModelShapes,
 
 
 def _check_tensor_shapes(artifact, shapes: ModelShapes, directory: str, error: type[Exception]) -> None:
-    if artifact.kind == "soft_prompt":
+    if artifact.kind in ("soft_prompt", "offset_prompt"):  # an offset prompt's factor B has the same width
         if artifact.embeds.shape[1] != shapes.hidden_size:
             raise error(
                 f"{directory}: soft prompt width {artifact.embeds.shape[1]} != hidden {shapes.hidden_size}")

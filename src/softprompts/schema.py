@@ -83,7 +83,7 @@ class ArtifactDoc(_Document):
 
     method: str
     method_config: dict[str, Any] = Field(default_factory=dict)
-    artifact: Literal["soft_prompt", "kv_prefix"]
+    artifact: Literal["soft_prompt", "kv_prefix", "offset_prompt"]
     num_virtual_tokens: StrictInt = Field(ge=1)
     num_parameters: StrictInt = Field(ge=1)
     dtype: str

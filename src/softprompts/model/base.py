@@ -3,7 +3,8 @@
 What this family answers its own way (``frozen.FrozenBase`` lists the interface):
 
 - a soft prompt at positions ``0..P-1`` attends only to itself, so its per-layer K/V do not depend on the input: it
-  is served as the exact KV prefix it produces, computed once (``soft_prompt_to_kv``);
+  is served as the exact KV prefix it produces, computed once (``soft_prompt_to_kv``; an ``OffsetPrompt``'s soft
+  prompt too, its offsets still added to the prompt's tokens);
 - a row needs ``T + P + N`` positions of one context (prompt, virtual and new tokens);
 - the decode loop is ``decode.DecodeBatch`` (one cache, rows of any virtual length side by side, chunked prefill);
 - loss and scores are teacher-forced on ``prompt + target`` rows (``decoder_score.py``).
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompts.model import decoder_score
-from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt, VirtualContext
+from softprompts.model.artifacts import Artifact, KVPrefix, OffsetPrompt, SoftPrompt, VirtualContext
 from softprompts.model.decode import DecodeBatch
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
@@ -56,6 +57,8 @@ class BaseModel(FrozenBase):
         if artifact is None:
             return None
         artifact = artifact.to(self.device, self.dtype)
+        if isinstance(artifact, OffsetPrompt):  # its soft prompt's KV, computed once; the offsets stay per token
+            return OffsetPrompt(self.serving_artifact(artifact.prompt), artifact.offsets)
         return self.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
 
     def check_fits(self, prompt_tokens: int, virtual_tokens: int, new_tokens: int,

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from softprompts.model.artifacts import VirtualContext
 from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.model.inject import Prefill, extend, forward
 
@@ -15,7 +16,7 @@ class ChunkedPrefill:
     prompt delays the running rows by one chunk per step instead of its whole prefill; ``DecodeBatch`` makes it a row
     once ``done`` (``RowBatch.advance_prefill``; the batch checked the request when it was added). Chunk ``k`` is
     ``inject.extend`` over the cache of chunks ``< k`` (the first one injects the artifact): the same state as a
-    one-shot prefill (``tests/test_scheduler.py``)."""
+    one-shot prefill (``tests/test_scheduler.py``); a row's embedding offsets continue from chunk to chunk."""
 
     def __init__(self, base, request: GenerationRequest, chunk: int, result: GenerationResult) -> None:
         if chunk < 1:
@@ -43,7 +44,8 @@ class ChunkedPrefill:
             last = torch.tensor([ids.shape[1] - 1], device=self.base.device)
             self.state = forward(self.base, self.request.artifact, ids, use_cache=True, logits_positions=last)
         else:
-            self.state = extend(self.base, self.state, ids)
+            offsets = VirtualContext.offsets_of([self.request.artifact])
+            self.state = extend(self.base, self.state, ids, offsets, first_index=self.position)
         count, self.position = end - self.position, end
         return count
 

@@ -11,6 +11,9 @@ the head and the cross-entropy fused and chunked on the hidden states (``head_lo
 for the backward pass); otherwise HF's head at the label columns + ``cross_entropy`` (``plain_label_loss_sum``, also
 what ``torch.compile`` traces). Same value and gradients either way. When every candidate is one token a single
 forward per prompt scores them all (the same numbers, ``C`` times cheaper).
+
+Embedding offsets (DePT) reach the prompt's tokens only: each row's prompt length is the count of its real tokens
+minus its target's (``prompt_lengths``), so a target token never gets one, in training as in scoring and generation.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from softprompts.model.placement import place_rows
 from softprompts.model.soft_targets import soft_cross_entropy_sum
 
 
+def prompt_lengths(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]`` real tokens of each ``prompt + target`` row that are prompt: its real tokens ``attention_mask [B, T]``
+    less its target's, the labelled columns of ``labels [B, L]`` (targets are right-aligned, ``-100`` elsewhere)."""
+    return attention_mask.long().sum(1) - (labels != -100).long().sum(1)
+
+
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """Sum of target-token cross-entropies of one left-padded training batch (``tasks.Batch``: ``input_ids``,
     ``attention_mask [B, T]``, ``labels [B, L]``, ``positions [L]``, ``leads``, ``soft_targets``); the LM head only at
@@ -35,7 +44,8 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
         return plain_label_loss_sum(base, artifact, batch)
     keep = labelled_rows(batch.labels)  # before the forward is queued: its device sync then costs nothing
     ctx = place_rows(base, artifact, batch.leads)  # placement: the rows' leads in front of the soft prompt
-    hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions)  # [B, L, H]
+    hidden = hidden_at(base, ctx, batch.input_ids, batch.attention_mask, batch.positions,
+                       prompt_lengths(batch.attention_mask, batch.labels))  # [B, L, H]
     return head_cross_entropy_sum(hidden, base.model.get_output_embeddings(), batch.labels, keep=keep,
                                   soft=batch.soft_targets)
 
@@ -43,7 +53,8 @@ def label_loss_sum(base, artifact, batch) -> torch.Tensor:
 def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """``label_loss_sum`` through HF's own head (``logits_to_keep`` = the label columns) and ``cross_entropy``."""
     ctx = place_rows(base, artifact, batch.leads)
-    logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions).logits
+    logits = forward(base, ctx, batch.input_ids, batch.attention_mask, logits_positions=batch.positions,
+                     prompt_lengths=prompt_lengths(batch.attention_mask, batch.labels)).logits
     if batch.soft_targets is not None:
         return soft_cross_entropy_sum(logits, batch.labels, batch.soft_targets)
     return nn.functional.cross_entropy(
@@ -71,7 +82,8 @@ def row_label_scores(base, artifacts, prompts: list[list[int]], verbalizations: 
             [prompts[pairs[k][0]] for k in chunk], [verbalizations[pairs[k][0]][pairs[k][1]] for k in chunk],
             base.pad_id, base.device)
         ctx = _context(artifacts, [pairs[k][0] for k in chunk])
-        logp = forward(base, ctx, ids, mask, logits_positions=positions).logits.float().log_softmax(-1)  # [B, L, V]
+        logp = forward(base, ctx, ids, mask, logits_positions=positions,
+                       prompt_lengths=prompt_lengths(mask, labels)).logits.float().log_softmax(-1)  # [B, L, V]
         token_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
         for k, total in zip(chunk, token_lp.sum(1).cpu().tolist(), strict=True):
             i, c = pairs[k]
@@ -94,4 +106,4 @@ def _single_token_scores(base, artifacts, prompts: list[list[int]], verbalizatio
     return scores
 
 
-__all__ = ["label_loss_sum", "plain_label_loss_sum", "row_label_scores"]
+__all__ = ["label_loss_sum", "plain_label_loss_sum", "prompt_lengths", "row_label_scores"]

@@ -7,11 +7,13 @@ layers ``Ld``), in this order (Li & Liang, 2021: a prefix at every attention of 
     Le .. Le+Ld-1           decoder self-attention    in front of the target's, as if P tokens had been decoded
     Le+Ld .. Le+2Ld-1       decoder cross-attention   in front of the keys/values of the encoder's output
 
-A ``SoftPrompt [P, d]`` goes in front of the encoder input (Lester et al., 2021).
+A ``SoftPrompt [P, d]`` goes in front of the encoder input (Lester et al., 2021). Embedding offsets (``OffsetPrompt``,
+DePT, whose original setting is T5) are added to the encoder input's first ``S`` real tokens: the encoder reads only
+the prompt, so every real token there is prompt; the decoder's tokens never get one.
 
 What the model sees for an encoder input ``x [B, S]`` and a decoder input ``y [B, T]`` (masks ``1`` = token)::
 
-    encoder inputs_embeds : per row [soft_b (its own p_b slots); e(x_b); padding]          [B, Ps + S, d]
+    encoder inputs_embeds : per row [soft_b (its own p_b slots); e(x_b) + offsets; padding] [B, Ps + S, d]
     encoder self-attention: keys [K_enc (Pk slots); W_k h], mask [kv_mask; enc_mask]          [B, 1, 1, Pk + Ps + S]
     decoder self-attention: cache pre-filled with K_dec, mask [kv_mask; dec_mask]             [B, Pk + T]
     cross-attention       : cache pre-filled with K_cross, then HF appends W_k enc_out;
@@ -177,7 +179,8 @@ def encode(base, ctx: VirtualContext, input_ids: torch.Tensor, attention_mask: t
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     dtype = base.dtype
-    embeds, mask = pack_encoder_rows(model.get_input_embeddings()(input_ids), attention_mask.long(), ctx, dtype)
+    embeds = ctx.offset_embeds(model.get_input_embeddings()(input_ids), attention_mask)  # [B, S, d]
+    embeds, mask = pack_encoder_rows(embeds, attention_mask.long(), ctx, dtype)
     if ctx.kv is None:
         hidden = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return EncoderState(hidden, mask, mask)

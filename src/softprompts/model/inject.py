@@ -8,6 +8,7 @@ What the model sees::
 
     cache (KV prefix)   : per layer [B, H_l, Pk, D_l], slots masked by kv_mask [B, Pk]
     inputs_embeds       : cat(soft [B, Ps, hidden], embed(input_ids) [B, T, hidden])  -> [B, Ps + T, hidden]
+                          (the real tokens' part with a row's embedding offsets added, when it has them)
     attention_mask      : cat(kv_mask, soft_mask, attention_mask)                      -> [B, Pk + Ps + T]
 
 Position convention (one rule for both artifacts): a row with ``p = kv_mask.sum() + soft_mask.sum()`` valid virtual
@@ -15,6 +16,12 @@ positions puts them at ``0..p-1`` and its real tokens at ``p, p+1, ...`` (paddin
 the mask). A soft prompt therefore produces exactly the KV that a prefix of the same length holds, and either can
 stand in for the other. Virtual positions never carry labels (the returned logits cover real tokens only, which is
 the same as label -100 there).
+
+Embedding offsets (``OffsetPrompt``, DePT) are added to the embeddings of a row's first ``S`` real tokens by each
+token's real index (``VirtualContext.offset_embeds``), never beyond the row's prompt: the caller says where each row's
+prompt ends (``prompt_lengths [B]``: the training loss and scoring know it from where the target starts; ``None``:
+every real token is prompt, a prefill). Decode steps never add one (generated tokens are no prompt); a prompt fed in
+chunks (``extend`` with ``offsets``) continues the index where the previous chunk stopped.
 
 The cache keyword is read from the forward signature (``cache`` on transformers >= 5.24, ``past_key_values`` before).
 """
@@ -62,9 +69,10 @@ class Prefill:
 
 def _model_inputs(
     base, ctx: VirtualContext | Artifact | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    use_cache: bool,
+    use_cache: bool, prompt_lengths: torch.Tensor | None = None,
 ) -> tuple[dict, VirtualContext, torch.Tensor, torch.Tensor]:
-    """The model's keyword arguments for ``input_ids [B, T]`` with ``ctx`` injected (see the module docstring).
+    """The model's keyword arguments for ``input_ids [B, T]`` with ``ctx`` injected (see the module docstring);
+    ``prompt_lengths [B]``: the real tokens of each row that are prompt (embedding offsets stop there).
 
     Returns ``(kwargs, ctx, next_positions [B], full_mask [B, Pk + Ps + T])``.
     """
@@ -81,7 +89,7 @@ def _model_inputs(
         ctx = VirtualContext.broadcast(ctx, batch)
     dtype = base.dtype
 
-    embeds = model.get_input_embeddings()(input_ids)  # [B, T, hidden]
+    embeds = ctx.offset_embeds(model.get_input_embeddings()(input_ids), attention_mask, prompt_lengths)  # [B, T, d]
     masks = [attention_mask]
     starts = virtual_counts(ctx, batch, device)  # [B]
     real_pos = starts[:, None] + (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
@@ -110,13 +118,16 @@ def forward(
     *,
     use_cache: bool = False,
     logits_positions: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> Prefill:
     """Run ``base.model`` on ``input_ids [B, T]`` with the virtual context injected.
 
     ``logits_positions``: optional 1-D indices into the T real positions; only those are projected to the vocab
     (the LM head is the most expensive part of a step when only a few positions carry labels).
+    ``prompt_lengths [B]``: real tokens per row that are prompt (``None``: all; module docstring).
     """
-    kwargs, ctx, next_positions, full_mask = _model_inputs(base, ctx, input_ids, attention_mask, use_cache)
+    kwargs, ctx, next_positions, full_mask = _model_inputs(base, ctx, input_ids, attention_mask, use_cache,
+                                                           prompt_lengths)
     if logits_positions is not None:
         kwargs["logits_to_keep"] = logits_positions + ctx.soft_length
     out = base.model(**kwargs)
@@ -129,26 +140,34 @@ def forward(
 
 def hidden_at(
     base, ctx: VirtualContext | Artifact | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    positions: torch.Tensor,
+    positions: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[B, K, hidden]`` at the real-token columns ``positions [K]``, with ``ctx`` injected.
+    """Final hidden states ``[B, K, hidden]`` at the real-token columns ``positions [K]``, with ``ctx`` injected
+    (``prompt_lengths [B]`` as in ``forward``).
 
     What the causal LM's output head projects (after the decoder's last norm): where ``BaseModel.plain_head`` holds,
     ``forward(..., logits_positions=positions).logits == output_embeddings(hidden_at(...))``.
     """
-    kwargs, ctx, _, _ = _model_inputs(base, ctx, input_ids, attention_mask, use_cache=False)
+    kwargs, ctx, _, _ = _model_inputs(base, ctx, input_ids, attention_mask, use_cache=False,
+                                      prompt_lengths=prompt_lengths)
     hidden = base.model.base_model(**kwargs).last_hidden_state  # [B, Ps + T, hidden]
     return hidden[:, positions + ctx.soft_length]
 
 
-def extend(base, state: Prefill, ids: torch.Tensor) -> Prefill:
+def extend(base, state: Prefill, ids: torch.Tensor, offsets: VirtualContext | None = None,
+           first_index: int = 0) -> Prefill:
     """Feed ``ids [B, T]`` (T more real tokens per row, no padding) into the cache of ``state``; returns the logits
-    of the last one ``[B, 1, V]``. A decode step is ``T = 1``; a long prompt is prefilled in chunks this way."""
+    of the last one ``[B, 1, V]``. A decode step is ``T = 1``; a long prompt is prefilled in chunks this way, a
+    row's embedding offsets (``offsets``, its ``VirtualContext``) continuing at prompt token ``first_index``."""
     width = ids.shape[1]
     mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(ids.shape[0], width)], dim=1)
     positions = state.next_positions[:, None] + torch.arange(width, device=ids.device)[None, :]
+    tokens = {"input_ids": ids}
+    if offsets is not None and offsets.offsets is not None:
+        embeds = base.model.get_input_embeddings()(ids)  # [B, T, hidden]
+        tokens = {"inputs_embeds": offsets.offset_embeds(embeds, torch.ones_like(ids), first_index=first_index)}
     out = base.model(
-        input_ids=ids,
+        **tokens,
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,

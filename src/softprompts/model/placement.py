@@ -9,6 +9,9 @@ KV can then be computed once and served like any prefix (``BaseModel.soft_prompt
 
 A KV prefix sits in front of everything by construction: placing one after a lead is an error, not a no-op.
 
+An ``OffsetPrompt`` (DePT) places its soft prompt so and keeps its offsets: the lead belongs to the soft part, and
+the offsets still start at the first real token after the virtual positions (the lead gets none).
+
 The start of a sequence (``sequence_start``): a base whose tokenizer puts BOS in front of every text
 (``FrozenBase.bos_lead``: Gemma, Llama) was trained with BOS at position 0, and many of its heads attend there (the
 "attention sink"); a soft prompt at position 0 would take BOS's place. So every rendered prompt of such a base reads
@@ -30,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt, VirtualContext
+from softprompts.model.artifacts import Artifact, KVPrefix, OffsetPrompt, SoftPrompt, VirtualContext
 
 
 class PlacementError(SoftpromptsError):
@@ -75,6 +78,8 @@ def place(base, artifact: Artifact | None, lead: Sequence[int]) -> Artifact | No
     prefix after the base's BOS alone is the KV prefix itself (it stands in for the sequence's start)."""
     if not lead:
         return artifact
+    if isinstance(artifact, OffsetPrompt):
+        return OffsetPrompt(place(base, artifact.prompt, lead), artifact.offsets)  # the lead gets no offset
     if isinstance(artifact, KVPrefix) and not beyond_start(base, lead):
         return artifact
     if isinstance(artifact, KVPrefix):
@@ -85,6 +90,17 @@ def place(base, artifact: Artifact | None, lead: Sequence[int]) -> Artifact | No
     if artifact is None:
         return SoftPrompt(embeds)
     return SoftPrompt(torch.cat([embeds.to(artifact.embeds.dtype), artifact.embeds.to(embeds.device)], dim=0))
+
+
+def placed_length(base, artifact: Artifact | None, lead: Sequence[int]) -> int:
+    """Virtual positions of ``place(base, artifact, lead)`` without computing it (a request's plan checks the
+    context with it): ``k + P`` after a lead of ``k`` tokens, ``P`` for a KV prefix (after nothing or the base's BOS
+    alone), ``k`` for no artifact. Raises ``place``'s ``PlacementError`` for a KV prefix after text."""
+    if isinstance(artifact, KVPrefix):
+        if beyond_start(base, lead):
+            place(base, artifact, lead)  # raises: the one wording of the rule
+        return artifact.length
+    return len(lead) + (artifact.length if artifact is not None else 0)
 
 
 def place_rows(base, artifact: Artifact | None, leads: Sequence[Sequence[int]] | None
@@ -100,5 +116,5 @@ def place_rows(base, artifact: Artifact | None, leads: Sequence[Sequence[int]] |
     return VirtualContext.from_rows([placed[tuple(lead)] for lead in leads])
 
 
-__all__ = ["PlacementError", "beyond_start", "place", "place_rows", "read_lead", "sequence_start",
+__all__ = ["PlacementError", "beyond_start", "place", "place_rows", "placed_length", "read_lead", "sequence_start",
            "start_ids"]
