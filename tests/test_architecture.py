@@ -127,7 +127,7 @@ def test_the_architecture_page_names_every_floor():
 def test_a_method_declares_everything_on_its_class(name):
     cls = sp.METHODS[name]
     config = cls.config_class()
-    assert not config.errors() and cls.default_lr > 0 and cls.artifact_kind in ("soft_prompt", "kv_prefix")
+    assert not config.errors() and cls.default_lr > 0 and cls.artifact_kind in sp.model.artifacts.KINDS
     assert all(sp.methods.method_class(alias) is cls for alias in (name, *cls.aliases))
     source = Path(inspect.getsourcefile(cls))
     assert source.parent == PACKAGE / "methods" and len(source.read_text().splitlines()) < 200

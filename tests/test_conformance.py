@@ -49,12 +49,13 @@ def ids_of(base, text):
 def logits(base, virtual, x, written: list[int] | None = None):
     """Our logits with ``virtual`` (an artifact or a method's output) in front of the input ``x`` ``[1, T]``, the model
     then writing ``written`` (default: nothing on a decoder-only base; ``OUT`` on an encoder-decoder one).
-    Decoder-only: ``[1, T + len(written), V]`` over the input and the written tokens; encoder-decoder: the decoder's
-    ``[1, 1 + len(written), V]`` from its start token."""
+    Decoder-only: ``[1, T + len(written), V]`` over the input and the written tokens (the input is the prompt: DePT's
+    embedding offsets stop there); encoder-decoder: the decoder's ``[1, 1 + len(written), V]`` from its start token."""
     if isinstance(base, EncoderDecoderBase):
         y = torch.tensor([[base.decoder_start_id, *(base.tokenize(OUT) if written is None else written)]])
         return encoder_decoder.forward(base, VirtualContext.broadcast(virtual, 1), x, None, y, None).logits
-    return forward(base, virtual, torch.cat([x, torch.tensor([written or []], dtype=torch.long)], 1)).logits
+    return forward(base, virtual, torch.cat([x, torch.tensor([written or []], dtype=torch.long)], 1),
+                   prompt_lengths=torch.tensor([x.shape[1]])).logits
 
 
 def logits_plain(base, ids):
@@ -282,13 +283,22 @@ def test_generate_and_scores_with_mixed_rows_equal_alone(base):
         assert sp.evaluate.target_logprobs(base, art, [p], [t])[0][0] == pytest.approx(score[0], abs=1e-4)
 
 
+# which kinds of method continue a saved artifact of each kind: a soft prompt continues as a soft prompt, as its
+# exact KV prefix or as DePT's soft part (offsets at zero); a DePT artifact only as DePT (others would drop offsets)
+CONTINUED_BY = {"soft_prompt": ("soft_prompt", "kv_prefix", "offset_prompt"), "kv_prefix": ("kv_prefix",),
+                "offset_prompt": ("offset_prompt",)}
+
+
 # continuing a saved adapter: step 0 of the new module reproduces it exactly, with the same method and with every
-# other method that can continue that artifact (a soft prompt continues as a soft prompt or as its exact KV prefix)
+# other method that can continue that artifact; the others refuse it
 @pytest.mark.parametrize("method", METHODS)
 def test_init_from_saved_artifact_reproduces_it(base, method):
     saved = perturb(make(base, method)).materialize()
-    continuers = [m for m, cls in sp.METHODS.items() if cls.artifact_kind in (saved.kind, "kv_prefix")]
-    assert method in continuers and len(continuers) >= 2
+    continuers = [m for m, cls in sp.METHODS.items() if cls.artifact_kind in CONTINUED_BY[saved.kind]]
+    assert method in continuers and (len(continuers) >= 2 or saved.kind == "offset_prompt")
+    for other in set(sp.METHODS) - set(continuers):
+        with pytest.raises(sp.SoftpromptsError):
+            sp.create_method(base, other, init_artifact=saved)
     x = ids_of(base, INPUT)
     for other in continuers:
         continued = sp.create_method(base, other, init_artifact=saved)

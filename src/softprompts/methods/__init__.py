@@ -23,6 +23,7 @@ from softprompts.methods.p_tuning import PTuning, PTuningConfig
 from softprompts.methods.residual_prompt import ResidualPrompt, ResidualPromptConfig
 from softprompts.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompts.methods.deep_prompt import DeepPrompt, DeepPromptConfig
+from softprompts.methods.dept import Dept, DeptConfig
 from softprompts.methods.cartridge import Cartridge, CartridgeConfig
 # isort: on
 
@@ -72,7 +73,7 @@ def build_method(base: FrozenBase, name: str, spec=None, seed: int = 0, **overri
                          **options)
 
 
-__all__ = ["METHODS", "Cartridge", "CartridgeConfig", "DeepPrompt", "DeepPromptConfig", "MethodConfig", "MethodError",
-           "PTuning", "PTuningConfig", "PrefixTuning", "PrefixTuningConfig", "PromptMethod", "PromptTuning",
-           "PromptTuningConfig", "ResidualPrompt", "ResidualPromptConfig", "build_method", "create_method",
-           "method_class", "task_init_text"]
+__all__ = ["METHODS", "Cartridge", "CartridgeConfig", "DeepPrompt", "DeepPromptConfig", "Dept", "DeptConfig",
+           "MethodConfig", "MethodError", "PTuning", "PTuningConfig", "PrefixTuning", "PrefixTuningConfig",
+           "PromptMethod", "PromptTuning", "PromptTuningConfig", "ResidualPrompt", "ResidualPromptConfig",
+           "build_method", "create_method", "method_class", "task_init_text"]

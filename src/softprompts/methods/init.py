@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from softprompts.methods.config import MethodConfig, MethodError
-from softprompts.model.artifacts import Artifact, KVPrefix, SoftPrompt
+from softprompts.model.artifacts import Artifact, KVPrefix, OffsetPrompt, SoftPrompt
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.placement import start_ids
 
@@ -114,10 +114,21 @@ def random_prefix(base: FrozenBase, length: int, seed: int) -> KVPrefix:
 
 def initial_artifact(base: FrozenBase, config: MethodConfig, kind: str, labels=None, init_text=None,
                      init_artifact: Artifact | None = None) -> Artifact:
-    """The starting artifact of kind ``kind`` (``SoftPrompt.kind`` or ``KVPrefix.kind``), float32 on the CPU."""
-    if kind == SoftPrompt.kind:
+    """The starting artifact of kind ``kind`` (``SoftPrompt.kind``, ``KVPrefix.kind`` or ``OffsetPrompt.kind``),
+    float32 on the CPU. For an offset prompt: a saved ``OffsetPrompt`` continued as it is, else the ``SoftPrompt`` its
+    soft part starts from (the method adds offsets that start at zero)."""
+    if kind == OffsetPrompt.kind and isinstance(init_artifact, OffsetPrompt):
+        return init_artifact.detached(torch.float32).to("cpu")
+    if kind in (SoftPrompt.kind, OffsetPrompt.kind):
         return SoftPrompt(initial_embeddings(base, config, labels, init_text, init_artifact))
     return initial_prefix(base, config, labels, init_text, init_artifact)
+
+
+def _refuse_offsets(init_artifact: Artifact) -> None:
+    """A saved DePT artifact continues as DePT only: any other method would drop its offsets."""
+    if isinstance(init_artifact, OffsetPrompt):
+        raise MethodError("the saved adapter is DePT's (a soft prompt plus embedding offsets): continuing it with "
+                          "another method would drop the offsets; continue it with --method dept")
 
 
 def initial_embeddings(
@@ -125,6 +136,7 @@ def initial_embeddings(
 ) -> torch.Tensor:
     """``[P, hidden]`` float32 starting embeddings for soft-prompt methods (``init_artifact``: continue a saved one)."""
     if init_artifact is not None:
+        _refuse_offsets(init_artifact)
         if not isinstance(init_artifact, SoftPrompt):
             raise MethodError("this method continues from a soft prompt; the saved adapter holds a KV prefix")
         return init_artifact.embeds.detach().float().cpu().clone()
@@ -141,6 +153,7 @@ def initial_prefix(
     """Starting per-layer KV (float32) for prefix methods: the KV of real tokens, scaled random, or a saved artifact
     (a saved soft prompt is converted to the exact KV it produces)."""
     if init_artifact is not None:
+        _refuse_offsets(init_artifact)
         if isinstance(init_artifact, SoftPrompt):
             init_artifact = base.serving_artifact(init_artifact)  # a decoder-only base's exact KV of it
         if not isinstance(init_artifact, KVPrefix):
