@@ -13,8 +13,8 @@ from softprompts.data.corpus import Chunk
 from softprompts.evaluate import generate_texts, stop_tokens
 from softprompts.model.decode import generate_ids
 from softprompts.model.generation import eos_ids
+from softprompts.serve.plan import render_chat
 from softprompts.serve.schemas import ChatBody
-from softprompts.serve.translate import render_chat
 from softprompts.tasks import TaskSpec, split_prompt
 from softprompts.training import SelfStudyConfig, self_study
 

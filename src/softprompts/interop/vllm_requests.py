@@ -2,8 +2,9 @@
 does it, becomes one body for vLLM's own ``/v1/completions``.
 
 The body is validated by the default engine's schemas (``serve/schemas.py``: the same fields, the same refusals of
-fields that are not implemented), its prompts are rendered and placed by the same functions, and only the last step
-differs - how the artifact reaches the model::
+fields that are not implemented) and planned by the default engine's plan (``serve/plan.py``: rendered, split,
+placed and fitted by the same code), and only the last step differs - how the artifact reaches the model
+(``_artifact_fields``, the one place here that asks an artifact's kind)::
 
     completions  prompt (text, texts, token ids)      -> (lead, ids) per prompt, split at the <|virtual|> marker
     chat         messages                             -> the chat template with the adapter's placement and system
@@ -42,10 +43,9 @@ from softprompts.interop.vllm_kv_files import SALT_PREFIX, kv_params, placeholde
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
 from softprompts.model.generation import eos_ids
 from softprompts.model.placement import place
+from softprompts.serve.plan import RequestPlan, plan_generation
 from softprompts.serve.registry import Entry
 from softprompts.serve.schemas import ChatBody, CompletionBody
-from softprompts.serve.state import chat_format_of
-from softprompts.serve.translate import render_chat, split_request_prompt
 
 # field -> why only the front may set it
 FRONT_FIELDS = {
@@ -124,17 +124,18 @@ class VllmRequest:
     kv_path: Path | None = None  # the KV file a KV-prefix request names (the front forgets it if vLLM cannot load it)
 
 
-def _sampling(body: CompletionBody | ChatBody, max_tokens: int, stop_ids: set[int], logprobs: int | None,
-              served_model: str) -> dict:
-    fields = {"model": served_model, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-              "n": body.n, "stop": body.stop or [], "stream": body.stream, "min_tokens": body.min_tokens,
-              "ignore_eos": body.ignore_eos, "stop_token_ids": [] if body.ignore_eos else sorted(stop_ids)}
+def _sampling(plan: RequestPlan, stop_ids: frozenset[int], served_model: str) -> dict:
+    """vLLM's sampling fields of ``plan``: one to one, the stop tokens explicit (``stop_ids``)."""
+    body = plan.body
+    fields = {"model": served_model, "max_tokens": plan.max_tokens, "temperature": body.temperature,
+              "top_p": body.top_p, "n": body.n, "stop": body.stop or [], "stream": body.stream,
+              "min_tokens": body.min_tokens, "ignore_eos": body.ignore_eos, "stop_token_ids": sorted(stop_ids)}
     if body.top_k:
         fields["top_k"] = body.top_k
     if body.seed is not None:
         fields["seed"] = body.seed
-    if logprobs is not None:
-        fields["logprobs"] = logprobs
+    if plan.logprobs is not None:
+        fields["logprobs"] = plan.logprobs
     if body.stream and body.stream_options is not None:
         fields["stream_options"] = {"include_usage": body.stream_options.include_usage}
     if body.user is not None:
@@ -142,51 +143,46 @@ def _sampling(body: CompletionBody | ChatBody, max_tokens: int, stop_ids: set[in
     return fields
 
 
-def translate(base, entry: Entry, payload: dict, chat: bool, served_model: str,
-              kv_file: Callable[[Entry], KVFile]) -> VllmRequest:
-    """The vLLM request for ``payload`` (a completions or, with ``chat``, a chat completions body) to ``entry``'s
-    adapter. Raises pydantic's ``ValidationError`` for a body the default engine would refuse, and
-    ``SoftpromptsError`` (a 400) for a prompt that does not fit or a field this engine cannot serve."""
-    if chat:
-        body = ChatBody.model_validate(payload)
-        prompt, stop_ids = render_chat(base, chat_format_of(base, entry), body)
-        prompts: list[str | list[int]] = [prompt]
-        max_tokens, logprobs = body.limit, ((body.top_logprobs or 0) if body.logprobs else None)
-    else:
-        body = CompletionBody.model_validate(payload)
-        if body.echo:
-            raise SoftpromptsError("echo is not served for adapters on the vLLM engine (vLLM would echo the virtual "
-                                   "tokens' placeholders, not your prompt); use the default engine for echo and "
-                                   "prompt scoring")
-        prompts, stop_ids = body.prompts, eos_ids(base)
-        max_tokens, logprobs = body.max_tokens, body.logprobs
-    split = [split_request_prompt(base, p, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-             for i, p in enumerate(prompts)]
-    fields = _sampling(body, max_tokens, set(stop_ids), logprobs, served_model)
+def _artifact_fields(base, entry: Entry, plan: RequestPlan, kv_file: Callable[[Entry], KVFile]
+                     ) -> tuple[dict, Path | None]:
+    """How ``entry``'s artifact reaches vLLM for each planned prompt (the one place that asks its kind): a soft
+    prompt as ``prompt_embeds`` ``[e(lead); E; e(ids)]``, a KV prefix as placeholders + the KV file the connector
+    loads; ``(fields, the KV file or None)``."""
     artifact = entry.source
     if isinstance(artifact, SoftPrompt):
         embeds = []
-        for lead, ids in split:
-            placed = place(base, artifact, lead)
-            base.check_fits(len(ids), placed.length, max_tokens)
+        for p in plan.prompts:
+            placed = place(base, artifact, p.lead)
             with torch.no_grad():
-                rest = base.embed(torch.tensor(ids, dtype=torch.long))
+                rest = base.embed(torch.tensor(p.ids, dtype=torch.long))
                 embeds.append(encode_prompt_embeds(torch.cat([placed.embeds.to(rest.dtype), rest], dim=0)))
-        fields["prompt_embeds"] = embeds
-    elif isinstance(artifact, KVPrefix):
+        return {"prompt_embeds": embeds}, None
+    if isinstance(artifact, KVPrefix):
         saved = kv_file(entry)
-        for lead, ids in split:
-            place(base, artifact, lead)  # a KV prefix after a lead: the placement error, as on the default engine
-            base.check_fits(len(ids), artifact.length, max_tokens)
-        fields["prompt"] = [placeholder_prompt(artifact.length, ids) for _, ids in split]
-        fields["cache_salt"] = SALT_PREFIX + saved.digest
-        fields["kv_transfer_params"] = kv_params(saved.path, artifact.length)
-    else:
-        raise SoftpromptsError(f"adapter {entry.name!r} has no artifact in memory; retry the request")
-    top = (body.top_logprobs or 0) if chat and body.logprobs else None
-    return VllmRequest(body=fields, model=entry.name, chat=chat, virtual_tokens=artifact.length,
-                       prompts=len(split), top_logprobs=top,
-                       kv_path=saved.path if isinstance(artifact, KVPrefix) else None)
+        return {"prompt": [placeholder_prompt(artifact.length, p.ids) for p in plan.prompts],
+                "cache_salt": SALT_PREFIX + saved.digest,
+                "kv_transfer_params": kv_params(saved.path, artifact.length)}, saved.path
+    raise SoftpromptsError(f"adapter {entry.name!r} has no artifact in memory; retry the request")
+
+
+def translate(base, entry: Entry, payload: dict, chat: bool, served_model: str,
+              kv_file: Callable[[Entry], KVFile]) -> VllmRequest:
+    """The vLLM request for ``payload`` (a completions or, with ``chat``, a chat completions body) to ``entry``'s
+    adapter: the body's plan (``serve/plan.py``, as the default engine makes it), then the artifact's last step.
+    Raises pydantic's ``ValidationError`` for a body the default engine would refuse, and ``SoftpromptsError`` (a
+    400) for a prompt that does not fit or a field this engine cannot serve."""
+    body = ChatBody.model_validate(payload) if chat else CompletionBody.model_validate(payload)
+    if not chat and body.echo:
+        raise SoftpromptsError("echo is not served for adapters on the vLLM engine (vLLM would echo the virtual "
+                               "tokens' placeholders, not your prompt); use the default engine for echo and "
+                               "prompt scoring")
+    plan = plan_generation(base, entry, body)
+    stop_ids = plan.stop_ids if plan.stop_ids is not None else frozenset(eos_ids(base))
+    fields = _sampling(plan, stop_ids, served_model)
+    placed, kv_path = _artifact_fields(base, entry, plan, kv_file)
+    fields.update(placed)
+    return VllmRequest(body=fields, model=entry.name, chat=chat, virtual_tokens=entry.source.length,
+                       prompts=len(plan.prompts), top_logprobs=plan.logprobs if chat else None, kv_path=kv_path)
 
 
 __all__ = ["ALLOWABLE_FIELDS", "FRONT_FIELDS", "ClientFieldError", "KVFile", "VllmRequest", "check_client_fields",

@@ -20,11 +20,12 @@ from starlette.concurrency import run_in_threadpool
 from softprompts.errors import SoftpromptsError
 from softprompts.serve.answers import AnswerShape, classification, whole_answer
 from softprompts.serve.errors import ERROR_RESPONSES
+from softprompts.serve.plan import RequestPlan, plan_generation, plan_scores
 from softprompts.serve.registry import BASE_NAME, Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, CompletionBody
 from softprompts.serve.state import ServerState
 from softprompts.serve.streaming import stream_completions
-from softprompts.serve.translate import Generation, chat_prompt, score_requests, to_generation
+from softprompts.serve.translate import Generation, score_requests
 
 STREAMED = {**ERROR_RESPONSES, 200: {
     "description": "The completion, or with `stream: true` server-sent events ending with `data: [DONE]`",
@@ -67,9 +68,12 @@ async def resolve(state: ServerState, name: str) -> Entry | None:
     return None if name == BASE_NAME else await run_in_threadpool(state.registry.get, name)
 
 
-async def answer(http: Request, state: ServerState, generation: Generation, shape: AnswerShape):
-    """Run ``generation``: a stream of server-sent events with ``stream: true``, else the whole answer once every
-    choice (and, with ``echo`` and ``logprobs``, every prompt's scoring) is done."""
+async def answer(http: Request, state: ServerState, plan: RequestPlan, shape: AnswerShape):
+    """Run ``plan`` (its placed artifacts resolved in a thread: a new lead's is computed once): a stream of
+    server-sent events with ``stream: true``, else the whole answer once every choice (and, with ``echo`` and
+    ``logprobs``, every prompt's scoring) is done."""
+    artifacts = await run_in_threadpool(state.artifacts, plan.adapter, plan.prompts)
+    generation = Generation(plan, artifacts, state.base.tokenizer)
     if generation.body.stream:
         return StreamingResponse(stream_completions(state, generation, shape), media_type="text/event-stream")
     futures = ([state.scheduler.submit(generation.request(i)) for i in range(len(generation.rows))]
@@ -89,20 +93,15 @@ async def completions(body: CompletionBody, http: Request):
     state = served(http)
     entry = await resolve(state, body.model)
     shape = AnswerShape.of(body)
-    generation = await to_generation(state, body, entry, body.prompts, body.max_tokens, logprobs=body.logprobs,
-                                     echo=body.echo)
-    return await answer(http, state, generation, shape)
+    return await answer(http, state, plan_generation(state.base, entry, body), shape)
 
 
 @router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatBody, http: Request):
     state = served(http)
     entry = await resolve(state, body.model)
-    prompt, stop_ids = chat_prompt(state, entry, body)
-    shape = AnswerShape.of(body, chat=True)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    generation = await to_generation(state, body, entry, [prompt], body.limit, stop_ids, logprobs)
-    return await answer(http, state, generation, shape)
+    plan = plan_generation(state.base, entry, body)
+    return await answer(http, state, plan, AnswerShape.of(body, chat=True))
 
 
 @router.post("/v1/classify", responses=ERROR_RESPONSES)
@@ -111,10 +110,11 @@ async def classify(body: ClassifyBody, http: Request):
         raise SoftpromptsError("classification needs an adapter with labels, not the base model")
     state = served(http)
     entry = await resolve(state, body.model)
-    labels, requests = await score_requests(state, entry, body)
+    plan = plan_scores(state.base, entry, body)
+    requests = score_requests(plan, await run_in_threadpool(state.artifacts, entry, plan.prompts))
     scored = await asyncio.gather(*[asyncio.wrap_future(state.scheduler.submit(r)) for r in requests])
     state.metrics.tokens(body.model, sum(len(r.prompt_ids) for r in requests), 0)
-    return classification(body.model, labels, scored)
+    return classification(body.model, plan.labels, scored)
 
 
 __all__ = ["CLIENT_CLOSED", "DISCONNECT_POLL_S", "STREAMED", "results_or_cancel", "router", "served"]

@@ -13,9 +13,9 @@ from softprompts.model.artifacts import Artifact
 from softprompts.serve.engine import Engine
 from softprompts.serve.metrics import Metrics
 from softprompts.serve.placed import PlacedArtifacts
+from softprompts.serve.plan import PromptPlan, chat_format_of
 from softprompts.serve.registry import Entry, Registry
 from softprompts.serve.scheduler import Scheduler
-from softprompts.task_spec import ChatSpec
 
 
 @dataclass
@@ -37,16 +37,13 @@ class ServerState:
             return self.placed.get(("base",), None, lead)
         return self.placed.get((entry.name, entry.version), entry.source, lead)
 
+    def artifacts(self, entry: Entry | None, prompts: list[PromptPlan]) -> list[Artifact | None]:
+        """What each planned prompt runs with (``artifact`` after its lead): may compute a placement, so the routes
+        call it in a thread."""
+        return [self.artifact(entry, p.lead) for p in prompts]
+
     def chat_format(self, entry: Entry | None) -> ChatFormat:
         return chat_format_of(self.base, entry)
-
-
-def chat_format_of(base, entry: Entry | None) -> ChatFormat:
-    """How a conversation is rendered for ``entry``: its chat task's placement and system message, else the model's
-    chat template with the virtual tokens first."""
-    task = entry.task if entry is not None else None
-    chat = task.chat if task is not None and task.chat is not None else ChatSpec()
-    return chat.format(base.tokenizer, "generate")
 
 
 def build_state(
@@ -76,4 +73,4 @@ def build_state(
                        placed=PlacedArtifacts(base, engine.prepare))
 
 
-__all__ = ["ServerState", "build_state", "chat_format_of"]
+__all__ = ["ServerState", "build_state"]
