@@ -176,7 +176,7 @@ def _lead_line(ours: dict[str, dict], best: str, second: str, primary: str, test
 def _kinds_line(ours: dict[str, dict], primary: str) -> list[str]:
     """The best KV prefix against the best soft prompt, when both kinds ran."""
     kinds = _by_artifact(ours, primary)
-    if len(kinds) != 2:
+    if "kv_prefix" not in kinds or "soft_prompt" not in kinds:
         return []
     scale, unit = SCALES.get(primary, 1.0), (" points" if primary in SCALES else "")
     (kp, p), (ks, s) = kinds["kv_prefix"], kinds["soft_prompt"]
@@ -240,6 +240,7 @@ def _by_artifact(ours: dict[str, dict], primary: str) -> dict[str, tuple[str, di
     kinds: dict[str, tuple[str, dict]] = {}
     for label, entry in ours.items():
         kind = entry.get("artifact")
+        kind = "soft_prompt" if kind == "offset_prompt" else kind  # DePT: a soft prompt at the input (+ offsets)
         if kind and (kind not in kinds or quality(entry, primary)["mean"] > quality(kinds[kind][1], primary)["mean"]):
             kinds[kind] = (label, entry)
     return kinds

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from softprompts.adapter import Adapter
 from softprompts.errors import SoftpromptsError
 from softprompts.files import atomic_directory
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
+from softprompts.model.artifacts import KVPrefix, OffsetPrompt, SoftPrompt
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -62,6 +62,11 @@ def prefix_to_peft_rows(prefix: KVPrefix) -> torch.Tensor:
 def to_peft(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     """PEFT's ``adapter_config.json`` content and tensors (``{"prompt_embeddings": ...}``) for ``adapter``."""
     artifact = adapter.artifact
+    if artifact.kind == OffsetPrompt.kind:
+        raise PeftExportError(
+            f"PEFT has no DePT (its method list has no decomposed prompt tuning; only forks of PEFT do): this "
+            f"adapter's soft prompt alone would drop its embedding offsets on the prompt's first "
+            f"{artifact.offsets.positions} tokens and answer differently. Serve it with softprompts")
     shapes = adapter.base_shapes
     seq2seq = bool(shapes.encoder_layers)  # PEFT's SEQ_2_SEQ_LM: the soft prompt in front of the encoder input only
     if seq2seq and isinstance(artifact, KVPrefix):
