@@ -237,6 +237,50 @@ def test_lora_run_leaves_the_base_model_as_it_was():
     torch.testing.assert_close(base.model(input_ids=ids).logits, before)
 
 
+@pytest.mark.parametrize("stop", ["patience", "on_eval"])
+def test_peft_loop_keeps_and_stops_by_our_loops_rules(monkeypatch, stop):
+    """Fed the same dev scores, compare's PEFT loop and our loop evaluate at the same steps, keep the same step (ties
+    keep the earlier) and stop early at the same step, by ``patience`` as by ``on_eval`` (``training/cadence.py``:
+    one set of rules for both)."""
+    from tiny import tiny_base
+
+    import softprompts.compare.peft_baseline as peft_baseline
+    import softprompts.training.loop as loop
+    from softprompts.compare.peft_baseline import LORA, PeftSpec, release, run_peft
+    from softprompts.data.datasets import build_examples
+    from softprompts.methods import create_method
+    from softprompts.tasks import TaskSpec
+    from softprompts.training import TrainConfig, train
+
+    scripted = [0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.9, 0.9]  # step 1 is best; steps 2 (a tie) and 3 are bad evaluations
+    spec = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["negative", "positive"])
+    rows = [{"text": f"text {i}", "label": ["negative", "positive"][i % 2]} for i in range(8)]
+    examples, _ = build_examples(rows, spec.template, "classify", spec.labels)
+    patience = 2 if stop == "patience" else 0
+    config = TrainConfig(steps=7, lr=1e-2, batch_size=4, eval_every=1, patience=patience, checkpoint_every=0,
+                         progress=False)
+
+    def on_eval(step: int, metric: float) -> bool:
+        return stop == "on_eval" and step == 3
+
+    def scores(n: int):
+        it = iter(scripted)
+        return lambda *a: {"accuracy": next(it), "macro_f1": 0.0, "n": n}
+
+    monkeypatch.setattr(loop, "dev_score", scores(4))
+    base = tiny_base("llama")
+    ours = train(base, create_method(base, "prompt", num_virtual_tokens=2, seed=0), examples, spec, config,
+                 dev_examples=examples[:4], base_dev={"accuracy": 0.0, "macro_f1": 0.0, "n": 4},
+                 on_eval=on_eval).record
+    monkeypatch.setattr(peft_baseline, "make_evaluator", lambda base, task: scores(4))
+    peft = run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], [], "accuracy", on_eval=on_eval)
+    release(peft, base)
+    assert ours["stopped_early"] and peft.stopped_early
+    assert ours["steps_done"] == peft.steps_done == 3
+    assert ours["best_step"] == peft.best_step == 1 and ours["best_dev"] == peft.best_dev["accuracy"] == 0.7
+    assert [p.get("dev_accuracy") for p in ours["curve"]] == [p.get("dev_accuracy") for p in peft.curve]
+
+
 def test_a_lora_run_that_fails_leaves_the_base_model_as_it_was():
     """A LoRA run stopped by an error (here its ``on_eval``, as a tuning trial's) takes its layers out of the base
     before the error reaches the compare, which reports a failed PEFT run and goes on with the next run."""

@@ -31,7 +31,7 @@ from softprompts.data.datasets import Example
 from softprompts.evaluate import evaluate
 from softprompts.tasks import TaskSpec
 from softprompts.training import Distributed, TrainConfig, checkpoint_path
-from softprompts.training.dev_score import dev_score
+from softprompts.training.loop import dev_score
 
 TOL = 1e-5  # max abs difference allowed between adapters trained with 1 and 2 processes (measured: ~1e-6)
 STEPS = 8

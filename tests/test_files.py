@@ -135,7 +135,7 @@ def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
         ["adapter", f".adapter.tmp-{alive}-ghi", f".other.tmp-{gone}-jkl"])
     checkpoint = tmp_path / "run.checkpoint.pt"
     (tmp_path / f".run.checkpoint.pt.tmp-{gone}-x").write_bytes(b"half")
-    from softprompts.training.state import atomic_save
+    from softprompts.training.run import atomic_save
 
     atomic_save({"step": 3}, checkpoint)
     assert not (tmp_path / f".run.checkpoint.pt.tmp-{gone}-x").exists()

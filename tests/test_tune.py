@@ -201,7 +201,7 @@ def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
     from softprompts.adapter_io import load_adapter
     from softprompts.model.load import load_base
     from softprompts.training import Distributed, TrainConfig
-    from softprompts.training.dev_score import dev_score
+    from softprompts.training.loop import dev_score
     from softprompts.workflow import TaskFlags, load_task
 
     out = tmp_path / "best"

@@ -4,8 +4,10 @@ PEFT is an optional dependency (``pip install softprompts[peft]``): it is import
 config a method maps to is declared by the method itself (``peft_type`` and ``peft_options`` in its file in
 ``methods/``); ``peft_config`` only looks the PEFT class up (``PEFT_CONFIG_CLASSES``).
 
-Training mirrors ours: AdamW on PEFT's trainable parameters, answer-only loss (prompt positions labelled -100),
-evaluation on the dev set every ``eval_every`` steps and at step 0, the best dev state kept for the test set.
+Training mirrors ours: AdamW on PEFT's trainable parameters, answer-only loss (prompt positions labelled -100), and
+our loop's own rules (``training/cadence.py``): the learning-rate schedule, evaluation on the dev set at step 0, every
+``eval_every`` steps and at the last, the best dev state kept for the test set (ties keep the earlier), the early stop
+(``on_eval``, ``patience``).
 Evaluation goes through PEFT's own paths, as a PEFT user would get them: rank classification scores each label's
 verbalization with the PEFT model's forward; generation uses ``PeftModel.generate`` (and PEFT's forward for the
 references' perplexity). The metric code is shared with our runs (``metrics.score_outputs``).
@@ -28,7 +30,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from softprompts.methods import MethodConfig, method_class
 from softprompts.model.base import BaseModel
 from softprompts.model.load import resolve
 from softprompts.tasks import encode, epoch_batches
-from softprompts.training import TrainConfig, lr_factor
+from softprompts.training import TrainConfig
+from softprompts.training.cadence import Cadence, EvalCallback, KeepBest, lr_schedule
 
 
 class PeftMissingError(SoftpromptsError):
@@ -117,12 +120,89 @@ class PeftResult:
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
     steps_done: int = 0
-    stopped_early: bool = False  # on_eval asked to stop before the last step
+    stopped_early: bool = False  # on_eval asked to stop before the last step, or patience ran out
     issues: list[str] = field(default_factory=list)
     model: object | None = None  # the PeftModel (not serialized)
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PeftLoop:
+    """PEFT's model trained on our batches (``tasks.epoch_batches``) by our loop's rules (``training/cadence.py``):
+    the schedule, when dev is evaluated, the best state kept (``keep``: PEFT's trainable tensors by name) and the
+    early stop. ``result`` collects the curve, the best dev metrics and the counts."""
+
+    base: BaseModel
+    model: object  # the PeftModel
+    config: TrainConfig
+    evaluate: object  # peft_eval.make_evaluator's (model, examples) -> metrics
+    dev: list
+    primary: str
+    result: PeftResult
+    keep: KeepBest = field(default_factory=KeepBest)
+
+    def run(self, train_examples: list, task, progress=None, on_eval: EvalCallback | None = None) -> None:
+        """The step-0 evaluation, then ``config.steps`` optimizer steps (or fewer: an early stop), each evaluated on
+        dev when ``Cadence.evaluates`` says so; the best state is put back into the model at the end."""
+        cfg, result, cadence = self.config, self.result, Cadence.of(self.config)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = lr_schedule(optimizer, cfg)
+        encoded = encode(self.base, train_examples, task)[0]
+        lengths = [e.length for e in encoded]
+        per_epoch = len(epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, 0))
+        start_point = {"step": 0, "loss": None, "seconds": 0.0}
+        result.curve.append(start_point)
+        self.evaluate_dev(start_point)
+        train_seconds, tokens = 0.0, 0
+        for step in range(1, cfg.steps + 1):
+            self.model.train()
+            started = time.perf_counter()
+            epoch, index = divmod(step - 1, per_epoch)
+            rows = [encoded[i] for i in epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, epoch)[index]]
+            batch = train_batch(self.base, [peft_pair(r) for r in rows], self.base.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = self.model(**batch).loss  # token mean over the batch's target tokens, as ours
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - started
+            tokens += int(batch["attention_mask"].sum())
+            result.steps_done = step
+            point = {"step": step, "loss": round(loss.item(), 6), "seconds": round(train_seconds, 3)}
+            result.curve.append(point)
+            if progress is not None:
+                progress.update(1)
+            if self.dev and cadence.evaluates(step):
+                self.evaluate_dev(point)
+                if cadence.stop(step, point[f"dev_{self.primary}"], self.keep, on_eval) is not None:
+                    result.stopped_early = True
+                    break
+        result.train_seconds = train_seconds
+        result.tokens_per_second = tokens / train_seconds if train_seconds > 0 else 0.0
+        self.restore_best()
+
+    def evaluate_dev(self, point: dict) -> None:
+        """The dev metrics of the model now, on the curve's ``point``; kept as the best when they improve."""
+        self.model.eval()
+        scores = self.evaluate(self.model, self.dev) if self.dev else {}
+        point[f"dev_{self.primary}"] = scores.get(self.primary)
+        if scores and self.keep.offer(point["step"], scores[self.primary], lambda: _state(self.model)):
+            self.result.best_dev, self.result.best_step = dict(scores), point["step"]
+
+    def restore_best(self) -> None:
+        """The kept state back into the model (without dev: the last state stays)."""
+        if self.keep.best_tensors:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in self.keep.best_tensors:
+                        p.copy_(self.keep.best_tensors[name])
 
 
 def _state(model) -> dict:
@@ -131,7 +211,7 @@ def _state(model) -> dict:
 
 def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_examples: list, test_examples: list,
              primary: str, out_dir: str | Path | None = None, progress=None,
-             on_eval: Callable[[int, float], bool] | None = None) -> PeftResult:
+             on_eval: EvalCallback | None = None) -> PeftResult:
     """Train ``spec.method`` with PEFT on ``base.model`` and evaluate it; the base model is left unchanged.
 
     ``task``: the ``TaskSpec`` (template, labels, truncation) our runs use; ``primary``: the dev metric to keep the
@@ -150,65 +230,11 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
     result = PeftResult(model=model)
     with _released_on_error(result, base):  # a run that fails mid-way leaves no LoRA layer in the base
         result.trainable_params = int(model.get_nb_trainable_parameters()[0])
-        cfg = spec.config
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-        encoded = encode(base, train_examples, task)[0]
-        lengths = [e.length for e in encoded]
-        per_epoch = len(epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, 0))
-        dev = list(dev_examples)[: cfg.eval_limit] if dev_examples else []
-        best_state: dict = {}
-
-        def dev_eval(point: dict) -> None:
-            model.eval()
-            scores = evaluate(model, dev) if dev else {}
-            point[f"dev_{primary}"] = scores.get(primary)
-            if scores and (not result.best_dev or scores[primary] > result.best_dev[primary]):
-                result.best_dev, result.best_step = dict(scores), point["step"]
-                best_state.clear()
-                best_state.update(_state(model))
-
-        start_point = {"step": 0, "loss": None, "seconds": 0.0}
-        result.curve.append(start_point)
-        dev_eval(start_point)
-        train_seconds, tokens = 0.0, 0
-        for step in range(1, cfg.steps + 1):
-            model.train()
-            started = time.perf_counter()
-            epoch, index = divmod(step - 1, per_epoch)
-            rows = [encoded[i] for i in epoch_batches(len(encoded), lengths, cfg.batch_size, cfg.seed, epoch)[index]]
-            batch = train_batch(base, [peft_pair(r) for r in rows], base.device)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loss = model(**batch).loss  # token mean over the batch's target tokens, as ours
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_seconds += time.perf_counter() - started
-            tokens += int(batch["attention_mask"].sum())
-            result.steps_done = step
-            point = {"step": step, "loss": round(loss.item(), 6), "seconds": round(train_seconds, 3)}
-            result.curve.append(point)
-            if progress is not None:
-                progress.update(1)
-            if dev and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                dev_eval(point)
-                if on_eval is not None and on_eval(step, point[f"dev_{primary}"]) and step < cfg.steps:
-                    result.stopped_early = True
-                    break
-        result.train_seconds = train_seconds
-        result.tokens_per_second = tokens / train_seconds if train_seconds > 0 else 0.0
+        dev = list(dev_examples)[: spec.config.eval_limit] if dev_examples else []
+        _PeftLoop(base, model, spec.config, evaluate, dev, primary, result).run(train_examples, task, progress,
+                                                                                on_eval)
         if not all(math.isfinite(p["loss"]) for p in result.curve[1:]):
             result.issues.append("training diverged: the loss is not finite")
-        if best_state:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in best_state:
-                        p.copy_(best_state[name])
         model.eval()
         result.test = evaluate(model, test_examples) if test_examples else {}
         result.issues += detect_issues(model, base, [e.prompt for e in (dev or train_examples)])

@@ -1,5 +1,6 @@
-"""Training: one loop for every method (``loop.py``), its configuration and schedule (``config.py``), resumable
-checkpoints and RNG state (``state.py``), the optimizer step (``step.py``; the loss is the base model's,
+"""Training: one loop for every method (``loop.py``), its configuration and schedule (``config.py``), the run with
+its resumable checkpoint and record (``run.py``), the schedule, evaluation and keep-best rules it shares with
+compare's PEFT loop (``cadence.py``), the optimizer step (``step.py``; the loss is the base model's,
 ``FrozenBase.label_loss_sum``), gradient checkpointing (``grad_checkpoint.py``) and the process-group plumbing for
 ``torchrun`` (``distributed.py``); cartridges: self-study on a corpus (``self_study.py``), the teacher's targets
 (``distill.py``) and the run that distills them (``cartridge.py``).
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "train_cartridge": "cartridge", "SCHEDULES": "config", "SelfStudyConfig": "config", "TrainConfig": "config",
     "lr_factor": "config", "Distributed": "distributed", "setup_distributed": "distributed",
-    "RECORD_FILE": "loop", "TrainResult": "loop", "train": "loop", "checkpoint_path": "state",
+    "RECORD_FILE": "loop", "TrainResult": "loop", "train": "loop", "checkpoint_path": "preflight",
 }
 
 __all__ = ["RECORD_FILE", "SCHEDULES", "Distributed", "SelfStudyConfig", "TrainConfig", "TrainResult",
@@ -37,4 +38,4 @@ if TYPE_CHECKING:
     from softprompts.training.config import SCHEDULES, SelfStudyConfig, TrainConfig, lr_factor
     from softprompts.training.distributed import Distributed, setup_distributed
     from softprompts.training.loop import RECORD_FILE, TrainResult, train
-    from softprompts.training.state import checkpoint_path
+    from softprompts.training.preflight import checkpoint_path

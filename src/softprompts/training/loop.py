@@ -22,7 +22,9 @@ Checkpoints (atomic) hold everything needed to continue bitwise: method, optimiz
 step (the data order is a pure function of ``(seed, epoch)``), curve and best adapter so far.
 
 ``train`` reads top to bottom: the preflight (``preflight.py``: options, output directory, data), ``_Run.start``,
-``resume`` or ``fresh_start``, the steps (``step`` then ``after_step``: keep-best evaluation, checkpoint), ``finish``.
+``load_checkpoint`` or ``fresh_start``, the steps (``step`` then ``after_step``: keep-best evaluation, checkpoint),
+``finish``. The run's parts, state, checkpoint and record are ``run.Run``'s; when to evaluate, what to keep and when
+to stop are ``cadence.py``'s, the rules compare's PEFT loop keeps too. Dev metrics over ranks: ``dev_score``.
 With ``config.report_to``, the trackers (``trackers.py``) get each step's loss, learning rate, gradient norm and
 tokens/s, each evaluation's dev metrics, and at the end the final ones (main rank only).
 """
@@ -33,7 +35,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,22 +43,20 @@ from tqdm import tqdm
 
 from softprompts.adapter import Adapter
 from softprompts.adapter_io import save_adapter
-from softprompts.metrics import PRIMARY_METRIC
+from softprompts.evaluate import evaluate
+from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import artifact_from_tensors
 from softprompts.tasks import TaskSpec, collate
-from softprompts.training.checkpoint import read_checkpoint, write_checkpoint
-from softprompts.training.config import TrainConfig, lr_factor
-from softprompts.training.dev_score import dev_score
+from softprompts.training.cadence import Cadence, EvalCallback, lr_schedule
+from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_parameters, check_step, step_update
 from softprompts.training.preflight import TrainData, check_options, log, output_paths, prepare_data
-from softprompts.training.record import environment, training_record
-from softprompts.training.state import TrainState, seed_everything
+from softprompts.training.run import Run, environment, seed_everything
 from softprompts.training.step import accumulate_step, loss_for
 from softprompts.training.trackers import RunPlace, Trackers, keep_logs, run_place
 
 RECORD_FILE = "training.json"
-EvalCallback = Callable[[int, float], bool]  # (step, dev metric after it) -> stop training now
 
 
 @dataclass
@@ -65,28 +65,12 @@ class TrainResult:
     record: dict  # what training.json holds
 
 
-# --- the run: what the steps, evaluations and checkpoints share -------------------------------------------------
+# --- the run's steps: a ``run.Run`` (its parts, state, checkpoint and record) that trains ------------------------
 
 
-@dataclass
-class _Run:
-    """One training run: the method (and its DDP wrapper ``model``), optimizer, schedule and the loop's
-    ``TrainState``, with the data, the checkpoint path and the environment it records."""
-
-    base: object
-    method: torch.nn.Module
-    spec: TaskSpec
-    config: TrainConfig
-    dist: Distributed
-    data: TrainData
-    ckpt: Path | None
-    env: dict
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    state: TrainState = field(default_factory=TrainState)
-    on_eval: EvalCallback | None = None
-    trackers: Trackers = field(default_factory=Trackers)
+class _Run(Run):
+    """One training run (``run.Run``: the parts, the state, checkpoint and record) with the loop's steps,
+    evaluations and trackers."""
 
     @classmethod
     def start(cls, base, method, spec: TaskSpec, config: TrainConfig, dist: Distributed, data: TrainData,
@@ -97,20 +81,10 @@ class _Run:
         method.train()
         model = dist.wrap(method)
         optimizer = torch.optim.AdamW(method.parameter_groups(config.lr), weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+        scheduler = lr_schedule(optimizer, config)
         return cls(base, method, spec, config, dist, data, ckpt, env, model, optimizer, scheduler, on_eval=on_eval)
 
-    @property
-    def metric(self) -> str:
-        """The task's primary dev metric, the one that picks the best adapter."""
-        return PRIMARY_METRIC[self.spec.task]
-
-    # --- start: resume from the checkpoint, or score the base model and the initial adapter --------------------
-
-    def resume(self) -> None:
-        """Continue from the checkpoint (``checkpoint.py``: same configuration, this rank's RNG states)."""
-        self.state = read_checkpoint(self.ckpt, self.dist, self.config, self.method, self.optimizer, self.scheduler,
-                                     self.env)
+    # --- a fresh start: score the base model and the initial adapter (a resume: ``Run.load_checkpoint``) -------
 
     def fresh_start(self, base_dev: dict | None) -> None:
         """The bare model's dev metrics (given by the caller, or measured once), then the step-0 evaluation, so the
@@ -223,25 +197,25 @@ class _Run:
         without dev the last adapter is the one kept), then a checkpoint every ``checkpoint_every`` steps before the
         last."""
         config, state, dist = self.config, self.state, self.dist
-        last = state.step == config.steps
-        if self.data.dev and ((config.eval_every and state.step % config.eval_every == 0) or last):
+        cadence, last = Cadence.of(config), state.step == config.steps
+        if self.data.dev and cadence.evaluates(state.step):
             score = self.evaluate_now()
-            asked = self.on_eval is not None and bool(self.on_eval(state.step, score)) and not last
-            state.stopped_early = asked or bool(config.patience and state.bad_evals >= config.patience and not last)
-            if asked:
+            stop = cadence.stop(state.step, score, state, self.on_eval)
+            state.stopped_early = stop is not None
+            if stop == "asked":
                 log(dist, f"stopped at step {state.step}: the caller's on_eval asked to stop")
-            elif state.stopped_early:
+            elif stop == "patience":
                 log(dist, f"early stop at step {state.step}: no dev improvement in {config.patience} evaluations")
         elif not self.data.dev and last:
             self.evaluate_now()
         if config.checkpoint_every and state.step % config.checkpoint_every == 0 and not last:
             self.save_checkpoint()
 
-    # --- keep-best evaluation and checkpoints ------------------------------------------------------------------
+    # --- keep-best evaluation ----------------------------------------------------------------------------------
 
     def evaluate_now(self) -> float | None:
-        """Dev evaluation of the current adapter (its primary metric, ``None`` without dev); keeps the best (ties
-        keep the earlier one)."""
+        """Dev evaluation of the current adapter (its primary metric, ``None`` without dev); keeps the best
+        (``cadence.KeepBest``, which the state is: ties keep the earlier one, without dev the last)."""
         state, dev, metric = self.state, self.data.dev, self.metric
         started = time.perf_counter()
         artifact = self.method.materialize()
@@ -254,21 +228,11 @@ class _Run:
             point = {"step": state.step, "loss": None, "seconds": round(state.train_seconds, 3)}
             state.curve.append(point)
         point[f"dev_{metric}"] = score
-        if state.best_metric is None or (score is not None and score > state.best_metric) or not dev:
-            state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
-            state.best_tensors = {k: v.detach().cpu().clone() for k, v in artifact.tensors().items()}
-        else:
-            state.bad_evals += 1
+        state.offer(state.step, score, lambda: {k: v.detach().cpu().clone() for k, v in artifact.tensors().items()})
         if dev:
             log(self.dist, f"step {state.step}: dev {metric} {score:.4f} "
                            f"(best {state.best_metric:.4f} at step {state.best_step})")
         return score
-
-    def save_checkpoint(self) -> None:
-        """Everything a bitwise resume needs (``checkpoint.py``; a collective, so all ranks call this)."""
-        if self.ckpt is not None:
-            write_checkpoint(self.ckpt, self.dist, self.config, self.state, self.method, self.optimizer,
-                             self.scheduler, self.env)
 
     # --- the result --------------------------------------------------------------------------------------------
 
@@ -279,7 +243,7 @@ class _Run:
         adapter = Adapter.from_method(self.method, base, task=self.spec)
         adapter.artifact = artifact_from_tensors(self.method.artifact_kind, state.best_tensors).to(base.device,
                                                                                                    base.dtype)
-        record = self._record()
+        record = self.record()
         self.trackers.finish(_final(record))
         if out_dir is not None and self.dist.is_main:
             files = {RECORD_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})}
@@ -287,18 +251,6 @@ class _Run:
             self.ckpt.unlink(missing_ok=True)
         self.dist.barrier()
         return TrainResult(adapter=adapter, record=record)
-
-    def _record(self) -> dict:
-        """``training.json``; flags (and warns about) a best adapter below the bare model on dev."""
-        state, metric, data = self.state, self.metric, self.data
-        record = training_record(self.config, state, self.method, self.spec, data.report, metric, len(data.encoded),
-                                 len(data.dev), self.env)
-        if state.base_dev is not None and state.best_metric is not None and state.best_metric < state.base_dev[metric]:
-            record["below_base_model"] = True
-            log(self.dist, f"warning: the best adapter (dev {metric} {state.best_metric:.4f}) is below the base "
-                           f"model without an adapter ({state.base_dev[metric]:.4f}); train longer (--steps), try "
-                           "another --lr or --init, or serve the base model for this task")
-        return record
 
 
 def train(
@@ -333,7 +285,7 @@ def train(
     data = prepare_data(base, method, train_examples, dev_examples, spec, config, dist)
     run = _Run.start(base, method, spec, config, dist, data, ckpt, on_eval)
     if resuming:
-        run.resume()
+        run.load_checkpoint()
     try:
         run.open_trackers(place, resuming)
         if not resuming:
@@ -344,6 +296,26 @@ def train(
         run.trackers.finish(None)  # stopped on an error: flushed and marked failed (a no-op after finish)
 
 
+def dev_score(base, artifact, dev, spec: TaskSpec, config: TrainConfig, dist: Distributed) -> dict:
+    """Dev metrics of ``artifact`` (``None``: the bare model), identical on every rank: each rank evaluates its shard
+    (rank ``r``: examples ``r, r + N, ...``; possibly none), the outputs are merged back in dev order and the task's
+    metrics computed from the whole set."""
+    mine = dist.shard(dev)
+    result = evaluate(base, artifact, mine, spec, config.eval_batch_size, return_outputs=True) if mine else {}
+    outputs = merge(dist, dev, result.get("outputs", []))
+    if spec.task == "classify":
+        return score_outputs(spec, dev, outputs)
+    return score_outputs(spec, dev, outputs, merge(dist, dev, result.get("target_logprobs", [])))
+
+
+def merge(dist: Distributed, dev: list, mine: list) -> list:
+    """Every rank's per-example values (rank ``r`` holds examples ``r, r + N, ...``) back in dev order."""
+    merged = [None] * len(dev)
+    for rank, values in enumerate(dist.gather_objects(mine)):
+        merged[rank :: dist.world_size] = values
+    return merged
+
+
 def _final(record: dict) -> dict:
     """What the trackers get at the end, from ``training.json``."""
     timings = record["timings"]
@@ -352,4 +324,4 @@ def _final(record: dict) -> dict:
             "tokens_per_second": timings["tokens_per_second"]}
 
 
-__all__ = ["RECORD_FILE", "EvalCallback", "TrainResult", "train"]
+__all__ = ["RECORD_FILE", "EvalCallback", "TrainResult", "dev_score", "merge", "train"]

@@ -20,7 +20,6 @@ from softprompts.tasks import Encoded, TaskSpec, TruncationReport, encode, epoch
 from softprompts.training.config import TrainConfig
 from softprompts.training.distributed import Distributed
 from softprompts.training.guards import check_fits_context
-from softprompts.training.state import checkpoint_path
 from softprompts.training.trackers import only_logs
 
 
@@ -39,6 +38,12 @@ def check_options(base, config: TrainConfig) -> None:
         base.require("compile", flag="--compile")
     if config.gradient_checkpointing:
         base.require("gradient_checkpointing", flag="--gradient-checkpointing")
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """``OUT.checkpoint.pt`` next to the output directory (which only appears, atomically, at the end)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.checkpoint.pt"
 
 
 def output_paths(out_dir, resume: bool, overwrite: bool, dist: Distributed) -> tuple[Path | None, Path | None, bool]:
@@ -107,4 +112,4 @@ def check_fits(base, method, spec: TaskSpec, encoded: list, dev: list) -> None:
     check_fits_context(base, virtual, dev_rows, "dev data")
 
 
-__all__ = ["TrainData", "check_fits", "check_options", "log", "output_paths", "prepare_data"]
+__all__ = ["TrainData", "check_fits", "check_options", "checkpoint_path", "log", "output_paths", "prepare_data"]
