@@ -27,25 +27,11 @@ from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import Sampling
 from softprompts.model.placement import beyond_start, placed_length, read_lead
-from softprompts.serve.registry import BASE_NAME, Entry
+from softprompts.serve.registry import ArtifactKey, Entry
 from softprompts.serve.schemas import ChatBody, ClassifyBody, CompletionBody, GenerationFields
 from softprompts.serve.text import StopStrings, classify_prompts
 from softprompts.task_spec import ChatSpec
 from softprompts.tasks import split_prompt, turn_stop_ids
-
-
-@dataclass(frozen=True)
-class ArtifactKey:
-    """Which placed artifact a prompt runs with: adapter ``name`` at ``version`` after ``lead`` (the bare model:
-    ``BASE_NAME``, version 0). An empty lead is the adapter's served artifact itself."""
-
-    name: str
-    version: int
-    lead: tuple[int, ...]
-
-    @classmethod
-    def of(cls, entry: Entry | None, lead: tuple[int, ...]) -> ArtifactKey:
-        return cls(BASE_NAME, 0, lead) if entry is None else cls(entry.name, entry.version, lead)
 
 
 @dataclass(frozen=True)
@@ -182,5 +168,5 @@ def plan_scores(base, entry: Entry, body: ClassifyBody) -> ScorePlan:
     return ScorePlan(labels, planned, candidates)
 
 
-__all__ = ["ArtifactKey", "PromptPlan", "RequestPlan", "ScorePlan", "chat_format_of", "plan_generation",
+__all__ = ["PromptPlan", "RequestPlan", "ScorePlan", "chat_format_of", "plan_generation",
            "plan_scores", "render_chat", "split_request_prompt"]

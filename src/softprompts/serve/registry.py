@@ -3,8 +3,13 @@
 Every subdirectory of ``directory`` holding an ``adapter.json`` is an adapter named after the subdirectory; every
 subdirectory holding a prompt table (``table.json``) serves each of its tasks as ``<subdirectory>.<task>``. Each
 is validated on discovery (``load_adapter(dir, base)``: format, tensor shapes, base-model fingerprint) and its
-artifact converted once to what is served (``prepare``: soft prompt -> exact KV prefix). Loaded artifacts are
-kept under ``max_bytes`` (least recently used dropped first; a dropped one reloads from disk on its next request).
+artifact converted once to what is served (``prepare``: soft prompt -> exact KV prefix).
+
+One cache, one byte budget (``max_bytes``, ``--max-adapter-memory-mb``): the loaded adapters and their placed
+artifacts (``placed``: an adapter's served form after a lead, e.g. [system turn + soft prompt] KV, computed once per
+(name, version, lead) and reused by every request with that lead) share one least-recently-used order, and whatever
+was used longest ago is dropped first until the bytes fit. A dropped adapter reloads from disk on its next request,
+a dropped placement is computed again; a new version or an unloaded adapter drops its placements at once.
 
 Hot loading: ``scan()`` (run by ``start_polling`` every ``poll_s`` seconds, and by ``load(name)``) compares each
 directory's signature (mtime and size of its two files) and reloads new or changed adapters (a changed table
@@ -28,6 +33,7 @@ from softprompts.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from softprompts.codec import read_table_record
 from softprompts.errors import SoftpromptsError
 from softprompts.model.artifacts import Artifact
+from softprompts.model.placement import place
 from softprompts.table import TABLE_CONFIG, TABLE_WEIGHTS, PromptTable
 from softprompts.task_spec import TaskSpec
 
@@ -52,6 +58,25 @@ def check_name(name: str) -> str:
             "or '_' (so no path separators, no '..' and no hidden names)"
         )
     return name
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """Which placed artifact a row runs with: adapter ``name`` at ``version`` after ``lead`` (the bare model:
+    ``BASE_NAME``, version 0). An empty lead is the adapter's served artifact itself."""
+
+    name: str
+    version: int
+    lead: tuple[int, ...]
+
+    @classmethod
+    def of(cls, entry: Entry | None, lead: tuple[int, ...]) -> ArtifactKey:
+        return cls(BASE_NAME, 0, lead) if entry is None else cls(entry.name, entry.version, lead)
+
+
+def nbytes(artifact: Artifact | None) -> int:
+    """The bytes an artifact's tensors hold."""
+    return sum(t.numel() * t.element_size() for t in artifact.tensors().values()) if artifact is not None else 0
 
 
 @dataclass
@@ -110,7 +135,9 @@ class Registry:
         self.max_bytes = max_bytes
         self.poll_s = poll_s
         self._entries: dict[str, Entry] = {}
-        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded entries, oldest first
+        self._lru: OrderedDict[str | ArtifactKey, int] = OrderedDict()  # loaded adapters and placements -> bytes
+        self._placed: dict[ArtifactKey, Artifact | None] = {}
+        self.placed_hits = self.placed_misses = 0
         self._disabled: set[str] = set()  # unloaded by DELETE: not hot-loaded back until load(name)
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -172,26 +199,36 @@ class Registry:
                 method=adapter.method,
                 task=adapter.task,
                 num_virtual_tokens=served.length,
-                nbytes=sum(t.numel() * t.element_size() for t in served.tensors().values()),
+                nbytes=nbytes(served),
                 version=(old.version + (old.signature != signature)) if old and old.version else 1,
                 loaded_at=time.time(),
             )
             self._entries[name] = entry
-            self._lru[name] = None
+            self._forget_placed(name, keep_version=entry.version)
+            self._lru[name] = entry.nbytes
             self._lru.move_to_end(name)
             self._evict(keep=name)
         return entry
 
-    def _evict(self, keep: str) -> None:
+    def _evict(self, keep: str | ArtifactKey) -> None:
+        """Drop the least recently used adapters and placements until the bytes fit (``keep`` stays)."""
         while self.loaded_bytes() > self.max_bytes and len(self._lru) > 1:
             oldest = next(n for n in self._lru if n != keep)
-            # a copy without the tensors: a request that got the entry before keeps its artifact (module docstring)
-            self._entries[oldest] = replace(self._entries[oldest], artifact=None, source=None)
+            if isinstance(oldest, ArtifactKey):
+                del self._placed[oldest]
+            else:  # a copy without the tensors: a request that got the entry before keeps its artifact (docstring)
+                self._entries[oldest] = replace(self._entries[oldest], artifact=None, source=None)
             del self._lru[oldest]
+
+    def _forget_placed(self, name: str, keep_version: int | None = None) -> None:
+        """Drop ``name``'s placements (but those of ``keep_version``)."""
+        for key in [k for k in self._placed if k.name == name and k.version != keep_version]:
+            del self._placed[key], self._lru[key]
 
     def _drop(self, name: str) -> None:
         self._entries.pop(name, None)
         self._lru.pop(name, None)
+        self._forget_placed(name)
 
     # -- requests -------------------------------------------------------------------------------------------
     def get(self, name: str) -> Entry:
@@ -208,6 +245,29 @@ class Registry:
         if entry.artifact is None:
             raise AdapterError(f"adapter {name!r} cannot be loaded: {entry.error}")
         return entry
+
+    def placed(self, entry: Entry | None, lead: tuple[int, ...] = ()) -> Artifact | None:
+        """What a row with ``lead`` runs with: ``entry``'s served artifact (``None``: the bare model) placed after
+        the lead (``placement.place``, then ``prepare``), computed once per ``ArtifactKey`` and kept in the
+        budget; with no lead the adapter's served artifact itself."""
+        if not lead:
+            return entry.artifact if entry is not None else None
+        key = ArtifactKey.of(entry, tuple(lead))
+        with self._lock:
+            if key in self._placed:
+                self._lru.move_to_end(key)
+                self.placed_hits += 1
+                return self._placed[key]
+        served = self.prepare(place(self.base, entry.source if entry is not None else None, lead))
+        with self._lock:
+            self.placed_misses += 1
+            current = self._entries.get(key.name)
+            if entry is None or (current is not None and current.version == key.version):  # not a stale version
+                self._placed[key] = served
+                self._lru[key] = nbytes(served)
+                self._lru.move_to_end(key)
+                self._evict(keep=key)
+        return served
 
     def load(self, name: str) -> Entry:
         """(Re)load ``name`` from its subdirectory (or table task) now (also re-enables an unloaded adapter)."""
@@ -241,8 +301,10 @@ class Registry:
             return [e for n, e in sorted(self._entries.items()) if n not in self._disabled]
 
     def loaded_bytes(self) -> int:
+        """The bytes of the loaded adapters and their placements: at most ``max_bytes`` (but for the one last
+        used)."""
         with self._lock:
-            return sum(self._entries[n].nbytes for n in self._lru)
+            return sum(self._lru.values())
 
     # -- hot loading ----------------------------------------------------------------------------------------
     def start_polling(self) -> None:

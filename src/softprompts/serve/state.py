@@ -1,6 +1,6 @@
-"""What a server holds: the engine, the adapter registry, the scheduler (continuous batching), metrics, and the
-placed artifacts (an adapter after a lead: ``placed.py``). Built once by ``build_state``; the HTTP layer only reads
-it."""
+"""What a server holds: the engine, the adapter registry (with the placed artifacts: an adapter after a lead, in the
+same byte budget), the scheduler (continuous batching) and metrics. Built once by ``build_state``; the HTTP layer
+only reads it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from softprompts.data.chat import ChatFormat
 from softprompts.model.artifacts import Artifact
 from softprompts.serve.engine import Engine
 from softprompts.serve.metrics import Metrics
-from softprompts.serve.placed import PlacedArtifacts
 from softprompts.serve.plan import PromptPlan, chat_format_of
 from softprompts.serve.registry import Entry, Registry
 from softprompts.serve.scheduler import Scheduler
@@ -25,17 +24,12 @@ class ServerState:
     registry: Registry
     scheduler: Scheduler
     metrics: Metrics
-    placed: PlacedArtifacts
     started: float = field(default_factory=time.time)
 
     def artifact(self, entry: Entry | None, lead: tuple[int, ...] = ()) -> Artifact | None:
         """What a row runs with: the adapter's served artifact (``None`` = the base model), placed after ``lead``
-        when the row has one (computed once per adapter version and lead)."""
-        if not lead:
-            return entry.artifact if entry is not None else None
-        if entry is None:
-            return self.placed.get(("base",), None, lead)
-        return self.placed.get((entry.name, entry.version), entry.source, lead)
+        when the row has one (computed once per adapter version and lead: ``Registry.placed``)."""
+        return self.registry.placed(entry, lead)
 
     def artifacts(self, entry: Entry | None, prompts: list[PromptPlan]) -> list[Artifact | None]:
         """What each planned prompt runs with (``artifact`` after its lead): may compute a placement, so the routes
@@ -69,8 +63,7 @@ def build_state(
     registry = Registry(base, adapters, prepare=engine.prepare, max_bytes=max_adapter_bytes, poll_s=poll_s)
     scheduler = Scheduler(engine, max_running=max_running, max_waiting=max_waiting, max_kv_bytes=max_kv_bytes,
                           metrics=metrics, timeout_s=request_timeout_s, prefill_chunk=prefill_chunk)
-    return ServerState(base=base, engine=engine, registry=registry, scheduler=scheduler, metrics=metrics,
-                       placed=PlacedArtifacts(base, engine.prepare))
+    return ServerState(base=base, engine=engine, registry=registry, scheduler=scheduler, metrics=metrics)
 
 
 __all__ = ["ServerState", "build_state"]
