@@ -312,3 +312,23 @@ def test_compare_recommendation_counts_dept_as_a_soft_prompt():
     mixed = {**softs, "prefix": _entry("prefix", "kv_prefix", [0.90], 10000)}
     text = "\n".join(recommend(mixed, base, "accuracy", 500)["text"])
     assert "`prefix` vs `dept`" in text
+
+
+def test_a_wrapped_model_stops_the_offsets_at_the_labels():
+    """``sp.wrap`` (Trainer, TRL): with labels (-100 on the prompt, left padding) the offsets reach the prompt only,
+    as in our own loss: its logits == ours with each row's prompt length; without labels every token is prompt."""
+    base = cached_base("llama")
+    model = sp.wrap(base, "dept", num_virtual_tokens=3, init_text="abc", offset_positions=16, rank=2)
+    perturb(model.method)
+    prompts, targets = [base.tokenize("good film"), base.tokenize("bad")], [base.tokenize(" yes"), base.tokenize(" no")]
+    ids_, mask = pad_rows([p + t for p, t in zip(prompts, targets, strict=True)], base.pad_id, base.device)
+    labels = ids_.masked_fill(mask == 0, -100)
+    for i, target in enumerate(targets):
+        labels[i, : ids_.shape[1] - len(target)] = -100
+    lengths = torch.tensor([len(p) for p in prompts])
+    with torch.no_grad():
+        artifact = model.method()
+        wrapped = model(ids_, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(wrapped, forward(base, artifact, ids_, mask, prompt_lengths=lengths).logits)
+        assert (wrapped - forward(base, artifact, ids_, mask).logits).abs().max() > 1e-3
+        torch.testing.assert_close(model(ids_, attention_mask=mask).logits, forward(base, artifact, ids_, mask).logits)

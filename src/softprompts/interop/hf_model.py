@@ -139,7 +139,9 @@ class PromptModel(nn.Module):
                 labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         _refuse(kwargs, "forward")
-        logits = self.base.token_logits(self.method(), input_ids, attention_mask)  # [B, T, V]
+        lengths = None if labels is None else _prompt_lengths(labels.to(input_ids.device), attention_mask)
+        logits = self.base.token_logits(self.method(), input_ids, attention_mask,
+                                        prompt_lengths=lengths)  # [B, T, V]
         loss = None
         if labels is not None:
             target = labels[:, 1:].to(logits.device)
@@ -197,6 +199,16 @@ class Backbone:
                  **kwargs) -> BaseModelOutput:
         _refuse(kwargs, "base_model")
         return BaseModelOutput(last_hidden_state=self.owner.hidden_states(input_ids, attention_mask))
+
+
+def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B]`` real tokens before each row's first labelled one (HF labels: ``labels[:, t]`` is token ``t``, -100
+    where it is not learned): the prompt, where embedding offsets (DePT) stop; a row without labels is all prompt."""
+    mask = torch.ones_like(labels) if attention_mask is None else attention_mask.long()
+    labelled = labels != -100  # [B, T]
+    first = labelled.long().argmax(1)  # [B]: the first labelled column (0 when none)
+    before = (mask.cumsum(1) - mask).gather(1, first[:, None]).squeeze(1)  # real tokens left of that column
+    return torch.where(labelled.any(1), before, mask.sum(1))
 
 
 def _refuse(kwargs: dict, where: str) -> None:

@@ -97,8 +97,10 @@ class BaseModel(FrozenBase):
 
     def token_logits(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None,
-                     logits_positions: torch.Tensor | None = None) -> torch.Tensor:
-        return forward(self, rows, input_ids, attention_mask, logits_positions=logits_positions).logits
+                     logits_positions: torch.Tensor | None = None,
+                     prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return forward(self, rows, input_ids, attention_mask, logits_positions=logits_positions,
+                       prompt_lengths=prompt_lengths).logits
 
     def hidden_at(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:

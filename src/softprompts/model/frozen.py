@@ -218,11 +218,13 @@ class FrozenBase:
 
     def token_logits(self, rows: VirtualContext | Artifact | None, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None,
-                     logits_positions: torch.Tensor | None = None) -> torch.Tensor:
+                     logits_positions: torch.Tensor | None = None,
+                     prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` of ``input_ids [B, T]`` read as one causal sequence per row, with ``rows`` injected
         (a ``VirtualContext``, or one artifact for every row): the logits of the real positions only, or of
         ``logits_positions [K]`` of them (``[B, K, V]``). Prompt log-probabilities, a wrapped model's logits and a
-        teacher's targets read it; a family that reads its input otherwise declares ``token_logits`` unsupported."""
+        teacher's targets read it; a family that reads its input otherwise declares ``token_logits`` unsupported.
+        ``prompt_lengths [B]``: each row's real tokens that are prompt (embedding offsets stop there; ``None``: all)."""
         self.require("token_logits")
         raise NotImplementedError
 
