@@ -18,7 +18,8 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="embedded name, HF id or directory (default: smollm2-135m, or the "
                    "base of --init-from)")
-    p.add_argument("--method", default=None, help="prompt (prompt tuning, the default), ptuning (P-tuning), prefix "
+    p.add_argument("--method", default=None, help="prompt (prompt tuning, the default), ptuning (P-tuning), residual "
+                   "(residual prompt tuning), dept (DePT: a soft prompt + low-rank embedding offsets), prefix "
                    "(prefix tuning), deep (deep prompts / P-tuning v2) or cartridge (the default with --corpus); an "
                    "unknown name lists the methods installed")
     p.add_argument("--task", default="classify", choices=("classify", "generate"))
