@@ -356,3 +356,22 @@ def test_tune_searches_its_rank_and_offset_rate(tmp_path):
     assert config["rank"] == 4 and config["offset_lr_ratio"] == 1.0
     d = sp.load_base(str(model)).shapes.hidden_size
     assert trial.user_attrs["trainable_parameters"] == 3 * d + 4 * (256 + d)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_offsets_go_on_the_encoder_input(arch):
+    """DePT's original setting: the encoder reads ``[E; e(x) + A·B]`` (every encoder token is prompt); the decoder's
+    tokens get none. Ours == the HF model fed those encoder embeddings by hand."""
+    from softprompts.model import encoder_decoder
+
+    base = cached_base(arch)
+    artifact = dept(base, offset_positions=5).materialize()
+    x = ids(base, INPUT)
+    y = torch.tensor([[base.decoder_start_id, *base.tokenize("out")]])
+    embeds = base.embed(x[0])
+    embeds = torch.cat([embeds[:5] + artifact.offsets.dense().to(embeds.dtype), embeds[5:]])
+    with torch.no_grad():
+        ours = encoder_decoder.forward(base, VirtualContext.broadcast(artifact, 1), x, None, y, None).logits
+        theirs = base.model(inputs_embeds=torch.cat([artifact.prompt.embeds, embeds])[None],
+                            decoder_input_ids=y).logits
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-4)

@@ -14,7 +14,7 @@ from softprompts.model.head_loss import chunk_rows, head_cross_entropy_sum
 from softprompts.tasks import Encoded, collate
 from softprompts.training.step import label_loss_sum, plain_label_loss_sum
 
-METHODS = ["prompt", "ptuning", "prefix", "deep"]
+METHODS = ["prompt", "ptuning", "prefix", "deep", "dept"]
 
 
 def rows() -> list[Encoded]:  # ragged targets: the label block holds -100 where a row's target is shorter
