@@ -17,7 +17,7 @@ import json
 from softprompts.model.generation import GenerationResult, TokenLogprob
 from softprompts.serve.answers import AnswerShape, finish, kept_tokens, usage
 from softprompts.serve.state import ServerState
-from softprompts.serve.text import StopStrings, stream_safe_length
+from softprompts.serve.text import StopStrings, StopWatch, stream_safe_length
 from softprompts.serve.translate import Generation
 
 
@@ -76,8 +76,10 @@ async def stream_completions(state: ServerState, generation: Generation, shape: 
 
 
 async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: StopStrings, shape: AnswerShape):
-    """The chunks of every choice from the token events, text held back where a stop string may begin."""
+    """The chunks of every choice from the token events, text held back where a stop string may begin (each
+    choice's text decoded incrementally: ``StopWatch``)."""
     tokens: dict[int, list[int]] = {i: [] for i in range(len(echoed))}
+    watches = {i: StopWatch(stops, tokenizer) for i in tokens}
     scored: dict[int, list[TokenLogprob]] = {i: [] for i in tokens}
     sent = dict.fromkeys(tokens, 0)  # characters of the completion sent
     reported = dict.fromkeys(tokens, 0)  # tokens whose logprobs were sent
@@ -91,7 +93,7 @@ async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: S
             tokens[index].append(tok)
             if lp is not None:
                 scored[index].append(lp)
-            text, hit = stops.cut(tokenizer, tokens[index])
+            text, hit = watches[index].cut(tokens[index])
             safe = len(text) if hit else stream_safe_length(text, stops.stops)
             if safe > sent[index]:
                 upto = kept_tokens(tokenizer, tokens[index], safe) if shape.logprobs else 0

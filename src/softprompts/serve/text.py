@@ -1,5 +1,6 @@
-"""Text-side helpers of the server: stop strings (a body's, where a text ends, when a generation stops), streaming
-hold-back, classification prompts and label targets."""
+"""Text-side helpers of the server: stop strings (a body's, where a text ends, when a generation stops: each row's
+text decoded once, incrementally, as its tokens come), streaming hold-back, classification prompts and label
+targets."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class StopStrings:
         return cls(tuple(s for s in given if s), min_tokens)
 
     def cut(self, tokenizer, tokens: list[int]) -> tuple[str, bool]:
-        """The text of ``tokens`` up to the earliest stop string that counts (excluded), and whether one did."""
+        """The text of ``tokens`` up to the earliest stop string that counts (excluded), and whether one did: the
+        whole sequence decoded once (a finished answer; a growing one: ``StopWatch``)."""
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if not self.stops or len(tokens) < self.min_tokens:
             return text, False
@@ -36,11 +38,100 @@ class StopStrings:
         return (text[: min(found)], True) if found else (text, False)
 
     def check(self, tokenizer) -> Callable[[list[int]], bool] | None:
-        """What ends a generation early: whether its tokens' text holds a stop string that counts (``None``
-        without stops)."""
+        """What ends a generation early: a new ``StopWatch`` over one row's tokens (``None`` without stops)."""
         if not self.stops:
             return None
-        return lambda ids: self.cut(tokenizer, ids)[1]
+        return StopWatch(self, tokenizer)
+
+
+class IncrementalText:
+    """The text of a growing token sequence, each token decoded once (with a short lookback), equal to decoding
+    the whole sequence (``tokenizer.decode(tokens, skip_special_tokens=True)``) after every ``extend``.
+
+    The decoded prefix is kept; a step decodes only the window ``tokens[start:]``, where ``start`` is the previous
+    commit point, and appends what it adds beyond ``tokens[start:done]``'s own text (the lookback lets a tokenizer
+    that drops a word's leading space at the start of a decode, or merges across tokens, give the same text as in
+    the whole). New text is committed only when it does not end in U+FFFD: a multi-byte character split across
+    tokens stays pending (shown as U+FFFD, as the whole decode shows it) until its last byte arrives; nor after a
+    byte-fallback token (``<0xNN>``, SentencePiece), whose run of bytes decodes all or nothing: a later byte can
+    still turn the whole run into U+FFFDs. A tokenizer that cleans up spaces across the whole text
+    (``clean_up_tokenization_spaces``) is decoded whole every time."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._special = frozenset(tokenizer.all_special_ids)
+        self._done = ""  # the text of tokens[:self._read], final
+        self._start = self._read = 0  # the lookback window's start; tokens whose text is final
+        self._pending = ""  # the text of tokens[self._read:] as it reads now
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
+    @property
+    def text(self) -> str:
+        return self._done + self._pending
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token that is not a special one (those are skipped: the bytes on both sides join) is
+        a byte-fallback token (``<0xNN>``)."""
+        last = next((t for t in reversed(self.tokens) if t not in self._special), None)
+        name = self.tokenizer.convert_ids_to_tokens(last) if last is not None else None
+        return isinstance(name, str) and len(name) == 6 and name.startswith("<0x") and name.endswith(">")
+
+    @property
+    def stable(self) -> int:
+        """How many leading characters of ``text`` no later token can change."""
+        return len(self._done)
+
+    def extend(self, tokens: list[int]) -> str:
+        """Append ``tokens``; the whole text now."""
+        if not tokens:
+            return self.text
+        self.tokens.extend(tokens)
+        if self._whole:
+            self._pending = self._decode(self.tokens)
+            return self._pending
+        window = self._decode(self.tokens[self._start:])
+        seen = len(self._decode(self.tokens[self._start:self._read]))
+        if len(window) > seen and not window.endswith("\ufffd") and not self._in_byte_run():
+            self._done += window[seen:]
+            self._start, self._read, self._pending = self._read, len(self.tokens), ""
+        else:
+            self._pending = window[seen:]
+        return self.text
+
+
+class StopWatch:
+    """One row's stop strings over its growing tokens (a generation request's ``stop_check``, a stream's cut):
+    the text decoded incrementally (``IncrementalText``) and only its new part searched, answering what
+    ``StopStrings.cut`` answers on the whole sequence. The tokens it is given must only grow."""
+
+    def __init__(self, stops: StopStrings, tokenizer) -> None:
+        self.stops = stops
+        self.text = IncrementalText(tokenizer)
+        self._held: int | None = None  # characters of the first min_tokens tokens' text
+        self._searched = 0  # characters of final text searched: no stop string lies wholly inside them
+
+    def cut(self, tokens: list[int]) -> tuple[str, bool]:
+        """``StopStrings.cut(tokenizer, tokens)``, from the tokens not seen before."""
+        seen, upto = len(self.text.tokens), self.stops.min_tokens
+        if self._held is None and len(tokens) >= upto:
+            self.text.extend(tokens[seen:upto])
+            self._held, seen = len(self.text.text) if upto else 0, max(seen, upto)
+        text = self.text.extend(tokens[seen:])
+        if not self.stops.stops or self._held is None:
+            return text, False
+        found = [i for i in (text.find(s, max(0, self._held - len(s) + 1, self._searched - len(s) + 1))
+                             for s in self.stops.stops) if i >= 0]
+        if not found:
+            self._searched = self.text.stable
+            return text, False
+        return text[: min(found)], True
+
+    def __call__(self, tokens: list[int]) -> bool:
+        return self.cut(tokens)[1]
 
 
 def stream_safe_length(text: str, stops: tuple[str, ...]) -> int:
