@@ -215,6 +215,7 @@ def test_lora_run_leaves_the_base_model_as_it_was():
     logits, frozen), so every run after it starts from the bare model."""
     from tiny import tiny_base
 
+    from softprompts.compare.config import CompareData
     from softprompts.compare.peft_baseline import LORA, PeftSpec, release, run_peft
     from softprompts.data.datasets import build_examples
     from softprompts.tasks import TaskSpec
@@ -228,7 +229,7 @@ def test_lora_run_leaves_the_base_model_as_it_was():
     before = base.model(input_ids=ids).logits
     modules = [type(m).__name__ for m in base.model.modules()]
     config = TrainConfig(steps=3, lr=1e-2, batch_size=4, eval_every=0, progress=False)
-    result = run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], examples[:4], "accuracy")
+    result = run_peft(base, PeftSpec(LORA, None, config), CompareData(spec, examples, examples[:4], examples[:4]))
     assert result.trainable_params > 0 and result.steps_done == 3
     assert any(hasattr(m, "lora_A") for m in base.model.modules())  # LoRA layers were in the model
     release(result, base)
@@ -246,6 +247,7 @@ def test_peft_loop_keeps_and_stops_by_our_loops_rules(monkeypatch, stop):
 
     import softprompts.compare.peft_baseline as peft_baseline
     import softprompts.training.loop as loop
+    from softprompts.compare.config import CompareData
     from softprompts.compare.peft_baseline import LORA, PeftSpec, release, run_peft
     from softprompts.data.datasets import build_examples
     from softprompts.methods import create_method
@@ -273,7 +275,7 @@ def test_peft_loop_keeps_and_stops_by_our_loops_rules(monkeypatch, stop):
                  dev_examples=examples[:4], base_dev={"accuracy": 0.0, "macro_f1": 0.0, "n": 4},
                  on_eval=on_eval).record
     monkeypatch.setattr(peft_baseline, "make_evaluator", lambda base, task: scores(4))
-    peft = run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], [], "accuracy", on_eval=on_eval)
+    peft = run_peft(base, PeftSpec(LORA, None, config), CompareData(spec, examples, examples[:4], []), on_eval=on_eval)
     release(peft, base)
     assert ours["stopped_early"] and peft.stopped_early
     assert ours["steps_done"] == peft.steps_done == 3
@@ -286,6 +288,7 @@ def test_a_lora_run_that_fails_leaves_the_base_model_as_it_was():
     before the error reaches the compare, which reports a failed PEFT run and goes on with the next run."""
     from tiny import tiny_base
 
+    from softprompts.compare.config import CompareData
     from softprompts.compare.peft_baseline import LORA, PeftSpec, run_peft
     from softprompts.data.datasets import build_examples
     from softprompts.tasks import TaskSpec
@@ -302,7 +305,7 @@ def test_a_lora_run_that_fails_leaves_the_base_model_as_it_was():
 
     config = TrainConfig(steps=3, lr=1e-2, batch_size=4, eval_every=1, progress=False)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        run_peft(base, PeftSpec(LORA, None, config), spec, examples, examples[:4], [], "accuracy", on_eval=broken)
+        run_peft(base, PeftSpec(LORA, None, config), CompareData(spec, examples, examples[:4], []), on_eval=broken)
     assert [type(m).__name__ for m in base.model.modules()] == modules
     assert not any(p.requires_grad for p in base.model.parameters())
 

@@ -37,9 +37,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from softprompts.compare.config import CompareData
 from softprompts.compare.peft_eval import detect_issues, make_evaluator, peft_pair, train_batch
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import MethodConfig, method_class
+from softprompts.metrics import PRIMARY_METRIC
 from softprompts.model.base import BaseModel
 from softprompts.model.load import resolve
 from softprompts.tasks import encode, epoch_batches
@@ -209,15 +211,17 @@ def _state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_examples: list, test_examples: list,
-             primary: str, out_dir: str | Path | None = None, progress=None,
+def run_peft(base: BaseModel, spec: PeftSpec, data: CompareData, out_dir: str | Path | None = None, progress=None,
              on_eval: EvalCallback | None = None) -> PeftResult:
     """Train ``spec.method`` with PEFT on ``base.model`` and evaluate it; the base model is left unchanged.
 
-    ``task``: the ``TaskSpec`` (template, labels, truncation) our runs use; ``primary``: the dev metric to keep the
-    best state by. ``on_eval(step, dev metric)``: called after each dev evaluation past step 0, as our loop's
-    ``train(on_eval=)``; ``True`` stops training there with the best state so far (``stopped_early``).
+    ``data``: the ``TaskSpec`` our runs use (``data.spec``: template, labels, truncation) and the splits: trained on
+    ``train``, the best state kept by the task's primary dev metric on ``dev`` (its first ``eval_limit`` examples),
+    measured on ``test`` (may be empty). ``on_eval(step, dev metric)``: called after each dev evaluation past step
+    0, as our loop's ``train(on_eval=)``; ``True`` stops training there with the best state so far
+    (``stopped_early``).
     """
+    task = data.spec
     evaluate = make_evaluator(base, task)
     peft = import_peft()
     path = resolve(base.name)
@@ -230,14 +234,14 @@ def run_peft(base: BaseModel, spec: PeftSpec, task, train_examples: list, dev_ex
     result = PeftResult(model=model)
     with _released_on_error(result, base):  # a run that fails mid-way leaves no LoRA layer in the base
         result.trainable_params = int(model.get_nb_trainable_parameters()[0])
-        dev = list(dev_examples)[: spec.config.eval_limit] if dev_examples else []
-        _PeftLoop(base, model, spec.config, evaluate, dev, primary, result).run(train_examples, task, progress,
-                                                                                on_eval)
+        dev = list(data.dev)[: spec.config.eval_limit] if data.dev else []
+        _PeftLoop(base, model, spec.config, evaluate, dev, PRIMARY_METRIC[task.task], result).run(
+            data.train, task, progress, on_eval)
         if not all(math.isfinite(p["loss"]) for p in result.curve[1:]):
             result.issues.append("training diverged: the loss is not finite")
         model.eval()
-        result.test = evaluate(model, test_examples) if test_examples else {}
-        result.issues += detect_issues(model, base, [e.prompt for e in (dev or train_examples)])
+        result.test = evaluate(model, data.test) if data.test else {}
+        result.issues += detect_issues(model, base, [e.prompt for e in (dev or data.train)])
         if out_dir is not None:
             result.saved_params, result.saved_bytes = _save(model, Path(out_dir))
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,7 +55,7 @@ class PeftRun:
         started = time.perf_counter()
         bar = tqdm(total=steps, desc="train (peft)", disable=not self.config.progress, file=sys.stderr)
         try:
-            res = run_peft(self.base, peft_spec, self.data.spec, self.data.train, self.dev, self.test, primary,
+            res = run_peft(self.base, peft_spec, replace(self.data, dev=self.dev, test=self.test),
                            out_dir=run_dir / "peft_adapter", progress=bar)
         finally:
             bar.close()

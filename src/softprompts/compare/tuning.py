@@ -18,7 +18,7 @@ configuration they used (``result.json``'s ``tuned``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from softprompts.compare.config import CompareConfig, CompareData
@@ -165,8 +165,7 @@ def lora_trainer(base, data: CompareData, dev: list) -> Trainer:
 
     def run(trial: Trial) -> TrialResult:
         spec = PeftSpec(LORA, None, trial.config, hidden_size=base.shapes.hidden_size, lora_rank=trial.options["r"])
-        result = run_peft(base, spec, data.spec, data.train, dev, [], primary, out_dir=trial.out_dir,
-                          on_eval=trial.on_eval)
+        result = run_peft(base, spec, replace(data, dev=dev, test=[]), out_dir=trial.out_dir, on_eval=trial.on_eval)
         release(result, base)
         if not all(math.isfinite(point["loss"]) for point in result.curve[1:]):
             raise NonFiniteError(f"training stopped: the loss is not finite at lr {trial.lr:g}")
