@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                    "prompt never stalls them for its whole prefill (default 512)")
     p.add_argument("--request-timeout", type=finite, default=None, metavar="SECONDS", help="end a generation still "
                    "running this long after it arrived (finish_reason 'timeout', with the tokens so far); default none")
-    p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0, help="LRU limit on loaded adapters")
+    p.add_argument("--max-adapter-memory-mb", type=finite, default=1024.0,
+                   help="LRU limit on loaded adapters and their placed artifacts (an adapter after a lead), together")
     p.add_argument("--poll-seconds", type=finite, default=2.0, help="adapter directory polling interval (0 = off)")
     p.add_argument("--allow-client-field", action="append", choices=("kv_transfer_params", "ec_transfer_params",
                    "prompt_embeds"), metavar="FIELD", help="--engine vllm only: let clients set this field, which "

@@ -15,7 +15,8 @@ import asyncio
 import json
 
 from softprompts.model.generation import GenerationResult, TokenLogprob
-from softprompts.serve.answers import AnswerShape, finish, kept_tokens, usage
+from softprompts.serve.answers import AnswerShape, finish, usage
+from softprompts.serve.logprobs import within
 from softprompts.serve.state import ServerState
 from softprompts.serve.text import StopStrings, StopWatch, stream_safe_length
 from softprompts.serve.translate import Generation
@@ -80,6 +81,7 @@ async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: S
     choice's text decoded incrementally: ``StopWatch``)."""
     tokens: dict[int, list[int]] = {i: [] for i in range(len(echoed))}
     watches = {i: StopWatch(stops, tokenizer) for i in tokens}
+    pieces: dict[int, list[str]] = {i: [] for i in tokens}  # each token's own text, decoded once (logprobs)
     scored: dict[int, list[TokenLogprob]] = {i: [] for i in tokens}
     sent = dict.fromkeys(tokens, 0)  # characters of the completion sent
     reported = dict.fromkeys(tokens, 0)  # tokens whose logprobs were sent
@@ -91,12 +93,14 @@ async def _choices(tokenizer, events: asyncio.Queue, echoed: list[str], stops: S
             if index in stopped:
                 continue
             tokens[index].append(tok)
+            if shape.logprobs:
+                pieces[index].append(tokenizer.decode([tok]))  # logprobs.token_texts, one token at a time
             if lp is not None:
                 scored[index].append(lp)
             text, hit = watches[index].cut(tokens[index])
             safe = len(text) if hit else stream_safe_length(text, stops.stops)
             if safe > sent[index]:
-                upto = kept_tokens(tokenizer, tokens[index], safe) if shape.logprobs else 0
+                upto = within(pieces[index], safe) if shape.logprobs else 0  # answers.kept_tokens
                 fresh, at = scored[index][reported[index] : upto], len(echoed[index]) + sent[index]
                 yield piece(shape, tokenizer, index, text[sent[index] : safe], None, fresh, at)
                 sent[index], reported[index] = safe, max(reported[index], upto)
