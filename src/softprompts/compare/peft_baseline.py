@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompts.compare.config import CompareData
-from softprompts.compare.peft_eval import detect_issues, make_evaluator, peft_pair, train_batch
+from softprompts.compare.peft_eval import EvalFn, detect_issues, make_evaluator, peft_pair, train_batch
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import MethodConfig, method_class
 from softprompts.metrics import PRIMARY_METRIC
@@ -139,7 +139,7 @@ class _PeftLoop:
     base: BaseModel
     model: object  # the PeftModel
     config: TrainConfig
-    evaluate: object  # peft_eval.make_evaluator's (model, examples) -> metrics
+    evaluate: EvalFn  # peft_eval.make_evaluator's (model, examples) -> metrics
     dev: list
     primary: str
     result: PeftResult
