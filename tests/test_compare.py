@@ -335,4 +335,7 @@ def test_the_recommendation_says_when_lora_is_the_better_choice():
     far = {**lora, "test": {"accuracy": _entry("x", None, [0.95], 1)["test"]["accuracy"]}}
     text = "\n".join(recommend({**ours, "peft:lora": far}, base, "accuracy", 207)["text"])
     assert "**When LoRA is the better choice:** here, for quality" in text and "11.9 points above `prefix`" in text
+    below = {**lora, "test": {"accuracy": _entry("x", None, [0.565], 1)["test"]["accuracy"]}}
+    text = "\n".join(recommend({**ours, "peft:lora": below}, base, "accuracy", 207)["text"])
+    assert "`prefix` scores 26.6 points above LoRA (56.5), a real difference" in text and "within noise" not in text
     assert "Against LoRA" not in "\n".join(recommend(ours, base, "accuracy", 207)["text"])  # LoRA did not run

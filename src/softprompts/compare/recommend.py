@@ -152,6 +152,11 @@ def _against_lora(methods: dict[str, dict], ours: dict, best: str, primary: str,
                 f"{gap:.1f}{unit} above `{best}`, a real difference ({gap / scale / se:.1f} standard errors, {how}). "
                 f"Choose it when that matters more than a {size:.0f}x larger adapter that cannot share a batch with "
                 "other tasks' adapters; else tune the prompt methods (`--tune N`) or train longer."]
+    if -gap / scale >= REAL_DIFFERENCE_SE * se:
+        return [f"**Against LoRA:** `{best}` scores {-gap:.1f}{unit} above LoRA ({fmt_stat(ql, primary)}), a real "
+                f"difference ({-gap / scale / se:.1f} standard errors, {how}), with a {size:.0f}x smaller adapter that "
+                "shares batches with other tasks' adapters: the prompt method is the better choice here (LoRA at "
+                "this budget and learning rate did not reach it; `--tune N` tunes both alike)."]
     return [f"**Against LoRA:** LoRA ({fmt_stat(ql, primary)}) is within noise of `{best}` ({gap:+.1f}{unit}, "
             f"{abs(gap) / scale / se:.1f} standard errors, {how}): `{best}` gives that quality with a {size:.0f}x "
             "smaller adapter that shares batches with other tasks' adapters."]
