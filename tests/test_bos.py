@@ -187,3 +187,27 @@ def test_both_serving_engines_answer_the_same_on_a_bos_base(base, tmp_path):
             assert got.status_code == want.status_code == 200, (got.text, want.text)
             assert [c["text"] for c in got.json()["choices"]] == [c["text"] for c in want.json()["choices"]], name
             assert got.json()["usage"]["prompt_tokens"] == want.json()["usage"]["prompt_tokens"], name
+
+
+def test_peft_baseline_evaluation_reads_bos_first_as_ours_does(base):
+    """compare's PEFT rows are scored by PEFT's own forward and generate: on a BOS-reading base their prompts must
+    start with BOS as ours do, so the bare model under PEFT's evaluation is the bare model of our rows (Gemma's LoRA
+    scored 50 on dev at step 0 against the bare model's 69 when PEFT's prompts had no BOS)."""
+    from softprompts.compare.peft_eval import hf_generate, prompt_ids, rank_classify
+    from softprompts.evaluate import classify
+
+    assert prompt_ids(base, X) == [BOS_ID, *ids(base, X)]
+    prompts = [X, "dull story", "fine thing", "a b c d"]
+    assert hf_generate(base.model, base, prompts, max_new_tokens=5) == generate_texts(base, None, prompts,
+                                                                                       max_new_tokens=5)
+    spec = TaskSpec("classify", "{text}", " {label}", ["good", "bad", "fine"])
+    examples = [Example(p, " good", "good") for p in prompts]
+    picks = rank_classify(base.model, base, prompts, [" good", " bad", " fine"])
+    assert [spec.labels[i] for i in picks] == classify(base, None, examples, spec)
+    scores = {(p, i): s for p in prompts for i, s in enumerate(_bare_scores(base, p, [" good", " bad", " fine"]))}
+    assert len(set(scores.values())) > 1  # the scores differ: the picks above could tell BOS from none
+
+
+def _bare_scores(base, prompt: str, targets: list[str]) -> list[float]:
+    logits = base.model(torch.tensor([[BOS_ID, *ids(base, prompt)]])).logits[0, -1].log_softmax(-1)
+    return [float(logits[ids(base, t)[0]]) for t in targets]

@@ -20,9 +20,17 @@ from softprompts.data.templates import VIRTUAL
 from softprompts.metrics import score_outputs
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.padding import pad_rows
-from softprompts.tasks import encode
+from softprompts.tasks import encode, split_prompt
 
 # --- batches ------------------------------------------------------------------------------------------------------
+
+
+def prompt_ids(base: FrozenBase, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """A prompt's token ids as ours reads them (``tasks.split_prompt``): the base's BOS first when its tokenizer adds
+    one, then the text's last ``max_prompt_tokens`` tokens. PEFT's rows must start as ours do, or a BOS-reading base
+    (Gemma) is scored without its BOS and the bare model under PEFT is not the bare model of our rows."""
+    lead, ids = split_prompt(base, prompt)
+    return [*lead, *(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)]
 
 
 def train_batch(base: FrozenBase, pairs: Sequence[tuple[list[int], list[int]]], device) -> dict:
@@ -49,7 +57,7 @@ def rank_classify(model, base: FrozenBase, prompts: Sequence[str], label_targets
                   max_prompt_tokens: int = 256, batch_size: int = 16) -> list[int]:
     """Index of the best-scoring label verbalization per prompt (sum of target-token log-probabilities)."""
     targets = [base.tokenize(t) for t in label_targets]
-    pairs = [(base.tokenize(p)[-max_prompt_tokens:], t) for p in prompts for t in targets]
+    pairs = [(prompt_ids(base, p, max_prompt_tokens), t) for p in prompts for t in targets]
     scores = []
     for i in range(0, len(pairs), batch_size * len(targets)):
         scores.append(_sequence_logprobs(model, base, pairs[i : i + batch_size * len(targets)]))
@@ -64,7 +72,7 @@ def hf_generate(model, base: FrozenBase, prompts: Sequence[str], max_new_tokens:
     tok, pad = base.tokenizer, base.pad_id
     out = []
     for i in range(0, len(prompts), batch_size):
-        rows = [base.tokenize(p)[-max_prompt_tokens:] for p in prompts[i : i + batch_size]]
+        rows = [prompt_ids(base, p, max_prompt_tokens) for p in prompts[i : i + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=base.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=base.device)
@@ -131,7 +139,7 @@ def detect_issues(peft_model, base: FrozenBase, prompts: list[str]) -> list[str]
         return []
     ignored = mismatched = no_effect = 0
     for prompt in prompts:
-        ids = torch.tensor([base.tokenize(prompt)], device=base.device)
+        ids = torch.tensor([prompt_ids(base, prompt)], device=base.device)
         mask = torch.ones_like(ids)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -157,7 +165,7 @@ def detect_issues(peft_model, base: FrozenBase, prompts: list[str]) -> list[str]
         issues.append(f"generate() disagrees with PEFT's own forward on {mismatched}/{len(prompts)} dev prompts")
     if no_effect == len(prompts):
         issues.append("adapter has no effect: PEFT's forward logits equal the bare model's")
-    if len({len(base.tokenize(p)) for p in prompts}) > 1:  # padding check, only where the bare model is exact
+    if len({len(prompt_ids(base, p)) for p in prompts}) > 1:  # padding check, only where the bare model is exact
         with bare_model(peft_model):
             alone_bare = [hf_generate(base.model, base, [p], 4)[0] for p in prompts]
             bare_ok = hf_generate(base.model, base, prompts, 4) == alone_bare
@@ -168,5 +176,5 @@ def detect_issues(peft_model, base: FrozenBase, prompts: list[str]) -> list[str]
     return issues
 
 
-__all__ = ["EvalFn", "bare_model", "detect_issues", "hf_generate", "make_evaluator", "rank_classify",
+__all__ = ["EvalFn", "bare_model", "detect_issues", "hf_generate", "make_evaluator", "prompt_ids", "rank_classify",
            "reference_logprobs", "train_batch"]
