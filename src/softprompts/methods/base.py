@@ -1,9 +1,9 @@
 """What every method shares: a module that starts from an artifact, materializes into one, and registers itself.
 
-A method is a ``torch.nn.Module`` whose ``forward()`` returns its artifact (a ``SoftPrompt`` or a ``KVPrefix``) built
-from its trainable parameters, differentiably. ``materialize()`` returns the same artifact detached: what is saved and
-served (reparameterization encoders are run once and dropped). Trainable parameters are exactly
-``self.parameters()``: methods declare them by owning them, nothing is matched by name.
+A method is a ``torch.nn.Module`` whose ``forward()`` returns its artifact (a ``SoftPrompt``, a ``KVPrefix`` or an
+``OffsetPrompt``) built from its trainable parameters, differentiably. ``materialize()`` returns the same artifact
+detached: what is saved and served (reparameterization encoders are run once and dropped). Trainable parameters are
+exactly ``self.parameters()``: methods declare them by owning them, nothing is matched by name.
 
 A method file declares everything about its method on the subclass, and the subclass registers itself by being
 defined (``REGISTRY``, read through ``methods.METHODS``)::
@@ -12,7 +12,7 @@ defined (``REGISTRY``, read through ``methods.METHODS``)::
         name = "mine"                        # what --method and adapter.json say
         aliases = ("my_method",)             # other accepted spellings
         config_class = MyMethodConfig        # its options; field defaults = the measured defaults
-        artifact_kind = SoftPrompt.kind      # or KVPrefix.kind
+        artifact_kind = SoftPrompt.kind      # or KVPrefix.kind, OffsetPrompt.kind
         default_lr = 3e-2                    # measured (docs/DEFAULTS.md)
         peft_type = "PROMPT_TUNING"          # its Hugging Face PEFT counterpart (None: there is none)
 
@@ -47,7 +47,7 @@ class PromptMethod(nn.Module):
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     config_class: ClassVar[type[MethodConfig]]
-    artifact_kind: ClassVar[str]  # "soft_prompt" or "kv_prefix"
+    artifact_kind: ClassVar[str]  # "soft_prompt", "kv_prefix" or "offset_prompt"
     default_lr: ClassVar[float]
     peft_type: ClassVar[str | None] = None
     compared_by_default: ClassVar[bool] = True  # `compare` trains it unless --methods names others
