@@ -335,7 +335,7 @@ def test_a_wrapped_model_stops_the_offsets_at_the_labels():
 
 
 def test_tune_searches_its_rank_and_offset_rate(tmp_path):
-    """``softprompts tune --method dept``: a trial queued with rank 4 and offset_lr_ratio 1.0 trains with them
+    """``softprompts tune --method dept``: a trial queued with rank 4 and offset_lr_ratio 0.3 trains with them
     (``P*d + r*(S + d)`` parameters) and records them in its training record."""
     optuna = pytest.importorskip("optuna")
     model = save_tiny("llama", tmp_path / "llama")
@@ -346,14 +346,14 @@ def test_tune_searches_its_rank_and_offset_rate(tmp_path):
     out.mkdir()
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="softprompts-tune",
                                 direction="maximize")
-    study.enqueue_trial({"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 1.0})
+    study.enqueue_trial({"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 0.3})
     assert main(["tune", "--model", str(model), "--method", "dept", "--data", str(data), "--eval-data", str(data),
                  "--template", "Review: {text}\\nSentiment:", "--target", " {label}", "--virtual-tokens-choices",
                  "2,3", "--trials", "1", "--steps", "2", "--eval-every", "1", "--out", str(out)]) == 0
     (trial,) = optuna.load_study(study_name="softprompts-tune", storage=f"sqlite:///{out / 'study.db'}").trials
-    assert trial.params == {"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 1.0}
+    assert trial.params == {"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 0.3}
     config = json.loads((out / "trials" / "000" / "training.json").read_text())["method_config"]
-    assert config["rank"] == 4 and config["offset_lr_ratio"] == 1.0
+    assert config["rank"] == 4 and config["offset_lr_ratio"] == 0.3
     d = sp.load_base(str(model)).shapes.hidden_size
     assert trial.user_attrs["trainable_parameters"] == 3 * d + 4 * (256 + d)
 

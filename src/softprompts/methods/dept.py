@@ -11,16 +11,17 @@ training, scoring and generation read the same input. Trainable: ``P*d + r*(S + 
 (``model/artifacts.py``): the soft prompt ``E`` and the two factors, saved as they are (``[S, d]`` is computed on
 use). On a decoder-only base the soft prompt is served as its KV, computed once per adapter, like any soft prompt.
 
-Init (LoRA's start, as the paper's pair): ``A`` uniform in ``±1/sqrt(S)``, ``B`` zero, so ``A·B = 0`` at step 0 and the
+Init (LoRA's start): ``A`` uniform in ``±1/sqrt(S)``, ``B`` zero, so ``A·B = 0`` at step 0 and the
 method starts exactly where prompt tuning starts from the same init (which sets ``E``); the first gradient reaches
 ``B`` (``dL/dB = A^T dL/d(A·B)``), then ``A``. Two learning rates (``parameter_groups``): the soft prompt's ``lr``
-and the offsets' ``lr * offset_lr_ratio`` (the paper searches the prompt's among 3e-1..5e-1 and the pair's among
-1e-4..1e-3 over tens of thousands of steps; our runs are a few hundred, so the pair's rate is a ratio of the
-prompt's, unmeasured here).
+and the offsets' ``lr * offset_lr_ratio`` (the paper tunes the two separately, the pair's far below the prompt's, over
+tens of thousands of steps; our runs are a few hundred, so the pair's rate is a ratio of the prompt's: 0.1, where 1.0
+failed on sentiment, docs/DEFAULTS.md row 18).
 
-Defaults (docs/DEFAULTS.md, not yet measured): 10 virtual tokens and rank 8 at ``S = 256``: ``10*576 + 8*(256+576)
-= 12,416`` parameters on SmolLM2-135M (d = 576), about prompt tuning's 20 tokens (11,520), the paper's trade of
-prompt length for a low-rank update at the same budget. PEFT has no DePT (``peft_type = None``): export refuses it.
+Defaults (docs/DEFAULTS.md rows 16-18: provisional, one task and seed): 10 virtual tokens and rank 8 at ``S = 256``:
+``10*576 + 8*(256+576) = 12,416`` parameters on SmolLM2-135M (d = 576), about prompt tuning's 20 tokens (11,520), the
+paper's trade of prompt length for a low-rank update at the same budget. PEFT has no DePT (``peft_type = None``):
+export refuses it.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class DeptConfig(MethodConfig):
     offset_lr_ratio: float = 0.1
 
     # `softprompts tune` / `compare --tune`: the rank (half, the default, double) and the offsets' learning rate as
-    # a ratio of the prompt's (the paper's two rates are 3 orders apart at 100x our steps)
-    tunable = {"rank": (4, 8, 16), "offset_lr_ratio": (0.01, 0.1, 1.0)}
+    # a ratio of the prompt's (the paper's two rates are 3 orders apart at 100x our steps; 1.0 failed, DEFAULTS.md)
+    tunable = {"rank": (4, 8, 16), "offset_lr_ratio": (0.01, 0.03, 0.1, 0.3)}
 
     def errors(self) -> list[str]:
         problems = super().errors()
@@ -77,7 +78,7 @@ class Dept(PromptMethod):
     artifact_kind = OffsetPrompt.kind
     default_lr = 3e-2
     peft_type = None  # PEFT has no DePT (only forks do); its soft prompt alone would drop the offsets
-    compared_by_default = False  # not measured yet (docs/DEFAULTS.md)
+    compared_by_default = False  # one provisional measurement (docs/DEFAULTS.md rows 16-18): not chosen yet
 
     def init_parameters(self, base: FrozenBase, start: SoftPrompt | OffsetPrompt, from_values: bool) -> None:
         s, r, d = self.config.offset_positions, self.config.rank, base.shapes.hidden_size
