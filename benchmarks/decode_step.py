@@ -3,6 +3,7 @@
     python benchmarks/decode_step.py                          # CPU, embedded SmolLM2-135M fp32, batches 1,4,16,64
     python benchmarks/decode_step.py --device cuda --model-shape llama-1b --dtype bfloat16
     python benchmarks/decode_step.py --profile 16             # where a step's time goes at batch 16
+    python benchmarks/decode_step.py --dtypes float32,bfloat16 --batches 1,8,32 --skip-hf   # dtypes interleaved
 
 Per batch size B (``--batches``), prompts of ``--prompt-tokens`` random ids, greedy, no early stop:
 
@@ -14,9 +15,11 @@ Per batch size B (``--batches``), prompts of ``--prompt-tokens`` random ids, gre
   input with the model's own weights, back to back: the matmul work one step cannot avoid (at batch 1 it is
   reading every weight once).
 
-Each figure is the best of ``--repeat`` runs. Prints a Markdown table (ours / floor and HF / floor ratios) and a JSON
-line. ``--profile B``: ``torch.profiler`` over decode steps at batch B, time grouped by kind (matmul, attention, KV
-cache copies, elementwise, Python / other).
+``--dtypes float32,bfloat16`` (``auto`` too: ``model/load.auto_dtype``) loads the model once per dtype and measures
+them in turn at each batch size, so their ratio (the last column: this dtype's step / the first dtype's) comes from
+one run on the same cores. Each figure is the best of ``--repeat`` runs. Prints a Markdown table (ours / floor and
+HF / floor ratios) and a JSON line. ``--profile B``: ``torch.profiler`` over decode steps at batch B, time grouped
+by kind (matmul, attention, KV cache copies, elementwise, Python / other), per dtype.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from serve_throughput import _commit, add_model_args, build_base, sync, write_re
 
 from softprompts.model.decode import DecodeBatch, decode_batch  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
+from softprompts.model.load import dtype_name, resolve_dtype  # noqa: E402
 
 
 def best_of(fn, device: str, repeat: int) -> float:
@@ -150,11 +154,27 @@ def profile(base, batch: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | floor ms | ours ms | ours / floor | HF generate ms | HF / floor |", "|---|---|---|---|---|---|"]
+    lines = ["| batch | dtype | floor ms | ours ms | ours / floor | HF generate ms | HF / floor | ours / first dtype |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['floor_ms']:.1f} | {r['ours_ms']:.1f} | {r['ours_over_floor']:.2f}x | "
-                     f"{r.get('hf_ms', float('nan')):.1f} | {r.get('hf_over_floor', float('nan')):.2f}x |")
+        lines.append(f"| {r['batch']} | {r['dtype']} | {r['floor_ms']:.1f} | {r['ours_ms']:.1f} | "
+                     f"{r['ours_over_floor']:.2f}x | {r.get('hf_ms', float('nan')):.1f} | "
+                     f"{r.get('hf_over_floor', float('nan')):.2f}x | {r['ours_over_first_dtype']:.2f}x |")
     return "\n".join(lines)
+
+
+def measure_dtypes(bases: dict, batches: list[int], args) -> list[dict]:
+    """``measure`` at each batch size for each dtype in turn (interleaved: drift in the machine's load hits both),
+    each row with its step time over the first dtype's at that batch."""
+    rows = []
+    for batch in batches:
+        first = None
+        for name, base in bases.items():
+            row = {"dtype": name, **measure(base, batch, args)}
+            first = first or row["ours_ms"]
+            row["ours_over_first_dtype"] = round(row["ours_ms"] / first, 3)
+            rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,16 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--profile", type=int, default=None, metavar="B", help="profile decode steps at batch B instead")
+    p.add_argument("--dtypes", default=None, help="comma-separated dtypes measured in turn at each batch, e.g. "
+                   "float32,bfloat16 (default: --dtype)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    base = build_base(args)
-    info = {"model": base.name, "device": str(base.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "prompt_tokens": args.prompt_tokens, "commit": _commit(), "torch": torch.__version__}
+    names = [dtype_name(resolve_dtype(d, torch.device(args.device))) for d in (args.dtypes or args.dtype).split(",")]
+    bases = {name: build_base(argparse.Namespace(**{**vars(args), "dtype": name})) for name in names}
+    base = next(iter(bases.values()))
+    info = {"model": base.name, "device": str(base.device), "dtype": ",".join(names),
+            "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, "commit": _commit(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if args.profile:
-        result = {**info, "profile": profile(base, args.profile, args)}
+        result = {**info, "profile": {name: profile(b, args.profile, args) for name, b in bases.items()}}
         print(json.dumps(result, indent=2))
     else:
-        rows = [measure(base, int(b), args) for b in args.batches.split(",")]
+        rows = measure_dtypes(bases, [int(b) for b in args.batches.split(",")], args)
         result = {**info, "rows": rows}
         print(table(rows))
         print(json.dumps(result))

@@ -28,6 +28,29 @@ def add_quantize_flag(p) -> None:
                         "(default: full precision)")
 
 
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+"""What ``--dtype`` takes (``model/load.DTYPES`` holds them, and aliases, for Python callers)."""
+
+
+def add_dtype_flag(p, default: str | None = None) -> None:
+    """``--dtype``: the frozen base's weights and compute dtype (``model/load.resolve_dtype``); a name outside
+    ``DTYPE_CHOICES`` is an argparse error naming them."""
+    p.add_argument("--dtype", default=default, choices=DTYPE_CHOICES, metavar="DTYPE",
+                   help="the base model's dtype: float32 (default), bfloat16, float16, or auto (bfloat16 on a CUDA GPU "
+                        "with bf16 and on a CPU with AVX512-BF16 / AMX, else float32: model/load.auto_dtype; quality "
+                        "against float32 in docs/BENCHMARKS.md)")
+
+
+def say_dtype(dtype: str | None, device) -> None:
+    """With ``--dtype auto``, say on stderr what it picked on ``device`` and why (``model/load.auto_dtype``)."""
+    if dtype == "auto":
+        import sys
+
+        from softprompts.model.load import auto_dtype
+
+        print(f"--dtype {auto_dtype(device).reason}", file=sys.stderr, flush=True)
+
+
 def add_report_flag(p) -> None:
     """``--report-to``: the trackers that watch training (``training/trackers.py``), checked before training."""
     from softprompts.training.trackers import TRACKERS
@@ -39,4 +62,4 @@ def add_report_flag(p) -> None:
                         "pip install 'softprompts[tensorboard]'")
 
 
-__all__ = ["add_quantize_flag", "add_report_flag", "finite"]
+__all__ = ["DTYPE_CHOICES", "add_dtype_flag", "add_quantize_flag", "add_report_flag", "finite", "say_dtype"]

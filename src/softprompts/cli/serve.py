@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, finite, say_dtype
 
 ENGINES = ("softprompts", "vllm")
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="torch device for the model (default auto: the first CUDA GPU "
                    "when one is visible, else cpu)")
-    p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default float32)")
+    add_dtype_flag(p)
     add_quantize_flag(p)
     p.add_argument("--max-running", type=int, default=32, help="most requests decoding together (continuous "
                    "batching: requests join and leave the running batch at every step)")
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from softprompts.errors import SoftpromptsError
-    from softprompts.model.load import DEFAULT_MODEL, load_base
+    from softprompts.model.load import DEFAULT_MODEL, load_base, resolve_device
 
     try:
         from softprompts.serve.http import build_state, serve
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.extra_args:
         raise SoftpromptsError(f"unrecognized arguments: {' '.join(args.extra_args)} (options for vLLM are taken with "
                                "--engine vllm)")
+    say_dtype(args.dtype, resolve_device(args.device))
     base = load_base(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, quantize=args.quantize)
     state = build_state(
         base,

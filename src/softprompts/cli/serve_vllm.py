@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 
+from softprompts.cli.arguments import say_dtype
 from softprompts.errors import SoftpromptsError
 
 # options of the default engine -> what vLLM calls the same thing (refused when set with --engine vllm)
@@ -27,7 +28,7 @@ DEFAULT_ENGINE_ONLY = {
 
 def run_vllm(args: argparse.Namespace) -> int:
     from softprompts.interop.vllm_launch import FrontConfig, check_vllm_installed, served_names, vllm_command
-    from softprompts.model.load import DEFAULT_MODEL, resolve
+    from softprompts.model.load import DEFAULT_MODEL, dtype_name, resolve, resolve_device, resolve_dtype
 
     set_here = [f"{flag} (vLLM: {theirs})" for key, (flag, default, theirs) in DEFAULT_ENGINE_ONLY.items()
                 if getattr(args, key, default) != default]
@@ -35,7 +36,9 @@ def run_vllm(args: argparse.Namespace) -> int:
         raise SoftpromptsError("options of the default engine, not taken with --engine vllm: " + "; ".join(set_here))
     check_vllm_installed()
     model = args.model or DEFAULT_MODEL
-    dtype = args.dtype or "float32"  # the default engine's dtype, so both engines give the same tokens
+    device = resolve_device("auto")  # vLLM's platform: a visible CUDA GPU, else the CPU
+    say_dtype(args.dtype, device)
+    dtype = dtype_name(resolve_dtype(args.dtype, device))  # as the default engine resolves it: the same tokens
     path = resolve(model)
     extra = ["--uvicorn-log-level", args.log_level, *args.extra_args, *_kv_cache_option(args, path, dtype)]
     kv_dir = tempfile.mkdtemp(prefix="softprompts-vllm-kv-")  # private (0700); removed here when vLLM ends, however

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -69,13 +70,79 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return chosen
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """A floating torch dtype from a dtype or its name (``"bfloat16"``); float32 by default."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype names ``--dtype`` takes, besides ``auto``."""
+
+_FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX tiles; aarch64 FEAT_BF16
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype ``auto`` picked for a device, and why (one line a command can print)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """``"bfloat16"``: the name vLLM's ``--dtype`` and ``from_pretrained`` take."""
+        return dtype_name(self.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``flags`` on x86, ``Features`` on aarch64); empty where
+    ``/proc/cpuinfo`` cannot be read (macOS, Windows: ``auto`` then stays float32 on the CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def auto_dtype(device: torch.device | None = None) -> DtypeChoice:
+    """What ``--dtype auto`` loads a base in on ``device`` (``None``: the CPU), and why.
+
+    bfloat16 where the hardware multiplies it natively: a CUDA GPU with bf16 (compute capability >= 8.0,
+    ``torch.cuda.is_bf16_supported``), or a CPU with AVX512-BF16 / AMX-BF16 (x86) or BF16 (aarch64) in its flags,
+    which oneDNN's bf16 matmuls use (vLLM's CPU build runs bf16 there too). float32 everywhere else: a CPU
+    without them would emulate bf16 (slower than fp32 and less exact), MPS, older GPUs. The weights then take half
+    the memory and a decode step reads half the bytes; the quality cost is measured in docs/BENCHMARKS.md (Y).
+    """
+    device = device if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.bfloat16, f"auto: bfloat16, {device} supports bf16")
+        return DtypeChoice(torch.float32, f"auto: float32, {device} has no native bf16 (compute capability < 8.0)")
+    if device.type == "cpu":
+        fast = sorted(set(_FAST_BF16_FLAGS) & cpu_flags())
+        capability = torch.backends.cpu.get_cpu_capability()
+        if fast:
+            return DtypeChoice(torch.bfloat16, f"auto: bfloat16, the CPU has {', '.join(fast)} ({capability})")
+        return DtypeChoice(torch.float32, f"auto: float32, the CPU has no avx512_bf16 / amx_bf16 ({capability}): "
+                                          "bf16 would be emulated")
+    return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
+    """A floating torch dtype from a dtype, its name (``"bfloat16"``, ``"bf16"``) or ``"auto"`` (``auto_dtype`` on
+    ``device``); float32 by default. ``ModelLoadError`` naming the choices for anything else."""
     if dtype is None:
         return torch.float32
-    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype == "auto":
+        return auto_dtype(device).dtype
+    found = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return found
 
 
@@ -125,11 +192,13 @@ def load_base(
     ``device_map`` (e.g. ``"auto"``, needs accelerate) spreads the frozen weights over the visible devices for a model
     that does not fit one; adapters then live on the device of the input embeddings.
 
+    ``dtype``: float32 by default; ``"auto"`` is bfloat16 where the device multiplies it natively (``auto_dtype``).
+
     ``quantize`` (``nf4``, ``int8``: ``model/quantize.py``) loads the linear layers' weights quantized, straight onto
     ``device`` (the CPU by default); the embedding and output head stay in ``dtype``, which is also the compute dtype.
     """
     target = resolve_device(device)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, target)
     quantized = quantization_config(quantize, dtype) if quantize is not None else None  # a missing backend: here
     try:
         path = resolve(name)

@@ -1,0 +1,105 @@
+"""``--dtype``: the auto rule (bfloat16 where the hardware multiplies it natively), the flag on every command that
+loads a base, a bad name refused, vLLM given the dtype the default engine resolves, and the engine's mixed-batch
+equivalence at bfloat16 (docs/BENCHMARKS.md, section Y, measures the quality cost on the real model)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from test_engine import check_mixed_equals_alone
+from tiny import tiny_base
+
+from softprompts.cli import build_parser
+from softprompts.cli.arguments import DTYPE_CHOICES
+from softprompts.model import load
+from softprompts.model.load import ModelLoadError, auto_dtype, resolve_dtype
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("flags", "expected", "said"), [
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, torch.bfloat16, "amx_bf16, avx512_bf16"),
+    ({"avx512f", "avx512_bf16"}, torch.bfloat16, "avx512_bf16"),
+    ({"fp", "asimd", "bf16"}, torch.bfloat16, "bf16"),  # aarch64 FEAT_BF16
+    ({"avx512f", "avx2"}, torch.float32, "bf16 would be emulated"),
+    (set(), torch.float32, "bf16 would be emulated"),  # no /proc/cpuinfo (macOS)
+])
+def test_auto_on_a_cpu_is_bf16_only_with_native_bf16(monkeypatch, flags, expected, said):
+    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset(flags))
+    choice = auto_dtype(CPU)
+    assert choice.dtype is expected and said in choice.reason and choice.name == str(expected)[6:]
+    assert resolve_dtype("auto", CPU) is expected and resolve_dtype("auto") is expected  # None: the CPU
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_on_cuda_follows_the_gpus_bf16_support(monkeypatch, bf16):
+    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # the CPU's flags do not count
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    choice = auto_dtype(torch.device("cuda"))
+    assert choice.dtype is (torch.bfloat16 if bf16 else torch.float32) and "cuda" in choice.reason
+    assert auto_dtype(torch.device("mps")).dtype is torch.float32
+
+
+def test_names_resolve_and_the_default_stays_float32():
+    assert resolve_dtype(None) is torch.float32
+    for name in DTYPE_CHOICES:  # every name the command line takes loads
+        assert resolve_dtype(name, CPU).is_floating_point
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
+
+
+@pytest.mark.parametrize("name", ["fp33", "int8", "float8_e4m3fn", "Tensor", "bool"])
+def test_a_dtype_that_makes_no_sense_is_one_clear_error(name):
+    with pytest.raises(ModelLoadError, match="unknown dtype .*use auto, float32, bfloat16 or float16"):
+        resolve_dtype(name)
+
+
+def test_the_command_line_refuses_a_bad_dtype_before_loading(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--adapters", "x", "--dtype", "fp33"])
+    assert exit_.value.code == 2 and "invalid choice: 'fp33'" in capsys.readouterr().err
+
+
+# each command that loads a base, with the arguments it needs besides --dtype
+COMMANDS = {
+    "serve": ["--adapters", "x"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32"])
+def test_every_command_that_loads_a_base_takes_dtype(command, dtype):
+    args = build_parser().parse_args([command, *COMMANDS[command], "--dtype", dtype])
+    assert args.dtype == dtype
+    assert build_parser().parse_args([command, *COMMANDS[command]]).dtype is None  # the default: float32
+
+
+def test_vllm_gets_the_dtype_the_default_engine_resolves(monkeypatch, tmp_path, capsys):
+    """``serve --engine vllm --dtype auto`` hands vLLM the name ``auto`` resolves to here, and says why."""
+    from softprompts.cli import serve_vllm
+    from softprompts.interop import vllm_launch
+
+    seen = {}
+    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_launch, "check_vllm_installed", lambda: None)
+    monkeypatch.setattr(serve_vllm, "_kv_cache_option", lambda args, path, dtype: [])
+    monkeypatch.setattr(vllm_launch, "vllm_command", lambda config, path, host, port, dtype, extra: (
+        seen.update(config=config.dtype, launch=dtype) or (["vllm"], {})))
+    monkeypatch.setattr(serve_vllm, "supervise", lambda argv, env: 0)
+    for flag, expected in [("auto", "bfloat16"), (None, "float32"), ("float16", "float16")]:
+        argv = ["serve", "--engine", "vllm", "--adapters", str(tmp_path)] + (["--dtype", flag] if flag else [])
+        args: argparse.Namespace = build_parser().parse_args(argv)
+        args.extra_args = []
+        assert serve_vllm.run_vllm(args) == 0
+        assert seen == {"config": expected, "launch": expected}
+    assert "--dtype auto: bfloat16, the CPU has avx512_bf16" in capsys.readouterr().err
+
+
+def test_mixed_batch_rows_equal_alone_at_bf16():
+    """The engine's equivalence at bfloat16 weights: greedy tokens identical, logits within bf16's resolution."""
+    base = tiny_base("llama")
+    base.model.to(torch.bfloat16)
+    assert base.dtype is torch.bfloat16
+    check_mixed_equals_alone(base, atol=0.1, rtol=0.02)
