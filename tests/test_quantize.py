@@ -196,3 +196,17 @@ def test_every_method_learns_a_six_way_task_on_nf4_as_on_fp32(tmp_path, monkeypa
     fp32_fall, nf4_fall = falls
     assert fp32_fall > 0.5
     assert nf4_fall > 0.5 * fp32_fall, falls
+
+
+@pytest.mark.slow
+def test_bitsandbytes_hub_kernel_warning_is_quieted():
+    """bitsandbytes, imported by transformers whenever installed, warns at import on an AVX512-BF16 CPU (this
+    machine's) that a kernel could be fetched from the Hugging Face hub: nothing a user of an offline CPU can act on,
+    printed before every command on such a machine (`compare --model gemma.gguf`). ``softprompts`` quiets it."""
+    import logging
+    import subprocess
+    import sys
+
+    code = "import softprompts, bitsandbytes, logging; print(logging.getLogger('bitsandbytes.backends.cpu.ops').level)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "kernels-community" not in done.stderr and done.stdout.strip() == str(logging.ERROR)
