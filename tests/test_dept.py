@@ -275,18 +275,28 @@ def test_offset_prompt_tensor_files_are_checked():
         sp.model.artifacts.artifact_from_tensors("offset_prompt", {"soft_prompt": torch.zeros(2, 8)})
 
 
-def test_train_then_eval_through_the_cli(tmp_path, capsys):
-    """``softprompts train --method dept`` writes an offset-prompt adapter; ``eval`` scores it; ``export --format
-    peft`` refuses it with the reason (exit 2, no traceback)."""
-    model = save_tiny("llama", tmp_path / "llama")
+TEMPLATE = ["--template", "Review: {text}\\nSentiment:", "--target", " {label}"]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> tuple:
+    """``(model directory, data file)``: a saved tiny Llama and 12 labelled rows, for the command line."""
+    root = tmp_path_factory.mktemp("dept-cli")
     rows = [{"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5), "label": "pos" if i % 2 else "neg"}
             for i in range(12)]
-    data = tmp_path / "train.jsonl"
+    data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return save_tiny("llama", root / "llama"), data
+
+
+def test_train_then_eval_through_the_cli(cli_env, tmp_path, capsys):
+    """``softprompts train --method dept`` writes an offset-prompt adapter; ``eval`` scores it; ``export --format
+    peft`` refuses it with the reason (exit 2, no traceback)."""
+    model, data = cli_env
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(model), "--method", "dept", "--data", str(data), "--eval-data", str(data),
-                 "--template", "Review: {text}\\nSentiment:", "--target", " {label}", "--steps", "3",
-                 "--eval-every", "3", "--virtual-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+                 *TEMPLATE, "--steps", "3", "--eval-every", "3", "--virtual-tokens", "2", "--out", str(out),
+                 "--no-progress"]) == 0
     meta = json.loads((out / "adapter.json").read_text())
     assert meta["method"] == "dept" and meta["artifact"] == "offset_prompt" and meta["num_virtual_tokens"] == 2
     capsys.readouterr()
@@ -334,22 +344,19 @@ def test_a_wrapped_model_stops_the_offsets_at_the_labels():
         torch.testing.assert_close(model(ids_, attention_mask=mask).logits, forward(base, artifact, ids_, mask).logits)
 
 
-def test_tune_searches_its_rank_and_offset_rate(tmp_path):
+def test_tune_searches_its_rank_and_offset_rate(cli_env, tmp_path):
     """``softprompts tune --method dept``: a trial queued with rank 4 and offset_lr_ratio 0.3 trains with them
     (``P*d + r*(S + d)`` parameters) and records them in its training record."""
     optuna = pytest.importorskip("optuna")
-    model = save_tiny("llama", tmp_path / "llama")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": ("nice " if i % 2 else "poor ") + "y" * (i % 5),
-                                        "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(12)))
+    model, data = cli_env
     out = tmp_path / "tune"
     out.mkdir()
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="softprompts-tune",
                                 direction="maximize")
     study.enqueue_trial({"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 0.3})
     assert main(["tune", "--model", str(model), "--method", "dept", "--data", str(data), "--eval-data", str(data),
-                 "--template", "Review: {text}\\nSentiment:", "--target", " {label}", "--virtual-tokens-choices",
-                 "2,3", "--trials", "1", "--steps", "2", "--eval-every", "1", "--out", str(out)]) == 0
+                 *TEMPLATE, "--virtual-tokens-choices", "2,3", "--trials", "1", "--steps", "2", "--eval-every", "1",
+                 "--out", str(out)]) == 0
     (trial,) = optuna.load_study(study_name="softprompts-tune", storage=f"sqlite:///{out / 'study.db'}").trials
     assert trial.params == {"lr": 1e-2, "num_virtual_tokens": 3, "rank": 4, "offset_lr_ratio": 0.3}
     config = json.loads((out / "trials" / "000" / "training.json").read_text())["method_config"]
