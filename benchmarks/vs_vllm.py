@@ -9,7 +9,9 @@ deep prompts - chosen round-robin), each at concurrency 1, 8 and 32. Every reque
 ~60-token prompt (distinct per request, so no prefix is shared between requests except an adapter's own) and
 ``--max-tokens`` new tokens (ignore_eos, so every request generates exactly that many).
 
-Both servers start once with their defaults (fp32; ours 32 running requests, vLLM ``--max-num-seqs 32``) and stay up;
+Both servers start once at the same ``--dtype`` (default float32; ``auto`` resolves the same on both: bfloat16 on a
+CPU with AVX512-BF16 / AMX, ``model/load.auto_dtype``) with their defaults (ours 32 running requests, vLLM
+``--max-num-seqs 32``) and stay up;
 the cells run one at a time, interleaved (for each repeat, concurrency and workload: one engine then the other, the
 order alternating between repeats), so a drift of the machine falls on both. An idle server's CPU time is sampled
 before the runs and printed: it must be near 0 for the interleaving to be fair. Per cell: generated tokens/s over the
@@ -67,12 +69,12 @@ def prompt_text(i: int) -> str:
 class Server:
     """A ``softprompts serve`` subprocess (``engine``), its port, log and CPU time."""
 
-    def __init__(self, engine: str, adapters: Path, log_dir: Path, extra: list[str]) -> None:
+    def __init__(self, engine: str, adapters: Path, log_dir: Path, extra: list[str], dtype: str = "float32") -> None:
         self.engine, self.port = engine, _free_port()
         self.log = (log_dir / f"{engine}.log").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
         command = [sys.executable, "-m", "softprompts", "serve", "--adapters", str(adapters), "--port", str(self.port),
-                   "--poll-seconds", "0", "--log-level", "warning"]
+                   "--poll-seconds", "0", "--log-level", "warning", "--dtype", dtype]
         if engine == "vllm":
             command = [*command[:4], "--engine", "vllm", *command[4:], "--max-num-seqs", "32", *extra]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per cell = max(16, this x "
                         "concurrency)")
     parser.add_argument("--vllm-arg", action="append", default=[], help="an extra option for vLLM (repeatable)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="both engines' dtype (compare engines only at the same dtype)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -184,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     adapters = make_adapters(base, work / "adapters")
     del base
     workloads = {"base": ["base"], "mixed": adapters}
-    servers = {"ours": Server("softprompts", work / "adapters", work, []),
-               "vllm": Server("vllm", work / "adapters", work, args.vllm_arg)}
+    servers = {"ours": Server("softprompts", work / "adapters", work, [], args.dtype),
+               "vllm": Server("vllm", work / "adapters", work, args.vllm_arg, args.dtype)}
     cells = []
     try:
         for server in servers.values():
@@ -223,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"ours_{key}"], row[f"vllm_{key}"] = round(mean("ours", key), 4), round(mean("vllm", key), 4)
                 row[f"ratio_{key}"] = round(mean("ours", key) / mean("vllm", key), 3)
             summary.append(row)
-    result = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "idle_cpu": idle, "summary": summary, "cells": cells}
+    result = {"machine": f"{os.cpu_count()} cores", "dtype": args.dtype, "max_tokens": args.max_tokens,
+              "repeats": args.repeats, "idle_cpu": idle, "summary": summary, "cells": cells}
     print(json.dumps({"summary": summary, "idle_cpu": idle}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
