@@ -22,9 +22,10 @@ LAYERS = [
     ("methods",),
     ("data", "task_spec"),
     ("schema", "codec", "adapter", "adapter_io", "table", "compose", "tasks"),
-    ("metrics", "evaluate", "workflow", "api", "explain"),
+    ("metrics", "evaluate", "explain"),
     ("training",),
     ("interop", "compare", "serve", "demo"),
+    ("workflow", "api"),
     ("cli", "__main__", "__init__"),
 ]
 
@@ -152,15 +153,80 @@ def test_one_function_builds_the_chat_stop_tokens():
     assert functions_using(PACKAGE / "data" / "chat.py", {"eos_ids"}) == []
 
 
+SHARED_CLI = {"softprompts.cli.arguments", "softprompts.cli.task_inputs"}  # flag types and flags every command uses
+
+
+def cli_crossings(sources: dict[str, str]) -> list[str]:
+    """The imports between ``cli/`` modules (``{module: source}``) that break the CLI's rule: a command (a module with
+    ``register``) imports no other command; a module that is not shared (``SHARED_CLI``) and not a command is one
+    command's part (``cli/cartridge.py`` is ``train``'s flags, ``cli/serve_vllm.py`` is ``serve``'s launch) and is
+    imported by that one module only."""
+    trees = {name: ast.parse(text) for name, text in sources.items()}
+    commands = {name for name, tree in trees.items()
+                if any(isinstance(f, ast.FunctionDef) and f.name == "register" for f in tree.body)}
+    imports = {name: {t for t in imported_modules(tree, set(trees)) if t != name} for name, tree in trees.items()}
+    found = [f"{m} -> {t} (a command)" for m, targets in imports.items() for t in targets if t in commands]
+    for part in set(trees) - commands - SHARED_CLI - {"softprompts.cli"}:
+        owners = sorted(m for m, targets in imports.items() if part in targets)
+        if len(owners) > 1:
+            found.append(f"{', '.join(owners)} -> {part} (one command's part)")
+    return sorted(found)
+
+
+def imported_modules(tree: ast.AST, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``tree`` imports (``import a.b``, ``from a.b import c``, ``from a import b``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} & modules | {f"{node.module}.{a.name}" for a in node.names} & modules
+    return found
+
+
+def private_imports(tree: ast.AST, own: str) -> list[str]:
+    """``module._name`` for each private name ``tree`` (the module ``own``) takes from another package module:
+    ``from softprompts.x import _name``, or ``x._name`` on a module it imported."""
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("softprompts") and node.module != own:
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("softprompts")})
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != own):
+            found.append(f"{aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def cli_sources() -> dict[str, str]:
+    return {module_name(p): p.read_text(encoding="utf-8") for p in (PACKAGE / "cli").glob("*.py")}
+
+
 def test_no_command_imports_another_command():
-    """A CLI command (a ``cli/`` module with ``register``) is its arguments plus calls below the CLI: what two
-    commands share lives in ``workflow`` or a ``cli/`` helper module, never in another command."""
-    commands = {module_name(p) for p in (PACKAGE / "cli").glob("*.py")
-                if any(isinstance(f, ast.FunctionDef) and f.name == "register"
-                       for f in ast.parse(p.read_text(encoding="utf-8")).body)}
-    graph = import_graph()
-    crossing = sorted(f"{m} -> {t}" for m in commands for t in graph[m] if t in commands)
-    assert crossing == []
+    """A CLI command (a ``cli/`` module with ``register``) is its arguments plus one call below the CLI: what two
+    commands share lives in ``workflow/`` or a shared ``cli/`` module (``SHARED_CLI``), never in another command or
+    in a part of another command."""
+    assert cli_crossings(cli_sources()) == []
+    broken = dict(cli_sources())  # generate borrowing eval's task loader, tune borrowing train's corpus flags
+    broken["softprompts.cli.generate"] += "\nfrom softprompts.cli.evaluate import TASK_FLAGS\n"
+    broken["softprompts.cli.tune"] += "\nfrom softprompts.cli import cartridge\n"
+    assert cli_crossings(broken) == ["softprompts.cli.generate -> softprompts.cli.evaluate (a command)",
+                                     "softprompts.cli.train, softprompts.cli.tune -> softprompts.cli.cartridge "
+                                     "(one command's part)"]
+
+
+def test_the_command_line_imports_no_private_name():
+    """The CLI takes only public names from the package (``workflow/``'s functions, flag helpers): no ``_helper`` of
+    another command or of a module below."""
+    found = {m: private_imports(ast.parse(text), m) for m, text in cli_sources().items()}
+    assert {m: names for m, names in found.items() if names} == {}
+    legacy = ("from softprompts.cli.evaluate import _subject\nimport softprompts.cli.train as train\n"
+              "def run(args):\n    return train._base(args), _subject(args)\n")
+    assert private_imports(ast.parse(legacy), "softprompts.cli.generate") == [
+        "softprompts.cli.evaluate._subject", "softprompts.cli.train._base"]
 
 
 def test_only_the_model_layer_imports_the_injection_point():
@@ -221,6 +287,53 @@ def test_only_the_codec_reads_adapter_and_table_documents():
     assert any(parses_json(n) for n in ast.walk(codec))  # the codec is where the parsing is
     legacy = "def f(path):\n    return json.loads((path / TABLE_CONFIG).read_text())['tasks']\n"
     assert document_readers(ast.parse(legacy)) == ["f"]
+
+
+CODEC_MODULES = {"softprompts.codec", "softprompts.adapter_io", "softprompts.table"}
+ADAPTER_FILES = DOCUMENT_NAMES | {"WEIGHTS_FILE", "TABLE_WEIGHTS", "adapter.safetensors", "table.safetensors"}
+FILE_READS = {"load", "load_file", "safe_open", "read_files", "read_bytes", "read_text", "open"} | JSON_READERS
+
+
+def file_openers(tree: ast.AST) -> list[str]:
+    """Functions of ``tree`` that read an adapter's or a table's file (``adapter.json`` / ``adapter.safetensors``,
+    ``table.json`` / ``table.safetensors``, by constant or string): a read call (JSON, safetensors, bytes or text)
+    whose receiver or arguments name the file, directly or through a variable assigned from it. Looking at one
+    (``is_file``, ``stat``) is not reading it."""
+
+    def names_file(node: ast.AST, paths: set[str]) -> bool:
+        return any((isinstance(n, ast.Name) and (n.id in ADAPTER_FILES or n.id in paths))
+                   or (isinstance(n, ast.Attribute) and n.attr in ADAPTER_FILES)
+                   or (isinstance(n, ast.Constant) and n.value in ADAPTER_FILES) for n in ast.walk(node))
+
+    found = []
+    for f in ast.walk(tree):
+        if not isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        paths: set[str] = set()  # variables holding such a file's path
+        for n in ast.walk(f):
+            if isinstance(n, ast.Assign) and names_file(n.value, paths):
+                paths |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+        if any(isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", None)) in FILE_READS
+               and names_file(ast.Tuple([n.func, *n.args, *(k.value for k in n.keywords)]), paths)
+               for n in ast.walk(f)):
+            found.append(f.name)
+    return found
+
+
+def test_only_the_codec_opens_adapter_and_table_files():
+    """An adapter's and a table's files (document and tensors) are read by the codec modules alone: ``codec.py``
+    parses the documents, ``adapter_io.py`` and ``table.py`` read the tensors beside them (with the checks every
+    reader makes, ``adapter_io.checked_artifact``). Everyone else calls ``load_adapter``, ``PromptTable.load`` or
+    ``read_*_record``; the server's registry may look at the files (``stat``) to see a change, not read them."""
+    readers = {module_name(p): file_openers(ast.parse(p.read_text(encoding="utf-8"))) for p in PACKAGE.rglob("*.py")}
+    assert {m: f for m, f in readers.items() if f and m not in CODEC_MODULES} == {}
+    assert readers["softprompts.adapter_io"] and readers["softprompts.table"]  # where the reading is
+    legacy = ("from safetensors.torch import load_file\n"
+              "def weights(path):\n    return load_file(str(path / WEIGHTS_FILE))\n"
+              "def document(path):\n    config = path / 'table.json'\n    return json.loads(config.read_text())\n"
+              "def changed(path):\n    record = json.loads((path / 'training.json').read_text())\n"
+              "    return record, (path / TABLE_WEIGHTS).stat().st_mtime_ns\n")
+    assert file_openers(ast.parse(legacy)) == ["weights", "document"]
 
 
 TESTS = Path(__file__).resolve().parent

@@ -20,6 +20,11 @@
 
     model = sp.wrap("smollm2-135m", "prompt", num_virtual_tokens=20)  # an nn.Module for transformers.Trainer / TRL
 
+    # what the commands do, from files (the same functions `softprompts train` / `eval` call):
+    done = sp.train_files(sp.TrainFiles("out", sp.TrainConfig(steps=100), sp.TaskFlags("classify", template,
+                          " {label}"), data="train.jsonl", eval_data="dev.jsonl"))    # done.summary(): the CLI's line
+    metrics = sp.evaluate_files(sp.EvalFiles("test.jsonl", sp.Source("out")))
+
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
 """
 
@@ -42,16 +47,19 @@ _EXPORTS = {
     "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "task_spec",
     "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
+    "EvalFiles": "workflow", "Source": "workflow", "TaskFlags": "workflow", "TrainFiles": "workflow",
+    "evaluate_files": "workflow", "train_files": "workflow",
 }
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
-    "EncoderDecoderBase", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling", "SelfStudyConfig",
-    "SoftPrompt", "SoftpromptsError", "TaskSpec", "TrainConfig", "TrainResult", "TuneConfig", "TuneTask",
-    "VirtualContext", "build_method", "create_method", "forward", "generate", "generate_ids", "load_adapter",
-    "load_base", "next_token_logits", "save_adapter", "train", "train_cartridge", "tune", "wrap",
+    "EncoderDecoderBase", "EvalFiles", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling",
+    "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags", "TaskSpec", "TrainConfig",
+    "TrainFiles", "TrainResult", "TuneConfig", "TuneTask", "VirtualContext", "build_method", "create_method",
+    "evaluate_files", "forward", "generate", "generate_ids", "load_adapter", "load_base", "next_token_logits",
+    "save_adapter", "train", "train_cartridge", "train_files", "tune", "wrap",
 ]
 
 
@@ -85,3 +93,4 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.task_spec import TaskSpec
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
     from softprompts.training.tune import TuneConfig, TuneTask, tune
+    from softprompts.workflow import EvalFiles, Source, TaskFlags, TrainFiles, evaluate_files, train_files

@@ -1,12 +1,12 @@
 """``softprompts train --corpus FILE ...``: a cartridge trained by self-study on a corpus (``training/cartridge.py``).
 
-The flags below join ``train``'s own; ``--method`` defaults to ``cartridge`` with ``--corpus``.
+The flags below join ``train``'s own (this module is ``train``'s alone); ``--method`` defaults to ``cartridge`` with
+``--corpus``; ``workflow.train_files`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from softprompts.cli.arguments import finite
 
@@ -38,25 +38,4 @@ def add_corpus_flags(p: argparse.ArgumentParser) -> None:
                        help="leading virtual tokens kept at their initial KV (cartridge; default 1, an attention sink)")
 
 
-def run_cartridge(args, cls, config, base, dist, dev) -> int:
-    """Train ``cls`` on ``args.corpus`` by self-study; the same summary line as ``train``."""
-    from softprompts.training import SelfStudyConfig, train_cartridge
-
-    study = SelfStudyConfig(
-        conversations=args.conversations, chunk_tokens=args.chunk_tokens, question_tokens=args.question_tokens,
-        answer_tokens=args.answer_tokens, temperature=args.self_study_temperature, top_k=args.teacher_top_k,
-        batch_size=args.self_study_batch, seed=args.seed)
-    options = {"num_virtual_tokens": args.virtual_tokens, "init": args.init}
-    if args.frozen_tokens is not None:
-        options["frozen_tokens"] = args.frozen_tokens
-    result = train_cartridge(base, args.corpus, config, study, method=cls.name, out_dir=args.out, resume=args.resume,
-                             overwrite=args.overwrite, eval_examples=dev, self_study_data=args.self_study_data,
-                             max_prompt_tokens=args.max_prompt_tokens, dist=dist, **options)
-    if dist.is_main:
-        rec = result.record
-        print(f"saved {cls.name} adapter to {args.out} ({rec['trainable_parameters']:,} trainable parameters, "
-              f"{rec['timings']['train_seconds']:.1f}s of distillation)", file=sys.stderr)
-    return 0
-
-
-__all__ = ["add_corpus_flags", "run_cartridge"]
+__all__ = ["add_corpus_flags"]

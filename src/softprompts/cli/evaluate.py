@@ -8,7 +8,8 @@ default classify, ``--labels`` default the labels found in the data), or rows ho
 rendered with the model's chat template as ``train`` renders them, ``--placement`` / ``--system`` as in ``train``).
 An adapter's recorded labels stay unless ``--template`` / ``--target`` give another task: then ``--labels``, or the
 labels found in the data. Bare-model and adapter metrics come from the
-same code (``softprompts.evaluate.evaluate``), so they compare.
+same code (``softprompts.evaluate.evaluate``), so they compare. The flags become one request, run by
+``workflow.evaluate_files`` (``sp.evaluate_files`` in Python) or ``workflow.evaluate_table``.
 
 ``--adapter`` is an adapter directory, ``TABLE_DIR#NAME`` (a task of a prompt table) or ``table:NAME`` with
 ``--table``. ``--table TABLE --data NAME=FILE --data NAME2=FILE2`` evaluates several tasks of a prompt table at once,
@@ -19,18 +20,12 @@ and each task's metrics are those it gets alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from softprompts.cli.arguments import add_quantize_flag
-from softprompts.cli.task_inputs import add_chat_flags
+from softprompts.cli.task_inputs import add_chat_flags, label_list
 from softprompts.errors import SoftpromptsError
 
-if TYPE_CHECKING:
-    from softprompts.task_spec import TaskSpec
-
 TASK_FLAGS = ("task", "template", "target", "labels", "placement", "system")
-NO_ADAPTER_HINT = "; without --adapter the bare model is scored, on the task these flags describe"
 
 
 def register(sub) -> None:
@@ -65,79 +60,24 @@ def _format(metrics: dict) -> str:
 
 
 def run(args) -> int:
-    if args.adapter is None and args.table is not None:
-        return run_table(args)
-    from softprompts.evaluate import evaluate
+    from softprompts.workflow import EvalFiles, Source, TaskFlags, evaluate_files, evaluate_table
 
+    source = Source(args.adapter, args.model, args.table, args.quantize)
+    if args.adapter is None and args.table is not None:  # --table TABLE --data NAME=FILE ...
+        given = [f"--{name}" for name in TASK_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise SoftpromptsError(f"{', '.join(given)}: with --table and --data NAME=FILE each task is evaluated on "
+                                   "the task it recorded; to score one of them on another task, use --adapter "
+                                   "TABLE#NAME")
+        results = evaluate_table(source, _table_pairs(args.data), args.batch_size, args.max_new_tokens)
+        print(json.dumps(results) if args.json else "\n".join(f"{name}: {_format(metrics)}"
+                                                               for name, metrics in results.items()))
+        return 0
     if len(args.data) != 1:
         raise SoftpromptsError("--data is given once (use --table and --data NAME=FILE for several tasks)")
-    adapter, base, previous, hint = _subject(args)
-    spec, examples = task_of(args, base, previous, hint)
-    metrics = evaluate(base(), adapter, examples, spec, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+    flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system)
+    metrics = evaluate_files(EvalFiles(args.data[0], source, flags, args.batch_size, args.max_new_tokens))
     print(json.dumps(metrics) if args.json else _format(metrics))
-    return 0
-
-
-def _subject(args) -> tuple:
-    """``(adapter or None, base loader, the task the adapter recorded, a hint for a missing template)``: the adapter
-    and its base load now; the bare model (no ``--adapter``) when first needed."""
-    from softprompts.workflow import lazy_base, open_adapter
-
-    if args.adapter is None:
-        return None, lazy_base(args.model, args.quantize), None, NO_ADAPTER_HINT
-    adapter, base = open_adapter(args.adapter, args.model, args.table, args.quantize)
-    return adapter, lambda: base, adapter.task, f"; {args.adapter} records no task"
-
-
-def task_of(args, base: Callable[[], object], previous: TaskSpec | None, hint: str = "") -> tuple:
-    """``(spec, examples)`` of the one ``--data`` file: the ``previous`` task (an adapter's record) with each task
-    flag given in its place (``task_inputs.load_task``, the rule ``train`` follows). The recorded labels stay unless
-    ``--template`` / ``--target`` give another task (then: the labels found in the data, or ``--labels``). A
-    template's rows are checked before ``base()`` loads the model; chat rows need its tokenizer."""
-    from softprompts.cli.task_inputs import task_labels
-    from softprompts.workflow import TaskFlags, load_task
-
-    task = args.task or (previous.task if previous is not None else None) or "classify"
-    same_task = args.template is None and args.target is None
-    flags = TaskFlags(task, args.template, args.target, task_labels(args.labels, task, previous if same_task else None),
-                      args.placement, args.system)
-    spec, examples, _ = load_task(flags, args.data[0], [], lambda: base().tokenizer, previous=previous, hint=hint)
-    return spec, examples
-
-
-def run_table(args) -> int:
-    """``--table TABLE --data NAME=FILE ...``: several tasks of one table in shared batches."""
-    from softprompts.data.sources import load_task_data
-    from softprompts.evaluate import evaluate_tasks
-    from softprompts.model.load import load_base
-    from softprompts.table import PromptTable
-
-    given = [f"--{name}" for name in TASK_FLAGS if getattr(args, name) is not None]
-    if given:
-        raise SoftpromptsError(f"{', '.join(given)}: with --table and --data NAME=FILE each task is evaluated on the "
-                               "task it recorded; to score one of them on another task, use --adapter TABLE#NAME")
-    pairs = _table_pairs(args.data)
-    table = PromptTable.load(args.table)
-    for name, _ in pairs:
-        table.info(name)  # a clear error for an unknown task, before loading a model
-    base = load_base(args.model or table.base_record.name, device="auto", quantize=args.quantize)
-    table.attach(base)
-    tasks = []
-    for name, path in pairs:
-        spec = table.info(name).task
-        if spec is None or spec.task is None:
-            raise SoftpromptsError(f"task {name!r} of {args.table} has no task metadata (template, labels): "
-                                   f"evaluate it with --adapter {args.table}#{name} and the task flags")
-        examples, _ = load_task_data(path, spec.prompt_format(base.tokenizer), spec.task, spec.labels)
-        tasks.append((table.artifact(name), examples, spec))
-    results = evaluate_tasks(base, tasks, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    metrics = {name: result for (name, _), result in zip(pairs, results, strict=True)}
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for name, result in metrics.items():
-            print(f"{name}: {_format(result)}")
     return 0
 
 

@@ -1,16 +1,15 @@
-"""``softprompts train``: train one method on a task file and save the best adapter (+ training.json)."""
+"""``softprompts train``: train one method on a task file and save the best adapter (+ training.json). Its flags
+become one ``workflow.TrainFiles`` request, run by ``workflow.train_files`` (``sp.train_files`` in Python)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
+from dataclasses import replace
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
-from softprompts.cli.cartridge import add_corpus_flags, run_cartridge
-from softprompts.cli.task_inputs import add_chat_flags, task_labels
-from softprompts.errors import SoftpromptsError
+from softprompts.cli.cartridge import add_corpus_flags
+from softprompts.cli.task_inputs import add_chat_flags, label_list
 
 
 def register(sub) -> None:
@@ -73,78 +72,29 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from softprompts.adapter_io import load_adapter
-    from softprompts.codec import read_adapter_record
-    from softprompts.files import check_output
-    from softprompts.methods import build_method, method_class
-    from softprompts.model.load import DEFAULT_MODEL, load_base
-    from softprompts.training import RECORD_FILE, TrainConfig, checkpoint_path, setup_distributed, train
-    from softprompts.training.trackers import only_logs
-    from softprompts.workflow import TaskFlags, load_task
+    from softprompts.training import SelfStudyConfig, TrainConfig
+    from softprompts.workflow import Corpus, Hardware, Start, TaskFlags, TrainFiles, train_files
 
-    if bool(args.data) == bool(args.corpus):
-        raise SoftpromptsError("give the training data with --data FILE, or a corpus for a cartridge with --corpus "
-                               "FILE (not both)")
-    if args.corpus and args.init_from:
-        raise SoftpromptsError("--init-from continues an adapter on --data; a cartridge starts from its corpus")
-    cls = method_class(args.method or ("cartridge" if args.corpus else "prompt"))
-    config = TrainConfig(
-        steps=args.steps, lr=args.lr if args.lr is not None else cls.default_lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        schedule=args.schedule, eval_every=args.eval_every, eval_limit=args.eval_limit, patience=args.patience,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
-        gradient_checkpointing=args.gradient_checkpointing, autocast_bf16=args.bf16,
-        compile=args.compile, report_to=args.report_to,
-    ).validate()
-    out = Path(args.out)
-    if args.resume and (out / RECORD_FILE).is_file() and not checkpoint_path(out).is_file():
-        print(f"{out} is already finished (nothing to resume)", file=sys.stderr)
-        return 0
-    check_output(out, overwrite=args.overwrite or (args.resume and checkpoint_path(out).is_file()) or only_logs(out))
-
-    previous = read_adapter_record(args.init_from) if args.init_from else None
-    task = previous.task if previous is not None else None
-    labels = task_labels(args.labels, args.task, task)
-    model_name = args.model or (previous.base.name if previous is not None else DEFAULT_MODEL)
-    dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
-    if args.device_map and dist.enabled and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise SoftpromptsError("--device-map spreads the base over all of a node's GPUs: run one process per node "
-                               "(torchrun --nproc_per_node 1)")
-    device = None if args.device_map else args.device if args.device != "auto" else dist.device or "auto"
-    loaded = []
-
-    def base_model():
-        if not loaded:
-            loaded.append(load_base(model_name, device=device, device_map=args.device_map, quantize=args.quantize))
-        return loaded[0]
-
-    if args.corpus:  # the training rows are generated: only --eval-data (chat rows) is read
-        base = base_model()
-        dev = None
-        if args.eval_data:
-            dev_spec, dev, _ = load_task(TaskFlags("generate"), args.eval_data, [], lambda: base.tokenizer)
-            if dev_spec.chat is None:
-                raise SoftpromptsError("--eval-data for a cartridge holds chat rows ('messages': a question about "
-                                       "the corpus, then its answer)")
-        code = run_cartridge(args, cls, config, base, dist, dev)
-        dist.close()
-        return code
-    # a template's data is checked before the model loads; chat rows need its tokenizer (its chat template)
-    flags = TaskFlags(args.task, args.template, args.target, labels, args.placement, args.system,
+    corpus = None
+    if args.corpus:
+        corpus = Corpus(args.corpus, SelfStudyConfig(
+            conversations=args.conversations, chunk_tokens=args.chunk_tokens, question_tokens=args.question_tokens,
+            answer_tokens=args.answer_tokens, temperature=args.self_study_temperature, top_k=args.teacher_top_k,
+            batch_size=args.self_study_batch, seed=args.seed), args.self_study_data, args.frozen_tokens)
+    flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system,
                       args.max_prompt_tokens, args.max_target_tokens)
-    spec, examples, devs = load_task(flags, args.data, [args.eval_data] if args.eval_data else [],
-                                     lambda: base_model().tokenizer, previous=task)
-    dev = devs[0] if devs else None
-    base = base_model()
-    init_artifact = load_adapter(args.init_from, base).artifact if args.init_from else None
-    method = build_method(base, cls.name, spec, seed=args.seed, num_virtual_tokens=args.virtual_tokens,
-                          init=args.init, init_text=args.init_text, init_artifact=init_artifact)
-    result = train(base, method, examples, spec, config, dev_examples=dev, out_dir=out, resume=args.resume,
-                   overwrite=args.overwrite, dist=dist)
-    if dist.is_main:
-        rec = result.record
-        best = f", best {rec['metric']} {rec['best_dev']:.4f} at step {rec['best_step']}" if dev else ""
-        print(f"saved {cls.name} adapter to {out} ({rec['trainable_parameters']:,} trainable parameters, "
-              f"{rec['timings']['train_seconds']:.1f}s{best})", file=sys.stderr)
-    dist.close()
+    request = TrainFiles(args.out, task=flags, data=args.data, eval_data=args.eval_data, corpus=corpus,
+                         start=Start(args.method, args.virtual_tokens, args.init, args.init_text, args.init_from),
+                         model=args.model, hardware=Hardware(args.device, args.device_map, args.quantize),
+                         resume=args.resume, overwrite=args.overwrite)
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr if args.lr is not None else request.method_class().default_lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, schedule=args.schedule, eval_every=args.eval_every,
+        eval_limit=args.eval_limit, patience=args.patience, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing, autocast_bf16=args.bf16,
+        compile=args.compile, report_to=args.report_to)
+    done = train_files(replace(request, config=config))
+    if done.main:
+        print(done.summary(), file=sys.stderr)
     return 0

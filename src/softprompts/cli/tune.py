@@ -69,10 +69,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 def run(args) -> int:
     from softprompts.files import check_output
     from softprompts.methods import method_class
-    from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.training import TrainConfig
     from softprompts.training.tune import SearchSpace, TuneConfig, TuneTask, check_task, tune
-    from softprompts.workflow import TaskFlags, load_task
+    from softprompts.workflow import TaskFlags, lazy_base, load_task
 
     try:
         import optuna  # noqa: F401
@@ -88,13 +87,7 @@ def run(args) -> int:
     check_output(args.out, overwrite=True)  # an existing study is continued; a path under a file fails now
     if not args.eval_data:
         raise SoftpromptsError("tune chooses on the dev split: give --eval-data FILE")
-    loaded = []
-
-    def base_model():
-        if not loaded:
-            loaded.append(load_base(args.model or DEFAULT_MODEL, device=args.device, quantize=args.quantize))
-        return loaded[0]
-
+    base_model = lazy_base(args.model, args.quantize, args.device)
     flags = TaskFlags(args.task, args.template, args.target, task_labels(args.labels, args.task), args.placement,
                       args.system, args.max_prompt_tokens, args.max_target_tokens)
     spec, examples, (dev,) = load_task(flags, args.data, [args.eval_data], lambda: base_model().tokenizer)

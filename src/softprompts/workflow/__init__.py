@@ -1,0 +1,30 @@
+"""What a command does, below the command line. Each ``softprompts`` command is its flags plus one call here, and
+the Python face (``sp.generate``, ``sp.train_files``, ``sp.evaluate_files``) calls the same functions, so a command
+and its Python call cannot drift apart:
+
+    inputs.py      what a command reads: a task from files and flags (``TaskFlags``, ``load_task``), an adapter
+                   reference with its overrides or the bare model (``Source``, ``open_adapter``, ``lazy_base``)
+    train.py       ``train_files(TrainFiles)``: the data or corpus rules, resume and output checks, the device /
+                   ``torchrun`` / ``device_map`` rules, a cartridge's self-study, then ``training.train``
+    evaluate.py    ``evaluate_files(EvalFiles)``: an adapter's task with the flags in its place, or the bare model;
+                   ``evaluate_table``: several tasks of a prompt table in shared batches
+    generation.py  ``generate`` / ``generate_from``: TEXT rendered through the adapter's task, then decoded
+
+The workflow stands above ``training/`` and below ``cli/`` (docs/ARCHITECTURE.md).
+"""
+
+from softprompts.workflow.evaluate import EvalFiles, evaluate_files, evaluate_table
+from softprompts.workflow.generation import (
+           AS_RECORDED,
+           Rendering,
+           check_decoding,
+           generate,
+           generate_from,
+           recorded_task,
+)
+from softprompts.workflow.inputs import Source, TaskFlags, lazy_base, load_task, open_adapter, task_labels
+from softprompts.workflow.train import Corpus, Hardware, Start, Trained, TrainFiles, train_files
+
+__all__ = ["AS_RECORDED", "Corpus", "EvalFiles", "Hardware", "Rendering", "Source", "Start", "TaskFlags",
+           "TrainFiles", "Trained", "check_decoding", "evaluate_files", "evaluate_table", "generate",
+           "generate_from", "lazy_base", "load_task", "open_adapter", "recorded_task", "task_labels", "train_files"]
