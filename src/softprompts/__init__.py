@@ -21,8 +21,9 @@
     model = sp.wrap("smollm2-135m", "prompt", num_virtual_tokens=20)  # an nn.Module for transformers.Trainer / TRL
 
     # what the commands do, from files (the same functions `softprompts train` / `eval` call):
-    done = sp.train_files(sp.TrainFiles("out", sp.TrainConfig(steps=100), sp.TaskFlags("classify", template,
-                          " {label}"), data="train.jsonl", eval_data="dev.jsonl"))    # done.summary(): the CLI's line
+    task = sp.TaskFlags("classify", "Review: {text}\\nSentiment:", " {label}")
+    done = sp.train_files(sp.TrainFiles("out", sp.TrainConfig(steps=100), task, data="train.jsonl",
+                                        eval_data="dev.jsonl"))      # done.summary(): the line the CLI prints
     metrics = sp.evaluate_files(sp.EvalFiles("test.jsonl", sp.Source("out")))
 
 The layers, ground up, and what each owns: docs/ARCHITECTURE.md.
