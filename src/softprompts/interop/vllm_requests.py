@@ -12,6 +12,8 @@ placed and fitted by the same code), and only the last step differs - how the ar
                                                          or the template's end of turn
     soft prompt  prompt_embeds = [e(lead); E; e(ids)]    [k + P + T, hidden]: the sequence our engine feeds the model
                                                          (model/placement.py), base64 of ``torch.save``
+    DePT         prompt_embeds = [e(lead); E; e(ids) + A·B on the first S ids]   (``input_embeds``: the offsets by
+                                                         the artifact's own rule; the soft part's KV is not reused)
     KV prefix    prompt = [placeholder] * P + ids, kv_transfer_params = {file, P}, cache_salt = "softprompts-kv-" +
                  sha256 of the file (interop/vllm_kv_files.py; the connector loads the file into positions 0..P-1)
 
@@ -40,7 +42,7 @@ import torch
 from softprompts.errors import SoftpromptsError
 from softprompts.interop.vllm import encode_prompt_embeds
 from softprompts.interop.vllm_kv_files import SALT_PREFIX, kv_params, placeholder_prompt
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
+from softprompts.model.artifacts import KVPrefix, OffsetPrompt, SoftPrompt, VirtualContext
 from softprompts.model.generation import eos_ids
 from softprompts.model.placement import place
 from softprompts.serve.plan import RequestPlan, plan_generation
@@ -143,20 +145,27 @@ def _sampling(plan: RequestPlan, stop_ids: frozenset[int], served_model: str) ->
     return fields
 
 
+@torch.no_grad()
+def input_embeds(base, placed: SoftPrompt | OffsetPrompt, ids: list[int]) -> torch.Tensor:
+    """``[k + P + T, hidden]``: what our injection feeds the model for a prompt ``ids`` (``T`` tokens) after the
+    placed soft part ``[e(lead); E]`` (``k + P``): ``[e(lead); E; e(x_i) + (A·B)_i]``, the offsets (DePT) added to
+    the first ``min(S, T)`` real tokens by the artifact's own rule (``VirtualContext.offset_embeds``; a soft prompt
+    has none)."""
+    rest = base.embed(torch.tensor(ids, dtype=torch.long))  # [T, hidden]
+    mask = torch.ones(1, len(ids), dtype=torch.long, device=rest.device)
+    rest = VirtualContext.from_rows([placed]).offset_embeds(rest[None], mask)[0]
+    return torch.cat([placed.embeds.to(device=rest.device, dtype=rest.dtype), rest], dim=0)
+
+
 def _artifact_fields(base, entry: Entry, plan: RequestPlan, kv_file: Callable[[Entry], KVFile]
                      ) -> tuple[dict, Path | None]:
     """How ``entry``'s artifact reaches vLLM for each planned prompt (the one place that asks its kind): a soft
-    prompt as ``prompt_embeds`` ``[e(lead); E; e(ids)]``, a KV prefix as placeholders + the KV file the connector
-    loads; ``(fields, the KV file or None)``."""
+    prompt as ``prompt_embeds`` ``[e(lead); E; e(ids)]`` (DePT's with the offsets on ``e(ids)``: ``input_embeds``), a
+    KV prefix as placeholders + the KV file the connector loads; ``(fields, the KV file or None)``."""
     artifact = entry.source
-    if isinstance(artifact, SoftPrompt):
-        embeds = []
-        for p in plan.prompts:
-            placed = place(base, artifact, p.lead)
-            with torch.no_grad():
-                rest = base.embed(torch.tensor(p.ids, dtype=torch.long))
-                embeds.append(encode_prompt_embeds(torch.cat([placed.embeds.to(rest.dtype), rest], dim=0)))
-        return {"prompt_embeds": embeds}, None
+    if isinstance(artifact, SoftPrompt | OffsetPrompt):
+        return {"prompt_embeds": [encode_prompt_embeds(input_embeds(base, place(base, artifact, p.lead), p.ids))
+                                  for p in plan.prompts]}, None
     if isinstance(artifact, KVPrefix):
         saved = kv_file(entry)
         return {"prompt": [placeholder_prompt(artifact.length, p.ids) for p in plan.prompts],
