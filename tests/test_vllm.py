@@ -1,6 +1,7 @@
 """vLLM interop without vLLM: the ``prompt_embeds`` payload, decoded the way vLLM decodes it and fed to the HF model
 as ``inputs_embeds``, gives the same greedy tokens as our adapter (soft prompt first, or at the ``<|virtual|>``
-marker); KV-prefix adapters are refused; ``softprompts export --format vllm`` writes what a client needs."""
+marker; a DePT adapter's offsets on the text after it); KV-prefix adapters are refused; ``softprompts export --format
+vllm`` writes what a client needs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tiny import perturbed, save_tiny, tiny_base
+from tiny import perturb, perturbed, save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
@@ -17,6 +18,7 @@ from softprompts.interop.vllm import (
     completion_request,
     decode_prompt_embeds,
     export_vllm,
+    load_offsets,
     load_soft_prompt,
     prompt_embeds,
 )
@@ -51,6 +53,32 @@ def test_payload_gives_our_greedy_tokens(tmp_path, arch, prompt):
     lead, ids = split_prompt(base, prompt)
     ours = generate_ids(base, [ids], place(base, adapter.artifact, lead), max_new_tokens=8, stop_ids=set())[0]
     assert hf[0, -8:].tolist() == ours
+
+
+@pytest.mark.parametrize("prompt", ["fine", "Review: a fine film\nSentiment:", "Say.\n<|virtual|>Review: dull"],
+                         ids=["shorter-than-S", "longer-than-S", "at-the-marker"])
+def test_a_dept_export_gives_our_greedy_tokens(tmp_path, prompt):
+    """The offsets are exported beside the soft prompt and ``prompt_embeds`` adds them: vLLM's input then gives the
+    tokens of our injection (which the soft prompt alone does not)."""
+    base = tiny_base("llama")
+    method = sp.create_method(base, "dept", num_virtual_tokens=4, init_text="vllm", rank=3, offset_positions=8)
+    adapter = sp.Adapter.from_method(perturb(method, scale=0.5, seed=3), base, task={"task": "generate"})
+    out = export_vllm(adapter, tmp_path / "vllm")
+    offsets = load_offsets(out)
+    assert torch.equal(offsets.dense(), adapter.artifact.offsets.dense())
+    assert json.loads((out / "vllm.json").read_text())["offsets"]["positions"] == 8
+    lead, ids = split_prompt(base, prompt)
+    ours = generate_ids(base, [ids], place(base, adapter.artifact, lead), max_new_tokens=8, stop_ids=set())[0]
+    plain = generate_ids(base, [ids], place(base, adapter.artifact.prompt, lead), max_new_tokens=8, stop_ids=set())[0]
+    assert ours != plain  # the offsets change the answer
+    embeds = decode_prompt_embeds(completion_request(
+        "m", prompt_embeds(base.model, base.tokenizer, load_soft_prompt(out), prompt, offsets))["prompt_embeds"])
+    with torch.no_grad():
+        hf = base.model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0],
+                                 dtype=torch.long), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=base.pad_id)
+    assert hf[0, -8:].tolist() == ours
+    assert load_offsets(export_vllm(adapter_of(base), tmp_path / "soft")) is None
 
 
 def test_kv_prefix_adapters_are_refused(tmp_path):
