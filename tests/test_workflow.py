@@ -98,3 +98,26 @@ def test_the_device_rules(monkeypatch):
     with pytest.raises(sp.SoftpromptsError, match="one process per node"):
         Hardware(device_map="auto").device_for(ranks)
     assert Hardware(device_map="auto").device_for(one) is None  # one process: no torchrun rule
+
+
+def test_tune_files_is_the_command(env, capsys):
+    """``sp.tune_files`` with the request the flags make == ``softprompts tune``: the same trials (parameters and
+    dev values), the same best adapter, and the command's line is ``tune_summary``."""
+    pytest.importorskip("optuna")
+    cli_out, api_out = env["root"] / "tune-cli", env["root"] / "tune-api"
+    assert main(["tune", "--model", env["model"], "--data", env["data"], "--eval-data", env["data"], "--template",
+                 TEMPLATE, "--target", TARGET, "--trials", "2", "--steps", "2", "--eval-every", "1",
+                 "--virtual-tokens-choices", "2,3", "--pruner", "none", "--out", str(cli_out)]) == 0
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    request = sp.TuneFiles(api_out, env["data"], env["data"],
+                           sp.TuneConfig(trials=2, virtual_tokens=(2, 3), pruner="none"),
+                           sp.TrainConfig(steps=2, lr=sp.METHODS["prompt"].default_lr, eval_every=1),
+                           sp.TaskFlags("classify", TEMPLATE, TARGET, max_prompt_tokens=256, max_target_tokens=64),
+                           model=env["model"])
+    result = sp.tune_files(request)
+    assert printed == sp.workflow.tune_summary(result, cli_out)
+    best = [json.loads((d / "best.json").read_text()) for d in (cli_out, api_out)]
+    assert {k: v for k, v in best[0].items() if "second" not in k} == {k: v for k, v in best[1].items()
+                                                                        if "second" not in k}
+    cli, api = (load_file(str(d / "best" / "adapter.safetensors")) for d in (cli_out, api_out))
+    assert all(torch.equal(cli[k], api[k]) for k in cli)

@@ -49,7 +49,7 @@ _EXPORTS = {
     "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
     "EvalFiles": "workflow", "Source": "workflow", "TaskFlags": "workflow", "TrainFiles": "workflow",
-    "evaluate_files": "workflow", "train_files": "workflow",
+    "evaluate_files": "workflow", "train_files": "workflow", "TuneFiles": "workflow", "tune_files": "workflow",
 }
 
 __version__ = "0.1.0"
@@ -58,9 +58,9 @@ __all__ = [
     "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
     "EncoderDecoderBase", "EvalFiles", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling",
     "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags", "TaskSpec", "TrainConfig",
-    "TrainFiles", "TrainResult", "TuneConfig", "TuneTask", "VirtualContext", "build_method", "create_method",
-    "evaluate_files", "forward", "generate", "generate_ids", "load_adapter", "load_base", "next_token_logits",
-    "save_adapter", "train", "train_cartridge", "train_files", "tune", "wrap",
+    "TrainFiles", "TrainResult", "TuneConfig", "TuneFiles", "TuneTask", "VirtualContext", "build_method",
+    "create_method", "evaluate_files", "forward", "generate", "generate_ids", "load_adapter", "load_base",
+    "next_token_logits", "save_adapter", "train", "train_cartridge", "train_files", "tune", "tune_files", "wrap",
 ]
 
 
@@ -94,4 +94,13 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.task_spec import TaskSpec
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
     from softprompts.training.tune import TuneConfig, TuneTask, tune
-    from softprompts.workflow import EvalFiles, Source, TaskFlags, TrainFiles, evaluate_files, train_files
+    from softprompts.workflow import (
+        EvalFiles,
+        Source,
+        TaskFlags,
+        TrainFiles,
+        TuneFiles,
+        evaluate_files,
+        train_files,
+        tune_files,
+    )

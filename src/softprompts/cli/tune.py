@@ -12,8 +12,7 @@ import argparse
 import sys
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
-from softprompts.cli.task_inputs import add_chat_flags, task_labels
-from softprompts.errors import SoftpromptsError
+from softprompts.cli.task_inputs import add_chat_flags, label_list
 
 
 def register(sub) -> None:
@@ -67,38 +66,19 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from softprompts.files import check_output
     from softprompts.methods import method_class
     from softprompts.training import TrainConfig
-    from softprompts.training.tune import SearchSpace, TuneConfig, TuneTask, check_task, tune
-    from softprompts.workflow import TaskFlags, lazy_base, load_task
+    from softprompts.training.tune import TuneConfig
+    from softprompts.workflow import Hardware, TaskFlags, TuneFiles, tune_files, tune_summary
 
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise SoftpromptsError("softprompts tune needs Optuna: pip install 'softprompts[tune]'") from None
-    cls = method_class(args.method)
-    train_config = TrainConfig(steps=args.steps, lr=cls.default_lr, batch_size=args.batch_size,
+    train_config = TrainConfig(steps=args.steps, lr=method_class(args.method).default_lr, batch_size=args.batch_size,
                                eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed,
                                report_to=args.report_to)
     config = TuneConfig(trials=args.trials, minutes=args.minutes, lr_range=args.lr_range,
                         virtual_tokens=args.virtual_tokens_choices, pruner=args.pruner, seed=args.seed)
-    config.validate(train_config)
-    check_output(args.out, overwrite=True)  # an existing study is continued; a path under a file fails now
-    if not args.eval_data:
-        raise SoftpromptsError("tune chooses on the dev split: give --eval-data FILE")
-    base_model = lazy_base(args.model, args.quantize, args.device)
-    flags = TaskFlags(args.task, args.template, args.target, task_labels(args.labels, args.task), args.placement,
-                      args.system, args.max_prompt_tokens, args.max_target_tokens)
-    spec, examples, (dev,) = load_task(flags, args.data, [args.eval_data], lambda: base_model().tokenizer)
-    space = SearchSpace.for_method(cls.name, config)
-    task = TuneTask(None, cls.name, spec, examples, dev[: args.eval_limit] if args.eval_limit else dev,
-                    options={"init": args.init} if args.init else {})
-    check_task(task, space, check_context=False)  # the data and the choices, before the model loads
-    task.base = base_model()
-    result = tune(task, train_config, config, args.out)
-    print(f"best: trial {result.trial}, dev {result.metric} {result.value:.4f} with "
-          f"{', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in result.params.items())}; "
-          f"{result.finished} trial(s) finished, {result.pruned} pruned; adapter in {args.out}/best, table in "
-          f"{args.out}/tune.md", file=sys.stderr)
+    flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system,
+                      args.max_prompt_tokens, args.max_target_tokens)
+    result = tune_files(TuneFiles(args.out, args.data, args.eval_data, config, train_config, flags, args.method,
+                                  args.init, args.model, Hardware(args.device, quantize=args.quantize)))
+    print(tune_summary(result, args.out), file=sys.stderr)
     return 0
