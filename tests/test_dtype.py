@@ -5,13 +5,14 @@ equivalence at bfloat16 (docs/BENCHMARKS.md, section Y, measures the quality cos
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 from test_engine import check_mixed_equals_alone
-from tiny import tiny_base
+from tiny import save_tiny, tiny_base
 
-from softprompts.cli import build_parser
+from softprompts.cli import build_parser, main
 from softprompts.cli.arguments import DTYPE_CHOICES
 from softprompts.model import load
 from softprompts.model.load import ModelLoadError, auto_dtype, resolve_dtype
@@ -64,6 +65,8 @@ def test_the_command_line_refuses_a_bad_dtype_before_loading(capsys):
 # each command that loads a base, with the arguments it needs besides --dtype
 COMMANDS = {
     "serve": ["--adapters", "x"],
+    "eval": ["--data", "x"],
+    "generate": ["text"],
 }
 
 
@@ -103,3 +106,26 @@ def test_mixed_batch_rows_equal_alone_at_bf16():
     base.model.to(torch.bfloat16)
     assert base.dtype is torch.bfloat16
     check_mixed_equals_alone(base, atol=0.1, rtol=0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512_bf16"}, torch.bfloat16), (set(), torch.float32)])
+def test_eval_and_generate_load_the_base_in_the_dtype_asked(monkeypatch, tmp_path, tiny_dir, capsys, flags, expected):
+    """``eval`` and ``generate`` with ``--dtype auto`` load the base in what ``auto`` picks, and say why; the bare
+    model is then scored / decoded in that dtype (a float32 default otherwise)."""
+    loaded = []
+    resolve = load.resolve_dtype
+    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(load, "resolve_dtype", lambda *a, **k: loaded.append(resolve(*a, **k)) or loaded[-1])
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("good", "pos"), ("bad", "neg")]))
+    task = ["--template", "Review: {text}\nSentiment:", "--target", " {label}", "--data", str(data)]
+    assert main(["eval", "--model", str(tiny_dir), *task, "--dtype", "auto", "--json"]) == 0
+    assert main(["generate", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "2", "--dtype", "auto", "hi"]) == 0
+    assert main(["generate", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "2", "hi"]) == 0
+    assert loaded == [expected, expected, torch.float32]
+    assert capsys.readouterr().err.count(f"--dtype auto: {str(expected)[6:]}") == 2

@@ -41,14 +41,15 @@ def add_dtype_flag(p, default: str | None = None) -> None:
                         "against float32 in docs/BENCHMARKS.md)")
 
 
-def say_dtype(dtype: str | None, device) -> None:
-    """With ``--dtype auto``, say on stderr what it picked on ``device`` and why (``model/load.auto_dtype``)."""
+def say_dtype(dtype: str | None, device=None) -> None:
+    """With ``--dtype auto``, say on stderr what it picked on ``device`` (default: ``auto``, where the commands put
+    the base) and why (``model/load.auto_dtype``)."""
     if dtype == "auto":
         import sys
 
-        from softprompts.model.load import auto_dtype
+        from softprompts.model.load import auto_dtype, resolve_device
 
-        print(f"--dtype {auto_dtype(device).reason}", file=sys.stderr, flush=True)
+        print(f"--dtype {auto_dtype(resolve_device(device or 'auto')).reason}", file=sys.stderr, flush=True)
 
 
 def add_report_flag(p) -> None:

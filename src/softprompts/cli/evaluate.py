@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from softprompts.cli.arguments import add_quantize_flag
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, say_dtype
 from softprompts.cli.task_inputs import add_chat_flags, label_list
 from softprompts.errors import SoftpromptsError
 
@@ -52,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics and n (per task name "
                    "with --table)")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -62,7 +63,8 @@ def _format(metrics: dict) -> str:
 def run(args) -> int:
     from softprompts.workflow import EvalFiles, Source, TaskFlags, evaluate_files, evaluate_table
 
-    source = Source(args.adapter, args.model, args.table, args.quantize)
+    source = Source(args.adapter, args.model, args.table, args.quantize, args.dtype)
+    say_dtype(args.dtype)
     if args.adapter is None and args.table is not None:  # --table TABLE --data NAME=FILE ...
         given = [f"--{name}" for name in TASK_FLAGS if getattr(args, name) is not None]
         if given:

@@ -14,7 +14,7 @@ same (``softprompts.workflow.generate``).
 
 from __future__ import annotations
 
-from softprompts.cli.arguments import add_quantize_flag, finite
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, finite, say_dtype
 from softprompts.cli.task_inputs import add_chat_flags
 
 
@@ -38,6 +38,7 @@ def register(sub) -> None:
                    "template)")
     p.add_argument("text", nargs="+", metavar="TEXT")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,8 @@ def run(args) -> int:
     from softprompts.model.generation import Sampling
     from softprompts.workflow import Rendering, Source, generate_from
 
-    for out in generate_from(Source(args.adapter, args.model, args.table, args.quantize), args.text,
+    say_dtype(args.dtype)
+    for out in generate_from(Source(args.adapter, args.model, args.table, args.quantize, args.dtype), args.text,
                              Rendering(args.raw, args.template, args.chat, args.placement, args.system),
                              args.max_new_tokens, Sampling(temperature=args.temperature, top_p=args.top_p,
                                                            seed=args.seed)):

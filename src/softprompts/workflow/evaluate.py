@@ -59,7 +59,8 @@ def evaluate_table(source: Source, data: list[tuple[str, str]], batch_size: int 
     table = PromptTable.load(source.table)
     for name, _ in data:
         table.info(name)  # a clear error for an unknown task, before loading a model
-    base = load_base(source.model or table.base_record.name, device="auto", quantize=source.quantize)
+    base = load_base(source.model or table.base_record.name, dtype=source.dtype, device="auto",
+                     quantize=source.quantize)
     table.attach(base)
     tasks = []
     for name, path in data:

@@ -98,38 +98,41 @@ def _task_format(flags: TaskFlags, records, tokenizer: Callable[[], object], lim
 class Source:
     """What a command runs on: an adapter reference (``table.resolve_adapter``: a directory, ``TABLE_DIR#NAME``,
     or ``table:NAME`` with ``table``) or none (the bare model), on ``model`` (default: the adapter's own base, the
-    embedded model without an adapter), loaded ``quantize``d when given."""
+    embedded model without an adapter), loaded ``quantize``d when given, in ``dtype`` (``model/load.resolve_dtype``:
+    float32 by default, ``auto`` for bfloat16 where the hardware is fast at it)."""
 
     adapter: str | None = None
     model: str | None = None
     table: str | None = None
     quantize: str | None = None
+    dtype: str | None = None
 
     def open(self) -> tuple[Adapter | None, Callable[[], FrozenBase]]:
         """``(adapter or None, base loader)``: an adapter and its base load now; the bare model when first
         needed (a template's rows are then checked before it loads)."""
         if self.adapter is None:
-            return None, lazy_base(self.model, self.quantize)
-        adapter, base = open_adapter(self.adapter, self.model, self.table, self.quantize)
+            return None, lazy_base(self.model, self.quantize, dtype=self.dtype)
+        adapter, base = open_adapter(self.adapter, self.model, self.table, self.quantize, self.dtype)
         return adapter, lambda: base
 
 
 def open_adapter(ref: str, model: str | None = None, table: str | None = None,
-                 quantize: str | None = None) -> tuple[Adapter, FrozenBase]:
+                 quantize: str | None = None, dtype: str | None = None) -> tuple[Adapter, FrozenBase]:
     """``(adapter, base)`` of an adapter reference; the base is the adapter's own unless ``model`` is given."""
-    base = load_base(model or adapter_base_name(ref, table), device="auto", quantize=quantize)
+    base = load_base(model or adapter_base_name(ref, table), dtype=dtype, device="auto", quantize=quantize)
     return resolve_adapter(ref, base, table), base
 
 
 def lazy_base(model: str | None, quantize: str | None = None, device: str | None = "auto",
-              device_map: str | None = None) -> Callable[[], FrozenBase]:
-    """The base model (``model``, default the embedded one) on ``device`` (or spread by ``device_map``), loaded on
-    the first call and kept."""
+              device_map: str | None = None, dtype: str | None = None) -> Callable[[], FrozenBase]:
+    """The base model (``model``, default the embedded one) in ``dtype`` on ``device`` (or spread by
+    ``device_map``), loaded on the first call and kept."""
     loaded: list[FrozenBase] = []
 
     def base() -> FrozenBase:
         if not loaded:
-            loaded.append(load_base(model or DEFAULT_MODEL, device=device, device_map=device_map, quantize=quantize))
+            loaded.append(load_base(model or DEFAULT_MODEL, dtype=dtype, device=device, device_map=device_map,
+                                    quantize=quantize))
         return loaded[0]
 
     return base
