@@ -121,3 +121,22 @@ def test_tune_files_is_the_command(env, capsys):
                                                                         if "second" not in k}
     cli, api = (load_file(str(d / "best" / "adapter.safetensors")) for d in (cli_out, api_out))
     assert all(torch.equal(cli[k], api[k]) for k in cli)
+
+
+def test_a_comparison_takes_what_is_not_given_from_the_dataset(tmp_path):
+    """``CompareFiles.inputs``: a catalog dataset fills the task, template, target and labels not given (a template
+    given replaces the preset's template and target together); given files are used as they are; without data and
+    without a dataset the request is refused in one line."""
+    from softprompts.compare import CompareConfig
+
+    config = CompareConfig(model="unused", methods=["prompt"], progress=False)
+    files = {"data": "a.jsonl", "eval_data": "b.jsonl", "test_data": "c.jsonl"}
+    flags, paths = sp.CompareFiles(tmp_path, config, dataset="uci-sentiment", **files).inputs()
+    assert (flags.task, flags.template, flags.target, flags.labels) == (
+        "classify", "Review: {text}\nSentiment:", " {label}", ["negative", "positive"])
+    assert paths == {"train": "a.jsonl", "dev": "b.jsonl", "test": "c.jsonl"}
+    own = sp.TaskFlags(template="Text: {text}\nLabel:", labels=["neg", "pos"])
+    flags, _ = sp.CompareFiles(tmp_path, config, own, dataset="uci-sentiment", **files).inputs()
+    assert (flags.template, flags.target, flags.labels) == ("Text: {text}\nLabel:", None, ["neg", "pos"])
+    with pytest.raises(sp.SoftpromptsError, match="--data required"):
+        sp.CompareFiles(tmp_path, config).inputs()

@@ -50,17 +50,19 @@ _EXPORTS = {
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
     "EvalFiles": "workflow", "Source": "workflow", "TaskFlags": "workflow", "TrainFiles": "workflow",
     "evaluate_files": "workflow", "train_files": "workflow", "TuneFiles": "workflow", "tune_files": "workflow",
+    "CompareFiles": "workflow", "compare_files": "workflow",
 }
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "DEFAULT_MODEL",
-    "EncoderDecoderBase", "EvalFiles", "FrozenBase", "KVPrefix", "METHODS", "PromptModel", "Sampling",
-    "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags", "TaskSpec", "TrainConfig",
+    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "CompareFiles",
+    "DEFAULT_MODEL", "EncoderDecoderBase", "EvalFiles", "FrozenBase", "KVPrefix", "METHODS", "PromptModel",
+    "Sampling", "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags", "TaskSpec", "TrainConfig",
     "TrainFiles", "TrainResult", "TuneConfig", "TuneFiles", "TuneTask", "VirtualContext", "build_method",
-    "create_method", "evaluate_files", "forward", "generate", "generate_ids", "load_adapter", "load_base",
-    "next_token_logits", "save_adapter", "train", "train_cartridge", "train_files", "tune", "tune_files", "wrap",
+    "compare_files", "create_method", "evaluate_files", "forward", "generate", "generate_ids", "load_adapter",
+    "load_base", "next_token_logits", "save_adapter", "train", "train_cartridge", "train_files", "tune", "tune_files",
+    "wrap",
 ]
 
 
@@ -95,11 +97,13 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge
     from softprompts.training.tune import TuneConfig, TuneTask, tune
     from softprompts.workflow import (
+        CompareFiles,
         EvalFiles,
         Source,
         TaskFlags,
         TrainFiles,
         TuneFiles,
+        compare_files,
         evaluate_files,
         train_files,
         tune_files,

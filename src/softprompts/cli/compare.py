@@ -10,8 +10,7 @@ import argparse
 import sys
 
 from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
-from softprompts.cli.task_inputs import add_chat_flags
-from softprompts.errors import SoftpromptsError
+from softprompts.cli.task_inputs import add_chat_flags, label_list
 
 
 def register(sub) -> None:
@@ -77,55 +76,14 @@ def _baselines(text: str) -> str:
     return ",".join(names)
 
 
-def _task_rows(spec, inputs: dict, train_limit: int | None) -> dict | None:
-    """Chat rows for the few-shot baseline (it writes demonstrations as turns): each split's rows, as its examples."""
-    from softprompts.data.sources import read_rows
-
-    if spec.chat is None:
-        return None
-    rows = {split: read_rows(inputs[split]) if inputs[split] else [] for split in ("train", "dev", "test")}
-    rows["train"] = rows["train"][:train_limit] if train_limit else rows["train"]
-    return rows
-
-
-def _resolve_inputs(args) -> dict:
-    """Task, template, labels and split paths from the flags, filled in from ``--dataset`` presets."""
-    inputs = {"task": args.task, "prompt": args.template, "target": args.target,
-              "labels": [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
-              "train": args.data, "dev": args.eval_data, "test": args.test_data}
-    if args.dataset:
-        from softprompts.data.catalog import get_dataset
-        from softprompts.data.prepare import prepared_paths
-
-        entry = get_dataset(args.dataset)
-        presets = entry.presets()
-        if args.template is None and args.target is None:
-            inputs["prompt"], inputs["target"] = presets["prompt"], presets["target"]
-        inputs["task"] = inputs["task"] or presets["task"]
-        inputs["labels"] = inputs["labels"] or presets["labels"]
-        if not (args.data and args.eval_data and args.test_data):
-            paths = prepared_paths(args.dataset, progress=not args.no_progress)
-            for split in ("train", "dev", "test"):
-                inputs[split] = inputs[split] or paths.get(split)
-    inputs["task"] = inputs["task"] or "classify"
-    if not inputs["train"]:
-        raise SoftpromptsError("--data required (or --dataset NAME for catalog presets)")
-    return inputs
-
-
 def run(args) -> int:
-    from softprompts.compare import CompareConfig, CompareData, run_compare
-    from softprompts.compare.preflight import option_problems, refuse
-    from softprompts.files import check_output
+    from softprompts.compare import CompareConfig
     from softprompts.methods import METHODS
-    from softprompts.model.load import DEFAULT_MODEL, load_base
-    from softprompts.workflow import TaskFlags, load_task
+    from softprompts.model.load import DEFAULT_MODEL
+    from softprompts.workflow import CompareFiles, TaskFlags, compare_files
 
-    check_output(args.out, overwrite=True)  # an existing compare is resumed; a path under a file fails now
-    inputs = _resolve_inputs(args)
-    model = args.model or DEFAULT_MODEL
     config = CompareConfig(
-        model=model,
+        model=args.model or DEFAULT_MODEL,
         quantize=args.quantize,
         methods=[m.strip() for m in (args.methods or ",".join(
             name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
@@ -136,24 +94,10 @@ def run(args) -> int:
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
         progress=not args.no_progress, report_to=args.report_to,
     )
-    loaded = []
-
-    def tokenizer():  # chat rows need the model's chat template: the model loads now and the compare reuses it
-        refuse(option_problems(config))  # the options first, then (run_compare) every problem of the rows at once
-        loaded.append(load_base(model, device="auto", quantize=args.quantize))
-        return loaded[0].tokenizer
-
-    flags = TaskFlags(inputs["task"], inputs["prompt"], inputs["target"], inputs["labels"], args.placement, args.system,
+    flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system,
                       args.max_prompt_tokens, args.max_target_tokens)
-    spec, train, (dev, test) = load_task(flags, inputs["train"], [inputs["dev"], inputs["test"]], tokenizer,
-                                         optional_devs=True)
-    train = train[: args.train_limit] if args.train_limit else train
-    fewshot = "fewshot" in (args.baseline or "").split(",")
-    rows = _task_rows(spec, inputs, args.train_limit) if fewshot else None
-    description = {"dataset": args.dataset, "train": str(inputs["train"]), "dev": str(inputs["dev"]),
-                   "test": str(inputs["test"]), "train_limit": args.train_limit}
-    results = run_compare(config, CompareData(spec, train, dev, test, description, rows), args.out,
-                          base=loaded[0] if loaded else None)
+    results = compare_files(CompareFiles(args.out, config, flags, args.data, args.eval_data, args.test_data,
+                                         args.dataset, args.train_limit))
     resume = results["resume"]
     if resume["skipped"]:
         print(f"skipped {len(resume['skipped'])} finished run(s): {', '.join(resume['skipped'])}", file=sys.stderr)
