@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny import cached_base, perturbed, save_tiny, tiny_base
+from tiny import cached_base, perturb, perturbed, save_tiny, tiny_base
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import softprompts as sp
@@ -17,8 +17,8 @@ from softprompts.cli import main
 from softprompts.data.datasets import Example
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
-from softprompts.explain import ExplainConfig, explain, kept_metric, nearest_tokens
-from softprompts.model.artifacts import KVPrefix
+from softprompts.explain import ExplainConfig, attention_shares, explain, kept_metric, nearest_tokens, write_report
+from softprompts.model.artifacts import KVPrefix, OffsetPrompt, SoftPrompt
 from softprompts.model.frozen import UnsupportedFeature
 
 SPEC = sp.TaskSpec("classify", "{text}", " {label}", ["neg", "pos"])
@@ -78,6 +78,36 @@ def test_ablation_ends_are_the_adapter_and_the_bare_model(method):
     assert got.metric == "accuracy" and got.layers == 2 and len(got.attention_share) == 2
     assert all(0.0 <= s <= 1.0 for s in got.attention_share)
     assert (got.nearest_tokens is not None) == (method == "prompt")
+
+
+def test_dept_is_measured_with_its_offsets_on_and_they_apart(tmp_path):
+    """DePT: its soft prompt's KV is probed with the offsets on the real tokens; hiding the virtual columns in every
+    layer leaves the offsets alone (not the bare model), which ``offsets`` reports beside the soft prompt alone."""
+    base = cached_base("llama")
+    examples = rows()
+    method = sp.create_method(base, "dept", num_virtual_tokens=4, init_text="good", rank=3, offset_positions=6)
+    adapter = Adapter.from_method(perturb(method, scale=3.0, seed=2), base, SPEC)
+    raw = adapter.artifact
+    alone = OffsetPrompt(SoftPrompt(raw.embeds[:0]), raw.offsets)
+    ids = ids_of(base, "some text")
+    with base.hiding_virtual((0, 4), {0, 1}):
+        hidden = base.token_logits(base.served(adapter), ids)
+    torch.testing.assert_close(hidden, base.token_logits(alone, ids), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(hidden, base.token_logits(None, ids), atol=1e-3)
+    got = explain(base, adapter, examples, SPEC, ExplainConfig(limit=len(examples)))
+    assert got.artifact_kind == "offset_prompt" and got.nearest_tokens is not None and got.virtual_tokens == 4
+    accuracy = {name: evaluate(base, a, examples, SPEC)["accuracy"]
+                for name, a in (("all", adapter), ("none", None), ("soft", raw.prompt), ("offsets", alone))}
+    assert (got.ablation.all, got.ablation.none) == (accuracy["all"], accuracy["none"])
+    assert (got.offsets.metric_soft_prompt_alone, got.offsets.metric_offsets_alone) == (accuracy["soft"],
+                                                                                       accuracy["offsets"])
+    assert got.offsets.positions == 6 and got.offsets.rank == 3 and got.offsets.norm_ratio > 0
+    prompts = [base.tokenize(ex.prompt) for ex in examples]
+    soft_share, _ = attention_shares(base, base.served(raw.prompt), prompts, 0)
+    assert soft_share != pytest.approx(got.attention_share, abs=1e-4)  # the offsets were on
+    write_report(got, tmp_path)
+    assert "offsets alone" in (tmp_path / "explain.md").read_text()
+    assert json.loads((tmp_path / "explain.json").read_text())["offsets"]["rank"] == 3
 
 
 def test_attention_share_equals_a_direct_computation():

@@ -20,6 +20,14 @@ both are a prefix of ``P`` virtual key/value positions in every one of the ``L``
 4. A summary: trainable (``training.json`` beside the adapter, when present) and saved parameters, the layers that
    carry 90 % of the gain (the fewest first layers whose ``keep_first`` metric reaches
    ``none + 0.9 (all - none)``), and the share at the first, middle and last layer.
+
+DePT (``OffsetPrompt``: a soft prompt + offsets ``A·B`` on the input embeddings of the prompt's first ``S`` tokens) is
+served as its soft prompt's KV with the offsets on the real tokens, so 1-3 measure its soft part as they measure a soft
+prompt's, the offsets kept on in every run (they act at the input, not in a layer's attention, so no layer ablation
+reaches them: ``keep_first`` with no virtual column visible would be the offsets alone, not the bare model). What the
+offsets do is measured on its own (``offsets_of``): the metric with the soft prompt alone (offsets removed) and with the
+offsets alone (soft prompt removed), and the offsets' size against the embeddings they are added to,
+``mean_i ||(A·B)_i|| / mean_i ||e(x_i)||`` over the rows' first ``S`` prompt tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate
 from softprompts.files import atomic_json, atomic_text
 from softprompts.metrics import PRIMARY_METRIC
-from softprompts.model.artifacts import KVPrefix, SoftPrompt
+from softprompts.model.artifacts import KVPrefix, OffsetPrompt, SoftPrompt
 from softprompts.tasks import TaskSpec, prompt_ids
 
 
@@ -104,6 +112,7 @@ class Explanation:
     real_value_norms: list[float]
     nearest_tokens: list[list[NearestToken]] | None = None
     parameters: dict = field(default_factory=dict)
+    offsets: OffsetsEffect | None = None  # DePT's offsets, measured apart (module docstring)
 
     def summary(self) -> dict:
         """The one-table comparison: parameters, layers carrying 90 % of the gain, share at first/middle/last."""
@@ -114,28 +123,73 @@ class Explanation:
     def to_json(self) -> dict:
         out = asdict(self)
         out["summary"] = self.summary()
-        if self.nearest_tokens is None:
-            del out["nearest_tokens"]
+        for optional in ("nearest_tokens", "offsets"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
 
-def _served_rows(base, adapter, examples: list[Example], spec: TaskSpec) -> tuple[KVPrefix, list[list[int]], int]:
-    """``(served prefix, prompt ids per row, where the virtual columns start)``: the rows as ``evaluate`` runs them;
-    every row must share one lead (one served prefix), which a template's rows do."""
+@dataclass
+class OffsetsEffect:
+    """DePT's offsets apart from its soft prompt: ``positions`` (S) and ``rank`` (r); the metric with the soft
+    prompt alone and with the offsets alone; ``norm_ratio``: the offsets' mean L2 norm over the mean norm of the
+    embeddings they are added to (the rows' first ``S`` prompt tokens)."""
+
+    positions: int
+    rank: int
+    metric_soft_prompt_alone: float
+    metric_offsets_alone: float
+    norm_ratio: float
+
+
+def _prefix_of(served: KVPrefix | OffsetPrompt) -> KVPrefix:
+    """The KV prefix a served artifact puts in front (a DePT adapter's: its soft prompt's)."""
+    return served.prompt if isinstance(served, OffsetPrompt) else served
+
+
+def offsets_of(base, adapter, examples: list[Example], spec: TaskSpec, prompts: list[list[int]],
+               config: ExplainConfig) -> OffsetsEffect | None:
+    """What a DePT adapter's offsets do (``OffsetsEffect``); ``None`` for another artifact."""
+    raw = adapter.artifact
+    if not isinstance(raw, OffsetPrompt):
+        return None
+    metric = PRIMARY_METRIC[spec.task]
+    alone = OffsetPrompt(SoftPrompt(raw.embeds[:0]), raw.offsets)  # no virtual position: the offsets only
+    soft_alone, offsets_alone = (
+        evaluate(base, a, examples, spec, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)[metric]
+        for a in (raw.prompt, alone))
+    dense = raw.offsets.dense().to(base.device)  # [S, hidden]
+    s = raw.offsets.positions
+    embedded = [base.embed(torch.tensor(ids[:s], dtype=torch.long)).float() for ids in prompts]  # [min(S, T), hidden]
+    offset_norm = torch.cat([dense[: e.shape[0]].norm(dim=-1) for e in embedded]).mean()
+    embed_norm = torch.cat([e.norm(dim=-1) for e in embedded]).mean()
+    rank = int(raw.offsets.a.shape[1])
+    return OffsetsEffect(s, rank, soft_alone, offsets_alone, float(offset_norm / embed_norm))
+
+
+def _served_rows(base, adapter, examples: list[Example], spec: TaskSpec
+                 ) -> tuple[KVPrefix | OffsetPrompt, list[list[int]], int]:
+    """``(served artifact: a KV prefix, or DePT's KV prefix + offsets; prompt ids per row, where the virtual columns
+    start)``: the rows as ``evaluate`` runs them; every row must share one lead (one served prefix), which a
+    template's rows do."""
     split = [prompt_ids(base, ex.prompt, spec) for ex in examples]
     leads = {lead for lead, _ in split}
     if len(leads) != 1:
         raise SoftpromptsError("explain needs rows whose virtual tokens sit after one shared lead; these rows place "
                                "them after different texts (a chat template whose system turn varies?)")
     served = base.served(adapter, next(iter(leads)))
-    if not isinstance(served, KVPrefix):
-        raise SoftpromptsError(f"{base.name} does not serve this adapter as a KV prefix: explain cannot measure it")
+    if not isinstance(_prefix_of(served), KVPrefix):
+        raise SoftpromptsError(f"{base.name} does not serve this adapter as a KV prefix (an encoder-decoder model "
+                               "reads a soft prompt in its encoder's input, where no virtual key/value columns "
+                               "exist to probe): explain cannot measure it")
     return served, [ids for _, ids in split], served.length - adapter.artifact.length
 
 
-def attention_shares(base, served: KVPrefix, prompts: list[list[int]], start: int) -> tuple[list[float], list[float]]:
+def attention_shares(base, served: KVPrefix | OffsetPrompt, prompts: list[list[int]], start: int
+                     ) -> tuple[list[float], list[float]]:
     """Per layer the mean and standard deviation over rows and heads of the share of attention real-token queries
-    put on the columns ``start..P-1`` of ``served`` (one row per forward: no padding enters the average)."""
+    put on the columns ``start..P-1`` of ``served`` (one row per forward: no padding enters the average; DePT's
+    offsets on the real tokens, as served)."""
     per_row = []
     for ids in prompts:
         ids_t = torch.tensor([ids], device=base.device)
@@ -171,7 +225,7 @@ def kept_metric(base, adapter, examples: list[Example], spec: TaskSpec, columns:
                         max_new_tokens=config.max_new_tokens)
 
 
-def nearest_tokens(base, prompt: SoftPrompt, top_k: int = 5) -> list[list[NearestToken]]:
+def nearest_tokens(base, prompt: SoftPrompt | OffsetPrompt, top_k: int = 5) -> list[list[NearestToken]]:
     """For each virtual token ``E_i`` the ``top_k`` vocabulary tokens ``v`` of highest ``cos(E_i, e_v)`` in the
     input-embedding matrix ``[V, hidden]``."""
     table = base.model.get_input_embeddings().weight.detach().float()
@@ -189,10 +243,11 @@ def _mean_norms(kv: KVPrefix, start: int = 0) -> tuple[list[float], list[float]]
     return keys, values
 
 
-def kv_norms(base, served: KVPrefix, prompts: list[list[int]], start: int, rows: int) -> tuple[list[float], ...]:
+def kv_norms(base, served: KVPrefix | OffsetPrompt, prompts: list[list[int]], start: int, rows: int
+             ) -> tuple[list[float], ...]:
     """``(prefix key norms, prefix value norms, real key norms, real value norms)`` per layer: the virtual columns'
     against the KV the first ``rows`` prompts produce (``text_to_kv``), averaged over those rows."""
-    keys, values = _mean_norms(served, start)
+    keys, values = _mean_norms(_prefix_of(served), start)
     real = [_mean_norms(base.text_to_kv(ids)) for ids in prompts[:rows]]
     real_keys = torch.tensor([r[0] for r in real]).mean(0).tolist()
     real_values = torch.tensor([r[1] for r in real]).mean(0).tolist()
@@ -221,11 +276,11 @@ def explain(base, adapter, examples: list[Example], spec: TaskSpec, config: Expl
     ablation = layer_ablation(base, adapter, examples, spec, (start, served.length), config)
     norms = kv_norms(base, served, prompts, start, config.norm_rows)
     raw = adapter.artifact
-    nearest = nearest_tokens(base, raw, config.top_k) if isinstance(raw, SoftPrompt) else None
-    kind = "soft_prompt" if isinstance(raw, SoftPrompt) else "kv_prefix"
-    return Explanation(PRIMARY_METRIC[spec.task], base.shapes.num_layers, len(examples), raw.length, kind, share,
+    nearest = nearest_tokens(base, raw, config.top_k) if isinstance(raw, SoftPrompt | OffsetPrompt) else None
+    return Explanation(PRIMARY_METRIC[spec.task], base.shapes.num_layers, len(examples), raw.length, raw.kind, share,
                        spread, ablation, *norms, nearest_tokens=nearest,
-                       parameters=parameters_of(adapter, adapter_dir))
+                       parameters=parameters_of(adapter, adapter_dir),
+                       offsets=offsets_of(base, adapter, examples, spec, prompts, config))
 
 
 def write_report(explanation: Explanation, out_dir: str | Path, title: str = "adapter") -> list[Path]:
@@ -257,6 +312,12 @@ def render_markdown(e: Explanation, title: str) -> str:
                      f"{e.ablation.keep_first[k]:.4f} | {e.ablation.keep_last[k]:.4f} | "
                      f"{e.key_norms[k]:.2f} / {e.real_key_norms[k]:.2f} | "
                      f"{e.value_norms[k]:.2f} / {e.real_value_norms[k]:.2f} |")
+    if e.offsets is not None:
+        o = e.offsets
+        lines += ["", f"## The embedding offsets (DePT: S = {o.positions}, rank {o.rank}; kept on in every run above)",
+                  "", f"- {e.metric} with the soft prompt alone (offsets removed): {o.metric_soft_prompt_alone:.4f}",
+                  f"- {e.metric} with the offsets alone (soft prompt removed): {o.metric_offsets_alone:.4f}",
+                  f"- offset norm / embedding norm on the prompts' first S tokens: {o.norm_ratio:.3f}"]
     if e.nearest_tokens is not None:
         lines += ["", "## Nearest vocabulary tokens of each virtual token (cosine, input embeddings)", ""]
         for i, tokens in enumerate(e.nearest_tokens):
@@ -301,5 +362,5 @@ def plot(e: Explanation, out: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["Ablation", "ExplainConfig", "Explanation", "NearestToken", "attention_shares", "explain", "kept_metric",
-           "kv_norms", "layer_ablation", "nearest_tokens", "write_report"]
+__all__ = ["Ablation", "ExplainConfig", "Explanation", "NearestToken", "OffsetsEffect", "attention_shares", "explain",
+           "kept_metric", "kv_norms", "layer_ablation", "nearest_tokens", "offsets_of", "write_report"]

@@ -59,7 +59,9 @@ class BaseModel(FrozenBase):
         artifact = artifact.to(self.device, self.dtype)
         if isinstance(artifact, OffsetPrompt):  # its soft prompt's KV, computed once; the offsets stay per token
             return OffsetPrompt(self.serving_artifact(artifact.prompt), artifact.offsets)
-        return self.soft_prompt_to_kv(artifact) if isinstance(artifact, SoftPrompt) else artifact
+        if isinstance(artifact, SoftPrompt) and artifact.length:  # none: nothing to run (DePT's offsets alone)
+            return self.soft_prompt_to_kv(artifact)
+        return artifact
 
     def check_fits(self, prompt_tokens: int, virtual_tokens: int, new_tokens: int,
                    new_what: str = "max_tokens") -> None:
