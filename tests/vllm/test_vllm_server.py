@@ -2,7 +2,8 @@
 (``make test-vllm``, in ``.venv-vllm``).
 
 One server (fp32, prefix caching on, block size 32) over an adapters directory holding a soft prompt, a prefix, a deep
-prompt, a cartridge, a chat soft prompt placed after its system message, and a prompt table with two tasks. Every
+prompt, a cartridge, a chat soft prompt placed after its system message, a DePT adapter (its offsets on the prompt's
+embeddings, in prompt_embeds) and a prompt table with two tasks. Every
 adapter's greedy answer must equal the default engine's (``softprompts serve``'s app, in this process, on the same
 adapters): completions for all, mixed in one burst with base requests so vLLM batches them together, chat for the chat
 adapters, streamed and whole. Then: the model list, OpenAI's error shape for an unknown adapter and a refused field, and
@@ -30,6 +31,7 @@ from tiny import perturbed  # noqa: E402
 import softprompts as sp  # noqa: E402
 from softprompts.adapter_io import save_adapter  # noqa: E402
 from softprompts.interop.vllm import encode_prompt_embeds  # noqa: E402
+from softprompts.model.decode import generate_ids  # noqa: E402
 from softprompts.serve.http import build_state, create_app  # noqa: E402
 from softprompts.table import PromptTable  # noqa: E402
 
@@ -44,7 +46,8 @@ ADAPTERS = {"soft": ("prompt", 8, "Answer briefly.", None),
             "prefix": ("prefix", 37, "You are a helpful assistant. Answer briefly.", None),
             "deep": ("deep", 37, "Reply in one short sentence, please.", None),
             "cartridge": ("cartridge", 64, "The Eiffel Tower is in Paris. It was built in 1889 for the fair.", None),
-            "chatsoft": ("prompt", 6, "Be kind.", CHAT_TASK)}
+            "chatsoft": ("prompt", 6, "Be kind.", CHAT_TASK),
+            "dept": ("dept", 8, "Answer briefly.", None)}  # a soft prompt + offsets on the first 256 prompt tokens
 STARTUP_S = 420
 PARTIAL = "\ufffd"
 
@@ -138,6 +141,17 @@ def test_every_adapter_kind_gives_the_default_engines_tokens(served):
         assert any(base_answers[(name, p)] != base_answers[("base", p)] for p in PROMPTS), name
     for name in ("deep", "soft"):
         assert _completion(client, name, PROMPTS[0], stream=True) == base_answers[(name, PROMPTS[0])]
+
+
+def test_dept_offsets_reach_vllm(served):
+    """DePT's answers on vLLM (equal to the default engine's above) are not its soft prompt's alone: the offsets
+    on the prompt's embeddings reach vLLM."""
+    client, _, directory, base, _ = served
+    artifact = sp.load_adapter(directory / "dept", base).artifact
+    soft_only = generate_ids(base, [base.tokenize(p) for p in PROMPTS], artifact.prompt, max_new_tokens=NEW_TOKENS,
+                             stop_ids=set())
+    got = [_completion(client, "dept", p) for p in PROMPTS]
+    assert got != [base.tokenizer.decode(t, skip_special_tokens=True) for t in soft_only]
 
 
 @pytest.mark.parametrize("name", ["chatsoft", "deep"])
