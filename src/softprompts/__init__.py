@@ -50,20 +50,18 @@ _EXPORTS = {
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
     "EvalFiles": "workflow", "Source": "workflow", "TaskFlags": "workflow", "TrainFiles": "workflow",
     "evaluate_files": "workflow", "train_files": "workflow", "TuneFiles": "workflow", "tune_files": "workflow",
-    "CompareFiles": "workflow", "compare_files": "workflow",
+    "CompareFiles": "workflow", "compare_files": "workflow", "ExplainFiles": "workflow", "explain_files": "workflow",
 }
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "CompareFiles",
-    "DEFAULT_MODEL", "EncoderDecoderBase", "EvalFiles", "FrozenBase", "KVPrefix", "METHODS", "PromptModel",
-    "Sampling", "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags", "TaskSpec", "TrainConfig",
-    "TrainFiles", "TrainResult", "TuneConfig", "TuneFiles", "TuneTask", "VirtualContext", "build_method",
-    "compare_files", "create_method", "evaluate_files", "forward", "generate", "generate_ids", "load_adapter",
-    "load_base", "next_token_logits", "save_adapter", "train", "train_cartridge", "train_files", "tune", "tune_files",
-    "wrap",
-]
+__all__ = ["Adapter", "AdapterError", "AdapterMismatchError", "BaseModel", "BaseWeightsWarning", "CompareFiles",
+           "DEFAULT_MODEL", "EncoderDecoderBase", "EvalFiles", "ExplainFiles", "FrozenBase", "KVPrefix", "METHODS",
+           "PromptModel", "Sampling", "SelfStudyConfig", "SoftPrompt", "SoftpromptsError", "Source", "TaskFlags",
+           "TaskSpec", "TrainConfig", "TrainFiles", "TrainResult", "TuneConfig", "TuneFiles", "TuneTask",
+           "VirtualContext", "build_method", "compare_files", "create_method", "evaluate_files", "explain_files",
+           "forward", "generate", "generate_ids", "load_adapter", "load_base", "next_token_logits", "save_adapter",
+           "train", "train_cartridge", "train_files", "tune", "tune_files", "wrap"]
 
 
 def __getattr__(name: str):
@@ -99,12 +97,14 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.workflow import (
         CompareFiles,
         EvalFiles,
+        ExplainFiles,
         Source,
         TaskFlags,
         TrainFiles,
         TuneFiles,
         compare_files,
         evaluate_files,
+        explain_files,
         train_files,
         tune_files,
     )

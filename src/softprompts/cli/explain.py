@@ -35,42 +35,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from softprompts.explain import ExplainConfig, explain, write_report
-    from softprompts.table import adapter_base_name
-    from softprompts.workflow import open_adapter
+    from softprompts.explain import ExplainConfig
+    from softprompts.workflow import ExplainFiles, Source, explain_files
 
     config = ExplainConfig(limit=args.limit, top_k=args.top_k, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, progress=not args.json)
     if len(args.data) != 1:
         raise SoftpromptsError("--data is given once")
-    adapter_base_name(args.adapter)  # a clear error for a missing adapter before a model loads
-    adapter, base = open_adapter(args.adapter, args.model, None, args.quantize)
-    base.require("layer_probe")
-    spec, examples = _task(args, adapter, base)
-    explanation = explain(base, adapter, examples, spec, config, adapter_dir=args.adapter)
-    paths = write_report(explanation, args.out, title=str(args.adapter))
+    explanation, paths = explain_files(ExplainFiles(Source(args.adapter, args.model, quantize=args.quantize),
+                                                    args.data[0], args.out, config))
+    summary = explanation.summary()
     if args.json:
-        print(json.dumps(explanation.summary()))
+        print(json.dumps(summary))
     else:
-        summary = explanation.summary()
         print(f"{explanation.metric}: all layers {explanation.ablation.all:.4f}, none {explanation.ablation.none:.4f}; "
               f"{summary['layers_for_90pct_gain']} of {explanation.layers} first layers carry 90% of the gain; "
               f"attention share first/middle/last {summary['share_first']:.3f}/{summary['share_middle']:.3f}/"
               f"{summary['share_last']:.3f}")
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _task(args, adapter, base) -> tuple:
-    """``(spec, examples)``: the ``--data`` rows rendered with the task the adapter recorded (``workflow.load_task``,
-    as ``eval`` renders them without task flags)."""
-    from softprompts.cli.task_inputs import task_labels
-    from softprompts.workflow import TaskFlags, load_task
-
-    recorded = adapter.task
-    if recorded is None or recorded.task is None:
-        raise SoftpromptsError(f"{args.adapter} records no task (template, labels): explain runs on the task an "
-                               "adapter was trained on; train it with softprompts train, which records it")
-    flags = TaskFlags(recorded.task, None, None, task_labels(None, recorded.task, recorded), None, None)
-    spec, examples, _ = load_task(flags, args.data[0], [], lambda: base.tokenizer, previous=recorded)
-    return spec, examples

@@ -9,6 +9,7 @@ the Python face (``sp.generate``, ``sp.train_files``, ``sp.evaluate_files``, ``s
     evaluate.py    ``evaluate_files(EvalFiles)``: an adapter's task with the flags in its place, or the bare model;
                    ``evaluate_table``: several tasks of a prompt table in shared batches
     compare.py     ``compare_files(CompareFiles)``: every method on one task (or a catalog dataset's), reported
+    explain.py     ``explain_files(ExplainFiles)``: where an adapter acts in its base, on rows of its own task
     tune.py        ``tune_files(TuneFiles)``: a study's checks before the model loads, then ``training.tune.tune``
     generation.py  ``generate`` / ``generate_from``: TEXT rendered through the adapter's task, then decoded
 
@@ -17,6 +18,7 @@ The workflow stands above ``training/`` and below ``cli/`` (docs/ARCHITECTURE.md
 
 from softprompts.workflow.compare import CompareFiles, compare_files
 from softprompts.workflow.evaluate import EvalFiles, evaluate_files, evaluate_table
+from softprompts.workflow.explain import ExplainFiles, explain_files
 from softprompts.workflow.generation import (
            AS_RECORDED,
            Rendering,
@@ -29,7 +31,7 @@ from softprompts.workflow.inputs import Source, TaskFlags, lazy_base, load_task,
 from softprompts.workflow.train import Corpus, Hardware, Start, Trained, TrainFiles, train_files
 from softprompts.workflow.tune import TuneFiles, tune_files, tune_summary
 
-__all__ = ["AS_RECORDED", "CompareFiles", "Corpus", "EvalFiles", "Hardware", "Rendering", "Source", "Start",
-           "TaskFlags", "TrainFiles", "Trained", "TuneFiles", "check_decoding", "compare_files", "evaluate_files",
-           "evaluate_table", "generate", "generate_from", "lazy_base", "load_task", "open_adapter", "recorded_task",
-           "task_labels", "train_files", "tune_files", "tune_summary"]
+__all__ = ["AS_RECORDED", "CompareFiles", "Corpus", "EvalFiles", "ExplainFiles", "Hardware", "Rendering", "Source",
+           "Start", "TaskFlags", "TrainFiles", "Trained", "TuneFiles", "check_decoding", "compare_files",
+           "evaluate_files", "evaluate_table", "explain_files", "generate", "generate_from", "lazy_base", "load_task",
+           "open_adapter", "recorded_task", "task_labels", "train_files", "tune_files", "tune_summary"]
