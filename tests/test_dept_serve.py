@@ -4,7 +4,8 @@ random models, by equivalence.
 Default engine, over HTTP (a live server): a DePT adapter beside a soft prompt, a prefix and the base model, sent at
 once (the scheduler batches them): each answer == that adapter alone over HTTP == ``generate`` on the saved
 (unserved) artifact; chat; echo logprobs == the log-softmax of ``forward`` with the artifact; classify == ``evaluate``
-and ``target_logprobs``; the registry counts the KV and the offsets' bytes. ``--engine vllm``'s front: the
+and ``target_logprobs``; the registry counts the KV and the offsets' bytes; on T5 and BART (offsets on the
+encoder's input) a mixed batch == ``generate``. ``--engine vllm``'s front: the
 ``prompt_embeds`` it sends == the ``inputs_embeds`` our injection feeds the model (after a lead, on a BOS base, prompts
 shorter and longer than ``S``), and the front's answers (against test_vllm_front's fake vLLM) == the default
 engine's. A DePT adapter changes the answer from its soft prompt alone, so equality is the offsets' doing.
@@ -18,7 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from live_server import live_server
 from test_vllm_front import FakeVllm
-from tiny import concurrently, perturb, perturbed, tiny_base, tiny_bos_base
+from tiny import cached_base, concurrently, perturb, perturbed, tiny_base, tiny_bos_base
 
 import softprompts as sp
 from softprompts.data.datasets import Example
@@ -213,3 +214,20 @@ def test_both_engines_answer_the_same(bos, tmp_path):
     assert got.status_code == want.status_code == 200, (got.text, want.text)
     assert _texts(got.json()) == _texts(want.json())
     assert got.json()["usage"]["prompt_tokens"] == want.json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_mixed_batch_over_http_equals_generate(arch, tmp_path):
+    """On T5 / BART the offsets go on the encoder's input (the soft prompt stays soft): DePT beside a soft prompt and
+    the base at once over HTTP == ``generate`` on each saved artifact, and != DePT's soft prompt alone."""
+    base = cached_base(arch)
+    for name, method in (("dept", dept(base, 7)), ("soft", perturbed(base, "prompt", 3, "abc", 0.3, 8))):
+        sp.save_adapter(sp.Adapter.from_method(method, base), tmp_path / name)
+    raw = {name: sp.load_adapter(tmp_path / name, base).artifact for name in ("dept", "soft")} | {"base": None}
+    jobs = [(name, prompt) for name in raw for prompt in PROMPTS]
+    with live_server(build_state(base, tmp_path, max_running=8, poll_s=0)) as port, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        mixed = concurrently([lambda job=job: _texts(_post(client, "/v1/completions", {
+            "model": job[0], "prompt": job[1], "max_tokens": NEW, "temperature": 0}))[0] for job in jobs])
+    assert mixed == [generate_texts(base, raw[name], [p], max_new_tokens=NEW)[0] for name, p in jobs]
+    assert mixed[: len(PROMPTS)] != generate_texts(base, raw["dept"].prompt, PROMPTS, max_new_tokens=NEW)
