@@ -7,9 +7,9 @@ the Python face (``sp.generate``, ``sp.train_files``, ``sp.evaluate_files``, ``s
     train.py       ``train_files(TrainFiles)``: the data or corpus rules, resume and output checks, the device /
                    ``torchrun`` / ``device_map`` rules, a cartridge's self-study, then ``training.train``
     evaluate.py    ``evaluate_files(EvalFiles)``: an adapter's task with the flags in its place, or the bare model;
-                   ``evaluate_table``: several tasks of a prompt table in shared batches
+                   ``evaluate_table``: several tasks of a prompt table in shared batches; ``explain_files``:
+                   where an adapter acts in its base, on rows of its own task
     compare.py     ``compare_files(CompareFiles)``: every method on one task (or a catalog dataset's), reported
-    explain.py     ``explain_files(ExplainFiles)``: where an adapter acts in its base, on rows of its own task
     tune.py        ``tune_files(TuneFiles)``: a study's checks before the model loads, then ``training.tune.tune``
     generation.py  ``generate`` / ``generate_from``: TEXT rendered through the adapter's task, then decoded
 
@@ -17,8 +17,7 @@ The workflow stands above ``training/`` and below ``cli/`` (docs/ARCHITECTURE.md
 """
 
 from softprompts.workflow.compare import CompareFiles, compare_files
-from softprompts.workflow.evaluate import EvalFiles, evaluate_files, evaluate_table
-from softprompts.workflow.explain import ExplainFiles, explain_files
+from softprompts.workflow.evaluate import EvalFiles, ExplainFiles, evaluate_files, evaluate_table, explain_files
 from softprompts.workflow.generation import (
            AS_RECORDED,
            Rendering,

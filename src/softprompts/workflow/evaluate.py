@@ -1,23 +1,30 @@
 """Evaluation from files, below the command line: ``softprompts eval`` is its flags plus one call
 (``evaluate_files``, or ``evaluate_table`` for several tasks of a prompt table), and ``sp.evaluate_files`` is the
-same call. Bare-model and adapter metrics come from the same code (``softprompts.evaluate.evaluate``), so they
-compare.
+same call; ``softprompts explain`` and ``sp.explain_files`` likewise (``explain_files``). Bare-model and adapter
+metrics come from the same code (``softprompts.evaluate.evaluate``), so they compare.
 
 The task of an ``EvalFiles`` request is the one its adapter recorded (classify or generate, template and target,
 labels, chat placement and system message) with every part the flags give in its place; without an adapter the bare
 model is scored on the task the flags describe (a template and target, or rows holding ``messages``). The recorded
 labels stay unless a template or target gives another task: then the flags' labels, or those found in the data.
+
+Explaining an adapter (``explain_files``: ``softprompts explain``, ``sp.explain_files``): where it acts in its base,
+on rows rendered with the task it recorded (as ``evaluate_files`` renders them without task flags); an adapter
+without a task is refused before any row is read, a base that cannot be probed layer by layer (``layer_probe``)
+before any is scored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from softprompts.data.sources import load_task_data
 from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate, evaluate_tasks
+from softprompts.explain import ExplainConfig, Explanation, explain, write_report
 from softprompts.model.load import load_base
-from softprompts.table import PromptTable
+from softprompts.table import PromptTable, adapter_base_name
 from softprompts.workflow.inputs import Source, TaskFlags, load_task, task_labels
 
 NO_ADAPTER_HINT = "; without --adapter the bare model is scored, on the task these flags describe"
@@ -74,4 +81,33 @@ def evaluate_table(source: Source, data: list[tuple[str, str]], batch_size: int 
     return {name: result for (name, _), result in zip(data, results, strict=True)}
 
 
-__all__ = ["EvalFiles", "evaluate_files", "evaluate_table"]
+@dataclass(frozen=True)
+class ExplainFiles:
+    """Where ``source``'s adapter acts in its base, on the rows of ``data`` (``config``: how many rows, nearest
+    tokens, batch size, decoding limit); ``explain.json``, ``explain.md`` and the plots are written to ``out``."""
+
+    source: Source
+    data: str
+    out: str | Path
+    config: ExplainConfig = field(default_factory=ExplainConfig)
+
+
+def explain_files(request: ExplainFiles) -> tuple[Explanation, list[Path]]:
+    """``(the explanation, the files written)`` of ``request`` (module docstring)."""
+    source = request.source
+    if source.adapter is None:
+        raise SoftpromptsError("explain needs an adapter: --adapter DIR (or TABLE_DIR#NAME)")
+    adapter_base_name(source.adapter, source.table)  # a clear error for a missing adapter before a model loads
+    adapter, base = source.open()
+    base().require("layer_probe")
+    recorded = adapter.task
+    if recorded is None or recorded.task is None:
+        raise SoftpromptsError(f"{source.adapter} records no task (template, labels): explain runs on the task an "
+                               "adapter was trained on; train it with softprompts train, which records it")
+    flags = TaskFlags(recorded.task, labels=task_labels(None, recorded.task, recorded))
+    spec, examples, _ = load_task(flags, request.data, [], lambda: base().tokenizer, previous=recorded)
+    explanation = explain(base(), adapter, examples, spec, request.config, adapter_dir=source.adapter)
+    return explanation, write_report(explanation, request.out, title=str(source.adapter))
+
+
+__all__ = ["EvalFiles", "ExplainFiles", "evaluate_files", "evaluate_table", "explain_files"]
