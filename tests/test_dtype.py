@@ -67,6 +67,8 @@ COMMANDS = {
     "serve": ["--adapters", "x"],
     "eval": ["--data", "x"],
     "generate": ["text"],
+    "train": ["--data", "x", "--out", "y"],
+    "tune": ["--data", "x", "--eval-data", "x", "--out", "y"],
 }
 
 
@@ -113,19 +115,40 @@ def tiny_dir(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+def spy_dtypes(monkeypatch, flags: set[str]) -> list[torch.dtype]:
+    """The dtypes ``load_base`` resolves from now on (``cpu_flags`` set to ``flags``)."""
+    loaded: list[torch.dtype] = []
+    resolve = load.resolve_dtype
+    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(load, "resolve_dtype", lambda *a, **k: loaded.append(resolve(*a, **k)) or loaded[-1])
+    return loaded
+
+
+def task_args(directory) -> list[str]:
+    data = directory / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("good", "pos"), ("bad", "neg")]))
+    return ["--template", "Review: {text}\nSentiment:", "--target", " {label}", "--data", str(data)]
+
+
 @pytest.mark.parametrize(("flags", "expected"), [({"avx512_bf16"}, torch.bfloat16), (set(), torch.float32)])
 def test_eval_and_generate_load_the_base_in_the_dtype_asked(monkeypatch, tmp_path, tiny_dir, capsys, flags, expected):
     """``eval`` and ``generate`` with ``--dtype auto`` load the base in what ``auto`` picks, and say why; the bare
     model is then scored / decoded in that dtype (a float32 default otherwise)."""
-    loaded = []
-    resolve = load.resolve_dtype
-    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(load, "resolve_dtype", lambda *a, **k: loaded.append(resolve(*a, **k)) or loaded[-1])
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("good", "pos"), ("bad", "neg")]))
-    task = ["--template", "Review: {text}\nSentiment:", "--target", " {label}", "--data", str(data)]
-    assert main(["eval", "--model", str(tiny_dir), *task, "--dtype", "auto", "--json"]) == 0
+    loaded = spy_dtypes(monkeypatch, flags)
+    assert main(["eval", "--model", str(tiny_dir), *task_args(tmp_path), "--dtype", "auto", "--json"]) == 0
     assert main(["generate", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "2", "--dtype", "auto", "hi"]) == 0
     assert main(["generate", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "2", "hi"]) == 0
     assert loaded == [expected, expected, torch.float32]
     assert capsys.readouterr().err.count(f"--dtype auto: {str(expected)[6:]}") == 2
+
+
+def test_train_takes_dtype_and_its_adapter_evaluates_on_float32(monkeypatch, tmp_path, tiny_dir):
+    """``train --dtype bfloat16``: the frozen base loads in bfloat16 (the method's parameters stay float32), and the
+    adapter it saves evaluates on the float32 base ``eval`` loads by default; without the flag training is float32."""
+    loaded = spy_dtypes(monkeypatch, set())
+    common = ["--model", str(tiny_dir), "--method", "prompt", "--virtual-tokens", "2", *task_args(tmp_path),
+              "--steps", "2", "--batch-size", "2", "--no-progress", "--checkpoint-every", "0"]
+    assert main(["train", *common, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main(["eval", "--adapter", str(tmp_path / "bf16"), "--data", str(tmp_path / "data.jsonl")]) == 0
+    assert loaded == [torch.bfloat16, torch.float32, torch.float32]

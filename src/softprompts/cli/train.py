@@ -7,7 +7,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, add_report_flag, finite, say_dtype
 from softprompts.cli.cartridge import add_corpus_flags
 from softprompts.cli.task_inputs import add_chat_flags, label_list
 
@@ -66,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--device-map", default=None, help="spread the frozen base over this process's GPUs "
                    "(e.g. auto; needs accelerate; one process per node under torchrun, see docs/DISTRIBUTED.md)")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     add_report_flag(p)
     add_corpus_flags(p)
     p.set_defaults(func=run)
@@ -75,6 +76,7 @@ def run(args) -> int:
     from softprompts.training import SelfStudyConfig, TrainConfig
     from softprompts.workflow import Corpus, Hardware, Start, TaskFlags, TrainFiles, train_files
 
+    say_dtype(args.dtype, args.device)
     corpus = None
     if args.corpus:
         corpus = Corpus(args.corpus, SelfStudyConfig(
@@ -85,7 +87,7 @@ def run(args) -> int:
                       args.max_prompt_tokens, args.max_target_tokens)
     request = TrainFiles(args.out, task=flags, data=args.data, eval_data=args.eval_data, corpus=corpus,
                          start=Start(args.method, args.virtual_tokens, args.init, args.init_text, args.init_from),
-                         model=args.model, hardware=Hardware(args.device, args.device_map, args.quantize),
+                         model=args.model, hardware=Hardware(args.device, args.device_map, args.quantize, args.dtype),
                          resume=args.resume, overwrite=args.overwrite)
     config = TrainConfig(
         steps=args.steps, lr=args.lr if args.lr is not None else request.method_class().default_lr,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, add_report_flag, finite, say_dtype
 from softprompts.cli.task_inputs import add_chat_flags, label_list
 
 
@@ -47,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device (default: the first CUDA GPU, else cpu)")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to continue)")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     add_report_flag(p)
     p.set_defaults(func=run)
 
@@ -71,6 +72,7 @@ def run(args) -> int:
     from softprompts.training.tune import TuneConfig
     from softprompts.workflow import Hardware, TaskFlags, TuneFiles, tune_files, tune_summary
 
+    say_dtype(args.dtype, args.device)
     train_config = TrainConfig(steps=args.steps, lr=method_class(args.method).default_lr, batch_size=args.batch_size,
                                eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed,
                                report_to=args.report_to)
@@ -78,7 +80,8 @@ def run(args) -> int:
                         virtual_tokens=args.virtual_tokens_choices, pruner=args.pruner, seed=args.seed)
     flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system,
                       args.max_prompt_tokens, args.max_target_tokens)
+    hardware = Hardware(args.device, quantize=args.quantize, dtype=args.dtype)
     result = tune_files(TuneFiles(args.out, args.data, args.eval_data, config, train_config, flags, args.method,
-                                  args.init, args.model, Hardware(args.device, quantize=args.quantize)))
+                                  args.init, args.model, hardware))
     print(tune_summary(result, args.out), file=sys.stderr)
     return 0

@@ -46,11 +46,14 @@ from softprompts.workflow.inputs import TaskFlags, lazy_base, load_task, task_la
 class Hardware:
     """Where the frozen base runs: ``device`` (``auto``: the first CUDA GPU when one is visible, else cpu; under
     ``torchrun`` each rank's own GPU), ``device_map`` (spread over this process's GPUs, e.g. ``auto``; needs
-    accelerate), ``quantize`` (``model/quantize.py``)."""
+    accelerate), ``quantize`` (``model/quantize.py``), ``dtype`` (the frozen base's: float32 by default; ``auto``
+    is bfloat16 where the hardware is fast at it, ``model/load.auto_dtype``; the method's parameters train in
+    float32 either way, the saved adapter is materialized in the base's dtype)."""
 
     device: str = "auto"
     device_map: str | None = None
     quantize: str | None = None
+    dtype: str | None = None
 
     def device_for(self, dist: Distributed):
         """The device ``load_base`` gets in this process (module docstring: ``device``, ``device_map``)."""
@@ -156,7 +159,7 @@ def train_files(request: TrainFiles) -> Trained:
     dist = setup_distributed()  # before loading: under torchrun each rank puts the base on its own GPU
     hardware = request.hardware
     base = lazy_base(request.model or (previous.base.name if previous is not None else DEFAULT_MODEL),
-                     hardware.quantize, hardware.device_for(dist), hardware.device_map)
+                     hardware.quantize, hardware.device_for(dist), hardware.device_map, hardware.dtype)
     if request.corpus is not None:
         result = _distill(replace(request, config=config), cls, base(), dist)
     else:

@@ -49,7 +49,7 @@ def tune_files(request: TuneFiles) -> TuneResult:
     check_output(request.out, overwrite=True)  # an existing study is continued; a path under a file fails now
     if not request.eval_data:
         raise SoftpromptsError("tune chooses on the dev split: give --eval-data FILE")
-    base = lazy_base(request.model, request.hardware.quantize, request.hardware.device)
+    base = lazy_base(request.model, request.hardware.quantize, request.hardware.device, dtype=request.hardware.dtype)
     spec, examples, (dev,) = load_task(request.task, request.data, [request.eval_data], lambda: base().tokenizer)
     limit = request.train.eval_limit
     task = TuneTask(None, name, spec, examples, dev[:limit] if limit else dev,
