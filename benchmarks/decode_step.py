@@ -43,25 +43,28 @@ from softprompts.model.decode import DecodeBatch, decode_batch  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
 from softprompts.model.load import dtype_name, resolve_dtype  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def best_of(fn, device: str, repeat: int) -> float:
+
+def best_of(fn, device: str, repeat: int, clock=time.perf_counter) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeat):
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def per_step(run, short: int, long: int, device: str, repeat: int) -> float:
+def per_step(run, short: int, long: int, device: str, repeat: int, clock=time.perf_counter) -> float:
     """Seconds per decode step: the difference of a long and a short generation over the extra steps."""
-    return (best_of(lambda: run(long), device, repeat) - best_of(lambda: run(short), device, repeat)) / (long - short)
+    return (best_of(lambda: run(long), device, repeat, clock) - best_of(lambda: run(short), device, repeat, clock)) / (
+        long - short)
 
 
-def floor_step(base, batch: int, device: str, repeat: int, steps: int = 20) -> float:
+def floor_step(base, batch: int, device: str, repeat: int, steps: int = 20, clock=time.perf_counter) -> float:
     """Seconds for every linear layer once at batch ``batch`` (the matmuls of one decode step)."""
     linears = [m for m in base.model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(batch, m.in_features, device=base.device, dtype=base.dtype) for m in linears]
@@ -72,7 +75,7 @@ def floor_step(base, batch: int, device: str, repeat: int, steps: int = 20) -> f
                 for m, x in zip(linears, inputs, strict=True):
                     F.linear(x, m.weight, m.bias)
 
-    return best_of(run, device, repeat) / steps
+    return best_of(run, device, repeat, clock) / steps
 
 
 def measure(base, batch: int, args) -> dict:
@@ -91,11 +94,12 @@ def measure(base, batch: int, args) -> dict:
             base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                 do_sample=False, pad_token_id=0)
 
-    floor = floor_step(base, batch, device, args.repeat)
+    clock = CLOCKS[args.clock]
+    floor = floor_step(base, batch, device, args.repeat, clock=clock)
     row = {"batch": batch, "floor_ms": floor * 1e3}
-    row["ours_ms"] = per_step(ours, args.short, args.long, device, args.repeat) * 1e3
+    row["ours_ms"] = per_step(ours, args.short, args.long, device, args.repeat, clock) * 1e3
     if not args.skip_hf:
-        row["hf_ms"] = per_step(hf, args.short, args.long, device, args.repeat) * 1e3
+        row["hf_ms"] = per_step(hf, args.short, args.long, device, args.repeat, clock) * 1e3
     row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
     if "hf_ms" in row:
         row["hf_over_floor"] = row["hf_ms"] / row["floor_ms"]
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--profile", type=int, default=None, metavar="B", help="profile decode steps at batch B instead")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time (default) or this process's "
+                   "CPU time: on cores shared with other jobs, with OMP_NUM_THREADS=1, CPU time is what a quiet core "
+                   "would take (less the cache and memory traffic the others cause)")
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes measured in turn at each batch, e.g. "
                    "float32,bfloat16 (default: --dtype)")
     args = p.parse_args(argv)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next(iter(bases.values()))
     info = {"model": base.name, "device": str(base.device), "dtype": ",".join(names),
             "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, "commit": _commit(),
-            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "torch": torch.__version__, "clock": args.clock, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if args.profile:
         result = {**info, "profile": {name: profile(b, args.profile, args) for name, b in bases.items()}}
         print(json.dumps(result, indent=2))
