@@ -102,6 +102,7 @@ def test_vllm_gets_the_dtype_the_default_engine_resolves(monkeypatch, tmp_path, 
     assert "--dtype auto: bfloat16, the CPU has avx512_bf16" in capsys.readouterr().err
 
 
+@pytest.mark.injection  # make test-alt: on the second transformers version too
 def test_mixed_batch_rows_equal_alone_at_bf16():
     """The engine's equivalence at bfloat16 weights: greedy tokens identical, logits within bf16's resolution."""
     base = tiny_base("llama")
