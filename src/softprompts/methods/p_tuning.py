@@ -7,7 +7,8 @@ initialization instead of the random output of an untrained encoder; the encoder
 
 Shapes: ``H [P, d]`` -> MLP: ``d -> h -> h -> d`` (ReLU); LSTM: ``[1, P, d] -> [1, P, 2 * (h // 2)]`` then
 ``h -> d``. Trainable: ``P*d + |f|``. Artifact: ``SoftPrompt(E)`` ``[P, d]``, the encoder is dropped on materialize.
-Defaults (docs/DEFAULTS.md): 20 tokens, text init, MLP encoder, lr 3e-3 (1e-2 ended below the bare model on mr).
+Defaults (docs/DEFAULTS.md): 20 tokens, text init, MLP encoder, lr 1e-3 (1e-2 ended below the bare model on mr; 3e-3
+on Gemma-3-270M's bbc-topics too, 44.9 against the bare 65.7, where 1e-3 reaches 82.1).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PTuning(PromptMethod):
     aliases = ("p_tuning", "p-tuning")
     config_class = PTuningConfig
     artifact_kind = SoftPrompt.kind
-    default_lr = 3e-3
+    default_lr = 1e-3
     peft_type = "P_TUNING"
 
     def init_parameters(self, base: FrozenBase, start: SoftPrompt, from_values: bool) -> None:
