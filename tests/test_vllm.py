@@ -81,6 +81,17 @@ def test_a_dept_export_gives_our_greedy_tokens(tmp_path, prompt):
     assert load_offsets(export_vllm(adapter_of(base), tmp_path / "soft")) is None
 
 
+def test_cli_export_vllm_names_dept_offsets(tmp_path, capsys):
+    """The command's line names what it wrote: a DePT export holds its offsets beside the soft prompt."""
+    model = save_tiny("llama", tmp_path / "model")
+    base = sp.load_base(str(model))
+    method = sp.create_method(base, "dept", num_virtual_tokens=4, init_text="vllm", rank=3, offset_positions=8)
+    sp.save_adapter(sp.Adapter.from_method(perturb(method, scale=0.5, seed=3), base, task={"task": "generate"}),
+                    tmp_path / "dept")
+    assert main(["export", "--adapter", str(tmp_path / "dept"), "--format", "vllm", "--out", str(tmp_path / "o")]) == 0
+    assert f"plus offsets [8, {base.shapes.hidden_size}]" in capsys.readouterr().out
+
+
 def test_kv_prefix_adapters_are_refused(tmp_path):
     base = tiny_base("llama")
     with pytest.raises(VllmExportError, match="no KV-prefix input.*softprompts serve"):

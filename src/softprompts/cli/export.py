@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
         from softprompts.interop.vllm import export_vllm
 
         out = export_vllm(adapter, args.out, overwrite=args.overwrite)
-        print(f"wrote {out} (soft prompt [{adapter.num_virtual_tokens}, {adapter.base_shapes.hidden_size}] for vLLM's "
+        hidden = adapter.base_shapes.hidden_size
+        offsets = getattr(adapter.artifact, "offsets", None)  # DePT: offsets on the prompt's first S token embeddings
+        extra = (f", plus offsets [{offsets.positions}, {hidden}] added to the prompt's first {offsets.positions} "
+                 "token embeddings (load_offsets)" if offsets is not None else "")
+        print(f"wrote {out} (soft prompt [{adapter.num_virtual_tokens}, {hidden}]{extra} for vLLM's "
               "prompt_embeds; build requests with softprompts.interop.vllm.prompt_embeds and completion_request, "
               "on a vLLM server started with --enable-prompt-embeds)")
         return 0
