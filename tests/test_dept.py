@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 from test_train import SPEC, examples, quiet
-from tiny import ARCHS, cached_base, perturb, save_tiny
+from tiny import ARCHS, cached_base, perturb, save_tiny, saved_table
 
 import softprompts as sp
 from softprompts.cli import main
@@ -30,7 +30,6 @@ from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.model.inject import forward
 from softprompts.model.padding import pad_rows, prompt_target_rows
 from softprompts.model.placement import place
-from softprompts.table import PromptTable
 from softprompts.tasks import Batch
 
 ATOL = 2e-4
@@ -240,12 +239,7 @@ def test_in_a_prompt_table(tmp_path):
                                              task=TASK),
                 "pre": sp.Adapter.from_method(perturb(sp.create_method(base, "prefix", num_virtual_tokens=5)), base,
                                               task=TASK)}
-    table = PromptTable.load(tmp_path / "t", create=True)
-    for name, adapter in adapters.items():
-        table.add(name, adapter)
-    table.save()
-    table = PromptTable.load(tmp_path / "t", base)
-    table.attach(base)
+    table = saved_table(tmp_path / "t", base, adapters)
     assert table.artifact("dept").kind == "offset_prompt"
     rows = ["dept", "pt", None, "pre", "dept"]
     tokens = [base.tokenize(t) for t in ["good", "bad film", "plain", "x", "a fine film"]]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_conformance import logits as any_logits
 from test_train import SPEC, examples, quiet
-from tiny import cached_base, decode_alone, perturb, perturbed, tiny_model
+from tiny import cached_base, decode_alone, perturb, perturbed, saved_table, tiny_model
 
 import softprompts as sp
 from softprompts.interop import export_peft, import_peft
@@ -24,7 +24,6 @@ from softprompts.methods import MethodError
 from softprompts.model.generation import GenerationRequest
 from softprompts.model.inject import forward
 from softprompts.serve import Engine
-from softprompts.table import PromptTable
 
 ATOL = 1e-4
 TEXT = "classify it"
@@ -118,12 +117,7 @@ def test_in_a_prompt_table_and_a_served_mixed_batch(tmp_path):
     adapters = {"res": sp.Adapter.from_method(module, base, task=TASK),
                 "pt": sp.Adapter.from_method(perturbed(base, "prompt", 3, "abc"), base, task=TASK),
                 "pre": sp.Adapter.from_method(perturbed(base, "prefix", 5, "hello"), base, task=TASK)}
-    table = PromptTable.load(tmp_path / "t", create=True)
-    for name, adapter in adapters.items():
-        table.add(name, adapter)
-    table.save()
-    table = PromptTable.load(tmp_path / "t", base)
-    table.attach(base)
+    table = saved_table(tmp_path / "t", base, adapters)
     rows = ["res", "pt", None, "pre", "res"]
     tokens = [base.tokenize(t) for t in ["good", "bad film", "plain", "x", "a fine film"]]
     ids, mask = sp.model.padding.pad_rows(tokens, 256, base.device)

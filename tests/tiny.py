@@ -229,3 +229,17 @@ def tiny_bos_base(arch: str = "llama", seed: int = 0, chat_template: str = CHAT_
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 256, 257, BOS_ID
     model = scaled_up(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     return BaseModel(model=model, tokenizer=make_bos_tokenizer(chat_template), name=f"tiny-bos-{arch}")
+
+
+def saved_table(path: Path, base, adapters: dict):
+    """A prompt table holding ``adapters`` (name -> Adapter), saved at ``path``, read back and attached to ``base``:
+    what a server loads."""
+    from softprompts.table import PromptTable
+
+    table = PromptTable.load(path, create=True)
+    for name, adapter in adapters.items():
+        table.add(name, adapter)
+    table.save()
+    table = PromptTable.load(path, base)
+    table.attach(base)
+    return table
