@@ -181,7 +181,7 @@ def serving_cost(adapter: Path | None, corpus_text: str, questions: list[str], b
     """TTFT and ms/token at batch 1 (median of 5), and tokens/s decoding ``batch`` questions at once."""
     import softprompts as sp
     from softprompts.compare.latency import kv_bytes_per_position, measure_latency
-    from softprompts.model.decode import decode_batch
+    from softprompts.model.decode_loop import decode_batch
     from softprompts.model.generation import GenerationRequest
     from softprompts.training.self_study import CONTEXT_INSTRUCTION, ContextFormat
 

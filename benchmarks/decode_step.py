@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from serve_throughput import _commit, add_model_args, build_base, sync, write_result  # noqa: E402
 
-from softprompts.model.decode import DecodeBatch, decode_batch  # noqa: E402
+from softprompts.model.decode_loop import decode_batch  # noqa: E402
+from softprompts.model.decoder.decode import DecodeBatch  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
 from softprompts.model.load import dtype_name, resolve_dtype  # noqa: E402
 

@@ -39,7 +39,7 @@ from softprompts.data.templates import Template  # noqa: E402
 from softprompts.demo import LABELS, TEMPLATE  # noqa: E402
 from softprompts.evaluate import classify  # noqa: E402
 from softprompts.methods import build_method, method_class  # noqa: E402
-from softprompts.model.decode import generate_ids  # noqa: E402
+from softprompts.model.decode_loop import generate_ids  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 

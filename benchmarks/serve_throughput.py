@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import softprompts as sp  # noqa: E402
-from softprompts.model.base import BaseModel  # noqa: E402
+from softprompts.model.decoder.base import BaseModel  # noqa: E402
 from softprompts.model.generation import GenerationRequest  # noqa: E402
 from softprompts.serve.engine import Engine  # noqa: E402
 

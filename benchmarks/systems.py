@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from softprompts.compare.peft_baseline import PeftSpec, import_peft, peft_config
 from softprompts.methods import MethodConfig, PromptMethod, create_method, method_class
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder.base import BaseModel
 
 WIDTH_OPTIONS = ("projection_dim", "projection_hidden", "encoder_hidden")  # whichever a method's config has
 

@@ -44,7 +44,7 @@ from systems import our_method, peft_model
 from torch import nn
 
 from softprompts.compare.latency import peak_bytes
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder.base import BaseModel
 from softprompts.tasks import Encoded, collate
 from softprompts.training.step import accumulate_step, compiled_loss, label_loss_sum
 

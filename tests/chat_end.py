@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tiny import CHAT_TEMPLATE, make_tokenizer, tiny_model
 
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder.base import BaseModel
 
 END = "<|end|>"
 

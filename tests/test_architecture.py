@@ -229,15 +229,35 @@ def test_the_command_line_imports_no_private_name():
         "softprompts.cli.evaluate._subject", "softprompts.cli.train._base"]
 
 
+FAMILIES = ("softprompts.model.decoder", "softprompts.model.encoder_decoder")
+
+
 def test_only_the_model_layer_imports_the_injection_point():
     """How an artifact enters the model is ``model/``'s business: everything above asks the family
-    (``FrozenBase.token_logits``, ``hidden_at``, ``prefill``, ...) and takes ``VirtualContext`` from the artifacts. The
-    package face re-exports ``sp.forward`` for users."""
+    (``FrozenBase.token_logits``, ``hidden_at``, ``prefill``, ...) and takes ``VirtualContext`` from the artifacts."""
     graph = import_graph()
     outside = sorted(m for m, targets in graph.items()
-                     if "softprompts.model.inject" in targets and not m.startswith("softprompts.model")
-                     and m != "softprompts")
+                     if "softprompts.model.decoder.inject" in targets and not m.startswith("softprompts.model"))
     assert outside == []
+
+
+def test_each_family_keeps_its_internals_in_its_own_subpackage():
+    """A family's internals (injection, decode loop, cache, scores) live under ``model/decoder/`` or
+    ``model/encoder_decoder/``; above ``model/`` only the family's face (``BaseModel``, ``EncoderDecoderBase``,
+    ``sp.forward``) is imported, and neither family imports the other's internals: what both need (the artifacts,
+    the decode-loop skeleton, placement, padding, the fused head) sits in ``model/`` itself."""
+    graph = import_graph()
+    reached_inside = sorted((m, t) for m, targets in graph.items() for t in targets
+                            if t.startswith(tuple(f + "." for f in FAMILIES)) and not m.startswith("softprompts.model"))
+    assert reached_inside == []
+    crossed = sorted((m, t) for m, targets in graph.items() for t in targets for own in FAMILIES for other in FAMILIES
+                     if own != other and (m == own or m.startswith(own + "."))
+                     and (t == other or t.startswith(other + ".")))
+    assert crossed == []
+    shared = {m for m in graph if m.startswith("softprompts.model.") and not m.startswith(FAMILIES)}
+    assert not {t for m in shared - {"softprompts.model.load"} for t in graph[m] if t.startswith(FAMILIES)}, (
+        "a shared model/ module imports a family: only load.py (which picks the family) may")
+    assert {"softprompts.model.decoder.inject", "softprompts.model.encoder_decoder.forward"} <= set(graph)
 
 
 def test_the_command_line_parser_loads_without_torch():

@@ -16,7 +16,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.data.datasets import Example
 from softprompts.evaluate import evaluate, generate_texts, target_logprobs
 from softprompts.model.artifacts import SoftPrompt
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.placement import PlacementError, place
 from softprompts.tasks import TaskSpec, collate, encode, split_prompt
 

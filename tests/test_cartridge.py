@@ -14,8 +14,8 @@ from softprompts.cli import main
 from softprompts.compose import compose
 from softprompts.data.corpus import chunk_documents, read_corpus
 from softprompts.errors import DataError, SoftpromptsError
+from softprompts.model.decoder.inject import forward
 from softprompts.model.head_loss import head_cross_entropy_sum
-from softprompts.model.inject import forward
 from softprompts.model.soft_targets import SoftTargets, soft_cross_entropy_sum, top_k_targets
 from softprompts.tasks import collate
 from softprompts.training import SelfStudyConfig, TrainConfig, checkpoint_path, loop, self_study, train_cartridge

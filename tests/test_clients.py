@@ -10,7 +10,7 @@ import pytest
 from live_server import live_server, openai_server
 from tiny import decode_alone, tiny_base
 
-from softprompts.model.decode import decode_batch
+from softprompts.model.decode_loop import decode_batch
 from softprompts.model.generation import GenerationRequest, hold_stops
 from softprompts.serve.http import build_state
 

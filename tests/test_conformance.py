@@ -18,12 +18,12 @@ from tiny import ALL_ARCHS, ARCHS, QUANTIZED_ARCHS, QUANTIZED_DECODERS, cached_b
 
 import softprompts as sp
 import softprompts.evaluate
-import softprompts.model.encoder_decoder_score
-from softprompts.model import encoder_decoder
-from softprompts.model.decode import decode_batch
-from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+import softprompts.model.encoder_decoder.score
+from softprompts.model.decode_loop import decode_batch
+from softprompts.model.decoder.inject import VirtualContext, forward
+from softprompts.model.encoder_decoder import forward as encoder_decoder
+from softprompts.model.encoder_decoder.base import EncoderDecoderBase
 from softprompts.model.generation import GenerationRequest
-from softprompts.model.inject import VirtualContext, forward
 
 pytestmark = pytest.mark.injection
 
@@ -209,7 +209,7 @@ def test_only_adapter_trains_and_loss_drops(base, method):
         prompts, targets = [base.tokenize(INPUT)], [base.tokenize("ok")]
 
         def loss_of(virtual):
-            return sp.model.encoder_decoder_score.loss_sum(base, virtual, prompts, targets)
+            return sp.model.encoder_decoder.score.loss_sum(base, virtual, prompts, targets)
     else:
         lr, steps, bar = 3e-2, 15, 0.75
 

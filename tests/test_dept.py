@@ -23,11 +23,11 @@ from softprompts.cli import main
 from softprompts.interop import export_peft
 from softprompts.interop.peft_export import PeftExportError
 from softprompts.methods import MethodError
-from softprompts.model import decoder_score
 from softprompts.model.artifacts import EmbeddingOffsets, OffsetPrompt, SoftPrompt, VirtualContext
-from softprompts.model.chunked_prefill import ChunkedPrefill
+from softprompts.model.decoder import score as decoder_score
+from softprompts.model.decoder.chunked_prefill import ChunkedPrefill
+from softprompts.model.decoder.inject import forward
 from softprompts.model.generation import GenerationRequest, GenerationResult
-from softprompts.model.inject import forward
 from softprompts.model.padding import pad_rows, prompt_target_rows
 from softprompts.model.placement import place
 from softprompts.tasks import Batch
@@ -363,7 +363,7 @@ def test_tune_searches_its_rank_and_offset_rate(cli_env, tmp_path):
 def test_encoder_decoder_offsets_go_on_the_encoder_input(arch):
     """DePT's original setting: the encoder reads ``[E; e(x) + A·B]`` (every encoder token is prompt); the decoder's
     tokens get none. Ours == the HF model fed those encoder embeddings by hand."""
-    from softprompts.model import encoder_decoder
+    from softprompts.model.encoder_decoder import forward as encoder_decoder
 
     base = cached_base(arch)
     artifact = dept(base, offset_positions=5).materialize()

@@ -29,8 +29,8 @@ from softprompts.interop.vllm_front import SoftpromptsFront
 from softprompts.interop.vllm_launch import FrontConfig
 from softprompts.interop.vllm_requests import translate
 from softprompts.model.artifacts import OffsetPrompt, SoftPrompt
-from softprompts.model.decode import generate_ids
-from softprompts.model.inject import forward
+from softprompts.model.decode_loop import generate_ids
+from softprompts.model.decoder.inject import forward
 from softprompts.model.placement import place
 from softprompts.serve.http import build_state, create_app
 from softprompts.serve.plan import plan_generation

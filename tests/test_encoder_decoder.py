@@ -16,16 +16,16 @@ import torch
 from tiny import SEQ2SEQ_ARCHS, cached_base, perturbed, tiny_base
 
 import softprompts as sp
-import softprompts.model.decode
-from softprompts.model.encoder_decoder import (
+import softprompts.model.decode_loop
+from softprompts.model.decoder.inject import VirtualContext
+from softprompts.model.encoder_decoder.base import run_with_caches
+from softprompts.model.encoder_decoder.forward import (
     EncoderDecoderError,
     decode,
     encode,
     encoder_attentions,
     forward,
 )
-from softprompts.model.encoder_decoder_base import run_with_caches
-from softprompts.model.inject import VirtualContext
 from softprompts.model.padding import pad_rows
 
 pytestmark = pytest.mark.injection

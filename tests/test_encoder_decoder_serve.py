@@ -18,7 +18,7 @@ from tiny import cached_base, concurrently, decode_alone, perturbed
 import softprompts as sp
 import softprompts.data.datasets
 import softprompts.evaluate
-from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
+from softprompts.model.encoder_decoder.batch import EncoderDecoderBatch
 from softprompts.model.generation import GenerationRequest
 from softprompts.serve import Engine, Scheduler, ScoreRequest
 from softprompts.serve.http import build_state

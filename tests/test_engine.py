@@ -14,8 +14,8 @@ import torch
 from tiny import decode_alone, perturbed, tiny_base
 
 import softprompts as sp
+from softprompts.model.decoder.inject import forward
 from softprompts.model.generation import Sampling
-from softprompts.model.inject import forward
 from softprompts.serve import ContextLengthError, Engine, GenerationRequest, Registry, ScoreRequest
 from softprompts.serve.registry import InvalidAdapterName, UnknownAdapter, check_name
 

@@ -18,7 +18,7 @@ from softprompts.compare.fewshot import FewShotError, FewShotTask, eligible, fit
 from softprompts.compare.fewshot_run import FewShotRun
 from softprompts.data.datasets import Example, build_examples
 from softprompts.evaluate import evaluate, row_label_scores, verbalizations
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.tasks import TaskSpec, encode
 
 SPEC = TaskSpec("classify", "Review: {text}\nSentiment:", " {label}", ["bad", "good", "meh"])

@@ -14,7 +14,7 @@ import softprompts as sp
 from softprompts.cli import main
 from softprompts.data.chat import ChatFormat
 from softprompts.errors import SoftpromptsError
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.generation import eos_ids
 from softprompts.tasks import TaskSpec, split_prompt
 

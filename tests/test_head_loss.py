@@ -9,7 +9,7 @@ from tiny import tiny_base, tiny_model
 
 from softprompts.compare.latency import peak_bytes
 from softprompts.methods import create_method
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder.base import BaseModel
 from softprompts.model.head_loss import chunk_rows, head_cross_entropy_sum
 from softprompts.tasks import Encoded, collate
 from softprompts.training.step import label_loss_sum, plain_label_loss_sum
@@ -194,7 +194,7 @@ def test_soft_capped_logits_keep_the_hf_head():
         batch = collate(rows(), 0)
         used = label_loss_sum(base, artifact, batch)
         hf = plain_label_loss_sum(base, artifact, batch)
-        from softprompts.model.inject import hidden_at
+        from softprompts.model.decoder.inject import hidden_at
 
         uncapped = head_cross_entropy_sum(hidden_at(base, artifact, batch.input_ids, batch.attention_mask,
                                                     batch.positions), model.get_output_embeddings(), batch.labels)

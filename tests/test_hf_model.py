@@ -11,8 +11,8 @@ from torch.utils.data import SequentialSampler
 
 import softprompts as sp
 from softprompts.data.datasets import build_examples
-from softprompts.model.decode import generate_ids
-from softprompts.model.inject import forward
+from softprompts.model.decode_loop import generate_ids
+from softprompts.model.decoder.inject import forward
 from softprompts.tasks import encode, epoch_batches
 
 transformers = pytest.importorskip("transformers")

@@ -1,5 +1,5 @@
-"""The in-place decoding cache (``model/kv_cache.py``): the same states as concatenation, and a decode through it
-that equals one forward over the whole sequence (every step's logits) and HF ``generate``'s greedy tokens, across
+"""The in-place decoding cache (``model/decoder/kv_cache.py``): the same states as concatenation, and a decode through
+it that equals one forward over the whole sequence (every step's logits) and HF ``generate``'s greedy tokens, across
 reallocations, rows leaving and padding trimmed."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import torch
 from test_engine import artifacts
 from tiny import tiny_base
 
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decoder.decode import DecodeBatch
+from softprompts.model.decoder.inject import forward
+from softprompts.model.decoder.kv_cache import MIN_ROOM, GrowingLayer, grow_in_place, merged_layer
 from softprompts.model.generation import GenerationRequest
-from softprompts.model.inject import forward
-from softprompts.model.kv_cache import MIN_ROOM, GrowingLayer, grow_in_place, merged_layer
 from softprompts.model.probe import new_cache
 
 pytestmark = pytest.mark.injection  # it subclasses HF's cache layer: also run on the second transformers version

@@ -13,7 +13,7 @@ import pytest
 from live_server import openai_server
 from tiny import decode_alone
 
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decoder.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve.engine import ScoreRequest
 

@@ -22,7 +22,7 @@ from softprompts.cli import main
 from softprompts.errors import SoftpromptsError
 from softprompts.interop import PeftImportError, export_peft, import_peft, read_peft, to_peft
 from softprompts.interop.peft_export import PeftExportError
-from softprompts.model.inject import forward
+from softprompts.model.decoder.inject import forward
 
 peft = pytest.importorskip("peft")
 
@@ -232,7 +232,7 @@ def test_cli_import_and_export(tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
 def test_seq2seq_soft_prompt_export_loads_in_peft_and_imports_back(tmp_path, arch, method):
-    from softprompts.model.encoder_decoder import forward as seq2seq_forward
+    from softprompts.model.encoder_decoder.forward import forward as seq2seq_forward
 
     base = cached_base(arch)
     adapter = trained_adapter(base, method)

@@ -21,8 +21,8 @@ from tiny import cached_base, decode_alone, perturb, perturbed, saved_table, tin
 import softprompts as sp
 from softprompts.interop import export_peft, import_peft
 from softprompts.methods import MethodError
+from softprompts.model.decoder.inject import forward
 from softprompts.model.generation import GenerationRequest
-from softprompts.model.inject import forward
 from softprompts.serve import Engine
 
 ATOL = 1e-4

@@ -12,8 +12,9 @@ from test_engine import artifacts
 from tiny import concurrently, decode_alone, tiny_base
 from window_scheduler import WindowScheduler
 
-from softprompts.model.chunked_prefill import ChunkedPrefill
-from softprompts.model.decode import DecodeBatch, decode_batch
+from softprompts.model.decode_loop import decode_batch
+from softprompts.model.decoder.chunked_prefill import ChunkedPrefill
+from softprompts.model.decoder.decode import DecodeBatch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.serve import Engine, Overloaded, Scheduler, ScoreRequest
 from softprompts.serve.admission import kv_bytes_per_token

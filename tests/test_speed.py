@@ -15,7 +15,7 @@ from tiny import tiny_base
 from softprompts.compare.latency import peak_bytes
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import create_method
-from softprompts.model.inject import forward
+from softprompts.model.decoder.inject import forward
 from softprompts.tasks import Encoded, collate
 from softprompts.training.config import TrainConfig
 from softprompts.training.grad_checkpoint import checkpointing, decoder_layers

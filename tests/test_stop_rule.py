@@ -11,7 +11,7 @@ from chat_end import END, end_base
 from softprompts.data.chat import ChatFormat
 from softprompts.data.corpus import Chunk
 from softprompts.evaluate import generate_texts, stop_tokens
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.generation import eos_ids
 from softprompts.serve.plan import render_chat
 from softprompts.serve.schemas import ChatBody

@@ -11,7 +11,7 @@ from tiny import cached_base, perturb, save_tiny, tiny_base
 
 import softprompts as sp
 from softprompts.cli import main
-from softprompts.model.inject import forward
+from softprompts.model.decoder.inject import forward
 from softprompts.table import PromptTable, TableError, adapter_base_name, resolve_adapter
 
 ATOL = 2e-4

@@ -13,7 +13,7 @@ from softprompts.errors import SoftpromptsError
 from softprompts.evaluate import evaluate, label_scores
 from softprompts.methods import create_method
 from softprompts.metrics import macro_f1
-from softprompts.model.inject import forward
+from softprompts.model.decoder.inject import forward
 from softprompts.tasks import Encoded, TaskSpec, collate, encode, epoch_batches
 from softprompts.training import TrainConfig, lr_factor, train
 

@@ -22,7 +22,7 @@ from softprompts.interop.vllm import (
     load_soft_prompt,
     prompt_embeds,
 )
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.placement import place
 from softprompts.tasks import split_prompt
 

@@ -28,7 +28,7 @@ from softprompts.interop.vllm_kv_files import LENGTH_KEY, PATH_KEY, PLACEHOLDER_
 from softprompts.interop.vllm_launch import ENV, FrontConfig, vllm_command
 from softprompts.interop.vllm_requests import VllmRequest
 from softprompts.model.artifacts import KVPrefix, SoftPrompt
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.serve.http import build_state, create_app
 
 CHAT_TASK = {"task": "generate", "prompt": "", "target": "{label}",

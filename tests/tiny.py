@@ -26,9 +26,9 @@ from transformers import (
 )
 
 import softprompts as sp
-from softprompts.model.base import BaseModel
-from softprompts.model.decode import decode_batch
-from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+from softprompts.model.decode_loop import decode_batch
+from softprompts.model.decoder.base import BaseModel
+from softprompts.model.encoder_decoder.base import EncoderDecoderBase
 
 SPECIALS = ["<pad>", "<eos>"]
 VOCAB = 256 + len(SPECIALS)

@@ -42,9 +42,9 @@ _EXPORTS = {
     "generate": "api", "next_token_logits": "api", "SoftpromptsError": "errors",
     "PromptModel": "interop.hf_model", "wrap": "interop.hf_model",
     "METHODS": "methods", "build_method": "methods", "create_method": "methods",
-    "KVPrefix": "model.artifacts", "SoftPrompt": "model.artifacts", "BaseModel": "model.base",
-    "generate_ids": "model.decode", "EncoderDecoderBase": "model.encoder_decoder_base", "FrozenBase": "model.frozen",
-    "Sampling": "model.generation", "VirtualContext": "model.inject", "forward": "model.inject",
+    "KVPrefix": "model.artifacts", "SoftPrompt": "model.artifacts", "BaseModel": "model.decoder",
+    "generate_ids": "model.decode_loop", "EncoderDecoderBase": "model.encoder_decoder", "FrozenBase": "model.frozen",
+    "Sampling": "model.generation", "VirtualContext": "model.artifacts", "forward": "model.decoder",
     "DEFAULT_MODEL": "model.load", "load_base": "model.load", "TaskSpec": "task_spec",
     "SelfStudyConfig": "training", "TrainConfig": "training", "TrainResult": "training", "train": "training",
     "train_cartridge": "training", "TuneConfig": "training.tune", "TuneTask": "training.tune", "tune": "training.tune",
@@ -83,13 +83,12 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported
     from softprompts.errors import SoftpromptsError
     from softprompts.interop.hf_model import PromptModel, wrap
     from softprompts.methods import METHODS, build_method, create_method
-    from softprompts.model.artifacts import KVPrefix, SoftPrompt
-    from softprompts.model.base import BaseModel
-    from softprompts.model.decode import generate_ids
-    from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+    from softprompts.model.artifacts import KVPrefix, SoftPrompt, VirtualContext
+    from softprompts.model.decode_loop import generate_ids
+    from softprompts.model.decoder import BaseModel, forward
+    from softprompts.model.encoder_decoder import EncoderDecoderBase
     from softprompts.model.frozen import FrozenBase
     from softprompts.model.generation import Sampling
-    from softprompts.model.inject import VirtualContext, forward
     from softprompts.model.load import DEFAULT_MODEL, load_base
     from softprompts.task_spec import TaskSpec
     from softprompts.training import SelfStudyConfig, TrainConfig, TrainResult, train, train_cartridge

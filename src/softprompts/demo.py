@@ -20,7 +20,7 @@ from softprompts.data.sources import load_task_data
 from softprompts.data.templates import Template
 from softprompts.evaluate import evaluate, generate_texts
 from softprompts.methods import build_method, method_class
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.load import load_base
 from softprompts.tasks import TaskSpec
 from softprompts.training import TrainConfig, train

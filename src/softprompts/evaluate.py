@@ -8,7 +8,7 @@ classify — rank classification, exact and without free generation: for every l
 When every verbalization is one token a single forward per example gives all scores (the same numbers, ``C`` times
 cheaper).
 
-generate — greedy decoding with the adapter (``model/decode.py``), and the log-likelihood of each reference target
+generate — greedy decoding with the adapter (``model/decode_loop.py``), and the log-likelihood of each reference target
 under teacher forcing (the same sum as above with the target's tokens, for the perplexity).
 
 Each adapter is placed after its rows' lead and put in the form it is served in once (``FrozenBase.served``: on a
@@ -25,7 +25,7 @@ import torch
 from softprompts.data.datasets import Example, label_targets
 from softprompts.metrics import score_outputs
 from softprompts.model.artifacts import Artifact
-from softprompts.model.decode import generate_ids
+from softprompts.model.decode_loop import generate_ids
 from softprompts.model.generation import GREEDY, Sampling
 from softprompts.model.padding import length_sorted_chunks
 from softprompts.tasks import TaskSpec, encode, prompt_ids, split_prompt, turn_stop_ids

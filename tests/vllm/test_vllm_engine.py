@@ -32,7 +32,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 import softprompts as sp  # noqa: E402
 from softprompts.interop.vllm import prompt_embeds  # noqa: E402
 from softprompts.interop.vllm_kv import kv_request, kv_transfer_config, save_kv  # noqa: E402
-from softprompts.model.decode import generate_ids  # noqa: E402
+from softprompts.model.decode_loop import generate_ids  # noqa: E402
 from softprompts.model.embedded import embedded_dir  # noqa: E402
 
 NEW_TOKENS = 40  # enough decoding to grow every request past a 32-token block (the preemption case needs it)

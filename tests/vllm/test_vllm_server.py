@@ -31,7 +31,7 @@ from tiny import perturbed  # noqa: E402
 import softprompts as sp  # noqa: E402
 from softprompts.adapter_io import save_adapter  # noqa: E402
 from softprompts.interop.vllm import encode_prompt_embeds  # noqa: E402
-from softprompts.model.decode import generate_ids  # noqa: E402
+from softprompts.model.decode_loop import generate_ids  # noqa: E402
 from softprompts.serve.http import build_state, create_app  # noqa: E402
 from softprompts.table import PromptTable  # noqa: E402
 

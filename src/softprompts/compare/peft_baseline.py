@@ -42,7 +42,7 @@ from softprompts.compare.peft_eval import EvalFn, detect_issues, make_evaluator,
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import MethodConfig, method_class
 from softprompts.metrics import PRIMARY_METRIC
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder import BaseModel
 from softprompts.model.load import resolve
 from softprompts.tasks import encode, epoch_batches
 from softprompts.training import TrainConfig

@@ -39,7 +39,7 @@ from softprompts.adapter_io import load_adapter, save_adapter
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import create_method
 from softprompts.methods.base import PromptMethod
-from softprompts.model.decode import decode_batch
+from softprompts.model.decode_loop import decode_batch
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.generation import GenerationRequest, Sampling, eos_ids
 from softprompts.model.load import frozen_base, load_base

@@ -5,7 +5,7 @@ meant for disaggregated prefill) can say "the first P tokens of this prompt are 
 ``SoftpromptsKVConnector`` uses that: a request carries P placeholder token ids before its real prompt, and the
 connector writes our trained KV into the cache slots of those P positions, so vLLM computes only the real tokens -
 at positions ``P, P+1, ...``, attending to our prefix at ``0..P-1``: exactly what our engine does
-(``model/inject.py``: a row with ``p`` virtual positions puts its real tokens at ``p, p+1, ...``).
+(``model/decoder/inject.py``: a row with ``p`` virtual positions puts its real tokens at ``p, p+1, ...``).
 
 Data flow, one request::
 

@@ -249,7 +249,7 @@ class VirtualContext:
 
     @classmethod
     def offsets_of(cls, artifacts: list[Artifact | None]) -> VirtualContext:
-        """Only the rows' embedding offsets (a prompt fed in chunks after its first: ``inject.extend``)."""
+        """Only the rows' embedding offsets (a prompt fed in chunks after its first: ``decoder.inject.extend``)."""
         ctx = cls()
         ctx._take_offsets([a.offsets if isinstance(a, OffsetPrompt) else None for a in artifacts])
         return ctx

@@ -25,7 +25,9 @@ from typing import Protocol
 
 import torch
 
+from softprompts.model.artifacts import Artifact
 from softprompts.model.generation import (
+    GREEDY,
     GenerationRequest,
     GenerationResult,
     Sampling,
@@ -220,4 +222,34 @@ class RowBatch:
         raise NotImplementedError
 
 
-__all__ = ["DecodeLoop", "Row", "RowBatch"]
+@torch.no_grad()
+def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
+                 ) -> list[GenerationResult]:
+    """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
+    (default: the model's EOS, ``eos_ids``)."""
+    batch = base.new_batch(stop_default)
+    results = batch.add(requests)
+    while len(batch):
+        batch.step()
+    return results
+
+
+def generate_ids(
+    base,
+    prompts: list[list[int]],
+    artifacts: list[Artifact | None] | Artifact | None = None,
+    max_new_tokens: int = 32,
+    sampling: Sampling = GREEDY,
+    stop_ids: set[int] | None = None,
+) -> list[list[int]]:
+    """New token ids per row (stop tokens excluded), all rows in one batch. ``artifacts``: one for all rows, or one
+    per row; ``stop_ids``: default the model's EOS (an empty set: never stop early)."""
+    if not isinstance(artifacts, list):
+        artifacts = [artifacts] * len(prompts)
+    stops = frozenset(stop_ids) if stop_ids is not None else None
+    requests = [GenerationRequest(list(p), a, max_new_tokens, sampling, stops)
+                for p, a in zip(prompts, artifacts, strict=True)]
+    return [result.tokens for result in decode_batch(base, requests)]
+
+
+__all__ = ["DecodeLoop", "Row", "RowBatch", "decode_batch", "generate_ids"]

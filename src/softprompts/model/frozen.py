@@ -2,8 +2,8 @@
 
 A model family is a type, not a flag. ``FrozenBase`` holds what all families share (the HF model, its tokenizer,
 probed shapes, ``pad_id``, ``context_limit``, embeddings, fingerprint) and declares what each family answers its own
-way; ``BaseModel`` (decoder-only, ``model/base.py``) and ``EncoderDecoderBase`` (T5, BART families,
-``model/encoder_decoder_base.py``) implement every one of them:
+way; ``BaseModel`` (decoder-only, ``model/decoder/``) and ``EncoderDecoderBase`` (T5, BART families,
+``model/encoder_decoder/``) implement every one of them:
 
     serving_artifact(a)            the form an artifact is served in (a soft prompt -> its exact KV where it has one)
     check_fits(T, P, N, what)      the context rule: T prompt + P virtual + N new tokens
@@ -175,7 +175,7 @@ class FrozenBase:
         raw = raw.to(self.device, self.dtype) if raw is not None else None
         return self.serving_artifact(place(self, raw, lead))
 
-    # -- what each family answers (model/base.py, model/encoder_decoder_base.py) ---------------------------------
+    # -- what each family answers (model/decoder/base.py, model/encoder_decoder/base.py) -------------------------
     def serving_artifact(self, artifact) -> Artifact | None:
         """An Adapter, artifact or None -> the artifact rows run with (on this device and dtype)."""
         raise NotImplementedError
@@ -194,6 +194,11 @@ class FrozenBase:
     def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
         """The summed target-token cross-entropy of a training batch (``tasks.Batch``); keeps the artifact's graph."""
         raise NotImplementedError
+
+    def plain_label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
+        """``label_loss_sum`` as one graph a compiler can trace (``training.step.compiled_loss``): the family's model
+        head and ``cross_entropy`` with no Python loop over chunks. Default: ``label_loss_sum`` itself."""
+        return self.label_loss_sum(artifact, batch)
 
     def row_label_scores(self, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
                          batch_size: int = 16) -> list[torch.Tensor]:

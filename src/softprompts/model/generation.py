@@ -1,4 +1,4 @@
-"""The vocabulary of generation: requests and results, sampling, stop and length rules (no loop: ``decode.py``).
+"""The vocabulary of generation: requests and results, sampling, stop and length rules (no loop: ``decode_loop.py``).
 
 ``GenerationRequest``: one row to decode (prompt ids, artifact, limits, sampling, stop rules, streaming callback);
 ``GenerationResult``: its tokens and why it ended. The context rule a request must fit is the base model's

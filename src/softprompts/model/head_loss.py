@@ -15,7 +15,7 @@ Llama-3.2-1B anchor, 8 x 256 labels x 128,256 words: ~1 GiB each in fp32). The m
 forward and backward run anyway (no recomputation); the backward pass only scales the saved ``[N, H]`` gradient by the
 incoming scalar. Rows without a label are dropped before projecting (ragged targets pad with ``-100``).
 
-Used by the decoder-only training loss (``decoder_score.label_loss_sum``) where ``BaseModel.plain_head`` holds;
+Used by the decoder-only training loss (``decoder.score.label_loss_sum``) where ``BaseModel.plain_head`` holds;
 evaluation and decoding keep HF's head. Under ``torch.autocast`` the two matmuls run in the autocast dtype as HF's
 head would (the weight cast once per call); softmax, the loss and the saved gradient are fp32.
 """

@@ -23,9 +23,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from softprompts.errors import SoftpromptsError
-from softprompts.model.base import BaseModel
+from softprompts.model.decoder import BaseModel
 from softprompts.model.embedded import EMBEDDED_NAME, embedded_dir, gguf_dir, is_gguf_name
-from softprompts.model.encoder_decoder_base import EncoderDecoderBase
+from softprompts.model.encoder_decoder import EncoderDecoderBase
 from softprompts.model.frozen import FrozenBase
 from softprompts.model.quantize import quantization_config
 

@@ -32,7 +32,7 @@ class ModelShapes:
     head_dims: tuple[int, ...]  # D_l per layer
     dtype: str
     # encoder-decoder models: the first `encoder_layers` KV layers are the encoder's self-attention, then the
-    # decoder's self-attention and cross-attention layers (model/encoder_decoder.py); 0 for decoder-only models
+    # decoder's self-attention and cross-attention layers (model/encoder_decoder/forward.py); 0 for decoder-only models
     encoder_layers: int = 0
 
     def _data(self) -> dict:

@@ -65,7 +65,7 @@ def stack_rows(rows: list[SoftTargets | None], lengths: list[int], width: int, d
 
 def soft_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
     """``sum_i CE(q_i, softmax(z_i))`` over the labelled entries of ``logits [B, L, V]`` (``labels [B, L]``, -100 =
-    none) against ``soft`` (``[B, L, k]``): HF's head output and autograd (``decoder_score.plain_label_loss_sum``)."""
+    none) against ``soft`` (``[B, L, k]``): HF's head output and autograd (``decoder.score.plain_label_loss_sum``)."""
     keep = labels != -100  # [B, L]
     logp = logits.float().log_softmax(-1)  # [B, L, V]
     picked = logp.gather(-1, soft.ids)  # [B, L, k]

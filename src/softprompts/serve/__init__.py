@@ -1,6 +1,6 @@
 """Serving many adapters from one frozen model.
 
-``engine`` (token ids + artifacts: mixed-adapter batches through the one decode loop ``model/decode.py``, soft
+``engine`` (token ids + artifacts: mixed-adapter batches through the one decode loop ``model/decode_loop.py``, soft
 prompts served as cached KV, scoring),
 ``registry`` (adapter directory: validation, LRU memory limit, hot loading), ``scheduler`` (continuous batching and
 admission control on a worker thread), ``http`` (FastAPI app, imported lazily: the engine needs no web stack),

@@ -7,7 +7,7 @@ Callers (the HTTP layer, any thread) ``submit`` a request and get a ``concurrent
        together (at most ``prefill_chunk`` prompt tokens) and let them join the running batch (the base model's
        decode loop, ``FrozenBase.new_batch``, driven through ``model/decode_loop.DecodeLoop``). A longer prompt the
        batch prefills alone, one chunk per step, where its family prefills in chunks (decoder-only:
-       ``model/chunked_prefill.py``, ``benchmarks/prefill_stall.py``)
+       ``model/decoder/chunked_prefill.py``, ``benchmarks/prefill_stall.py``)
     3. one decode step for every running row; rows that end leave at once (their futures resolve)
     4. rows whose client left (``cancel``) or whose deadline passed leave before the next step
 

@@ -6,7 +6,7 @@ kind are drawn (seeded); the teacher context is the chunk as a system turn (``Co
     question_i = base.generate(context(c_i) + user: SEED_PROMPTS[kind_i])        (phase 1; "recite" skips it)
     answer_i   = base.generate(context(c_i) + user: question_i)                  (phase 2)
 
-Both phases run through our own batched decode loop (``model.decode.decode_batch``), the chunk's KV computed once
+Both phases run through our own batched decode loop (``model.decode_loop.decode_batch``), the chunk's KV computed once
 per chunk (``base.text_to_kv``) and given to its rows as a KV prefix (exactly the chunk in the prompt), sampling
 seeded per row. The conversations are plain ``messages`` rows (what a user would send: no chunk in them) plus the
 generated answer's token ids, the chunk and the kind; they are written as JSONL (``save`` / ``load``) so a run can
@@ -26,7 +26,7 @@ from softprompts.data.chat import ChatFormat
 from softprompts.data.corpus import Chunk
 from softprompts.errors import DataError, SoftpromptsError
 from softprompts.files import atomic_text
-from softprompts.model.decode import decode_batch
+from softprompts.model.decode_loop import decode_batch
 from softprompts.model.generation import GenerationRequest, Sampling
 from softprompts.tasks import turn_stop_ids
 from softprompts.training.config import SelfStudyConfig

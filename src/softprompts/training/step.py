@@ -28,16 +28,20 @@ from collections.abc import Callable, Sequence
 import torch
 
 from softprompts.model.artifacts import artifact_from_tensors
-from softprompts.model.decoder_score import plain_label_loss_sum
 from softprompts.training.config import TrainConfig
 from softprompts.training.grad_checkpoint import checkpointing
 
 
 def label_loss_sum(base, artifact, batch) -> torch.Tensor:
     """The summed target-token loss of one micro-batch: the base model's family answers it (``base.label_loss_sum``:
-    decoder-only ``model/decoder_score.py``, the head fused and chunked where it is plain; encoder-decoder
-    ``model/encoder_decoder_score.py``)."""
+    decoder-only ``model/decoder/score.py``, the head fused and chunked where it is plain; encoder-decoder
+    ``model/encoder_decoder/score.py``)."""
     return base.label_loss_sum(artifact, batch)
+
+
+def plain_label_loss_sum(base, artifact, batch) -> torch.Tensor:
+    """The family's traceable loss (``FrozenBase.plain_label_loss_sum``): what ``compiled_loss`` compiles."""
+    return base.plain_label_loss_sum(artifact, batch)
 
 
 _COMPILED: dict[tuple[str, bool], Callable] = {}

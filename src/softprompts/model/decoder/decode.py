@@ -16,8 +16,8 @@ rows' virtual slots and padding, every row keeps its own positions (real tokens 
 ``inject.py``), and a sampled row draws from its own generator seeded with its request's seed.
 
 This is what continuous batching needs (the server's scheduler adds arrivals between steps); ``decode_batch`` runs one
-batch to the end (evaluation, ``generate_ids``). One loop for both. The cache appends in place (``kv_cache.py``:
-no copy of the whole cache per step).
+batch to the end (evaluation, ``generate_ids``; both in ``decode_loop.py``, for every family). One loop for both. The
+cache appends in place (``kv_cache.py``: no copy of the whole cache per step).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from collections.abc import Callable
 
 import torch
 
-from softprompts.model.artifacts import Artifact, VirtualContext
-from softprompts.model.chunked_prefill import ChunkedPrefill
+from softprompts.model.artifacts import VirtualContext
 from softprompts.model.decode_loop import Row, RowBatch
-from softprompts.model.generation import GREEDY, GenerationRequest, GenerationResult, Sampling
-from softprompts.model.inject import Prefill, decode_step, forward
-from softprompts.model.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
+from softprompts.model.decoder.chunked_prefill import ChunkedPrefill
+from softprompts.model.decoder.inject import Prefill, decode_step, forward
+from softprompts.model.decoder.kv_cache import GrowingLayer, grow_in_place, is_full_attention, merged_layer
+from softprompts.model.generation import GenerationRequest, GenerationResult
 from softprompts.model.padding import pad_rows
 from softprompts.model.probe import new_cache
 
@@ -77,7 +77,7 @@ class DecodeBatch(RowBatch):
 
     def _take(self, state: Prefill) -> None:
         self.state = state if self.state is None else self._merge(self.state, state)
-        grow_in_place(self.state.cache)  # decode steps append in place (model/kv_cache.py)
+        grow_in_place(self.state.cache)  # decode steps append in place (kv_cache.py)
 
     def can_join(self, length: int) -> bool:
         """Whether rows whose prefill spans ``length`` positions can join (a sliding-window layer that already
@@ -144,34 +144,4 @@ class DecodeBatch(RowBatch):
                              next_positions=self.state.next_positions)
 
 
-@torch.no_grad()
-def decode_batch(base, requests: list[GenerationRequest], stop_default: frozenset[int] | None = None,
-                 ) -> list[GenerationResult]:
-    """Decode every request in ONE batch to the end; ``stop_default``: the stop ids of requests that name none
-    (default: the model's EOS, ``eos_ids``)."""
-    batch = base.new_batch(stop_default)
-    results = batch.add(requests)
-    while len(batch):
-        batch.step()
-    return results
-
-
-def generate_ids(
-    base,
-    prompts: list[list[int]],
-    artifacts: list[Artifact | None] | Artifact | None = None,
-    max_new_tokens: int = 32,
-    sampling: Sampling = GREEDY,
-    stop_ids: set[int] | None = None,
-) -> list[list[int]]:
-    """New token ids per row (stop tokens excluded), all rows in one batch. ``artifacts``: one for all rows, or one
-    per row; ``stop_ids``: default the model's EOS (an empty set: never stop early)."""
-    if not isinstance(artifacts, list):
-        artifacts = [artifacts] * len(prompts)
-    stops = frozenset(stop_ids) if stop_ids is not None else None
-    requests = [GenerationRequest(list(p), a, max_new_tokens, sampling, stops)
-                for p, a in zip(prompts, artifacts, strict=True)]
-    return [result.tokens for result in decode_batch(base, requests)]
-
-
-__all__ = ["DecodeBatch", "decode_batch", "generate_ids"]
+__all__ = ["DecodeBatch"]

@@ -7,8 +7,8 @@ import time
 import torch
 
 from softprompts.model.artifacts import VirtualContext
+from softprompts.model.decoder.inject import Prefill, extend, forward
 from softprompts.model.generation import GenerationRequest, GenerationResult
-from softprompts.model.inject import Prefill, extend, forward
 
 
 class ChunkedPrefill:

@@ -7,7 +7,7 @@ What this family answers its own way (``frozen.FrozenBase`` lists the interface)
   prompt too, its offsets still added to the prompt's tokens);
 - a row needs ``T + P + N`` positions of one context (prompt, virtual and new tokens);
 - the decode loop is ``decode.DecodeBatch`` (one cache, rows of any virtual length side by side, chunked prefill);
-- loss and scores are teacher-forced on ``prompt + target`` rows (``decoder_score.py``).
+- loss and scores are teacher-forced on ``prompt + target`` rows (``score.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompts.model import decoder_score
 from softprompts.model.artifacts import Artifact, KVPrefix, OffsetPrompt, SoftPrompt, VirtualContext
-from softprompts.model.decode import DecodeBatch
+from softprompts.model.decoder import score as decoder_score
+from softprompts.model.decoder.decode import DecodeBatch
+from softprompts.model.decoder.inject import Prefill, attention_weights, decode_step, forward, hidden_at, hidden_columns
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
-from softprompts.model.inject import Prefill, attention_weights, decode_step, forward, hidden_at, hidden_columns
 from softprompts.model.probe import cache_keyword, probe_plain_head, probe_shapes
 
 
@@ -83,6 +83,9 @@ class BaseModel(FrozenBase):
 
     def label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
         return decoder_score.label_loss_sum(self, artifact, batch)
+
+    def plain_label_loss_sum(self, artifact: Artifact | None, batch) -> torch.Tensor:
+        return decoder_score.plain_label_loss_sum(self, artifact, batch)
 
     def row_label_scores(self, artifacts, prompts: list[list[int]], verbalizations: list[list[list[int]]],
                          batch_size: int = 16) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from softprompts.model.artifacts import Artifact, VirtualContext
-from softprompts.model.encoder_decoder import forward, groups_by_length
+from softprompts.model.encoder_decoder.forward import forward, groups_by_length
 from softprompts.model.generation import eos_ids
 from softprompts.model.padding import pad_rows
 

@@ -3,7 +3,7 @@
 Shapes are measured, as for decoder-only models: one forward of ``[1, 2]`` encoder and decoder tokens with every
 encoder self-attention handed an empty cache (``encoder_decoder.encoder_prefix(..., capture=)``) reads, per
 layer, the key/value heads ``H_l`` and head dim ``D_l`` of the encoder's self-attention, the decoder's
-self-attention and its cross-attention, in the ``KVLayout`` order (``encoder_decoder.py``).
+self-attention and its cross-attention, in the ``KVLayout`` order (``forward.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompts.model import encoder_decoder_score
 from softprompts.model.artifacts import Artifact, KVPrefix, VirtualContext
-from softprompts.model.encoder_decoder import (
+from softprompts.model.encoder_decoder import score as encoder_decoder_score
+from softprompts.model.encoder_decoder.batch import EncoderDecoderBatch
+from softprompts.model.encoder_decoder.forward import (
     DecoderState,
     EncoderDecoderError,
     KVLayout,
@@ -24,7 +25,6 @@ from softprompts.model.encoder_decoder import (
     encoder_prefix,
     forward,
 )
-from softprompts.model.encoder_decoder_batch import EncoderDecoderBatch
 from softprompts.model.frozen import FrozenBase, freeze
 from softprompts.model.generation import ContextLengthError, GenerationRequest, GenerationResult
 from softprompts.model.placement import PlacementError, place
@@ -47,7 +47,7 @@ class EncoderDecoderBase(FrozenBase):
     Training and scoring use HF's own head (``plain_head`` is false: T5 scales tied logits). A soft prompt in front
     of a bidirectional encoder has no input-independent KV (every encoder state depends on the whole input): it is
     served as it is. The decoder writes every target and candidate with its end-of-sequence token
-    (``encoder_decoder_score.py``).
+    (``score.py``).
     """
 
     family = "encoder-decoder"

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from softprompts.model.artifacts import VirtualContext
+from softprompts.model.decoder.inject import forward, hidden_at
 from softprompts.model.head_loss import head_cross_entropy_sum, labelled_rows
-from softprompts.model.inject import forward, hidden_at
 from softprompts.model.padding import length_sorted_chunks, prompt_target_rows
 from softprompts.model.placement import place_rows
 from softprompts.model.soft_targets import soft_cross_entropy_sum

@@ -1,6 +1,6 @@
-"""The decode loop for encoder-decoder bases: rows that join and leave between steps, as ``decode.DecodeBatch`` does
-for decoder-only ones (both are ``decode_loop.RowBatch``: the row bookkeeping is written once, the scheduler drives
-either through ``decode_loop.DecodeLoop``).
+"""The decode loop for encoder-decoder bases: rows that join and leave between steps, as
+``decoder.decode.DecodeBatch`` does for decoder-only ones (both are ``decode_loop.RowBatch``: the row bookkeeping is
+written once, the scheduler drives either through ``decode_loop.DecodeLoop``).
 
 ``add(requests)`` encodes the new prompts once and prefills the decoder's start token; the new rows form groups of
 one artifact kind and virtual length (``encoder_decoder.groups_by_length``: the positions count the prefix, so only
@@ -24,7 +24,14 @@ import torch
 
 from softprompts.model.artifacts import VirtualContext
 from softprompts.model.decode_loop import Row, RowBatch
-from softprompts.model.encoder_decoder import DecoderState, EncoderState, decode, decode_more, encode, groups_by_length
+from softprompts.model.encoder_decoder.forward import (
+    DecoderState,
+    EncoderState,
+    decode,
+    decode_more,
+    encode,
+    groups_by_length,
+)
 from softprompts.model.padding import pad_rows
 
 

@@ -77,7 +77,7 @@ def _model_inputs(
     Returns ``(kwargs, ctx, next_positions [B], full_mask [B, Pk + Ps + T])``.
     """
     if getattr(base, "is_encoder_decoder", False):
-        raise SoftpromptsError(f"{base.name} is an encoder-decoder model: run it through model/encoder_decoder.py "
+        raise SoftpromptsError(f"{base.name} is an encoder-decoder model: run it through model/encoder_decoder/ "
                                "(forward with encoder and decoder inputs), not the decoder-only injection")
     model = base.model
     batch = input_ids.shape[0]
