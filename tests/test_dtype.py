@@ -153,3 +153,31 @@ def test_train_takes_dtype_and_its_adapter_evaluates_on_float32(monkeypatch, tmp
     assert main(["train", *common, "--out", str(tmp_path / "fp32")]) == 0
     assert main(["eval", "--adapter", str(tmp_path / "bf16"), "--data", str(tmp_path / "data.jsonl")]) == 0
     assert loaded == [torch.bfloat16, torch.float32, torch.float32]
+
+
+def test_one_checkpoint_has_one_weights_fingerprint_in_float32_and_bfloat16():
+    """An adapter trained on the float32 base loads on the same checkpoint at bfloat16 (``--dtype auto``) without a
+    weights warning; another checkpoint still warns; a file written before the ``w2:`` form (the legacy fingerprint)
+    still matches the float32 base it was made on and warns on another checkpoint."""
+    import dataclasses
+    import warnings
+
+    import softprompts as sp
+    from softprompts.adapter import Adapter
+
+    fp32, other = tiny_base("llama"), tiny_base("llama", seed=1)
+    bf16 = tiny_base("llama")
+    bf16.model.to(torch.bfloat16)
+    assert fp32.weights_fingerprint() == bf16.weights_fingerprint() != other.weights_fingerprint()
+    assert fp32.weights_fingerprint().startswith("w2:")
+    adapter = Adapter(sp.SoftPrompt(torch.zeros(2, fp32.shapes.hidden_size)), "prompt", {}, fp32.name, fp32.shapes,
+                      fp32.weights_fingerprint())
+    legacy = dataclasses.replace(adapter, base_weights_fingerprint=fp32.legacy_weights_fingerprint())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sp.BaseWeightsWarning)
+        adapter.check_base(bf16)
+        adapter.check_base(fp32)
+        legacy.check_base(fp32)
+    for made, used in ((adapter, other), (legacy, other)):
+        with pytest.warns(sp.BaseWeightsWarning, match="same shapes, other weights"):
+            made.check_base(used)

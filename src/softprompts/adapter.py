@@ -109,7 +109,8 @@ def check_base_fits(what: str, made_for: BaseRecord, used_with: BaseRecord,
             f"{what} was made for base model {made_for.name!r} ({describe(made_for.shapes)}) but {where} is "
             f"{used_with.name!r} ({describe(used_with.shapes)}); load it with --model {made_for.name}"
         )
-    a, b = made_for.weights_fingerprint, used_with.weights_fingerprint
+    a = made_for.weights_fingerprint
+    b = used_with.weights_in_form_of(a)
     if a and b and a.split("-")[0] == b.split("-")[0] and a != b:
         warnings.warn(
             f"{what} was made on base model {made_for.name!r} {precision(a)} and {where} is {used_with.name!r} "

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from softprompts.errors import SoftpromptsError
 from softprompts.files import parse_json, read_json
-from softprompts.model.frozen import FrozenBase
+from softprompts.model.frozen import WEIGHTS_FORM, FrozenBase
 from softprompts.model.probe import ModelShapes
 from softprompts.schema import (
     ADAPTER_FORMAT,
@@ -58,10 +58,19 @@ class BaseRecord:
     name: str
     shapes: ModelShapes
     weights_fingerprint: str = ""  # "" = unknown (files from before it was recorded)
+    # a loaded base's fingerprint in the form files written before "w2:" hold (never saved)
+    legacy_weights_fingerprint: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def of(cls, base: FrozenBase) -> BaseRecord:
-        return cls(base.name, base.shapes, base.weights_fingerprint())
+        return cls(base.name, base.shapes, base.weights_fingerprint(), base.legacy_weights_fingerprint())
+
+    def weights_in_form_of(self, recorded: str) -> str:
+        """This base's fingerprint in the form ``recorded`` was written in ("" = not comparable: an older file
+        against another file, where no loaded base can say)."""
+        if not recorded or recorded.startswith(WEIGHTS_FORM) == self.weights_fingerprint.startswith(WEIGHTS_FORM):
+            return self.weights_fingerprint
+        return self.legacy_weights_fingerprint if not recorded.startswith(WEIGHTS_FORM) else ""
 
     @property
     def quantization(self) -> str | None:

@@ -40,6 +40,9 @@ FEATURES = ("compile", "gradient_checkpointing", "prompt_logprobs", "peft_baseli
             "vllm_engine", "layer_probe")
 
 
+WEIGHTS_FORM = "w2:"  # weights_fingerprint's form (bfloat16-rounded sample); older files hold the legacy form
+
+
 class UnsupportedFeature(SoftpromptsError):
     """A feature this base model's family does not support (the message says why and what to do instead)."""
 
@@ -141,12 +144,24 @@ class FrozenBase:
         return quantization_of(self.model)
 
     def weights_fingerprint(self) -> str:
-        """A cheap hash of a sample of the embedding matrix: tells two checkpoints of one architecture apart. A
-        quantized base adds its quantization (``...-nf4``): its other weights differ from the checkpoint's."""
-        weight = self.model.get_input_embeddings().weight.detach()
-        rows = weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
+        """A cheap hash of a sample of the embedding matrix (64 x 64 values): tells two checkpoints of one
+        architecture apart. The sample is rounded to bfloat16 first, so one checkpoint loaded in float32 or bfloat16
+        (``--dtype auto``) has one fingerprint (float16's double rounding may differ); ``w2:`` marks this form.
+        A quantized base adds its quantization (``...-nf4``): its other weights differ from the checkpoint's."""
+        bits = self._embedding_sample().to(torch.bfloat16).view(torch.int16)
+        digest = WEIGHTS_FORM + hashlib.sha256(bits.numpy().tobytes()).hexdigest()[:16]
+        return f"{digest}-{self.quantization}" if self.quantization else digest
+
+    def legacy_weights_fingerprint(self) -> str:
+        """The form files written before ``w2:`` hold (the float32 sample to 1e-3): read, never written, so those
+        adapters still match the float32 base they were made on."""
+        rows = self._embedding_sample()
         digest = hashlib.sha256(rows.mul(1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
         return f"{digest}-{self.quantization}" if self.quantization else digest
+
+    def _embedding_sample(self) -> torch.Tensor:
+        weight = self.model.get_input_embeddings().weight.detach()
+        return weight[:: max(1, weight.shape[0] // 64)][:64, :64].float().cpu()
 
     # -- capabilities ---------------------------------------------------------------------------------------------
     def supports(self, feature: str) -> bool:
