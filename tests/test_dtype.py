@@ -69,6 +69,8 @@ COMMANDS = {
     "generate": ["text"],
     "train": ["--data", "x", "--out", "y"],
     "tune": ["--data", "x", "--eval-data", "x", "--out", "y"],
+    "compare": ["--dataset", "x", "--out", "y"],
+    "explain": ["--adapter", "x", "--data", "x", "--out", "y"],
 }
 
 
@@ -181,3 +183,36 @@ def test_one_checkpoint_has_one_weights_fingerprint_in_float32_and_bfloat16():
     for made, used in ((adapter, other), (legacy, other)):
         with pytest.warns(sp.BaseWeightsWarning, match="same shapes, other weights"):
             made.check_base(used)
+
+
+class Loaded(Exception):
+    """Raised by the spy once the base's dtype is resolved: what the command asked for is all the test needs."""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", None])
+def test_compare_and_explain_load_the_base_in_the_dtype_asked(monkeypatch, tmp_path, tiny_dir, dtype):
+    """``compare`` and ``explain`` hand ``--dtype`` to the base they load (float32 without it)."""
+    seen: list[torch.dtype] = []
+    resolve = load.resolve_dtype
+
+    def spy(*a, **k):
+        seen.append(resolve(*a, **k))
+        raise Loaded
+
+    flag = ["--dtype", dtype] if dtype else []
+    monkeypatch.setattr(load, "resolve_dtype", spy)
+    common = task_args(tmp_path)
+    data = common[-1]
+    with pytest.raises(Loaded):
+        main(["compare", "--model", str(tiny_dir), *common, "--eval-data", data, "--test-data", data,
+              "--methods", "prompt", "--steps", "1", "--out", str(tmp_path / "cmp"), *flag])
+    adapter = tmp_path / "adapter"
+    monkeypatch.setattr(load, "resolve_dtype", resolve)
+    assert main(["train", "--model", str(tiny_dir), "--method", "prompt", "--virtual-tokens", "2", *common,
+                 "--steps", "1", "--batch-size", "2", "--no-progress", "--checkpoint-every", "0",
+                 "--out", str(adapter)]) == 0
+    monkeypatch.setattr(load, "resolve_dtype", spy)
+    with pytest.raises(Loaded):
+        main(["explain", "--adapter", str(adapter), "--data", data, "--out", str(tmp_path / "ex"), *flag])
+    expected = torch.bfloat16 if dtype else torch.float32
+    assert seen == [expected, expected]

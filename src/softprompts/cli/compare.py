@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompts.cli.arguments import add_quantize_flag, add_report_flag, finite
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, add_report_flag, finite, say_dtype
 from softprompts.cli.task_inputs import add_chat_flags, label_list
 
 
@@ -63,6 +63,7 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     add_report_flag(p)
     p.set_defaults(func=run)
 
@@ -85,6 +86,7 @@ def run(args) -> int:
     config = CompareConfig(
         model=args.model or DEFAULT_MODEL,
         quantize=args.quantize,
+        dtype=args.dtype,
         methods=[m.strip() for m in (args.methods or ",".join(
             name for name, cls in METHODS.items() if cls.compared_by_default)).split(",") if m.strip()],
         seeds=args.seeds, baseline=args.baseline, lora=not args.no_lora, shots=args.shots, tune=args.tune,
@@ -94,6 +96,7 @@ def run(args) -> int:
         eval_limit=args.eval_limit, test_limit=args.test_limit, latency_tokens=args.latency_tokens,
         progress=not args.no_progress, report_to=args.report_to,
     )
+    say_dtype(args.dtype)
     flags = TaskFlags(args.task, args.template, args.target, label_list(args.labels), args.placement, args.system,
                       args.max_prompt_tokens, args.max_target_tokens)
     results = compare_files(CompareFiles(args.out, config, flags, args.data, args.eval_data, args.test_data,

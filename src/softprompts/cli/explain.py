@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from softprompts.cli.arguments import add_quantize_flag
+from softprompts.cli.arguments import add_dtype_flag, add_quantize_flag, say_dtype
 from softprompts.errors import SoftpromptsError
 
 
@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="base model (default: the adapter's own)")
     p.add_argument("--json", action="store_true", help="print explain.json's summary as one JSON object")
     add_quantize_flag(p)
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -42,8 +43,9 @@ def run(args) -> int:
                            max_new_tokens=args.max_new_tokens, progress=not args.json)
     if len(args.data) != 1:
         raise SoftpromptsError("--data is given once")
-    explanation, paths = explain_files(ExplainFiles(Source(args.adapter, args.model, quantize=args.quantize),
-                                                    args.data[0], args.out, config))
+    say_dtype(args.dtype)
+    source = Source(args.adapter, args.model, quantize=args.quantize, dtype=args.dtype)
+    explanation, paths = explain_files(ExplainFiles(source, args.data[0], args.out, config))
     summary = explanation.summary()
     if args.json:
         print(json.dumps(summary))

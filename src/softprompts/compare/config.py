@@ -51,6 +51,7 @@ class CompareConfig:
     model: str
     methods: list[str]
     quantize: str | None = None  # the frozen base loaded quantized (model/quantize.py); the PEFT runs share it
+    dtype: str | None = None  # the frozen base's dtype (model/load.resolve_dtype; None: float32); PEFT shares it
     seeds: int = 1
     baseline: str | None = None
     lora: bool = True  # with baseline "peft": also PEFT LoRA, the weight-adapter ceiling

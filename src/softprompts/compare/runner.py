@@ -82,8 +82,8 @@ class Comparison:
     def _settings(self) -> dict:
         c = self.config
         return {
-            "model": c.model, "quantize": c.quantize, "methods": self.methods, "seeds": c.seeds, "baseline": c.baseline,
-            "lora": c.lora, "tune": c.tune,
+            "model": c.model, "quantize": c.quantize, "dtype": c.dtype, "methods": self.methods, "seeds": c.seeds,
+            "baseline": c.baseline, "lora": c.lora, "tune": c.tune,
             "shots": c.shots, "steps": c.steps,
             "minutes": c.minutes, "batch_size": c.batch_size, "lr": c.lr, "virtual_tokens": c.virtual_tokens,
             "eval_every": c.eval_every, "task": self.data.spec.to_json(), "data": self.data.description,
@@ -275,7 +275,8 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         settings = self._check_settings()
         if self.base is None:
-            self.base = load_base(self.config.model, device="auto", quantize=self.config.quantize)
+            self.base = load_base(self.config.model, device="auto", quantize=self.config.quantize,
+                                  dtype=self.config.dtype)
         refuse(model_problems(self.base, self.config, self.data, self.dev, self.test))
         return settings
 

@@ -67,7 +67,7 @@ def compare_files(request: CompareFiles) -> dict:
 
     def tokenizer():  # chat rows need the model's chat template: the model loads now and the compare reuses it
         refuse(option_problems(config))  # the options first, then (run_compare) every problem of the rows at once
-        loaded.append(load_base(config.model, device="auto", quantize=config.quantize))
+        loaded.append(load_base(config.model, device="auto", quantize=config.quantize, dtype=config.dtype))
         return loaded[0].tokenizer
 
     spec, train, (dev, test) = load_task(flags, paths["train"], [paths["dev"], paths["test"]], tokenizer,
