@@ -4,6 +4,7 @@
     python benchmarks/decode_step.py --device cuda --model-shape llama-1b --dtype bfloat16
     python benchmarks/decode_step.py --profile 16             # where a step's time goes at batch 16
     python benchmarks/decode_step.py --dtypes float32,bfloat16 --batches 1,8,32 --skip-hf   # dtypes interleaved
+    python benchmarks/decode_step.py --regional-compile --batches 1,8,32 --skip-hf   # + norms/MLP compiled
 
 Per batch size B (``--batches``), prompts of ``--prompt-tokens`` random ids, greedy, no early stop:
 
@@ -168,6 +169,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_regions(base) -> None:
+    """``torch.compile`` (dynamic shapes) each decoder layer's RMSNorms and MLP in place, the element-wise work
+    between the matmuls; attention and the cache stay eager (one graph per module class, shared by the layers)."""
+    inner = base.model.get_decoder()
+    for layer in inner.layers:
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            getattr(layer, name).compile(dynamic=True)
+    inner.norm.compile(dynamic=True)
+
+
 def measure_dtypes(bases: dict, batches: list[int], args) -> list[dict]:
     """``measure`` at each batch size for each dtype in turn (interleaved: drift in the machine's load hits both),
     each row with its step time over the first dtype's at that batch."""
@@ -195,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time (default) or this process's "
                    "CPU time: on cores shared with other jobs, with OMP_NUM_THREADS=1, CPU time is what a quiet core "
                    "would take (less the cache and memory traffic the others cause)")
+    p.add_argument("--regional-compile", action="store_true", help="also measure each dtype with its layers' norms "
+                   "and MLP compiled (torch.compile, dynamic shapes), side by side with the eager step")
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes measured in turn at each batch, e.g. "
                    "float32,bfloat16 (default: --dtype)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     names = [dtype_name(resolve_dtype(d, torch.device(args.device))) for d in (args.dtypes or args.dtype).split(",")]
     bases = {name: build_base(argparse.Namespace(**{**vars(args), "dtype": name})) for name in names}
+    if args.regional_compile:
+        for name in names:
+            bases[f"{name}+regional"] = build_base(argparse.Namespace(**{**vars(args), "dtype": name}))
+            compile_regions(bases[f"{name}+regional"])
     base = next(iter(bases.values()))
     info = {"model": base.name, "device": str(base.device), "dtype": ",".join(names),
             "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, "commit": _commit(),
