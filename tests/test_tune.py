@@ -240,3 +240,23 @@ def test_residual_searches_its_bottleneck_and_shared_or_separate_mlps(env, tmp_p
     d, p, m = load_base(str(env["model"])).shapes.hidden_size, 3, 100
     assert trial.user_attrs["trainable_parameters"] == p * d + p * (2 * d * m + m + 3 * d)
     assert "shared True/False" in (out / "tune.md").read_text()
+
+
+def test_a_new_study_tries_the_defaults_first(env, tmp_path):
+    """The first trial of a new study is the method's defaults (lr, P and its own knobs where the space holds them),
+    so the best trial is never below the defaults on dev; a space without the default leaves that value to the
+    sampler."""
+    from softprompts.compare import CompareConfig
+    from softprompts.compare.tuning import space_of
+    from softprompts.methods import ResidualPrompt, ResidualPromptConfig
+
+    out = tmp_path / "defaults"
+    assert main(tune_args(env, out, "--trials", "2", "--steps", "2", "--eval-every", "1", method="residual")) == 0
+    first = trials_of(out)[0]
+    assert first.params["lr"] == ResidualPrompt.default_lr
+    assert first.params["bottleneck"] == ResidualPromptConfig.bottleneck
+    assert first.params["shared"] is ResidualPromptConfig.shared
+    assert "num_virtual_tokens" in first.params  # P from 2,3 (the default 20 is outside): the sampler's
+    assert first.user_attrs["defaults"] is True and "defaults" not in trials_of(out)[1].user_attrs
+    lora = space_of(CompareConfig(model="m", methods=["prompt"], tune=2), "lora")
+    assert lora.first_trial() == {"lr": 3e-4, "r": 8}

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from softprompts.compare.config import CompareConfig, CompareData
-from softprompts.compare.peft_baseline import LORA, LORA_LR, PeftSpec, release, run_peft
+from softprompts.compare.peft_baseline import LORA, LORA_LR, LORA_OPTIONS, PeftSpec, release, run_peft
 from softprompts.errors import SoftpromptsError
 from softprompts.methods import method_class
 from softprompts.metrics import PRIMARY_METRIC
@@ -93,7 +93,8 @@ def tune_config(config: CompareConfig, steps: int) -> TuneConfig:
 def space_of(config: CompareConfig, method: str) -> SearchSpace:
     """What a compare searches for ``method`` (module docstring)."""
     if method == LORA:
-        return SearchSpace(lr=(LORA_LR / LR_SPAN, LORA_LR * LR_SPAN), choices={"r": LORA_RANKS})
+        return SearchSpace(lr=(LORA_LR / LR_SPAN, LORA_LR * LR_SPAN), choices={"r": LORA_RANKS},
+                           start={"lr": LORA_LR, "r": LORA_OPTIONS["r"]})
     return SearchSpace.for_method(method, tune_config(config, config.steps or 2))
 
 

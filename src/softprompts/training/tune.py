@@ -32,7 +32,7 @@ import itertools
 import math
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from softprompts.errors import SoftpromptsError
@@ -99,10 +99,13 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """``lr``: the log-uniform range; ``choices``: config field -> the values tried (categorical)."""
+    """``lr``: the log-uniform range; ``choices``: config field -> the values tried (categorical); ``start``: the
+    defaults' values, the first trial of a new study, so a search never ends below the defaults on dev (those that
+    fall outside the space are left to the sampler)."""
 
     lr: tuple[float, float]
     choices: dict[str, tuple] = field(default_factory=dict)
+    start: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def for_method(cls, name: str, config: TuneConfig) -> SearchSpace:
@@ -112,7 +115,16 @@ class SearchSpace:
         if config.virtual_tokens is not None:
             choices["num_virtual_tokens"] = tuple(sorted(set(config.virtual_tokens)))
         lr = config.lr_range or (method.default_lr / LR_SPAN, method.default_lr * LR_SPAN)
-        return cls(lr=(float(lr[0]), float(lr[1])), choices=choices)
+        defaults = {f.name: f.default for f in fields(method.config_class)}
+        return cls(lr=(float(lr[0]), float(lr[1])), choices=choices,
+                   start={"lr": method.default_lr, **{k: defaults[k] for k in choices if k in defaults}})
+
+    def first_trial(self) -> dict:
+        """``start`` less what lies outside the space (a ``--lr-range`` or a choice list without the default)."""
+        fits = {k: v for k, v in self.start.items() if k in self.choices and v in self.choices[k]}
+        if "lr" in self.start and self.lr[0] <= self.start["lr"] <= self.lr[1]:
+            fits["lr"] = self.start["lr"]
+        return fits
 
     def suggest(self, trial) -> tuple[float, dict]:
         """``(lr, config options)`` for an Optuna trial."""
@@ -347,6 +359,8 @@ def search(study: Study, trainer: Trainer, train_config: TrainConfig, config: Tu
     try:
         with _locked(out_dir):
             stored = _open_study(out_dir, study.setup, config, train_config)
+            if not stored.trials and study.space.first_trial():
+                stored.enqueue_trial(study.space.first_trial(), user_attrs={"defaults": True})
             done = _finished(stored)
             trials = None if config.trials is None else config.trials - len(done)
             timeout = None if config.minutes is None else config.minutes * 60 - _seconds(done)
