@@ -3,7 +3,8 @@
 Search space (``SearchSpace.for_method``): ``lr ~ logU[lo, hi]`` (default ``[default_lr / 10, default_lr * 10]``,
 the method's measured rate in the middle) and, for each config field the method declares
 (``MethodConfig.search_choices``: ``num_virtual_tokens`` in ``{P/2, P, 2P}``, then its own ``tunable`` knobs), a
-categorical choice. Sampler: TPE (``n_startup`` random trials first).
+categorical choice. The first trial of a new study is the defaults (``SearchSpace.start``): a search never ends
+below them on dev. Sampler: TPE (``n_startup`` random trials first).
 
 Objective: the kept adapter's dev metric, ``max_s m(s)`` over the loop's evaluations (its keep-best). Pruning: after
 the evaluation at step ``s`` the trial reports ``max_{s' <= s} m(s')`` at ``s`` (``loop.train``'s ``on_eval``);
