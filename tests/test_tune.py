@@ -209,7 +209,12 @@ def test_best_is_an_adapter_scoring_the_best_trials_dev_metric(env, tmp_path):
                           method="prefix")) == 0
     best = json.loads((out / "best.json").read_text())
     complete = [t for t in trials_of(out) if t.state == optuna.trial.TrialState.COMPLETE]
-    assert best["value"] == max(t.value for t in complete)
+    top = max(t.value for t in complete)
+    if best["defaults_kept"]:  # 12 dev rows: a lead is within noise, and the defaults (trial 0) stay
+        assert best["trial"] == 0 and trials_of(out)[0].user_attrs["defaults"] and top - best["value"] < 0.5
+        assert "within noise, so the defaults are kept" in (out / "tune.md").read_text()
+    else:
+        assert best["value"] == top
     assert best["params"] == trials_of(out)[best["trial"]].params
     base = load_base(str(env["model"]))
     adapter = load_adapter(out / "best", base)
@@ -260,3 +265,21 @@ def test_a_new_study_tries_the_defaults_first(env, tmp_path):
     assert first.user_attrs["defaults"] is True and "defaults" not in trials_of(out)[1].user_attrs
     lora = space_of(CompareConfig(model="m", methods=["prompt"], tune=2), "lora")
     assert lora.first_trial() == {"lr": 3e-4, "r": 8}
+
+
+def test_a_lead_within_dev_noise_keeps_the_defaults():
+    """One seed, accuracy on n dev rows: a trial replaces the defaults only when it leads by 2 standard errors of the
+    difference (binomial); other metrics have no noise model, and the top trial wins."""
+    from types import SimpleNamespace
+
+    from softprompts.training.tune_report import defaults_kept
+
+    defaults = SimpleNamespace(number=0, value=0.89)
+    close, far = SimpleNamespace(number=3, value=0.91), SimpleNamespace(number=4, value=0.99)
+    reason = defaults_kept(close, defaults, "accuracy", 100)
+    assert "within noise" in reason and "100 dev rows" in reason and "2.0 points" in reason
+    assert defaults_kept(close, defaults, "accuracy", 100_000) is None  # the same lead on many rows is real
+    assert defaults_kept(far, defaults, "accuracy", 100) is None
+    assert defaults_kept(close, defaults, "chrf", 100) is None
+    assert defaults_kept(close, None, "accuracy", 100) is None
+    assert defaults_kept(defaults, defaults, "accuracy", 100) is None

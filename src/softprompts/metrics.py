@@ -26,6 +26,13 @@ METRICS = {"classify": ("accuracy", "macro_f1"),
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+def binomial_difference_se(a: float, b: float, n: int) -> float:
+    """The standard error of the difference of two accuracies ``a`` and ``b`` (fractions) each measured on ``n``
+    examples, as if independent: ``sqrt((a (1 - a) + b (1 - b)) / n)``. The one noise rule of a single-seed gap
+    (``compare``'s recommendation, ``tune``'s choice against the defaults)."""
+    return math.sqrt((max(a * (1 - a), 1e-12) + max(b * (1 - b), 1e-12)) / n)
+
+
 def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
     """Mean over labels of F1 = 2 TP / (2 TP + FP + FN) (a label never predicted nor present counts 0)."""
     total = 0.0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from softprompts.metrics import binomial_difference_se
+
 SCALES = {"accuracy": 100.0, "macro_f1": 100.0}  # shown as percentages; generation metrics are already 0-100
 
 
@@ -61,9 +63,7 @@ def _difference_se(a: dict, b: dict, primary: str, test_n: int) -> tuple[float |
         return (math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]),
                 f"over {min(a['n'], b['n'])} seeds")
     if primary == "accuracy" and test_n:
-        pa, pb = a["mean"], b["mean"]
-        return (math.sqrt((max(pa * (1 - pa), 1e-12) + max(pb * (1 - pb), 1e-12)) / test_n),
-                f"binomial, {test_n} test examples")
+        return binomial_difference_se(a["mean"], b["mean"], test_n), f"binomial, {test_n} test examples"
     return None, ""
 
 

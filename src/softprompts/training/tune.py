@@ -374,7 +374,7 @@ def search(study: Study, trainer: Trainer, train_config: TrainConfig, config: Tu
             else:
                 log(dist, f"tune {study.label}: the budget is spent ({len(done)} trial(s), "
                           f"{_seconds(done) / 60:.1f} min): nothing to run")
-            return write_outputs(stored, out_dir, study.metric, study.space.to_json())
+            return write_outputs(stored, out_dir, study.metric, study.space.to_json(), dev_rows(study.setup))
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -388,6 +388,13 @@ def tune(task: TuneTask, train_config: TrainConfig, config: TuneConfig, out_dir:
     name = method_class(task.method).name
     study = Study(Path(out_dir), space, task.metric, name, setup_of(name, task, space, train_config))
     return search(study, method_trainer(task), train_config, config)
+
+
+def dev_rows(setup: dict) -> int | None:
+    """How many dev rows each trial is scored on: the task's, cut to ``eval_limit``."""
+    limit = setup.get("train_config", {}).get("eval_limit")
+    rows = setup.get("dev_examples")
+    return min(rows, limit) if rows and limit else rows
 
 
 def setup_of(name: str, task: TuneTask, space: SearchSpace, train_config: TrainConfig) -> dict:

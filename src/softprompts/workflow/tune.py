@@ -62,8 +62,10 @@ def tune_files(request: TuneFiles) -> TuneResult:
 def tune_summary(result: TuneResult, out: str | Path) -> str:
     """The one line ``softprompts tune`` prints: the best trial, its dev metric and parameters, the counts."""
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.params.items())
-    return (f"best: trial {result.trial}, dev {result.metric} {result.value:.4f} with {params}; {result.finished} "
-            f"trial(s) finished, {result.pruned} pruned; adapter in {out}/best, table in {out}/tune.md")
+    kept = f" ({result.defaults_kept})" if result.defaults_kept else ""
+    return (f"best: trial {result.trial}, dev {result.metric} {result.value:.4f} with {params}{kept}; "
+            f"{result.finished} trial(s) finished, {result.pruned} pruned; adapter in {out}/best, table in "
+            f"{out}/tune.md")
 
 
 __all__ = ["TuneFiles", "tune_files", "tune_summary"]
