@@ -10,7 +10,7 @@ row bookkeeping once for every model family::
                    ``generation.record_token`` books it; rows that end leave; the rest decode one position
     cancel(drop)   rows (and prompts still prefilling) whose request ``drop`` names leave between steps
 
-A family supplies the model side (``decode.DecodeBatch``, ``encoder_decoder_batch.EncoderDecoderBatch``):
+A family supplies the model side (``decoder.decode.DecodeBatch``, ``encoder_decoder.batch.EncoderDecoderBatch``):
 ``_prefill`` (rows -> its state), ``_logits`` (each row's next-token logits, in row order), ``_select`` (keep rows),
 ``_advance`` (one position per row), and ``can_join`` / ``cache_length``. Each row's tokens equal that request run
 alone, whatever joins or leaves around it (the family's masking and positions make it so; tests check it).
@@ -41,7 +41,7 @@ Row = tuple[GenerationRequest, GenerationResult]
 
 
 class DecodeLoop(Protocol):
-    """What the server's scheduler drives (and ``decode.decode_batch`` runs to the end)."""
+    """What the server's scheduler drives (and ``decode_batch`` below runs to the end)."""
 
     prefills_in_chunks: bool  # a long prompt may be prefilled alone, a chunk per advance_prefill()
     prefilling: deque  # prompts being prefilled in chunks, oldest first (each has .request)
