@@ -102,6 +102,14 @@ def measure(base, batch: int, args) -> dict:
     row["ours_ms"] = per_step(ours, args.short, args.long, device, args.repeat, clock) * 1e3
     if not args.skip_hf:
         row["hf_ms"] = per_step(hf, args.short, args.long, device, args.repeat, clock) * 1e3
+    if args.hf_static:
+        def hf_static(new: int) -> None:  # transformers' own static cache (preallocated, written in place)
+            with torch.no_grad():
+                base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                    do_sample=False, pad_token_id=0, cache_implementation="static")
+
+        row["hf_static_ms"] = per_step(hf_static, args.short, args.long, device, args.repeat, clock) * 1e3
+        row["hf_static_over_floor"] = row["hf_static_ms"] / row["floor_ms"]
     row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
     if "hf_ms" in row:
         row["hf_over_floor"] = row["hf_ms"] / row["floor_ms"]
@@ -160,12 +168,17 @@ def profile(base, batch: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | dtype | floor ms | ours ms | ours / floor | HF generate ms | HF / floor | ours / first dtype |",
-             "|---|---|---|---|---|---|---|---|"]
+    static = any("hf_static_ms" in r for r in rows)
+    lines = ["| batch | dtype | floor ms | ours ms | ours / floor | HF generate ms | HF / floor | ours / first dtype |"
+             + (" HF static-cache ms | HF static / floor |" if static else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if static else "")]
+    nan = float("nan")
     for r in rows:
         lines.append(f"| {r['batch']} | {r['dtype']} | {r['floor_ms']:.1f} | {r['ours_ms']:.1f} | "
-                     f"{r['ours_over_floor']:.2f}x | {r.get('hf_ms', float('nan')):.1f} | "
-                     f"{r.get('hf_over_floor', float('nan')):.2f}x | {r['ours_over_first_dtype']:.2f}x |")
+                     f"{r['ours_over_floor']:.2f}x | {r.get('hf_ms', nan):.1f} | "
+                     f"{r.get('hf_over_floor', nan):.2f}x | {r['ours_over_first_dtype']:.2f}x |"
+                     + (f" {r.get('hf_static_ms', nan):.1f} | {r.get('hf_static_over_floor', nan):.2f}x |"
+                        if static else ""))
     return "\n".join(lines)
 
 
@@ -206,14 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time (default) or this process's "
                    "CPU time: on cores shared with other jobs, with OMP_NUM_THREADS=1, CPU time is what a quiet core "
                    "would take (less the cache and memory traffic the others cause)")
+    p.add_argument("--hf-static", action="store_true", help="also HF generate with transformers' static cache "
+                   "(cache_implementation='static': preallocated, written in place)")
     p.add_argument("--regional-compile", action="store_true", help="also measure each dtype with its layers' norms "
                    "and MLP compiled (torch.compile, dynamic shapes), side by side with the eager step")
+    p.add_argument("--compile-forward", action="store_true", help="with --hf-static: also a base whose forward is "
+                   "compiled, measured on every path (the static-cache path is where it can hold one graph)")
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes measured in turn at each batch, e.g. "
                    "float32,bfloat16 (default: --dtype)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     names = [dtype_name(resolve_dtype(d, torch.device(args.device))) for d in (args.dtypes or args.dtype).split(",")]
     bases = {name: build_base(argparse.Namespace(**{**vars(args), "dtype": name})) for name in names}
+    if args.hf_static and args.compile_forward:
+        for name in names:
+            bases[f"{name}+compiled"] = build_base(argparse.Namespace(**{**vars(args), "dtype": name}))
+            bases[f"{name}+compiled"].model.forward = torch.compile(bases[f"{name}+compiled"].model.forward)
     if args.regional_compile:
         for name in names:
             bases[f"{name}+regional"] = build_base(argparse.Namespace(**{**vars(args), "dtype": name}))
